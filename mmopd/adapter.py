@@ -1,0 +1,209 @@
+"""The ModalityAdapter protocol, the registry of adapters by name, and loading helpers.
+
+The core speaks tokens, logits and masks. An adapter turns records into model inputs, says which token
+ids the policy may emit, and shows responses to people. Adapters register by name; the core finds one
+by the config's `modality` through `register_adapter` or the `mmopd.modalities` entry point group.
+The default methods here drive any Hugging Face causal model (`input_ids`, `attention_mask`,
+`position_ids`, `past_key_values`); a modality overrides what differs.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+_REGISTRY: dict[str, type["ModalityAdapter"]] = {}
+
+
+class ModelLoadError(ValueError):
+    """A model or processor that cannot be loaded from the configured path."""
+
+
+@dataclass
+class PromptBatch:
+    """Encoded prompts for one model: left-padded ids plus any extra model inputs (pixels, ...)."""
+
+    input_ids: Tensor  # [B, P]
+    attention_mask: Tensor  # [B, P]
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+    def to(self, device: torch.device | str) -> "PromptBatch":
+        extras = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in self.extras.items()}
+        return PromptBatch(self.input_ids.to(device), self.attention_mask.to(device), extras)
+
+
+class TokenSpace:
+    """The token ids a policy may emit. Divergences and sampling run over this restricted vocabulary
+    (renormalised), so padded embedding rows or non-codebook tokens never get probability mass."""
+
+    def __init__(self, size: int, ids: Tensor | None = None):
+        self.size = size
+        self.ids = ids  # [A] token id of each action, or None for the contiguous range [0, size)
+
+    def restrict(self, logits: Tensor) -> Tensor:
+        """[..., V_model] -> [..., A]"""
+        if self.ids is None:
+            return logits[..., : self.size]
+        return logits.index_select(-1, self.ids.to(logits.device))
+
+    def to_tokens(self, actions: Tensor) -> Tensor:
+        return actions if self.ids is None else self.ids.to(actions.device)[actions]
+
+    def to_actions(self, tokens: Tensor) -> Tensor:
+        if self.ids is None:
+            return tokens
+        lookup = torch.full((int(self.ids.max()) + 1,), -1, dtype=torch.long, device=tokens.device)
+        lookup[self.ids.to(tokens.device)] = torch.arange(self.size, device=tokens.device)
+        return lookup[tokens.clamp(max=lookup.numel() - 1)]
+
+
+class ModalityAdapter:
+    """Everything modality-specific. Subclasses set `name` and `metric` and implement the loaders,
+    record checks, encoders and scoring; the HF causal-model defaults below cover rollout and scoring."""
+
+    name: str = ""
+    metric: str = "accuracy"
+
+    # --- loading -------------------------------------------------------------------------------
+    def load_processor(self, path: str, role: str) -> Any:
+        raise NotImplementedError
+
+    def load_model(self, path: str, role: str, dtype: torch.dtype) -> nn.Module:
+        raise NotImplementedError
+
+    def check_pair(self, student_processor: Any, teacher_processor: Any,
+                   student: nn.Module, teacher: nn.Module) -> None:
+        """Raise IncompatibleModelsError if the teacher cannot score the student's tokens."""
+        raise NotImplementedError
+
+    def token_space(self, processor: Any, model: nn.Module) -> TokenSpace:
+        raise NotImplementedError
+
+    def eos_token_ids(self, processor: Any) -> list[int]:
+        raise NotImplementedError
+
+    # --- data --------------------------------------------------------------------------------
+    def check_record(self, raw: dict, base_dir: Path) -> dict:
+        """Validate one JSONL record (raise data.RecordError) and return it, with paths resolved."""
+        raise NotImplementedError
+
+    def encode_prompts(self, records: list[dict], processor: Any) -> PromptBatch:
+        raise NotImplementedError
+
+    def encode_answers(self, records: list[dict], processor: Any) -> list[list[int]]:
+        """Dataset answers as response token ids, ending with EOS (for sft, supervised_kd, gkd)."""
+        raise NotImplementedError
+
+    def decode(self, tokens: Tensor, mask: Tensor, processor: Any) -> list[Any]:
+        """Responses [B, T] as the user sees them (text, or a picture)."""
+        raise NotImplementedError
+
+    def score(self, records: list[dict], responses: list[Any]) -> dict[str, float]:
+        """Task metrics for a batch of responses; must include `self.metric`."""
+        raise NotImplementedError
+
+    def build_toy(self, out_dir: Path, family: str | None, progress: bool = True) -> Path:
+        """Build the modality's toy task in out_dir and return the path of a ready config."""
+        raise NotImplementedError
+
+    def write_report(self, out_dir: Path, session: Any, summary: dict[str, Any]) -> None:
+        """Modality-specific artefacts at the end of a run (e.g. sample grids); text needs none."""
+
+    # --- model calls (HF causal-model defaults) ------------------------------------------------
+    def start(self, model: nn.Module, prompts: PromptBatch) -> tuple[Tensor, Any]:
+        """Prefill: the next-token logits [B, V] after each prompt and the decoding state."""
+        position_ids = _positions(prompts.attention_mask)
+        out = model(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
+                    position_ids=position_ids, use_cache=True, **_keep_last(model, 1), **prompts.extras)
+        state = (_cache_of(out), prompts.attention_mask, position_ids[:, -1])
+        return out.logits[:, -1], state
+
+    def step(self, model: nn.Module, tokens: Tensor, state: Any) -> tuple[Tensor, Any]:
+        """Feed one token per row [B]; return the next logits [B, V] and the new state."""
+        cache, mask, last_pos = state
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        pos = last_pos + 1
+        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=pos[:, None],
+                    use_cache=True, **_cache_arg(model, cache))
+        return out.logits[:, -1], (_cache_of(out), mask, pos)
+
+    def response_logits(self, model: nn.Module, prompts: PromptBatch, tokens: Tensor) -> Tensor:
+        """Logits that score each response token: row t predicts tokens[:, t]. [B, T] -> [B, T, V]"""
+        T = tokens.shape[1]
+        input_ids = torch.cat([prompts.input_ids, tokens], dim=1)  # [B, P+T]
+        mask = torch.cat([prompts.attention_mask, torch.ones_like(tokens)], dim=1)
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=_positions(mask),
+                    **_keep_last(model, T + 1), **prompts.extras)
+        return out.logits[:, -(T + 1):-1]
+
+
+def _positions(mask: Tensor) -> Tensor:
+    """Position ids that skip left padding. [B, L] -> [B, L]"""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _forward_params(model: nn.Module) -> frozenset[str]:
+    return _params_of(type(getattr(model, "module", model)))  # look through DDP wrappers
+
+
+@functools.lru_cache(maxsize=None)
+def _params_of(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def _cache_arg(model: nn.Module, cache: Any) -> dict[str, Any]:
+    """The KV cache as the model's forward names it (`cache` in newer transformers, else `past_key_values`)."""
+    return {"cache": cache} if "cache" in _forward_params(model) else {"past_key_values": cache}
+
+
+def _cache_of(out: Any) -> Any:
+    cache = out.get("cache") if hasattr(out, "get") else None
+    return cache if cache is not None else out.past_key_values
+
+
+def _keep_last(model: nn.Module, n: int) -> dict[str, int]:
+    """`logits_to_keep=n` where the model supports it, so unused prompt logits are never built."""
+    return {"logits_to_keep": n} if "logits_to_keep" in _forward_params(model) else {}
+
+
+def register_adapter(name: str) -> Callable[[type[ModalityAdapter]], type[ModalityAdapter]]:
+    def decorate(cls: type[ModalityAdapter]) -> type[ModalityAdapter]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    return decorate
+
+
+def available_adapters() -> list[str]:
+    names = set(_REGISTRY) | {ep.name for ep in entry_points(group="mmopd.modalities")}
+    return sorted(names)
+
+
+def get_adapter(name: str) -> ModalityAdapter:
+    """The adapter registered as `name`, loading entry points on first use."""
+    if name not in _REGISTRY:
+        for ep in entry_points(group="mmopd.modalities"):
+            if ep.name == name:
+                _REGISTRY[name] = ep.load()
+    if name not in _REGISTRY:
+        raise ValueError(f"modality {name!r} has no adapter; available: {', '.join(available_adapters()) or 'none'}")
+    return _REGISTRY[name]()
+
+
+def load_pretrained(loader: Callable[..., Any], path: str, role: str, **kwargs: Any) -> Any:
+    """Call `loader(path)` and turn a missing or broken checkpoint into one clear error."""
+    local = Path(path).expanduser()
+    if local.exists() and not local.is_dir():
+        raise ModelLoadError(f"{role}.path={path!r} is a file; point it at a model directory")
+    try:
+        return loader(str(local) if local.is_dir() else path, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        where = "" if local.is_dir() else " (not a local directory, and loading it as a hub id failed)"
+        raise ModelLoadError(f"{role}.path={path!r}: cannot load{where}: {err}") from err

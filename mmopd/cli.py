@@ -1,0 +1,95 @@
+"""`mmopd train | eval | toy | demo`: a thin shell over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from mmopd.adapter import ModelLoadError, get_adapter
+from mmopd.compat import IncompatibleModelsError
+from mmopd.config import ConfigError, load_config
+from mmopd.data import DataError, RecordError
+
+TOY_MODALITIES = {"text": "text", "vlm": "vlm", "image": "image_tokens"}
+USER_ERRORS = (ConfigError, DataError, RecordError, ModelLoadError, IncompatibleModelsError)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmopd", description="On-policy distillation for text, VLM and "
+                                     "image-token models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="run distillation from a YAML config")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50")
+
+    p = sub.add_parser("eval", help="evaluate a student, a teacher or a checkpoint on data.eval")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--checkpoint", help="a checkpoint dir (checkpoints/step-N) or model dir")
+    group.add_argument("--teacher", action="store_true", help="evaluate the teacher instead of the student")
+
+    for name, text in (("toy", "build a toy task, teacher and student in OUT"),
+                       ("demo", "toy + train + eval end to end on CPU")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("modality", choices=sorted(TOY_MODALITIES))
+        if name == "toy":
+            p.add_argument("out", help="output directory")
+        else:
+            p.add_argument("--out", help="output directory (default: runs/demo-MODALITY)")
+        p.add_argument("--family", help="model family of the toy teacher and student")
+        if name == "demo":
+            p.add_argument("overrides", nargs="*", help="dotted overrides for the demo's training config")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file load/save bars drown the run's own progress
+    try:
+        return _run(args)
+    except USER_ERRORS as err:
+        print(f"mmopd: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from mmopd import evaluate, train
+
+    if args.command == "train":
+        train(load_config(args.config, args.overrides))
+        return 0
+    if args.command == "eval":
+        config = load_config(args.config, args.overrides)
+        checkpoint = args.checkpoint
+        if checkpoint and (Path(checkpoint) / "model").is_dir():
+            checkpoint = str(Path(checkpoint) / "model")
+        metrics = evaluate(config, checkpoint, "teacher" if args.teacher else "student")
+        print(json.dumps(metrics, indent=2))
+        return 0
+    adapter = get_adapter(TOY_MODALITIES[args.modality])
+    if args.command == "toy":
+        path = adapter.build_toy(Path(args.out), args.family)
+        print(f"toy {args.modality} task written to {args.out}; train with:\n  mmopd train {path}")
+        return 0
+    out = Path(args.out or f"runs/demo-{args.modality}")
+    started = time.perf_counter()
+    print(f"[1/2] building the toy {args.modality} task, teacher and student in {out}")
+    path = adapter.build_toy(out, args.family)
+    print(f"[2/2] on-policy distillation ({path})")
+    summary = train(load_config(path, args.overrides))
+    print(f"demo finished in {time.perf_counter() - started:.0f} s; report in {summary['out_dir']} "
+          "(summary.json, metrics.jsonl, plots/)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

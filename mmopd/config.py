@@ -1,0 +1,270 @@
+"""Typed run configuration: YAML files, dotted command-line overrides, and validation.
+
+A config is seven fixed sections (`modality`, `student`, `teacher`, `data`, `objective`, `rollout`,
+`train`). Every value is checked here, at the edge, so the core can trust it: an unknown key names the
+closest valid one, a wrong type names the field and the type it wants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot run, with a message that says what to change."""
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+OBJECTIVES = ("on_policy", "gkd", "supervised_kd", "seq_kd", "sft")
+DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "tvd")
+ESTIMATORS = ("full", "sampled")
+TRAINABLE = ("full", "lm_only", "lora")
+
+
+@dataclass
+class StudentConfig:
+    path: str = ""
+    dtype: str = "auto"
+    trainable: str = "full"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class TeacherConfig:
+    path: str = ""
+    dtype: str = "auto"
+    cfg_scale: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    eval: str = ""
+    skip_bad: bool = False
+    eval_limit: int = 0  # 0 evaluates every eval record
+
+
+@dataclass
+class ObjectiveConfig:
+    kind: str = "on_policy"
+    divergence: str = "reverse_kl"
+    estimator: str = "full"
+    beta: float = 0.5
+    lmbda: float = 1.0
+    sft_weight: float = 0.0
+    temperature: float = 1.0  # divides both models' logits inside the divergence
+
+
+@dataclass
+class RolloutConfig:
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    samples_per_prompt: int = 1
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1.0e-4
+    weight_decay: float = 0.0
+    warmup: int = 10
+    seed: int = 0
+    out_dir: str = "runs/x"
+    save_every: int = 50
+    keep_last: int = 0  # 0 keeps every checkpoint
+    eval_every: int = 50
+    eval_batch_size: int = 64
+    log_every: int = 1
+    max_grad_norm: float = 1.0
+    resume: str = "auto"  # auto | never
+    report_to: list[str] = field(default_factory=list)
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    modality: str = "text"
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Read a YAML config (or start from defaults), apply `a.b=value` overrides, and validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from err
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, not {type(raw).__name__}")
+    if isinstance(overrides, dict):
+        for key, value in overrides.items():
+            _set_dotted(raw, key, value)
+    else:
+        for item in overrides or []:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.steps=50")
+            _set_dotted(raw, key, yaml.safe_load(value) if value.strip() else "")
+    config = _build(Config, raw, "")
+    validate(config)
+    return config
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a Config from a plain nested dict (e.g. a saved config.yaml)."""
+    config = _build(Config, raw, "")
+    validate(config)
+    return config
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in raw.items():
+        name = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean {(where + '.' if where else '') + close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key {name!r}{hint} (valid: {', '.join(fields)})")
+        values[key] = _coerce(hints[key], value, name)
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, name: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value if value is not None else {}, name)
+    origin = typing.get_origin(hint)
+    if origin in (list, typing.List):
+        (item,) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [value] if value else []
+        if not isinstance(value, list):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        return [_coerce(item, v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{name}: union types are not supported in configs")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{name} must be a string, got {value!r}")
+    raise ConfigError(f"{name}: unsupported config type {hint!r}")
+
+
+def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        close = difflib.get_close_matches(value, options, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{name} is {value!r}, which is not one of {', '.join(options)}{hint}")
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{name} must be {bound}, got {value}")
+
+
+def validate(config: Config) -> None:
+    """Check values that types alone cannot: choices, ranges and required paths."""
+    if not config.student.path:
+        raise ConfigError("student.path is required: a local model directory (or hub id)")
+    needs_teacher = config.objective.kind in ("on_policy", "gkd", "supervised_kd", "seq_kd")
+    if needs_teacher and not config.teacher.path:
+        raise ConfigError(f"teacher.path is required for objective.kind={config.objective.kind}")
+    if not config.data.train:
+        raise ConfigError("data.train is required: a JSONL file of training records")
+    for name, value in (("student.dtype", config.student.dtype), ("teacher.dtype", config.teacher.dtype)):
+        _choice(name, value, DTYPES)
+    _choice("student.trainable", config.student.trainable, TRAINABLE)
+    _choice("objective.kind", config.objective.kind, OBJECTIVES)
+    _choice("objective.divergence", config.objective.divergence, DIVERGENCES)
+    _choice("objective.estimator", config.objective.estimator, ESTIMATORS)
+    _choice("train.resume", config.train.resume, ("auto", "never"))
+    if config.objective.estimator == "sampled" and config.objective.divergence != "reverse_kl":
+        raise ConfigError(
+            "objective.estimator=sampled estimates the reverse KL only; "
+            f"set objective.divergence=reverse_kl (got {config.objective.divergence})"
+        )
+    for name, value in (("objective.beta", config.objective.beta), ("objective.lmbda", config.objective.lmbda),
+                        ("rollout.top_p", config.rollout.top_p)):
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{name} must lie in [0, 1], got {value}")
+    if config.rollout.top_p == 0.0:
+        raise ConfigError("rollout.top_p must be > 0 (1.0 disables nucleus sampling)")
+    _positive("objective.sft_weight", config.objective.sft_weight, allow_zero=True)
+    _positive("objective.temperature", config.objective.temperature)
+    _positive("rollout.temperature", config.rollout.temperature, allow_zero=True)
+    _positive("teacher.cfg_scale", config.teacher.cfg_scale, allow_zero=True)
+    for name in ("max_new_tokens", "samples_per_prompt"):
+        _positive(f"rollout.{name}", getattr(config.rollout, name))
+    _positive("rollout.top_k", config.rollout.top_k, allow_zero=True)
+    for name in ("steps", "batch_size", "grad_accum", "eval_batch_size", "log_every"):
+        _positive(f"train.{name}", getattr(config.train, name))
+    for name in ("warmup", "save_every", "keep_last", "eval_every", "seed"):
+        _positive(f"train.{name}", getattr(config.train, name), allow_zero=True)
+    _positive("train.lr", config.train.lr)
+    _positive("train.weight_decay", config.train.weight_decay, allow_zero=True)
+    _positive("train.max_grad_norm", config.train.max_grad_norm, allow_zero=True)
+    _positive("data.eval_limit", config.data.eval_limit, allow_zero=True)
+    for tracker in config.train.report_to:
+        _choice("train.report_to", tracker, ("tensorboard", "wandb"))

@@ -1,0 +1,49 @@
+"""Greedy evaluation of a policy on the eval split, and the `mmopd eval` entry point."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from mmopd.adapter import ModalityAdapter, TokenSpace
+from mmopd.rollout import Sampling, rollout
+
+
+@torch.no_grad()
+def evaluate_policy(adapter: ModalityAdapter, model: nn.Module, processor: Any, records: list[dict],
+                    space: TokenSpace, eos_ids: list[int], pad_id: int, max_new_tokens: int, batch_size: int,
+                    device: torch.device, desc: str = "eval", progress: bool = False) -> dict[str, Any]:
+    """Greedy responses to every record, scored by the adapter. Returns the metrics and the responses."""
+    was_training = model.training
+    model.eval()
+    responses: list[Any] = []
+    starts = range(0, len(records), batch_size)
+    for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
+        chunk = records[start:start + batch_size]
+        prompts = adapter.encode_prompts(chunk, processor).to(device)
+        out = rollout(adapter, model, prompts, space, eos_ids, pad_id, max_new_tokens, Sampling(temperature=0))
+        responses.extend(adapter.decode(out.tokens, out.mask, processor))
+    model.train(was_training)
+    totals: dict[str, float] = {}
+    for start in range(0, len(records), batch_size):
+        part = adapter.score(records[start:start + batch_size], responses[start:start + batch_size])
+        n = len(records[start:start + batch_size])
+        for key, value in part.items():
+            totals[key] = totals.get(key, 0.0) + value * n
+    metrics = {key: value / len(records) for key, value in totals.items()}
+    return {"metrics": metrics, "responses": responses}
+
+
+def evaluate(config: Any, checkpoint: str | Path | None = None, which: str = "student") -> dict[str, float]:
+    """Evaluate the student (or `which="teacher"`, or a checkpoint's student) on `data.eval`."""
+    from mmopd.trainer import Session  # the trainer owns model loading
+
+    session = Session(config, for_eval=True, student_override=checkpoint, need_teacher=which == "teacher")
+    model, processor = (session.teacher, session.teacher_processor) if which == "teacher" \
+        else (session.policy, session.student_processor)
+    result = session.evaluate(model, processor, desc=f"eval {which}", progress=config.train.progress)
+    return result["metrics"]

@@ -1,0 +1,119 @@
+"""What a run leaves for people: metrics.jsonl (appended and flushed per step), PNG plots, summary.json
+and the before/after table."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    """Appends one JSON object per line and flushes it, so a crash leaves a parseable file."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, row: dict[str, Any]) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows logged after `step` (a resumed run logs them again)."""
+        rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, self.path)
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Every complete row of a metrics.jsonl (a torn last line from a crash is ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def write_summary(out_dir: str | Path, summary: dict[str, Any]) -> Path:
+    path = Path(out_dir) / "summary.json"
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    return path
+
+
+def plot_metrics(out_dir: str | Path, metric: str, teacher_score: float | None = None) -> list[Path]:
+    """plots/train.png (loss and divergence against step) and plots/eval.png (the eval metric)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    rows = read_metrics(out_dir / "metrics.jsonl")
+    plots = out_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    written = []
+
+    train = [r for r in rows if "loss" in r]
+    if train:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key in ("loss", "divergence"):
+            pts = [(r["step"], r[key]) for r in train if _finite(r.get(key))]
+            if pts:
+                ax.plot(*zip(*pts), label=key, marker="." if len(pts) < 30 else None)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("nats per response token")
+        ax.set_title("training loss and student-teacher divergence")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(plots / "train.png", dpi=120)
+        plt.close(fig)
+        written.append(plots / "train.png")
+
+    evals = [(r["step"], r[f"eval/{metric}"]) for r in rows if _finite(r.get(f"eval/{metric}"))]
+    if evals:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(*zip(*evals), marker="o", label="student")
+        if teacher_score is not None:
+            ax.axhline(teacher_score, color="black", linestyle="--", label="teacher")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(f"eval {metric}")
+        ax.set_title(f"student eval {metric} during distillation")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(plots / "eval.png", dpi=120)
+        plt.close(fig)
+        written.append(plots / "eval.png")
+    return written
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The before/after table printed at the end of a run."""
+    metric = summary["metric"]
+    rows = [("teacher", summary.get("teacher")), ("student before", summary.get("student_before")),
+            ("student after", summary.get("student_after"))]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{'model':<{width}}  {metric}", f"{'-' * width}  {'-' * max(len(metric), 8)}"]
+    for name, value in rows:
+        if value is not None:
+            lines.append(f"{name:<{width}}  {value:.3f}")
+    gap = summary.get("gap_closed")
+    if gap is not None:
+        lines.append(f"gap closed: {100 * gap:.0f}% of the teacher-student gap")
+    return "\n".join(lines)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)

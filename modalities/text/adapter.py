@@ -1,0 +1,114 @@
+"""Causal language models: AutoModelForCausalLM + AutoTokenizer, prompts through the chat template
+when the tokenizer has one, exact-match scoring of final answers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from mmopd.adapter import ModalityAdapter, ModelLoadError, PromptBatch, TokenSpace, load_pretrained, register_adapter
+from mmopd.compat import check_embedding_rows, check_same_vocab
+from mmopd.data import RecordError
+
+
+def final_answer(text: str) -> str:
+    """The final answer of a response: the text after its last '#' marker (GSM8K's '####' works too),
+    stripped; the whole text when there is no marker."""
+    return text.rsplit("#", 1)[-1].strip()
+
+
+def prompt_text(prompt: str, tokenizer: PreTrainedTokenizerBase) -> str:
+    """The prompt as the model reads it: wrapped in the chat template when the tokenizer has one."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return prompt
+
+
+@register_adapter("text")
+class TextAdapter(ModalityAdapter):
+    metric = "accuracy"
+
+    def load_processor(self, path: str, role: str) -> PreTrainedTokenizerBase:
+        tokenizer = load_pretrained(AutoTokenizer.from_pretrained, path, role)
+        if tokenizer.eos_token_id is None:
+            raise ModelLoadError(f"{role} tokenizer at {path} has no eos_token; responses could never end")
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token  # the usual convention for causal LMs without PAD
+        tokenizer.padding_side = "left"
+        return tokenizer
+
+    def load_model(self, path: str, role: str, dtype: torch.dtype) -> nn.Module:
+        return load_pretrained(AutoModelForCausalLM.from_pretrained, path, role, dtype=dtype)
+
+    def check_pair(self, student_processor: Any, teacher_processor: Any, student: nn.Module,
+                   teacher: nn.Module) -> None:
+        check_same_vocab(student_processor, teacher_processor)
+        check_embedding_rows(student, "student", len(student_processor))
+        check_embedding_rows(teacher, "teacher", len(teacher_processor))
+
+    def token_space(self, processor: Any, model: nn.Module) -> TokenSpace:
+        check_embedding_rows(model, "student", len(processor))
+        return TokenSpace(len(processor))
+
+    def eos_token_ids(self, processor: Any) -> list[int]:
+        return [processor.eos_token_id]
+
+    def check_record(self, raw: dict, base_dir: Path) -> dict:
+        prompt = raw.get("prompt")
+        if not isinstance(prompt, str):
+            raise RecordError("missing 'prompt' (a string)" if prompt is None else
+                              f"'prompt' must be a string, got {type(prompt).__name__}")
+        if not prompt.strip():
+            raise RecordError("'prompt' is empty")
+        answer = raw.get("answer")
+        if answer is not None and not isinstance(answer, str):
+            raise RecordError(f"'answer' must be a string, got {type(answer).__name__}")
+        return {"prompt": prompt, "answer": answer}
+
+    def encode_prompts(self, records: list[dict], processor: Any) -> PromptBatch:
+        texts = [prompt_text(r["prompt"], processor) for r in records]
+        enc = processor(texts, padding=True, return_tensors="pt", add_special_tokens=not processor.chat_template)
+        return PromptBatch(enc["input_ids"], enc["attention_mask"])
+
+    def encode_answers(self, records: list[dict], processor: Any) -> list[list[int]]:
+        return [processor(r["answer"], add_special_tokens=False)["input_ids"] + [processor.eos_token_id]
+                for r in records]
+
+    def decode(self, tokens: Tensor, mask: Tensor, processor: Any) -> list[str]:
+        out = []
+        for row, keep in zip(tokens.tolist(), mask.bool().tolist()):
+            ids = [t for t, k in zip(row, keep) if k and t != processor.eos_token_id]
+            out.append(processor.decode(ids, skip_special_tokens=True))
+        return out
+
+    def score(self, records: list[dict], responses: list[str]) -> dict[str, float]:
+        hits = [final_answer(resp) == final_answer(r["answer"]) for r, resp in zip(records, responses)
+                if r.get("answer") is not None]
+        if not hits:
+            raise RecordError("text eval records need an 'answer' to score")
+        return {"accuracy": sum(hits) / len(hits)}
+
+    def build_toy(self, out_dir: Path, family: str | None, progress: bool = True) -> Path:
+        from modalities.text import toy
+
+        if family not in (None, "qwen3"):
+            raise ValueError(f"text toy family {family!r} is not available; the text toy uses qwen3")
+        out_dir = Path(out_dir).resolve()
+        built = toy.build_toy(out_dir, progress=progress)
+        config = {
+            "modality": "text",
+            "student": {"path": built["paths"]["student"]},
+            "teacher": {"path": built["paths"]["teacher"]},
+            "data": {"train": built["paths"]["train"], "eval": built["paths"]["eval"]},
+            **toy.DISTILL_SETTINGS,
+        }
+        config["train"] = {**config.get("train", {}), "out_dir": str(out_dir / "runs" / "on_policy")}
+        path = out_dir / "config.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return path

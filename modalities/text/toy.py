@@ -1,0 +1,208 @@
+"""Synthetic multi-digit addition task with step-by-step reasoning, a char tokenizer, and a trained teacher/student pair."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+TASK_NAME = "addition"
+
+DIGITS = 3
+STEP_SEP = ";"
+FINAL_MARKER = "#"
+PAD_TOKEN = "<pad>"
+EOS_TOKEN = "<eos>"
+UNK_TOKEN = "<unk>"
+CHARS = "0123456789+=" + STEP_SEP + FINAL_MARKER
+MAX_LENGTH = 64
+
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    "teacher": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 512},
+    "student": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256},
+}
+
+TRAIN_RECORDS = 20000
+EVAL_RECORDS = 500
+TEACHER_STEPS = 600
+TEACHER_LR = 3e-3
+STUDENT_STEPS = 60
+STUDENT_LR = 3e-3
+BATCH_SIZE = 128
+WARMUP = 50
+
+
+def reasoning(a: int, b: int) -> str:
+    """Per-digit column sums (carry included, two digits each), least significant first, then the final sum."""
+    xs, ys = str(a)[::-1], str(b)[::-1]
+    steps, carry = [], 0
+    for i in range(max(len(xs), len(ys))):
+        total = int(xs[i] if i < len(xs) else 0) + int(ys[i] if i < len(ys) else 0) + carry
+        steps.append(f"{total:02d}")
+        carry = total // 10
+    return "".join(s + STEP_SEP for s in steps) + FINAL_MARKER + str(a + b)
+
+
+def make_records(n: int, seed: int, digits: int = DIGITS) -> list[dict]:
+    """Sample n addition problems of two `digits`-digit operands with their reasoning answers."""
+    rng = random.Random(seed)
+    lo, hi = 10 ** (digits - 1), 10**digits - 1
+    records = []
+    for _ in range(n):
+        a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+        records.append({"prompt": f"{a}+{b}=", "answer": reasoning(a, b)})
+    return records
+
+
+def final_answer(text: str) -> str:
+    """Digits after the last final-answer marker, or "" when there is no well-formed final answer."""
+    if FINAL_MARKER not in text:
+        return ""
+    tail = text.rsplit(FINAL_MARKER, 1)[1]
+    for special in (EOS_TOKEN, PAD_TOKEN):
+        tail = tail.replace(special, "")
+    tail = tail.strip()
+    return tail if tail.isascii() and tail.isdigit() else ""
+
+
+def is_correct(response: str, answer: str) -> bool:
+    """Whether the response's final answer exactly matches the reference's."""
+    target = final_answer(answer)
+    return target != "" and final_answer(response) == target
+
+
+def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """Char-level WordLevel tokenizer: one char per token, pad/eos/unk specials, left padding."""
+    specials = [PAD_TOKEN, EOS_TOKEN, UNK_TOKEN]
+    vocab = {tok: i for i, tok in enumerate(specials + list(CHARS))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=PAD_TOKEN,
+        eos_token=EOS_TOKEN,
+        unk_token=UNK_TOKEN,
+        model_max_length=MAX_LENGTH,
+        padding_side="left",
+    )
+    return tokenizer
+
+
+def build_model(tokenizer: transformers.PreTrainedTokenizerFast, size: str) -> transformers.PreTrainedModel:
+    """Tiny randomly initialised Qwen3 causal LM; vocab padded up to a multiple of 8."""
+    if size not in MODEL_SIZES:
+        raise ValueError(f"size must be one of {sorted(MODEL_SIZES)}, got {size!r}")
+    dims = MODEL_SIZES[size]
+    config = transformers.Qwen3Config(
+        vocab_size=8 * math.ceil(len(tokenizer) / 8),
+        head_dim=dims["hidden_size"] // dims["num_attention_heads"],
+        num_key_value_heads=dims["num_attention_heads"],
+        max_position_embeddings=MAX_LENGTH,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **dims,
+    )
+    model = transformers.Qwen3ForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+def encode_sft(tokenizer: transformers.PreTrainedTokenizerFast, records: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded prompt+answer+EOS ids, attention mask and labels masked to answer+EOS."""
+    rows, label_rows = [], []
+    for r in records:
+        p = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
+        a = tokenizer(r["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append(p + a)
+        label_rows.append([-100] * len(p) + a)
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (row, lab) in enumerate(zip(rows, label_rows)):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+        labels[i, : len(lab)] = torch.tensor(lab)
+    return ids, mask, labels  # [N, T] each
+
+
+def fit(
+    model: transformers.PreTrainedModel,
+    tokenizer: transformers.PreTrainedTokenizerFast,
+    records: list[dict],
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    warmup: int = WARMUP,
+    progress: bool = False,
+) -> list[float]:
+    """Teacher-forced SFT on answer+EOS tokens with AdamW and linear warmup then cosine decay; returns per-step losses."""
+    ids, mask, labels = encode_sft(tokenizer, records)  # [N, T]
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    warmup = min(warmup, max(steps - 1, 0))
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    model.train()
+    losses = []
+    t0 = time.time()
+    for step in range(steps):
+        idx = torch.randint(len(records), (batch_size,), generator=gen)
+        width = int(mask[idx].sum(1).max())
+        out = model(input_ids=ids[idx, :width], attention_mask=mask[idx, :width], labels=labels[idx, :width])
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(out.loss.item())
+        if progress and (step % 50 == 0 or step == steps - 1):
+            print(f"step {step:4d}  loss {losses[-1]:.4f}  {time.time() - t0:.1f}s", flush=True)
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def greedy_accuracy(
+    model: transformers.PreTrainedModel,
+    tokenizer: transformers.PreTrainedTokenizerFast,
+    records: list[dict],
+    max_new_tokens: int,
+    batch_size: int = 256,
+) -> float:
+    """Fraction of records whose greedy (left-padded, batched) response has the right final answer."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        enc = tokenizer([r["prompt"] for r in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )  # [B, T_prompt + T_new]
+        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        correct += sum(is_correct(t, r["answer"]) for t, r in zip(texts, chunk))
+    model.train(was_training)
+    return correct / max(len(records), 1)

@@ -1,0 +1,61 @@
+"""Shared fixtures: a tiny text task with a (random) teacher and student saved by path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmopd.config import load_config
+from modalities.text import toy
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_text(tmp_path_factory) -> dict[str, Path]:
+    """A tokenizer, two tiny Qwen3 models (teacher wider than student) and train/eval JSONL."""
+    root = tmp_path_factory.mktemp("tiny_text")
+    torch.manual_seed(0)
+    tokenizer = toy.build_tokenizer()
+    paths = {}
+    for role in ("teacher", "student"):
+        model = toy.build_model(tokenizer, role)
+        model.save_pretrained(root / role)
+        tokenizer.save_pretrained(root / role)
+        paths[role] = root / role
+    paths["train"] = write_jsonl(root / "data/train.jsonl", toy.make_records(32, seed=1))
+    paths["eval"] = write_jsonl(root / "data/eval.jsonl", toy.make_records(8, seed=2))
+    return paths
+
+
+@pytest.fixture
+def text_config(tiny_text, tmp_path):
+    """A factory of validated configs over the tiny text task, tiny enough to run in a second or two."""
+
+    def make(**overrides):
+        base = {
+            "modality": "text",
+            "student.path": str(tiny_text["student"]),
+            "teacher.path": str(tiny_text["teacher"]),
+            "data.train": str(tiny_text["train"]),
+            "data.eval": str(tiny_text["eval"]),
+            "rollout.max_new_tokens": 8,
+            "train.steps": 2,
+            "train.batch_size": 4,
+            "train.eval_every": 0,
+            "train.save_every": 0,
+            "train.out_dir": str(tmp_path / "run"),
+            "train.progress": False,
+            "train.warmup": 0,
+        }
+        base.update(overrides)
+        return load_config(None, base)
+
+    return make
