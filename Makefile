@@ -1,0 +1,20 @@
+# `make demo` installs mmopd into .venv and runs the text demo; `make test` runs the test suite.
+VENV ?= .venv
+PYTHON ?= python3
+BIN = $(VENV)/bin
+
+.PHONY: install demo test
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+demo: install
+	$(BIN)/mmopd demo text
+
+test: install
+	$(BIN)/python -m pytest -q

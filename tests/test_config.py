@@ -1,0 +1,58 @@
+"""Configs: YAML plus dotted overrides, and errors that name the key and what to do."""
+
+from __future__ import annotations
+
+import pytest
+
+from mmopd.config import ConfigError, load_config
+
+REQUIRED = {"student.path": "s", "teacher.path": "t", "data.train": "train.jsonl"}
+
+
+def test_yaml_and_dotted_overrides_build_typed_sections(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("modality: text\nstudent: {path: s}\nteacher: {path: t}\ndata: {train: d.jsonl}\n"
+                    "train: {steps: 10, lr: 1.0e-3}\n")
+    config = load_config(path, ["train.steps=50", "rollout.temperature=0.7", "train.report_to=[tensorboard]"])
+    assert config.train.steps == 50 and config.train.lr == 1e-3
+    assert config.rollout.temperature == 0.7
+    assert config.train.report_to == ["tensorboard"]
+    assert config.objective.kind == "on_policy"  # defaults fill the rest
+
+
+def test_unknown_key_names_the_closest_valid_one():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.step'.*did you mean 'train.steps'"):
+        load_config(None, {**REQUIRED, "train.step": 5})
+    with pytest.raises(ConfigError, match=r"unknown config key 'rolout'.*did you mean 'rollout'"):
+        load_config(None, {**REQUIRED, "rolout.temperature": 1.0})
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("train.steps", "many", "train.steps must be an integer"),
+    ("train.steps", -3, "train.steps must be > 0"),
+    ("train.lr", "fast", "train.lr must be a number"),
+    ("train.progress", "yes", "train.progress must be true or false"),
+    ("objective.kind", "on_policyy", "did you mean 'on_policy'"),
+    ("objective.beta", 1.5, r"objective.beta must lie in \[0, 1\]"),
+    ("rollout.top_p", 0.0, "rollout.top_p must be > 0"),
+])
+def test_wrong_values_are_named(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, {**REQUIRED, key: value})
+
+
+def test_missing_paths_and_estimator_mismatch_are_errors():
+    with pytest.raises(ConfigError, match="student.path is required"):
+        load_config(None, {"teacher.path": "t", "data.train": "d"})
+    with pytest.raises(ConfigError, match="teacher.path is required for objective.kind=on_policy"):
+        load_config(None, {"student.path": "s", "data.train": "d"})
+    assert load_config(None, {"student.path": "s", "data.train": "d", "objective.kind": "sft"}).teacher.path == ""
+    with pytest.raises(ConfigError, match="estimates the reverse KL only"):
+        load_config(None, {**REQUIRED, "objective.estimator": "sampled", "objective.divergence": "jsd"})
+
+
+def test_malformed_override_and_missing_file_are_errors(tmp_path):
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        load_config(None, ["train.steps"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
