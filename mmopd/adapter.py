@@ -70,6 +70,7 @@ class ModalityAdapter:
 
     name: str = ""
     metric: str = "accuracy"
+    supports_cfg: bool = False  # whether a teacher can be guided (teacher.cfg_scale != 1)
 
     # --- loading -------------------------------------------------------------------------------
     def load_processor(self, path: str, role: str) -> Any:
@@ -96,6 +97,11 @@ class ModalityAdapter:
 
     def encode_prompts(self, records: list[dict], processor: Any) -> PromptBatch:
         raise NotImplementedError
+
+    def prompt_lengths(self, records: list[dict], processor: Any) -> list[int] | None:
+        """Each prompt's length in tokens, to refuse prompts longer than the context before step 1
+        (None where the length is only known after encoding images)."""
+        return None
 
     def encode_answers(self, records: list[dict], processor: Any) -> list[list[int]]:
         """Dataset answers as response token ids, ending with EOS (for sft, supervised_kd, gkd)."""

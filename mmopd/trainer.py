@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 
 from mmopd.adapter import get_adapter
 from mmopd.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from mmopd.compat import IncompatibleModelsError
 from mmopd.config import Config, ConfigError, save_config
-from mmopd.data import DataError, load_jsonl, step_indices
+from mmopd.data import DataError, Dataset, load_jsonl, step_indices
 from mmopd.evaluation import evaluate_policy
 from mmopd.objectives import Models, Timer, needs_answers, needs_teacher, objective_step
 from mmopd.report import MetricsLog, format_table, plot_metrics, write_summary
@@ -80,16 +81,47 @@ class Session:
         self.policy = self.adapter.load_model(student_path, "student", s_dtype).to(self.device)
         want_teacher = needs_teacher(c) if need_teacher is None else need_teacher
         self.teacher, self.teacher_processor = None, None
+        if want_teacher and c.teacher.cfg_scale != 1.0 and not self.adapter.supports_cfg:
+            raise IncompatibleModelsError(
+                f"teacher.cfg_scale={c.teacher.cfg_scale} asks for classifier-free guidance, but {c.modality} "
+                "models have no unconditional branch; set teacher.cfg_scale=1.0")
         if want_teacher:
             self.teacher_processor = self.adapter.load_processor(c.teacher.path, "teacher")
             t_dtype = resolve_dtype(c.teacher.dtype, self.device, "teacher")
             self.teacher = self.adapter.load_model(c.teacher.path, "teacher", t_dtype).to(self.device)
             self.teacher.eval().requires_grad_(False)
             self.adapter.check_pair(self.student_processor, self.teacher_processor, self.policy, self.teacher)
+        for data in (self.train_data, self.eval_data):
+            if data is not None:
+                self._drop_overlong(data)
         self.space = self.adapter.token_space(self.student_processor, self.policy)
         self.eos_ids = self.adapter.eos_token_ids(self.student_processor)
         self.pad_id = self.student_processor.pad_token_id if getattr(self.student_processor, "pad_token_id", None) \
             is not None else self.eos_ids[0]
+
+    def _drop_overlong(self, data: Dataset) -> None:
+        """Refuse (or with data.skip_bad, skip and count) prompts that leave no room for the response."""
+        lengths = self.adapter.prompt_lengths(data.records, self.student_processor)
+        limits = [context_length(m) for m in (self.policy, self.teacher) if m is not None]
+        limits = [n for n in limits if n is not None]
+        if lengths is None or not limits:
+            return
+        limit = min(limits)
+        budget = limit - self.config.rollout.max_new_tokens
+        keep = []
+        for record, n in zip(data.records, lengths):
+            if n <= budget:
+                keep.append(record)
+                continue
+            message = (f"{record['_where']}: the prompt is {n} tokens, and with rollout.max_new_tokens="
+                       f"{self.config.rollout.max_new_tokens} it exceeds the models' context of {limit} tokens")
+            if not self.config.data.skip_bad:
+                raise DataError(message + "; shorten it, lower rollout.max_new_tokens or set data.skip_bad=true")
+            log.warning("skipping %s", message)
+            data.skipped += 1
+        if not keep:
+            raise DataError(f"{data.path} holds no prompt short enough for the models' context of {limit} tokens")
+        data.records = keep
 
     def models(self, student: torch.nn.Module | None = None) -> Models:
         """What objective_step needs; `student` is the (possibly DDP-wrapped) model being trained."""
@@ -105,6 +137,12 @@ class Session:
         return evaluate_policy(self.adapter, model, processor, records, self.space, self.eos_ids, self.pad_id,
                                self.config.rollout.max_new_tokens, self.config.train.eval_batch_size, self.device,
                                desc=desc, progress=progress)
+
+
+def context_length(model: torch.nn.Module) -> int | None:
+    """The longest sequence the model's positions cover (its text config's max_position_embeddings)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(config, "max_position_embeddings", None)
 
 
 def _lr_lambda(warmup: int, total: int):

@@ -127,3 +127,28 @@ def test_padded_embedding_rows_are_allowed_but_too_few_rows_are_not():
     check_embedding_rows(model, "student", len(tokenizer))
     with pytest.raises(IncompatibleModelsError, match="LM head has"):
         check_embedding_rows(model, "student", model.get_output_embeddings().weight.shape[0] + 1)
+
+
+def test_prompt_longer_than_the_context_names_its_line_or_is_skipped(run_cli, tmp_path):
+    long_prompt = "1" * 70 + "+2="  # the tiny models' context is 64 tokens
+    path = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "1+2="}, {"prompt": long_prompt}])
+    code, err = run_cli({"data.train": str(path)})
+    assert code == 2 and f"{path}:2: the prompt is" in err and "exceeds the models' context of 64" in err
+    code, err = run_cli({"data.train": str(path), "data.skip_bad": True})
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["skipped_records"] == 1
+
+
+def test_cfg_on_a_text_teacher_is_refused(run_cli):
+    code, err = run_cli({"teacher.cfg_scale": 3.0})
+    assert code == 2 and "no unconditional branch" in err
+
+
+def test_chat_template_on_only_one_side_is_refused(run_cli, tmp_path):
+    templated = tmp_path / "templated-teacher"
+    tokenizer = toy.build_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    toy.build_model(tokenizer, "teacher").save_pretrained(templated)
+    tokenizer.save_pretrained(templated)
+    code, err = run_cli({"teacher.path": str(templated)})
+    assert code == 2 and "only the teacher tokenizer has a chat template" in err

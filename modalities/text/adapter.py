@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from mmopd.adapter import ModalityAdapter, ModelLoadError, PromptBatch, TokenSpace, load_pretrained, register_adapter
-from mmopd.compat import check_embedding_rows, check_same_vocab
+from mmopd.compat import IncompatibleModelsError, check_embedding_rows, check_same_vocab
 from mmopd.data import RecordError
 
 
@@ -49,6 +49,11 @@ class TextAdapter(ModalityAdapter):
     def check_pair(self, student_processor: Any, teacher_processor: Any, student: nn.Module,
                    teacher: nn.Module) -> None:
         check_same_vocab(student_processor, teacher_processor)
+        if bool(student_processor.chat_template) != bool(teacher_processor.chat_template):
+            has = "student" if student_processor.chat_template else "teacher"
+            raise IncompatibleModelsError(
+                f"only the {has} tokenizer has a chat template, so the two models would read the same prompt "
+                "in different formats; give both a chat template or neither")
         check_embedding_rows(student, "student", len(student_processor))
         check_embedding_rows(teacher, "teacher", len(teacher_processor))
 
@@ -75,6 +80,10 @@ class TextAdapter(ModalityAdapter):
         texts = [prompt_text(r["prompt"], processor) for r in records]
         enc = processor(texts, padding=True, return_tensors="pt", add_special_tokens=not processor.chat_template)
         return PromptBatch(enc["input_ids"], enc["attention_mask"])
+
+    def prompt_lengths(self, records: list[dict], processor: Any) -> list[int]:
+        texts = [prompt_text(r["prompt"], processor) for r in records]
+        return [len(ids) for ids in processor(texts, add_special_tokens=not processor.chat_template)["input_ids"]]
 
     def encode_answers(self, records: list[dict], processor: Any) -> list[list[int]]:
         return [processor(r["answer"], add_special_tokens=False)["input_ids"] + [processor.eos_token_id]
