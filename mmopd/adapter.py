@@ -19,6 +19,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from mmopd.config import ConfigError, StudentConfig
+from mmopd.lora import add_lora, linear_layers_of_language_model
+
 _REGISTRY: dict[str, type["ModalityAdapter"]] = {}
 
 
@@ -122,6 +125,18 @@ class ModalityAdapter:
     def write_report(self, out_dir: Path, session: Any, summary: dict[str, Any]) -> None:
         """Modality-specific artefacts at the end of a run (e.g. sample grids); text needs none."""
 
+    # --- what trains -----------------------------------------------------------------------------
+    def prepare_trainable(self, model: nn.Module, student: StudentConfig) -> nn.Module:
+        """The student as it will be trained, per `student.trainable`: `full` trains every weight, `lora`
+        wraps it in peft LoRA adapters on its language model's linear layers. Modalities add modes
+        (the VLM adapter's `lm_only`) by overriding this."""
+        if student.trainable == "full":
+            return model
+        if student.trainable == "lora":
+            return add_lora(model, linear_layers_of_language_model(model), student.lora_rank, student.lora_alpha)
+        raise ConfigError(f"student.trainable={student.trainable} is not supported by the {self.name} adapter; "
+                          "use full or lora")
+
     # --- model calls (HF causal-model defaults) ------------------------------------------------
     def start(self, model: nn.Module, prompts: PromptBatch) -> tuple[Tensor, Any]:
         """Prefill: the next-token logits [B, V] after each prompt and the decoding state."""
@@ -156,7 +171,10 @@ def _positions(mask: Tensor) -> Tensor:
 
 
 def _forward_params(model: nn.Module) -> frozenset[str]:
-    return _params_of(type(getattr(model, "module", model)))  # look through DDP wrappers
+    model = getattr(model, "module", model)  # look through DDP wrappers
+    if hasattr(model, "get_base_model"):  # and peft (LoRA) wrappers
+        model = model.get_base_model()
+    return _params_of(type(model))
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,7 +1,7 @@
 """Atomic checkpoints and exact resume.
 
 A checkpoint `checkpoints/step-N/` holds `model/` (the student via `save_pretrained`, with its
-processor), `trainer_state.pt` (optimizer, scheduler, RNG states, step) and a `COMPLETE` marker. It is
+processor; LoRA adapters merged in, and saved unmerged in `lora/`), `trainer_state.pt` (optimizer, scheduler, RNG states, step) and a `COMPLETE` marker. It is
 written to a hidden temp dir that is renamed into place only when whole, so a crash mid-write never
 leaves a directory that looks complete.
 """
@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from mmopd.lora import is_lora, merged_model
 
 MARKER = "COMPLETE"
 _STEP = re.compile(r"^step-(\d+)$")
@@ -49,7 +51,11 @@ def save_checkpoint(out_dir: str | Path, step: int, model: Any, processor: Any, 
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp / "model")
+    if is_lora(model):
+        model.save_pretrained(tmp / "lora")  # the adapters, which a resumed run loads
+        merged_model(model).save_pretrained(tmp / "model")
+    else:
+        model.save_pretrained(tmp / "model")
     if processor is not None:
         processor.save_pretrained(tmp / "model")
     torch.save(state, tmp / "trainer_state.pt")

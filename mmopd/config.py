@@ -34,6 +34,8 @@ class StudentConfig:
     path: str = ""
     dtype: str = "auto"
     trainable: str = "full"
+    lora_rank: int = 16  # used by trainable: lora
+    lora_alpha: float = 32.0
     gradient_checkpointing: bool = False
 
 
@@ -236,6 +238,8 @@ def validate(config: Config) -> None:
     for name, value in (("student.dtype", config.student.dtype), ("teacher.dtype", config.teacher.dtype)):
         _choice(name, value, DTYPES)
     _choice("student.trainable", config.student.trainable, TRAINABLE)
+    _positive("student.lora_rank", config.student.lora_rank)
+    _positive("student.lora_alpha", config.student.lora_alpha)
     _choice("objective.kind", config.objective.kind, OBJECTIVES)
     _choice("objective.divergence", config.objective.divergence, DIVERGENCES)
     _choice("objective.estimator", config.objective.estimator, ESTIMATORS)

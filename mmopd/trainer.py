@@ -26,6 +26,7 @@ from mmopd.compat import IncompatibleModelsError
 from mmopd.config import Config, ConfigError, save_config
 from mmopd.data import DataError, Dataset, load_jsonl, step_indices
 from mmopd.evaluation import evaluate_policy
+from mmopd.lora import load_lora_weights
 from mmopd.objectives import Models, Timer, needs_answers, needs_teacher, objective_step
 from mmopd.report import MetricsLog, format_table, plot_metrics, write_summary
 
@@ -170,17 +171,20 @@ def train(config: Config) -> dict[str, Any]:
                               project_dir=str(out))
     main = accelerator.is_main_process
     resume_from = latest_checkpoint(out) if t.resume == "auto" else None
-    session = Session(c, student_override=resume_from / "model" if resume_from else None, accelerator=accelerator)
-    if c.student.trainable != "full":
-        raise ConfigError(f"student.trainable={c.student.trainable} is not supported by the "
-                          f"{c.modality} adapter yet; use full")
+    lora_resume = resume_from is not None and c.student.trainable == "lora"  # adapters go on the original student
+    session = Session(c, student_override=resume_from / "model" if resume_from and not lora_resume else None,
+                      accelerator=accelerator)
     if c.student.gradient_checkpointing:
         session.policy.gradient_checkpointing_enable()
+    session.policy = session.adapter.prepare_trainable(session.policy, c.student)
+    if lora_resume:
+        load_lora_weights(session.policy, resume_from / "lora")
     policy = session.policy
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(t.warmup, t.steps))
-    student, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    # the scheduler stays unprepared: accelerate would step it once per process, but ours counts optimizer steps
+    student, optimizer = accelerator.prepare(policy, optimizer)
     models = session.models(student)
 
     metrics_log = MetricsLog(out / "metrics.jsonl")
@@ -235,15 +239,18 @@ def train(config: Config) -> dict[str, Any]:
         batch = step_indices(len(records), step, per_step, t.seed)
         rows = []
         for micro in range(t.grad_accum):
-            lo = (micro * world + rank) * t.batch_size
-            micro_records = [records[i] for i in batch[lo:lo + t.batch_size]]
-            generator = torch.Generator(session.device).manual_seed(
-                ((t.seed * 1_000_003 + step) * 1_009 + micro) * 1_013 + rank)
+            slot = micro * world + rank  # this micro-batch's place in the global batch
+            micro_records = [records[i] for i in batch[slot * t.batch_size:(slot + 1) * t.batch_size]]
+            # seeded by global slot, so 2 processes × 1 micro-batch sample exactly what 1 × 2 does
+            generator = torch.Generator(session.device).manual_seed((t.seed * 1_000_003 + step) * 1_009 + slot)
             sync = micro == t.grad_accum - 1
             with accelerator.no_sync(student) if not sync else nullcontext():
                 rows.append(objective_step(models, micro_records, c, generator, timer,
                                            lambda loss: accelerator.backward(loss / t.grad_accum)))
         row = _mean_rows(rows)
+        if world > 1:  # every process logs the global mean, not its own share
+            values = accelerator.reduce(torch.tensor(list(row.values()), device=session.device), "mean")
+            row = dict(zip(row, values.tolist()))
         grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm > 0 else \
             torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None))
         finite = math.isfinite(row["loss"]) and math.isfinite(float(grad_norm))

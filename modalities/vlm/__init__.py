@@ -1,0 +1,1 @@
+"""The vlm modality: vision-language models (AutoModelForImageTextToText + AutoProcessor)."""

@@ -1,0 +1,120 @@
+"""The VLM toy: shapes-VQA data, a teacher trained here to high accuracy, and a smaller, briefly trained
+student of the same family, all saved by path, plus a ready on-policy distillation config."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from mmopd.adapter import ModalityAdapter
+from mmopd.data import load_jsonl
+from mmopd.evaluation import evaluate_policy
+from mmopd.losses import masked_mean, sampled_token_logprobs
+from mmopd.objectives import answers_rollout
+from modalities.vlm import shapes
+from modalities.vlm.families import FAMILIES, Dims, build_family_model, save_family_model
+
+DEFAULT_FAMILY = "qwen2_vl"
+TRAIN_RECORDS = 4000
+EVAL_RECORDS = 200
+MAX_NEW_TOKENS = 4
+
+TEACHER = Dims(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_hidden=64, vision_layers=2,
+               vision_heads=4)
+STUDENT = Dims(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_hidden=32, vision_layers=1,
+               vision_heads=2)
+TEACHER_IMAGE_TOKENS, STUDENT_IMAGE_TOKENS = 16, 4  # the teacher reads the picture at a higher resolution
+TEACHER_STEPS, TEACHER_LR = 600, 3e-3
+STUDENT_STEPS, STUDENT_LR = 60, 3e-3
+BATCH_SIZE = 32
+WARMUP = 30
+
+DISTILL_SETTINGS: dict[str, Any] = {
+    "objective": {"kind": "on_policy", "divergence": "reverse_kl", "estimator": "full"},
+    "rollout": {"max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0},
+    "train": {"steps": 150, "batch_size": 32, "lr": 2e-3, "warmup": 10, "save_every": 0, "eval_every": 50,
+              "eval_batch_size": 100, "max_grad_norm": 1.0},
+}
+
+
+def fit(adapter: ModalityAdapter, model: nn.Module, processor: Any, records: list[dict], steps: int, lr: float,
+        batch_size: int, seed: int, warmup: int = WARMUP, progress: bool = False) -> list[float]:
+    """Supervised fine-tuning on the answers (NLL of answer + end-of-turn), AdamW with warmup then cosine."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.98),
+                            weight_decay=0.01)
+    warmup = min(warmup, max(steps - 1, 0))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / (warmup + 1) if s < warmup else
+                                              0.5 * (1 + math.cos(math.pi * (s - warmup) / max(steps - warmup, 1))))
+    space = adapter.token_space(processor, model)
+    pad = processor.tokenizer.pad_token_id
+    model.train()
+    losses, started = [], time.perf_counter()
+    for step in range(steps):
+        batch = [records[i] for i in torch.randint(len(records), (batch_size,), generator=gen).tolist()]
+        prompts = adapter.encode_prompts(batch, processor)
+        answers = answers_rollout(adapter.encode_answers(batch, processor), pad, torch.device("cpu"))
+        logits = space.restrict(adapter.response_logits(model, prompts, answers.tokens))  # [B, T, A]
+        loss = masked_mean(-sampled_token_logprobs(logits, space.to_actions(answers.tokens)), answers.mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if progress and (step % 50 == 0 or step == steps - 1):
+            print(f"  step {step:4d}  loss {loss.item():.4f}  {time.perf_counter() - started:.0f}s", flush=True)
+    model.eval()
+    return losses
+
+
+def accuracy(adapter: ModalityAdapter, model: nn.Module, processor: Any, records: list[dict],
+             batch_size: int = 100) -> float:
+    """Greedy exact-match accuracy, through the same evaluation the trainer uses."""
+    space = adapter.token_space(processor, model)
+    eos = adapter.eos_token_ids(processor)
+    result = evaluate_policy(adapter, model, processor, records, space, eos, processor.tokenizer.pad_token_id,
+                             MAX_NEW_TOKENS, batch_size, torch.device("cpu"))
+    return result["metrics"]["accuracy"]
+
+
+def build_toy(out_dir: Path, family: str = DEFAULT_FAMILY, progress: bool = True) -> Path:
+    """Data in out_dir/data, teacher and student in out_dir/{teacher,student}; returns out_dir/config.yaml."""
+    from modalities.vlm.adapter import VLMAdapter
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown VLM toy family {family!r}; available: {', '.join(FAMILIES)}")
+    out_dir = Path(out_dir).resolve()
+    say = print if progress else (lambda *a, **k: None)
+    adapter = VLMAdapter()
+    data = out_dir / "data"
+    paths = {"train": shapes.write_split(data, "train", TRAIN_RECORDS, seed=1),
+             "eval": shapes.write_split(data, "eval", EVAL_RECORDS, seed=2)}
+    train = load_jsonl(paths["train"], adapter.check_record).records
+    evals = load_jsonl(paths["eval"], adapter.check_record).records
+    scores = {}
+    for role, dims, tokens, steps, lr, seed in (("teacher", TEACHER, TEACHER_IMAGE_TOKENS, TEACHER_STEPS, TEACHER_LR, 0),
+                                                ("student", STUDENT, STUDENT_IMAGE_TOKENS, STUDENT_STEPS, STUDENT_LR, 1)):
+        say(f"training the {family} {role} ({steps} steps, {tokens} image tokens)")
+        built = build_family_model(family, shapes.WORDS, dims, image_tokens=tokens, seed=seed)
+        save_family_model(built, out_dir / role)
+        processor = adapter.load_processor(str(out_dir / role), role)
+        fit(adapter, built.model, processor, train, steps, lr, BATCH_SIZE, seed, progress=progress)
+        scores[role] = accuracy(adapter, built.model, processor, evals)
+        save_family_model(built, out_dir / role)
+        say(f"  {role} eval accuracy {scores[role]:.3f}")
+    config = {"modality": "vlm",
+              "student": {"path": str(out_dir / "student")},
+              "teacher": {"path": str(out_dir / "teacher")},
+              "data": {"train": str(paths["train"]), "eval": str(paths["eval"])},
+              **DISTILL_SETTINGS}
+    config["train"] = {**config["train"], "out_dir": str(out_dir / "runs" / "on_policy")}
+    path = out_dir / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
