@@ -55,3 +55,17 @@ def test_resume_repeats_the_uninterrupted_run_exactly(text_config, tmp_path):
     for a, b in zip(train_rows(expected), train_rows(got)):
         assert a["loss"] == b["loss"] and a["divergence"] == b["divergence"], (a["step"], a, b)
     assert summary["student_before"] == json.loads((tmp_path / "a" / "summary.json").read_text())["student_before"]
+
+
+def test_eval_command_scores_a_checkpoint_and_the_teacher(text_config, tmp_path, capsys):
+    from mmopd.cli import main
+    from mmopd.config import save_config
+
+    config = text_config(**{"train.steps": 1, "train.out_dir": str(tmp_path / "run")})
+    train(config)
+    save_config(config, tmp_path / "c.yaml")
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "c.yaml"), "--checkpoint", str(tmp_path / "run/checkpoints/step-1")]) == 0
+    assert 0.0 <= json.loads(capsys.readouterr().out)["accuracy"] <= 1.0
+    assert main(["eval", str(tmp_path / "c.yaml"), "--teacher"]) == 0
+    assert "accuracy" in json.loads(capsys.readouterr().out)
