@@ -14,13 +14,16 @@ import inspect
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import Tensor, nn
 
-from mmopd.config import ConfigError, StudentConfig
+from mmopd.config import Config, ConfigError, StudentConfig
 from mmopd.lora import add_lora, linear_layers_of_language_model
+
+if TYPE_CHECKING:
+    from mmopd.rollout import Sampling
 
 _REGISTRY: dict[str, type["ModalityAdapter"]] = {}
 
@@ -74,6 +77,17 @@ class ModalityAdapter:
     name: str = ""
     metric: str = "accuracy"
     supports_cfg: bool = False  # whether a teacher can be guided (teacher.cfg_scale != 1)
+
+    def configure(self, config: Config) -> None:
+        """Called once by the Session, before any data or model is loaded, with the run's validated Config:
+        for settings an adapter needs beyond its arguments (e.g. the teacher's cfg_scale, the eval sampling)."""
+
+    def eval_sampling(self) -> Sampling:
+        """How evaluation draws responses (a rollout.Sampling): greedy unless a modality's metric needs samples
+        (pictures are judged on samples, as FID is)."""
+        from mmopd.rollout import Sampling  # rollout imports this module
+
+        return Sampling(temperature=0)
 
     # --- loading -------------------------------------------------------------------------------
     def load_processor(self, path: str, role: str) -> Any:

@@ -52,6 +52,7 @@ class DataConfig:
     eval: str = ""
     skip_bad: bool = False
     eval_limit: int = 0  # 0 evaluates every eval record
+    judge: str = ""  # a scoring model the modality's metric needs (image_tokens: the toy's classifier directory)
 
 
 @dataclass

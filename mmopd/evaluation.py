@@ -17,25 +17,22 @@ from mmopd.rollout import Sampling, rollout
 def evaluate_policy(adapter: ModalityAdapter, model: nn.Module, processor: Any, records: list[dict],
                     space: TokenSpace, eos_ids: list[int], pad_id: int, max_new_tokens: int, batch_size: int,
                     device: torch.device, desc: str = "eval", progress: bool = False) -> dict[str, Any]:
-    """Greedy responses to every record, scored by the adapter. Returns the metrics and the responses."""
+    """Responses to every record (greedy, or as `adapter.eval_sampling()` says, from a fixed seed), scored by
+    the adapter in one call, so that set-level metrics such as FID see every response. Returns the metrics
+    and the responses."""
     was_training = model.training
     model.eval()
+    sampling: Sampling = adapter.eval_sampling()
+    generator = torch.Generator(device).manual_seed(0)  # every model is judged on the same draws
     responses: list[Any] = []
     starts = range(0, len(records), batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
         chunk = records[start:start + batch_size]
         prompts = adapter.encode_prompts(chunk, processor).to(device)
-        out = rollout(adapter, model, prompts, space, eos_ids, pad_id, max_new_tokens, Sampling(temperature=0))
+        out = rollout(adapter, model, prompts, space, eos_ids, pad_id, max_new_tokens, sampling, generator)
         responses.extend(adapter.decode(out.tokens, out.mask, processor))
     model.train(was_training)
-    totals: dict[str, float] = {}
-    for start in range(0, len(records), batch_size):
-        part = adapter.score(records[start:start + batch_size], responses[start:start + batch_size])
-        n = len(records[start:start + batch_size])
-        for key, value in part.items():
-            totals[key] = totals.get(key, 0.0) + value * n
-    metrics = {key: value / len(records) for key, value in totals.items()}
-    return {"metrics": metrics, "responses": responses}
+    return {"metrics": adapter.score(records, responses), "responses": responses}
 
 
 def evaluate(config: Any, checkpoint: str | Path | None = None, which: str = "student") -> dict[str, float]:

@@ -57,6 +57,7 @@ class Session:
                  need_teacher: bool | None = None, accelerator: Accelerator | None = None):
         self.config = config
         self.adapter = get_adapter(config.modality)
+        self.adapter.configure(config)
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.device = self.accelerator.device
         c = config
