@@ -115,9 +115,11 @@ class TextAdapter(ModalityAdapter):
             "student": {"path": built["paths"]["student"]},
             "teacher": {"path": built["paths"]["teacher"]},
             "data": {"train": built["paths"]["train"], "eval": built["paths"]["eval"]},
-            **toy.DISTILL_SETTINGS,
+            "objective": {"kind": "on_policy", "divergence": "reverse_kl", "estimator": "full"},
+            "rollout": {"max_new_tokens": toy.MAX_NEW_TOKENS, "temperature": 1.0},
+            "train": {"steps": 200, "batch_size": 128, "lr": 1.0e-3, "warmup": 50, "eval_every": 50,
+                      "save_every": 100, "eval_batch_size": 250, "out_dir": str(out_dir / "runs" / "on_policy")},
         }
-        config["train"] = {**config.get("train", {}), "out_dir": str(out_dir / "runs" / "on_policy")}
         path = out_dir / "config.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         return path

@@ -23,17 +23,19 @@ EOS_TOKEN = "<eos>"
 UNK_TOKEN = "<unk>"
 CHARS = "0123456789+=" + STEP_SEP + FINAL_MARKER
 MAX_LENGTH = 64
+ROPE_THETA = 100.0
 
 MODEL_SIZES: dict[str, dict[str, int]] = {
     "teacher": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 512},
-    "student": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256},
+    "student": {"hidden_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 384},
 }
 
+MAX_NEW_TOKENS = 20
 TRAIN_RECORDS = 20000
 EVAL_RECORDS = 500
-TEACHER_STEPS = 600
+TEACHER_STEPS = 400
 TEACHER_LR = 3e-3
-STUDENT_STEPS = 60
+STUDENT_STEPS = 150
 STUDENT_LR = 3e-3
 BATCH_SIZE = 128
 WARMUP = 50
@@ -106,6 +108,7 @@ def build_model(tokenizer: transformers.PreTrainedTokenizerFast, size: str) -> t
         head_dim=dims["hidden_size"] // dims["num_attention_heads"],
         num_key_value_heads=dims["num_attention_heads"],
         max_position_embeddings=MAX_LENGTH,
+        rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA},
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -206,3 +209,52 @@ def greedy_accuracy(
         correct += sum(is_correct(t, r["answer"]) for t, r in zip(texts, chunk))
     model.train(was_training)
     return correct / max(len(records), 1)
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    """Write one JSON object per line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def split_records(seed: int) -> tuple[list[dict], list[dict]]:
+    """Train records and eval records whose prompts never occur in train."""
+    train = make_records(TRAIN_RECORDS, seed)
+    seen = {r["prompt"] for r in train}
+    pool = make_records(4 * EVAL_RECORDS, seed + 1)
+    evals = [r for r in pool if r["prompt"] not in seen][:EVAL_RECORDS]
+    return train, evals
+
+
+def build_toy(out_dir: str | Path, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Write data, a trained teacher and a briefly trained smaller student under out_dir; return accuracies and paths."""
+    out = Path(out_dir)
+    paths = {
+        "train": out / "data" / "train.jsonl",
+        "eval": out / "data" / "eval.jsonl",
+        "teacher": out / "teacher",
+        "student": out / "student",
+    }
+    t0 = time.time()
+    train, evals = split_records(seed)
+    write_jsonl(paths["train"], train)
+    write_jsonl(paths["eval"], evals)
+    tokenizer = build_tokenizer()
+    result: dict[str, Any] = {"task": TASK_NAME, "max_new_tokens": MAX_NEW_TOKENS}
+    for size, steps, lr, offset in (("teacher", TEACHER_STEPS, TEACHER_LR, 0), ("student", STUDENT_STEPS, STUDENT_LR, 1)):
+        torch.manual_seed(seed + offset)
+        model = build_model(tokenizer, size)
+        if progress:
+            print(f"[toy] {size}: {sum(p.numel() for p in model.parameters())} params, {steps} SFT steps", flush=True)
+        fit(model, tokenizer, train, steps, lr, BATCH_SIZE, seed + offset, progress=progress)
+        accuracy = greedy_accuracy(model, tokenizer, evals, MAX_NEW_TOKENS)
+        model.save_pretrained(paths[size])
+        tokenizer.save_pretrained(paths[size])
+        result[f"{size}_accuracy"] = accuracy
+        if progress:
+            print(f"[toy] {size}: greedy accuracy {accuracy:.3f} ({time.time() - t0:.0f}s)", flush=True)
+    result["paths"] = {k: str(v) for k, v in paths.items()}
+    result["seconds"] = time.time() - t0
+    return result
