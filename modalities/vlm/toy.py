@@ -23,7 +23,8 @@ from modalities.vlm.families import FAMILIES, Dims, build_family_model, save_fam
 DEFAULT_FAMILY = "qwen2_vl"
 TRAIN_RECORDS = 4000
 EVAL_RECORDS = 200
-MAX_NEW_TOKENS = 4
+MAX_NEW_TOKENS = shapes.MAX_ANSWER_WORDS + 2  # the answer, its end-of-turn token, one spare
+VISION_LR_SCALE = 0.1
 
 TEACHER = Dims(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_hidden=64, vision_layers=2,
                vision_heads=4)
@@ -45,10 +46,16 @@ DISTILL_SETTINGS: dict[str, Any] = {
 
 def fit(adapter: ModalityAdapter, model: nn.Module, processor: Any, records: list[dict], steps: int, lr: float,
         batch_size: int, seed: int, warmup: int = WARMUP, progress: bool = False) -> list[float]:
-    """Supervised fine-tuning on the answers (NLL of answer + end-of-turn), AdamW with warmup then cosine."""
+    """Supervised fine-tuning on the answers (NLL of answer + end-of-turn), AdamW with warmup then cosine.
+
+    The vision tower and projector learn at VISION_LR_SCALE × lr: at the full rate, Adam's early noisy
+    steps scramble the random visual features before the language model learns to read them."""
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.98),
-                            weight_decay=0.01)
+    language = {id(p) for part in (model.get_decoder(), model.get_output_embeddings()) for p in part.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) in language], "lr": lr},
+              {"params": [p for p in trainable if id(p) not in language], "lr": lr * VISION_LR_SCALE}]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     warmup = min(warmup, max(steps - 1, 0))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / (warmup + 1) if s < warmup else
                                               0.5 * (1 + math.cos(math.pi * (s - warmup) / max(steps - warmup, 1))))
