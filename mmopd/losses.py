@@ -69,6 +69,32 @@ Sampled-token estimator. For tokens ``x`` drawn from a behaviour policy π_b
 The last step uses E_{p_S}[∇log p_S] = Σ ∇p_S = 0. Both log-probabilities in
 k are clamped at ``LOGPROB_FLOOR`` as above.
 
+Fused divergences from hidden states. The trainer never needs the ``[N, V]``
+logits as tensors: ``fused_token_divergence(h_S, W_S, h_T, W_T, ...)`` computes
+``z = h·Wᵀ (+ b)`` for a chunk of rows of both models, the divergence of that
+chunk as above, and discards the chunk. Backward recomputes each chunk and
+applies the closed-form gradients through the head::
+
+    ∂/∂h_S = (∂/∂z_S)·W_S          [n, V]·[V, H]
+    ∂/∂W_S = Σ_chunks (∂/∂z_S)ᵀ·h_S  [V, n]·[n, H], accumulated in W_S's dtype
+    ∂/∂b_S = Σ_rows ∂/∂z_S
+
+so peak memory beyond the inputs is O(chunk × V), never O(N × V). The teacher's
+side takes no gradient. ``fused_token_logprobs(h, W, x)`` is the same for the
+sampled-token log-probabilities (O(N) kept: one float per position).
+
+Top-k teacher distributions. ``topk_token_divergence`` keeps, per position, the
+teacher's K largest logits and their ids, and takes the divergence of the two
+distributions renormalised over those K ids::
+
+    S_K = top-K ids of z_T,   s̃ = log_softmax(z_S[S_K] / τ),   t̃ = log_softmax(z_T[S_K] / τ)
+    d_K = divergence(s̃, t̃)
+
+It is biased: it is exact when the teacher's mass outside S_K is 0 and the
+student's too, but it ignores the student's mass outside S_K entirely (a student
+that puts mass on tokens outside the teacher's top-K is not penalised for it,
+only for how it shares the mass inside S_K).
+
 Reduction over response tokens::
 
     masked_mean(v, m) = Σ m·v / max(Σ m, 1)
@@ -88,6 +114,9 @@ __all__ = [
     "sampled_token_logprobs",
     "sampled_reverse_kl_loss",
     "masked_mean",
+    "fused_token_divergence",
+    "fused_token_logprobs",
+    "topk_token_divergence",
 ]
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "tvd")
@@ -98,6 +127,15 @@ _CHUNK_ELEMENTS = 2**25
 def _check_temperature(temperature: float) -> None:
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+
+
+def _check_divergence(kind: str, beta: float, temperature: float, chunk_size: int | None) -> None:
+    if kind not in DIVERGENCES:
+        raise ValueError(f"unknown divergence kind {kind!r}; valid kinds are {DIVERGENCES}")
+    if not (isinstance(beta, (int, float)) and 0.0 <= beta <= 1.0):
+        raise ValueError(f"beta must lie in [0, 1] (0 = forward_kl, 1 = reverse_kl), got {beta!r}")
+    _check_temperature(temperature)
+    _check_chunk_size(chunk_size)
 
 
 def _check_chunk_size(chunk_size: int | None) -> None:
@@ -234,12 +272,7 @@ def token_divergence(
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Full-vocabulary divergence per token: [..., V], [..., V] -> [...] float32 (see module docstring)."""
-    if kind not in DIVERGENCES:
-        raise ValueError(f"unknown divergence kind {kind!r}; valid kinds are {DIVERGENCES}")
-    if not (isinstance(beta, (int, float)) and 0.0 <= beta <= 1.0):
-        raise ValueError(f"beta must lie in [0, 1] (0 = forward_kl, 1 = reverse_kl), got {beta!r}")
-    _check_temperature(temperature)
-    _check_chunk_size(chunk_size)
+    _check_divergence(kind, beta, temperature, chunk_size)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student_logits and teacher_logits must have the same shape, got "
@@ -263,6 +296,21 @@ def token_divergence(
     return out.view(student_logits.shape[:-1])  # [...]
 
 
+def _token_logprob(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """One chunk: [n, V], [n] -> log_softmax(z / τ) at the tokens [n] float32."""
+    z = _scaled_float(logits, temperature)  # [n, V]
+    return z.gather(1, tokens[:, None]).squeeze(1) - z.logsumexp(-1)
+
+
+def _token_logprob_grad(logits: torch.Tensor, tokens: torch.Tensor, grad_out: torch.Tensor,
+                        temperature: float) -> torch.Tensor:
+    """One chunk: grad_out[n] · (onehot(x) − p) / τ as [n, V] float32."""
+    g = grad_out[:, None]  # [n, 1]
+    grad = torch.softmax(_scaled_float(logits, temperature), dim=-1)  # [n, V]
+    grad.mul_(-g).scatter_add_(1, tokens[:, None], g)
+    return grad.div_(temperature)
+
+
 class _ChunkedSampledLogprobs(torch.autograd.Function):
     """Chunked log-softmax gathered at given tokens; saves only logits and tokens."""
 
@@ -274,9 +322,7 @@ class _ChunkedSampledLogprobs(torch.autograd.Function):
         out = torch.empty(num_rows, dtype=torch.float32, device=logits.device)  # [N]
         for start in range(0, num_rows, rows):
             stop = start + rows
-            z = _scaled_float(logits[start:stop], temperature)  # [n, V]
-            picked = z.gather(1, tokens[start:stop, None]).squeeze(1)  # [n]
-            out[start:stop] = picked - z.logsumexp(-1)
+            out[start:stop] = _token_logprob(logits[start:stop], tokens[start:stop], temperature)
         ctx.save_for_backward(logits, tokens)
         ctx.config = (temperature, rows)
         return out
@@ -290,10 +336,9 @@ class _ChunkedSampledLogprobs(torch.autograd.Function):
         grad_logits = torch.empty_like(logits)  # [N, V], input dtype
         for start in range(0, logits.shape[0], rows):
             stop = start + rows
-            g = grad_out[start:stop, None]  # [n, 1]
-            grad = torch.softmax(_scaled_float(logits[start:stop], temperature), dim=-1)  # [n, V]
-            grad.mul_(-g).scatter_add_(1, tokens[start:stop, None], g)
-            grad_logits[start:stop] = grad.div_(temperature)
+            grad_logits[start:stop] = _token_logprob_grad(
+                logits[start:stop], tokens[start:stop], grad_out[start:stop], temperature
+            )
         return grad_logits, None, None, None
 
 
@@ -357,3 +402,195 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     weights = mask.to(values.dtype)
     total = torch.where(mask != 0, values * weights, torch.zeros((), dtype=values.dtype, device=values.device))
     return total.sum() / weights.sum().clamp(min=1)
+
+
+# --- fused: from last hidden states and the LM head -------------------------------------------------------
+
+
+def _head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """One chunk of logits: [n, H] @ [V, H]ᵀ (+ [V]) -> [n, V] in the head's dtype."""
+    return torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias)
+
+
+def _head_backward(grad_logits: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+                   grads: list[torch.Tensor | None], rows: slice) -> None:
+    """Push one chunk's d/dlogits [n, V] through the head into grads = [hidden [N, H], weight [V, H], bias [V]]."""
+    grad_hidden, grad_weight, grad_bias = grads
+    g = grad_logits.to(weight.dtype)  # [n, V]
+    if grad_hidden is not None:
+        grad_hidden[rows] = g @ weight  # [n, H]
+    if grad_weight is not None:
+        grad_weight.addmm_(g.t(), hidden[rows].to(weight.dtype))  # [V, H]
+    if grad_bias is not None:
+        grad_bias += grad_logits.sum(0).to(grad_bias.dtype)  # [V]
+
+
+def _head_grads(ctx, hidden: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Empty gradient buffers for the student's hidden, weight and bias, where autograd asks for them."""
+    need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+    return [
+        torch.empty_like(hidden) if need_hidden else None,
+        torch.zeros_like(weight) if need_weight else None,
+        torch.zeros_like(bias) if need_bias and bias is not None else None,
+    ]
+
+
+class _FusedDivergence(torch.autograd.Function):
+    """Chunked divergence from hidden states and heads; saves only the inputs, recomputes logits in backward."""
+
+    @staticmethod
+    def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, kind, beta, temperature, rows):
+        # s_hidden, t_hidden: [N, H_S], [N, H_T]; s_weight, t_weight: [V, H_S], [V, H_T]; biases [V] or None
+        num_rows = s_hidden.shape[0]
+        out = torch.empty(num_rows, dtype=torch.float32, device=s_hidden.device)  # [N]
+        for start in range(0, num_rows, rows):
+            chunk = slice(start, start + rows)
+            z_s = _head_logits(s_hidden[chunk], s_weight, s_bias)  # [n, V]
+            z_t = _head_logits(t_hidden[chunk], t_weight, t_bias)  # [n, V]
+            out[chunk] = _divergence(z_s, z_t, kind, beta, temperature)[0]
+        ctx.save_for_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias)
+        ctx.config = (kind, beta, temperature, rows)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        # grad_out: [N] float32
+        s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias = ctx.saved_tensors
+        kind, beta, temperature, rows = ctx.config
+        grads = _head_grads(ctx, s_hidden, s_weight, s_bias)
+        for start in range(0, s_hidden.shape[0], rows):
+            chunk = slice(start, start + rows)
+            z_s = _head_logits(s_hidden[chunk], s_weight, s_bias)  # [n, V]
+            z_t = _head_logits(t_hidden[chunk], t_weight, t_bias)  # [n, V]
+            grad_z = _divergence(z_s, z_t, kind, beta, temperature, (True, False))[1]  # [n, V] float32
+            _head_backward(grad_z.mul_(grad_out[chunk, None]), s_hidden, s_weight, grads, chunk)
+        return (*grads, None, None, None, None, None, None, None)
+
+
+class _FusedTokenLogprobs(torch.autograd.Function):
+    """Chunked log-softmax of h·Wᵀ (+ b) at given tokens; saves only the inputs, recomputes in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, tokens, temperature, rows):
+        # hidden: [N, H], weight: [V, H], bias: [V] or None, tokens: [N] long
+        num_rows = hidden.shape[0]
+        out = torch.empty(num_rows, dtype=torch.float32, device=hidden.device)  # [N]
+        for start in range(0, num_rows, rows):
+            chunk = slice(start, start + rows)
+            out[chunk] = _token_logprob(_head_logits(hidden[chunk], weight, bias), tokens[chunk], temperature)
+        ctx.save_for_backward(hidden, weight, bias, tokens)
+        ctx.config = (temperature, rows)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        # grad_out: [N] float32
+        hidden, weight, bias, tokens = ctx.saved_tensors
+        temperature, rows = ctx.config
+        grads = _head_grads(ctx, hidden, weight, bias)
+        for start in range(0, hidden.shape[0], rows):
+            chunk = slice(start, start + rows)
+            z = _head_logits(hidden[chunk], weight, bias)  # [n, V]
+            grad_z = _token_logprob_grad(z, tokens[chunk], grad_out[chunk], temperature)  # [n, V] float32
+            _head_backward(grad_z, hidden, weight, grads, chunk)
+        return (*grads, None, None, None)
+
+
+def _check_head(role: str, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if weight.dim() != 2 or hidden.dim() == 0 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{role}: hidden [..., H] and weight [V, H] must share H, got hidden "
+                         f"{tuple(hidden.shape)} and weight {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{role}: bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    if not (hidden.is_floating_point() and weight.is_floating_point()):
+        raise ValueError(f"{role}: hidden and weight must be floating point, got {hidden.dtype} and {weight.dtype}")
+
+
+def fused_token_divergence(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    kind: str = "reverse_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """token_divergence(h_S·W_Sᵀ + b_S, h_T·W_Tᵀ + b_T) without materialising either [N, V] logits.
+
+    [..., H_S], [V, H_S], [..., H_T], [V, H_T] -> [...] float32. Differentiable with respect to the
+    student's hidden, weight and bias; the teacher's tensors must not require grad.
+    """
+    _check_divergence(kind, beta, temperature, chunk_size)
+    _check_head("student", student_hidden, student_weight, student_bias)
+    _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
+    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1] or student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(
+            f"student and teacher must score the same positions over the same vocabulary, got hidden "
+            f"{tuple(student_hidden.shape)} / {tuple(teacher_hidden.shape)} and weight "
+            f"{tuple(student_weight.shape)} / {tuple(teacher_weight.shape)}"
+        )
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad
+                                       for x in (teacher_hidden, teacher_weight, teacher_bias)):
+        raise ValueError("the teacher side of fused_token_divergence takes no gradient; pass detached tensors")
+    vocab = student_weight.shape[0]
+    s_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])  # [N, H_S]
+    out = _FusedDivergence.apply(
+        s_hidden,
+        student_weight,
+        student_bias,
+        teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),  # [N, H_T]
+        teacher_weight,
+        teacher_bias,
+        kind,
+        float(beta),
+        float(temperature),
+        _rows_per_chunk(s_hidden.shape[0], vocab, chunk_size),
+    )  # [N]
+    return out.view(student_hidden.shape[:-1])  # [...]
+
+
+def fused_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float = 1.0,
+    bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """sampled_token_logprobs(h·Wᵀ + b, tokens) without materialising [N, V]: [..., H], [V, H], [...] -> [...]."""
+    _check_temperature(temperature)
+    _check_chunk_size(chunk_size)
+    _check_head("hidden", hidden, weight, bias)
+    if tokens.shape != hidden.shape[:-1]:
+        raise ValueError(f"tokens must have the shape of hidden without its last dimension, got hidden "
+                         f"{tuple(hidden.shape)} and tokens {tuple(tokens.shape)}")
+    flat = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
+    out = _FusedTokenLogprobs.apply(
+        flat, weight, bias, tokens.reshape(-1).long(), float(temperature),
+        _rows_per_chunk(flat.shape[0], weight.shape[0], chunk_size),
+    )  # [N]
+    return out.view(tokens.shape)  # [...]
+
+
+def topk_token_divergence(
+    student_logits: torch.Tensor,
+    teacher_topk_logits: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    kind: str = "reverse_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Divergence over each position's K teacher ids, both renormalised there: [..., V], [..., K], [..., K] -> [...]."""
+    if teacher_topk_logits.shape != teacher_topk_ids.shape or \
+            teacher_topk_ids.shape[:-1] != student_logits.shape[:-1]:
+        raise ValueError(f"teacher top-k logits and ids must be [..., K] over the student's positions, got "
+                         f"{tuple(teacher_topk_logits.shape)}, {tuple(teacher_topk_ids.shape)} and student "
+                         f"{tuple(student_logits.shape)}")
+    student_topk = student_logits.gather(-1, teacher_topk_ids)  # [..., K]
+    return token_divergence(student_topk, teacher_topk_logits, kind, beta, temperature)
