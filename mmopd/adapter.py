@@ -45,6 +45,22 @@ class PromptBatch:
         return PromptBatch(self.input_ids.to(device), self.attention_mask.to(device), extras)
 
 
+@dataclass
+class ResponseHidden:
+    """What scores each response token before the LM head: logits = hidden·weightᵀ + bias."""
+
+    hidden: Tensor  # [B, T, H] last hidden states; row t predicts tokens[:, t]
+    weight: Tensor  # [V, H] the output projection (or [A, H] once restricted to a TokenSpace)
+    bias: Tensor | None  # [V] or None
+
+    def restrict(self, space: "TokenSpace") -> "ResponseHidden":
+        return ResponseHidden(self.hidden, *space.restrict_head(self.weight, self.bias))
+
+
+# config fields that transform h·Wᵀ before it becomes logits (the fused path would miss them)
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
+
+
 class TokenSpace:
     """The token ids a policy may emit. Divergences and sampling run over this restricted vocabulary
     (renormalised), so padded embedding rows or non-codebook tokens never get probability mass."""
@@ -58,6 +74,13 @@ class TokenSpace:
         if self.ids is None:
             return logits[..., : self.size]
         return logits.index_select(-1, self.ids.to(logits.device))
+
+    def restrict_head(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """The LM head's rows for the actions: [V_model, H], [V_model] -> [A, H], [A] (a view when contiguous)."""
+        if self.ids is None:
+            return weight[: self.size], None if bias is None else bias[: self.size]
+        ids = self.ids.to(weight.device)
+        return weight.index_select(0, ids), None if bias is None else bias.index_select(0, ids)
 
     def to_tokens(self, actions: Tensor) -> Tensor:
         return actions if self.ids is None else self.ids.to(actions.device)[actions]
@@ -179,16 +202,65 @@ class ModalityAdapter:
         return out.logits[:, -(T + 1):-1]
 
 
+    # --- fused scoring: hidden states and the LM head instead of logits ------------------------
+    def fused_unsupported(self, model: nn.Module) -> str | None:
+        """Why response_hidden + the LM head cannot stand in for response_logits with `model` (None: they can)."""
+        if type(self).response_logits is not ModalityAdapter.response_logits:
+            return f"the {self.name or type(self).__name__} adapter computes its own response logits"
+        base = _base_model(model)
+        if "logits_to_keep" not in _forward_params(model):
+            return f"{type(base).__name__}.forward takes no logits_to_keep, so it would build every logit"
+        config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+        for key in _LOGIT_TRANSFORMS:
+            if getattr(config, key, None) not in (None, 0, 1, 1.0):
+                return f"{type(base).__name__} transforms its logits ({key}={getattr(config, key)})"
+        head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+        if type(head) is not nn.Linear:
+            return f"{type(base).__name__}'s output embeddings are {type(head).__name__}, not a plain nn.Linear"
+        return None
+
+    def response_hidden(self, model: nn.Module, prompts: PromptBatch, tokens: Tensor) -> ResponseHidden:
+        """Last hidden states that score each response token, and the LM head. [B, T] -> [B, T, H], [V, H], [V]
+
+        Runs the model through its own forward (so peft and DDP wrappers work) with output_hidden_states and
+        logits_to_keep=1, and checks that the head reproduces the one logit row the model did build."""
+        T = tokens.shape[1]
+        input_ids = torch.cat([prompts.input_ids, tokens], dim=1)  # [B, P+T]
+        mask = torch.cat([prompts.attention_mask, torch.ones_like(tokens)], dim=1)
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=_positions(mask),
+                    output_hidden_states=True, logits_to_keep=1, **prompts.extras)
+        last = out.hidden_states[-1]  # [B, P+T, H]
+        head = _base_model(model).get_output_embeddings()
+        _check_head_reproduces(out.logits[:, -1], last[:, -1], head.weight, head.bias, type(_base_model(model)))
+        return ResponseHidden(last[:, -(T + 1):-1], head.weight, head.bias)
+
+
+def _check_head_reproduces(logits: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, cls: type) -> None:
+    """The model's last logits [B, V] must equal head(last hidden state) [B, H], else hidden_states[-1] is not
+    what its head reads (an unnormalised state, a scaled head) and the fused path would train the wrong thing."""
+    with torch.no_grad():
+        ours = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias).float()
+        error = (ours - logits.float()).abs().max().item()
+        scale = 1.0 + logits.float().abs().max().item()
+    if not error <= 2e-2 * scale:
+        raise ValueError(f"{cls.__name__}: its last hidden state through its output embeddings differs from its "
+                         f"logits (max error {error:.3g}), so logits cannot be fused from hidden states; "
+                         "set objective.fused=never")
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The model inside DDP and peft (LoRA) wrappers."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _positions(mask: Tensor) -> Tensor:
     """Position ids that skip left padding. [B, L] -> [B, L]"""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def _forward_params(model: nn.Module) -> frozenset[str]:
-    model = getattr(model, "module", model)  # look through DDP wrappers
-    if hasattr(model, "get_base_model"):  # and peft (LoRA) wrappers
-        model = model.get_base_model()
-    return _params_of(type(model))
+    return _params_of(type(_base_model(model)))
 
 
 @functools.lru_cache(maxsize=None)

@@ -25,6 +25,7 @@ class ConfigError(ValueError):
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OBJECTIVES = ("on_policy", "gkd", "supervised_kd", "seq_kd", "sft")
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "tvd")
+FUSED = ("auto", "always", "never")
 ESTIMATORS = ("full", "sampled")
 TRAINABLE = ("full", "lm_only", "lora")
 
@@ -44,6 +45,7 @@ class TeacherConfig:
     path: str = ""
     dtype: str = "auto"
     cfg_scale: float = 1.0
+    top_k: int = 0  # full estimator: keep only the teacher's top-k logits per token (0 keeps all)
 
 
 @dataclass
@@ -64,6 +66,7 @@ class ObjectiveConfig:
     lmbda: float = 1.0
     sft_weight: float = 0.0
     temperature: float = 1.0  # divides both models' logits inside the divergence
+    fused: str = "auto"  # divergences from hidden states and LM heads: auto | always | never
 
 
 @dataclass
@@ -245,6 +248,11 @@ def validate(config: Config) -> None:
     _choice("objective.divergence", config.objective.divergence, DIVERGENCES)
     _choice("objective.estimator", config.objective.estimator, ESTIMATORS)
     _choice("train.resume", config.train.resume, ("auto", "never"))
+    _choice("objective.fused", config.objective.fused, FUSED)
+    _positive("teacher.top_k", config.teacher.top_k, allow_zero=True)
+    if config.teacher.top_k and config.objective.estimator == "sampled":
+        raise ConfigError("teacher.top_k keeps the teacher's top-k logits for objective.estimator=full; the sampled "
+                          "estimator needs only each sampled token's log-prob. Set teacher.top_k=0")
     if config.objective.estimator == "sampled" and config.objective.divergence != "reverse_kl":
         raise ConfigError(
             "objective.estimator=sampled estimates the reverse KL only; "

@@ -9,6 +9,10 @@
 | sft           | dataset answers                            | NLL of the answers                      |
 
 `objective.sft_weight > 0` adds that weight times the answers' NLL to any of them.
+
+Scores come in one of two forms: logits over the action space [B, T, A], or (with `objective.fused`, where
+the adapter supports it) last hidden states plus the LM head, from which the losses build logits one chunk
+of rows at a time. Both give the same losses and gradients; the fused form never holds [B, T, A] logits.
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from mmopd.adapter import ModalityAdapter, PromptBatch, TokenSpace
-from mmopd.config import Config
-from mmopd.losses import masked_mean, sampled_reverse_kl_loss, sampled_token_logprobs, token_divergence
+from mmopd.adapter import ModalityAdapter, PromptBatch, ResponseHidden, TokenSpace
+from mmopd.config import Config, ConfigError, ObjectiveConfig
+from mmopd.losses import (fused_token_divergence, fused_token_logprobs, masked_mean, sampled_reverse_kl_loss,
+                          sampled_token_logprobs, token_divergence, topk_token_divergence)
 from mmopd.rollout import Rollout, Sampling, rollout
-from mmopd.teacher import teacher_logits, teacher_token_logprobs
+from mmopd.teacher import TopK, teacher_hidden, teacher_logits, teacher_token_logprobs, teacher_topk
 
 
 def needs_teacher(config: Config) -> bool:
@@ -99,6 +104,47 @@ def generate(m: Models, model: nn.Module, prompts: PromptBatch, config: Config,
         model.train(was_training)
 
 
+def use_fused(m: Models, config: Config) -> bool:
+    """Whether this step scores responses from hidden states and LM heads (objective.fused: auto|always|never)."""
+    mode = config.objective.fused
+    if mode == "never":
+        return False
+    roles = {"student": m.student, "teacher": m.teacher}
+    problems = [f"{role}: {why}" for role, model in roles.items()
+                if model is not None and (why := m.adapter.fused_unsupported(model)) is not None]
+    if problems and mode == "always":
+        raise ConfigError(f"objective.fused=always, but {'; '.join(problems)}. Set objective.fused=auto (falls "
+                          "back to logits where fusing is unsupported) or never")
+    return not problems
+
+
+def response_scores(m: Models, model: nn.Module, prompts: PromptBatch, tokens: Tensor,
+                    fused: bool) -> Tensor | ResponseHidden:
+    """What scores each response token over the action space: logits [B, T, A], or hidden [B, T, H] and head."""
+    if fused:
+        return m.adapter.response_hidden(model, prompts, tokens).restrict(m.space)
+    return m.space.restrict(m.adapter.response_logits(model, prompts, tokens))
+
+
+def token_logprobs(scores: Tensor | ResponseHidden, actions: Tensor, temperature: float = 1.0) -> Tensor:
+    """log p of each action under the scores. [B, T] -> [B, T] float32"""
+    if isinstance(scores, ResponseHidden):
+        return fused_token_logprobs(scores.hidden, scores.weight, actions, temperature, bias=scores.bias)
+    return sampled_token_logprobs(scores, actions, temperature=temperature)
+
+
+def divergence(student: Tensor | ResponseHidden, teacher: Tensor | ResponseHidden | TopK,
+               obj: ObjectiveConfig) -> Tensor:
+    """Per-token divergence of the student from the teacher, whatever form their scores take. -> [B, T]"""
+    args = {"kind": obj.divergence, "beta": obj.beta, "temperature": obj.temperature}
+    if isinstance(teacher, TopK):
+        return topk_token_divergence(student, teacher.logits, teacher.ids, **args)
+    if isinstance(teacher, ResponseHidden):
+        return fused_token_divergence(student.hidden, student.weight, teacher.hidden, teacher.weight,
+                                      student_bias=student.bias, teacher_bias=teacher.bias, **args)
+    return token_divergence(student, teacher, **args)
+
+
 def objective_step(m: Models, records: list[dict], config: Config, generator: torch.Generator,
                    timer: Timer, backward: Callable[[Tensor], None]) -> dict[str, float]:
     """One micro-batch: build responses, score them, backpropagate the loss; return its metrics."""
@@ -111,6 +157,8 @@ def objective_step(m: Models, records: list[dict], config: Config, generator: to
 
     on_policy = kind == "on_policy" or (
         kind == "gkd" and torch.rand((), generator=generator, device=generator.device).item() < obj.lmbda)
+    fused = use_fused(m, config)
+    rollout_start = timer.seconds.get("rollout", 0.0)
     with timer.phase("rollout"):
         if on_policy:
             responses = generate(m, m.policy, s_prompts, config, generator)
@@ -120,36 +168,43 @@ def objective_step(m: Models, records: list[dict], config: Config, generator: to
             responses = answers_rollout(m.adapter.encode_answers(records, m.student_processor), m.pad_id, m.device)
     actions = m.space.to_actions(responses.tokens)  # [B, T]
     metrics: dict[str, float] = {"on_policy": float(on_policy), "response_tokens": responses.mask.sum().item(),
-                                 "response_len": responses.mask.sum(1).mean().item()}
+                                 "response_len": responses.mask.sum(1).mean().item(), "fused": float(fused)}
+    if on_policy or kind == "seq_kd":
+        metrics["rollout_tokens_per_s"] = metrics["response_tokens"] / max(
+            timer.seconds["rollout"] - rollout_start, 1e-9)
 
     with timer.phase("teacher"):
         if kind == "seq_kd" or kind == "sft":
             t_scores = None
         elif obj.estimator == "sampled" and kind == "on_policy":
             t_scores = teacher_token_logprobs(m.adapter, m.teacher, t_prompts, responses.tokens, m.space,
-                                              obj.temperature)
+                                              obj.temperature, fused=fused)
+        elif config.teacher.top_k:
+            t_scores = teacher_topk(m.adapter, m.teacher, t_prompts, responses.tokens, m.space,
+                                    config.teacher.top_k, fused=fused)
+        elif fused:
+            t_scores = teacher_hidden(m.adapter, m.teacher, t_prompts, responses.tokens, m.space)
         else:
             t_scores = teacher_logits(m.adapter, m.teacher, t_prompts, responses.tokens, m.space)
 
     with timer.phase("student"):
-        s_logits = m.space.restrict(m.adapter.response_logits(m.student, s_prompts, responses.tokens))  # [B, T, A]
+        # top-k compares the student's logits at the teacher's ids, so the student side needs its logits
+        s_scores = response_scores(m, m.student, s_prompts, responses.tokens, fused and not isinstance(t_scores, TopK))
         if t_scores is None:
-            loss = masked_mean(-sampled_token_logprobs(s_logits, actions), responses.mask)
+            loss = masked_mean(-token_logprobs(s_scores, actions), responses.mask)
             metrics["nll"] = loss.item()
-        elif t_scores.dim() == 2:
-            s_lp = sampled_token_logprobs(s_logits, actions, temperature=obj.temperature)
+        elif isinstance(t_scores, Tensor) and t_scores.dim() == 2:
+            s_lp = token_logprobs(s_scores, actions, temperature=obj.temperature)
             per_token, kl_estimate = sampled_reverse_kl_loss(s_lp, t_scores, responses.logprobs)
             loss = masked_mean(per_token, responses.mask)
             metrics["divergence"] = masked_mean(kl_estimate, responses.mask).item()
         else:
-            div = token_divergence(s_logits, t_scores, kind=obj.divergence, beta=obj.beta,
-                                   temperature=obj.temperature)  # [B, T]
-            loss = masked_mean(div, responses.mask)
+            loss = masked_mean(divergence(s_scores, t_scores, obj), responses.mask)  # [B, T] -> []
             metrics["divergence"] = loss.item()
         if obj.sft_weight > 0:
             answers = answers_rollout(m.adapter.encode_answers(records, m.student_processor), m.pad_id, m.device)
-            a_logits = m.space.restrict(m.adapter.response_logits(m.student, s_prompts, answers.tokens))
-            nll = masked_mean(-sampled_token_logprobs(a_logits, m.space.to_actions(answers.tokens)), answers.mask)
+            a_scores = response_scores(m, m.student, s_prompts, answers.tokens, fused)
+            nll = masked_mean(-token_logprobs(a_scores, m.space.to_actions(answers.tokens)), answers.mask)
             loss = loss + obj.sft_weight * nll
             metrics["sft_nll"] = nll.item()
         backward(loss)

@@ -1,0 +1,111 @@
+"""objective_step scores from hidden states and LM heads exactly as it does from logits, and says when it can't."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmopd.adapter import ModalityAdapter
+from mmopd.config import ConfigError
+from mmopd.objectives import Timer, objective_step, use_fused
+from mmopd.teacher import teacher_hidden, teacher_logits, teacher_token_logprobs, teacher_topk
+from mmopd.trainer import Session
+
+
+def _step_loss_and_grads(session, config, records, seed=0):
+    session.policy.zero_grad(set_to_none=True)
+    row = objective_step(session.models(), records, config, torch.Generator().manual_seed(seed), Timer(),
+                         lambda loss: loss.backward())
+    grads = {n: p.grad.clone() for n, p in session.policy.named_parameters() if p.grad is not None}
+    return row, grads
+
+
+def _assert_fused_step_equals_logits_step(text_config, lora=False, **overrides):
+    rows, grads = {}, {}
+    for fused in ("always", "never"):
+        config = text_config(**{"objective.fused": fused, **overrides})
+        session = Session(config)
+        session.policy.double()
+        if session.teacher is not None:
+            session.teacher.double()
+        if lora:
+            torch.manual_seed(0)  # the same LoRA initialisation for both runs
+            session.policy = session.adapter.prepare_trainable(session.policy, config.student)
+        rows[fused], grads[fused] = _step_loss_and_grads(session, config, session.train_data.records[:4])
+    assert rows["always"]["fused"] == 1.0 and rows["never"]["fused"] == 0.0
+    assert rows["always"]["loss"] == pytest.approx(rows["never"]["loss"], rel=1e-5, abs=1e-6)
+    assert grads["always"].keys() == grads["never"].keys() and grads["always"]
+    for name in grads["never"]:
+        torch.testing.assert_close(grads["always"][name], grads["never"][name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl", "jsd", "tvd"])
+def test_fused_on_policy_step_gives_the_logits_step_loss_and_grads(text_config, divergence):
+    _assert_fused_step_equals_logits_step(text_config, **{"objective.divergence": divergence,
+                                                          "objective.temperature": 0.8})
+
+
+@pytest.mark.parametrize("kind,estimator", [("on_policy", "sampled"), ("supervised_kd", "full"),
+                                            ("seq_kd", "full"), ("sft", "full")])
+def test_fused_step_matches_for_every_objective(text_config, kind, estimator):
+    _assert_fused_step_equals_logits_step(text_config, **{"objective.kind": kind, "objective.estimator": estimator})
+
+
+def test_fused_step_matches_with_sft_weight_and_topk_teacher(text_config):
+    _assert_fused_step_equals_logits_step(text_config, **{"objective.sft_weight": 0.5, "teacher.top_k": 5})
+
+
+def test_fused_step_matches_through_a_peft_lora_student(text_config):
+    _assert_fused_step_equals_logits_step(text_config, lora=True, **{"student.trainable": "lora",
+                                                                      "student.lora_rank": 2})
+
+
+def test_fused_teacher_scores_equal_the_logits_scores(text_config):
+    session = Session(text_config())
+    prompts = session.adapter.encode_prompts(session.train_data.records[:3], session.teacher_processor)
+    tokens = torch.randint(0, session.space.size, (3, 5), generator=torch.Generator().manual_seed(0))
+    args = (session.adapter, session.teacher, prompts, tokens, session.space)
+    logits = teacher_logits(*args)  # [B, T, A]
+    hidden = teacher_hidden(*args)
+    assert hidden.weight.shape[0] == session.space.size and not hidden.hidden.is_inference()
+    torch.testing.assert_close(torch.nn.functional.linear(hidden.hidden, hidden.weight, hidden.bias), logits,
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(teacher_token_logprobs(*args, temperature=0.7, fused=True),
+                               teacher_token_logprobs(*args, temperature=0.7), rtol=1e-5, atol=1e-5)
+    top_fused, top_logits = teacher_topk(*args, k=4, fused=True), teacher_topk(*args, k=4)
+    torch.testing.assert_close(top_fused.logits, top_logits.logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(top_fused.ids, top_logits.ids)
+
+
+def test_auto_falls_back_to_logits_for_an_adapter_with_its_own_logits_and_always_refuses(text_config):
+    session = Session(text_config())
+
+    class OwnLogits(type(session.adapter)):
+        def response_logits(self, model, prompts, tokens):
+            return ModalityAdapter.response_logits(self, model, prompts, tokens)
+
+    models = session.models()
+    models.adapter = OwnLogits()
+    assert models.adapter.fused_unsupported(session.policy) == "the text adapter computes its own response logits"
+    assert use_fused(models, text_config()) is False
+    with pytest.raises(ConfigError, match="objective.fused=always, but student: the text adapter"):
+        use_fused(models, text_config(**{"objective.fused": "always"}))
+    assert use_fused(session.models(), text_config()) is True
+    assert use_fused(session.models(), text_config(**{"objective.fused": "never"})) is False
+
+
+def test_logit_softcapping_models_are_not_fused(text_config):
+    session = Session(text_config())
+    session.teacher.config.final_logit_softcapping = 30.0
+    assert "final_logit_softcapping=30.0" in session.adapter.fused_unsupported(session.teacher)
+    assert use_fused(session.models(), text_config()) is False
+
+
+def test_a_head_that_does_not_reproduce_the_models_logits_is_an_error(text_config):
+    session = Session(text_config())
+    prompts = session.adapter.encode_prompts(session.train_data.records[:2], session.student_processor)
+    tokens = torch.ones(2, 3, dtype=torch.long)
+    original = session.policy.lm_head.forward
+    session.policy.lm_head.forward = lambda x: original(x) + 1.0  # a head transform the fused path cannot see
+    with pytest.raises(ValueError, match="set objective.fused=never"):
+        session.adapter.response_hidden(session.policy, prompts, tokens)
