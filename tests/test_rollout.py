@@ -96,3 +96,18 @@ def test_behaviour_logprobs_equal_a_full_forward_over_prompt_and_response(text_c
         logits = session.space.restrict(session.adapter.response_logits(session.policy, prompts, out.tokens))
     recomputed = logits.float().log_softmax(-1).gather(-1, out.tokens[..., None]).squeeze(-1)
     assert torch.allclose(recomputed * out.mask, out.logprobs * out.mask, atol=1e-4)
+
+
+def test_batched_prompts_of_different_lengths_roll_out_as_each_prompt_alone(text_config):
+    """Greedy decoding of a left-padded batch gives every row the tokens it gets on its own."""
+    session = Session(text_config(**{"objective.kind": "sft"}))
+    records = [{"prompt": p, "answer": None} for p in ("1+2=", "123+456=", "12+3=")]
+    args = (session.space, session.eos_ids, session.pad_id, 8, Sampling(temperature=0))
+    batched = rollout(session.adapter, session.policy,
+                      session.adapter.encode_prompts(records, session.student_processor), *args)
+    for i, record in enumerate(records):
+        alone = rollout(session.adapter, session.policy,
+                        session.adapter.encode_prompts([record], session.student_processor), *args)
+        T = alone.tokens.shape[1]
+        assert torch.equal(batched.tokens[i, :T], alone.tokens[0]) and torch.equal(batched.mask[i, :T], alone.mask[0])
+        assert batched.mask[i, T:].sum() == 0
