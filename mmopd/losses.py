@@ -80,7 +80,10 @@ applies the closed-form gradients through the head::
     ∂/∂b_S = Σ_rows ∂/∂z_S
 
 so peak memory beyond the inputs is O(chunk × V), never O(N × V). The teacher's
-side takes no gradient. ``fused_token_logprobs(h, W, x)`` is the same for the
+side takes no gradient. ``fused_divergence_loss(..., weights)`` returns Σ w·d
+instead, and because the weights are known before backward it computes the
+gradients in the same pass as the values: four matmuls (the floor), no
+recompute. ``fused_token_logprobs(h, W, x)`` is the per-token recompute form for the
 sampled-token log-probabilities (O(N) kept: one float per position).
 
 Top-k teacher distributions. ``topk_token_divergence`` keeps, per position, the
@@ -115,8 +118,10 @@ __all__ = [
     "sampled_reverse_kl_loss",
     "masked_mean",
     "fused_token_divergence",
+    "fused_divergence_loss",
     "fused_token_logprobs",
     "topk_token_divergence",
+    "fused_topk_logits",
 ]
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "tvd")
@@ -469,6 +474,41 @@ class _FusedDivergence(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None, None)
 
 
+class _FusedDivergenceLoss(torch.autograd.Function):
+    """Σ_i w_i·d_i from hidden states and heads, with the gradients computed in the same pass as the values.
+
+    The weights are known before backward, so each chunk's logits are built once: forward does the four
+    matmuls of the floor (student, teacher, ∂/∂h, ∂/∂W) and keeps only [N, H], [V, H], [V] gradients for
+    backward, which scales them by the incoming scalar.
+    """
+
+    @staticmethod
+    def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, weights, kind, beta, temperature, rows):
+        # s_hidden, t_hidden: [N, H_S], [N, H_T]; s_weight, t_weight: [V, H]; weights: [N] float32 (no grad)
+        num_rows = s_hidden.shape[0]
+        values = torch.empty(num_rows, dtype=torch.float32, device=s_hidden.device)  # [N]
+        grads = _head_grads(ctx, s_hidden, s_weight, s_bias)
+        need = any(g is not None for g in grads)
+        for start in range(0, num_rows, rows):
+            chunk = slice(start, start + rows)
+            z_s = _head_logits(s_hidden[chunk], s_weight, s_bias)  # [n, V]
+            z_t = _head_logits(t_hidden[chunk], t_weight, t_bias)  # [n, V]
+            values[chunk], grad_z, _ = _divergence(z_s, z_t, kind, beta, temperature, (need, False))
+            if need:
+                _head_backward(grad_z.mul_(weights[chunk, None]), s_hidden, s_weight, grads, chunk)
+        ctx.grads = grads
+        ctx.mark_non_differentiable(values)
+        return (values * weights).sum(), values
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, grad_values):
+        # grad_loss: [] float32; the per-token values are outputs without gradient
+        grads = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.grads]
+        ctx.grads = None
+        return (*grads, None, None, None, None, None, None, None, None)
+
+
 class _FusedTokenLogprobs(torch.autograd.Function):
     """Chunked log-softmax of h·Wᵀ (+ b) at given tokens; saves only the inputs, recomputes in backward."""
 
@@ -509,6 +549,19 @@ def _check_head(role: str, hidden: torch.Tensor, weight: torch.Tensor, bias: tor
         raise ValueError(f"{role}: hidden and weight must be floating point, got {hidden.dtype} and {weight.dtype}")
 
 
+def _check_fused(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias) -> None:
+    _check_head("student", s_hidden, s_weight, s_bias)
+    _check_head("teacher", t_hidden, t_weight, t_bias)
+    if s_hidden.shape[:-1] != t_hidden.shape[:-1] or s_weight.shape[0] != t_weight.shape[0]:
+        raise ValueError(
+            f"student and teacher must score the same positions over the same vocabulary, got hidden "
+            f"{tuple(s_hidden.shape)} / {tuple(t_hidden.shape)} and weight "
+            f"{tuple(s_weight.shape)} / {tuple(t_weight.shape)}"
+        )
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (t_hidden, t_weight, t_bias)):
+        raise ValueError("the teacher side of a fused divergence takes no gradient; pass detached tensors")
+
+
 def fused_token_divergence(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -526,18 +579,8 @@ def fused_token_divergence(
     [..., H_S], [V, H_S], [..., H_T], [V, H_T] -> [...] float32. Differentiable with respect to the
     student's hidden, weight and bias; the teacher's tensors must not require grad.
     """
+    _check_fused(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
     _check_divergence(kind, beta, temperature, chunk_size)
-    _check_head("student", student_hidden, student_weight, student_bias)
-    _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
-    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1] or student_weight.shape[0] != teacher_weight.shape[0]:
-        raise ValueError(
-            f"student and teacher must score the same positions over the same vocabulary, got hidden "
-            f"{tuple(student_hidden.shape)} / {tuple(teacher_hidden.shape)} and weight "
-            f"{tuple(student_weight.shape)} / {tuple(teacher_weight.shape)}"
-        )
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad
-                                       for x in (teacher_hidden, teacher_weight, teacher_bias)):
-        raise ValueError("the teacher side of fused_token_divergence takes no gradient; pass detached tensors")
     vocab = student_weight.shape[0]
     s_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])  # [N, H_S]
     out = _FusedDivergence.apply(
@@ -553,6 +596,45 @@ def fused_token_divergence(
         _rows_per_chunk(s_hidden.shape[0], vocab, chunk_size),
     )  # [N]
     return out.view(student_hidden.shape[:-1])  # [...]
+
+
+def fused_divergence_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    weights: torch.Tensor,
+    kind: str = "reverse_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ weights·fused_token_divergence(...) and the per-token values: ([] float32, [...] float32, no grad).
+
+    The trainer's form (weights = mask / Σ mask gives masked_mean): gradients are computed with the values,
+    so no logits are recomputed in backward. Gradients flow to the student's hidden, weight and bias only.
+    """
+    _check_fused(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
+    _check_divergence(kind, beta, temperature, chunk_size)
+    if weights.shape != student_hidden.shape[:-1]:
+        raise ValueError(f"weights must be [...] = {tuple(student_hidden.shape[:-1])}, got {tuple(weights.shape)}")
+    s_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])  # [N, H_S]
+    loss, values = _FusedDivergenceLoss.apply(
+        s_hidden,
+        student_weight,
+        student_bias,
+        teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),  # [N, H_T]
+        teacher_weight,
+        teacher_bias,
+        weights.detach().reshape(-1).float(),  # [N]
+        kind,
+        float(beta),
+        float(temperature),
+        _rows_per_chunk(s_hidden.shape[0], student_weight.shape[0], chunk_size),
+    )
+    return loss, values.view(weights.shape)
 
 
 def fused_token_logprobs(
@@ -594,3 +676,26 @@ def topk_token_divergence(
                          f"{tuple(student_logits.shape)}")
     student_topk = student_logits.gather(-1, teacher_topk_ids)  # [..., K]
     return token_divergence(student_topk, teacher_topk_logits, kind, beta, temperature)
+
+
+@torch.no_grad()
+def fused_topk_logits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    k: int,
+    bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of h·Wᵀ + b one chunk of rows at a time: [..., H], [V, H] -> ([..., K] float32, [..., K] long)."""
+    _check_head("hidden", hidden, weight, bias)
+    _check_chunk_size(chunk_size)
+    flat = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
+    k = min(k, weight.shape[0])
+    values = torch.empty(flat.shape[0], k, dtype=torch.float32, device=flat.device)  # [N, K]
+    ids = torch.empty(flat.shape[0], k, dtype=torch.long, device=flat.device)  # [N, K]
+    rows = _rows_per_chunk(flat.shape[0], weight.shape[0], chunk_size)
+    for start in range(0, flat.shape[0], rows):
+        chunk = slice(start, start + rows)
+        top = _head_logits(flat[chunk], weight, bias).float().topk(k, dim=-1)
+        values[chunk], ids[chunk] = top.values, top.indices
+    return values.view(*hidden.shape[:-1], k), ids.view(*hidden.shape[:-1], k)

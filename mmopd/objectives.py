@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from mmopd.adapter import ModalityAdapter, PromptBatch, ResponseHidden, TokenSpace
 from mmopd.config import Config, ConfigError, ObjectiveConfig
-from mmopd.losses import (fused_token_divergence, fused_token_logprobs, masked_mean, sampled_reverse_kl_loss,
+from mmopd.losses import (fused_divergence_loss, fused_token_logprobs, masked_mean, sampled_reverse_kl_loss,
                           sampled_token_logprobs, token_divergence, topk_token_divergence)
 from mmopd.rollout import Rollout, Sampling, rollout
 from mmopd.teacher import TopK, teacher_hidden, teacher_logits, teacher_token_logprobs, teacher_topk
@@ -133,16 +133,17 @@ def token_logprobs(scores: Tensor | ResponseHidden, actions: Tensor, temperature
     return sampled_token_logprobs(scores, actions, temperature=temperature)
 
 
-def divergence(student: Tensor | ResponseHidden, teacher: Tensor | ResponseHidden | TopK,
-               obj: ObjectiveConfig) -> Tensor:
-    """Per-token divergence of the student from the teacher, whatever form their scores take. -> [B, T]"""
+def divergence_loss(student: Tensor | ResponseHidden, teacher: Tensor | ResponseHidden | TopK,
+                    obj: ObjectiveConfig, mask: Tensor) -> Tensor:
+    """The masked mean over response tokens of the student's divergence from the teacher. [B, T] -> []"""
     args = {"kind": obj.divergence, "beta": obj.beta, "temperature": obj.temperature}
+    if isinstance(teacher, ResponseHidden):  # gradients computed with the values: no logits recomputed
+        weights = mask / mask.sum().clamp(min=1)  # [B, T]
+        return fused_divergence_loss(student.hidden, student.weight, teacher.hidden, teacher.weight, weights,
+                                     student_bias=student.bias, teacher_bias=teacher.bias, **args)[0]
     if isinstance(teacher, TopK):
-        return topk_token_divergence(student, teacher.logits, teacher.ids, **args)
-    if isinstance(teacher, ResponseHidden):
-        return fused_token_divergence(student.hidden, student.weight, teacher.hidden, teacher.weight,
-                                      student_bias=student.bias, teacher_bias=teacher.bias, **args)
-    return token_divergence(student, teacher, **args)
+        return masked_mean(topk_token_divergence(student, teacher.logits, teacher.ids, **args), mask)
+    return masked_mean(token_divergence(student, teacher, **args), mask)
 
 
 def objective_step(m: Models, records: list[dict], config: Config, generator: torch.Generator,
@@ -199,7 +200,7 @@ def objective_step(m: Models, records: list[dict], config: Config, generator: to
             loss = masked_mean(per_token, responses.mask)
             metrics["divergence"] = masked_mean(kl_estimate, responses.mask).item()
         else:
-            loss = masked_mean(divergence(s_scores, t_scores, obj), responses.mask)  # [B, T] -> []
+            loss = divergence_loss(s_scores, t_scores, obj, responses.mask)
             metrics["divergence"] = loss.item()
         if obj.sft_weight > 0:
             answers = answers_rollout(m.adapter.encode_answers(records, m.student_processor), m.pad_id, m.device)

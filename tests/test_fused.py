@@ -7,6 +7,7 @@ import torch
 
 from mmopd.losses import (
     DIVERGENCES,
+    fused_divergence_loss,
     fused_token_divergence,
     fused_token_logprobs,
     sampled_token_logprobs,
@@ -33,16 +34,24 @@ def _logits(hidden, weight, bias):
     return torch.nn.functional.linear(hidden, weight, bias)
 
 
-def _values_and_grads(loss_fn, tensors):
-    """Value of loss_fn() and its gradient w.r.t. each tensor (a weighted sum, so every token counts differently)."""
-    values = loss_fn()
-    weights = torch.linspace(0.5, 1.5, values.numel(), dtype=torch.float64).view(values.shape)
-    grads = torch.autograd.grad((values.double() * weights).sum(), [t for t in tensors if t is not None])
+def _weights(n: int) -> torch.Tensor:
+    return torch.linspace(0.5, 1.5, n, dtype=torch.float64)
+
+
+def _values_and_grads(values_fn, tensors, loss_fn=None):
+    """Per-token values and the gradient of Σ w·values w.r.t. each tensor (every token weighted differently).
+    `loss_fn(weights) -> (loss, values)` computes the weighted sum itself (the fused loss form)."""
+    if loss_fn is None:
+        values = values_fn()
+        loss = (values.double() * _weights(values.numel()).view(values.shape)).sum()
+    else:
+        loss, values = loss_fn(_weights(N))
+    grads = torch.autograd.grad(loss, [t for t in tensors if t is not None])
     return values.detach(), grads
 
 
 def _assert_fused_matches_logits(kind, beta, temperature=1.0, chunk_size=None, bias=True, space=None,
-                                 teacher_floor=None):
+                                 teacher_floor=None, loss_form=False):
     s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias = _heads(bias=bias)
     if space is not None:  # an action space: a subset of the head's rows
         pick = lambda w: None if w is None else w.index_select(0, space)  # noqa: E731
@@ -66,8 +75,13 @@ def _assert_fused_matches_logits(kind, beta, temperature=1.0, chunk_size=None, b
         return fused_token_divergence(s_hidden, pick(s_weight), t_hidden, pick(t_weight), kind, beta, temperature,
                                       student_bias=pick(s_bias), teacher_bias=pick(t_bias), chunk_size=chunk_size)
 
+    def fused_loss(weights):
+        return fused_divergence_loss(s_hidden, pick(s_weight), t_hidden, pick(t_weight), weights, kind, beta,
+                                     temperature, student_bias=pick(s_bias), teacher_bias=pick(t_bias),
+                                     chunk_size=chunk_size)
+
     expected, expected_grads = _values_and_grads(reference, tensors)
-    got, got_grads = _values_and_grads(fused, tensors)
+    got, got_grads = _values_and_grads(fused, tensors, fused_loss if loss_form else None)
     assert got.dtype == torch.float32 and got.shape == (N,)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -79,6 +93,30 @@ def _assert_fused_matches_logits(kind, beta, temperature=1.0, chunk_size=None, b
 @pytest.mark.parametrize("kind,beta", CASES)
 def test_fused_values_and_student_grads_match_token_divergence_on_logits(kind, beta):
     _assert_fused_matches_logits(kind, beta)
+
+
+@pytest.mark.parametrize("kind,beta", CASES)
+@pytest.mark.parametrize("chunk_size,temperature", [(None, 1.0), (3, 0.5), (1, 2.0)])
+def test_fused_loss_form_gives_the_weighted_sum_and_its_grads_without_recompute(kind, beta, chunk_size, temperature):
+    _assert_fused_matches_logits(kind, beta, temperature=temperature, chunk_size=chunk_size, loss_form=True)
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+def test_fused_loss_form_over_an_action_space_with_teacher_forbidden_tokens(kind):
+    _assert_fused_matches_logits(kind, 0.5, space=torch.tensor([9, 0, 4, 5, 2, 7, 1, 3]), teacher_floor=[1, 3],
+                                 chunk_size=4, loss_form=True)
+
+
+def test_fused_loss_form_skips_gradients_nobody_asks_for():
+    s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias = _heads()
+    s_weight.requires_grad_(False)  # a frozen head (LoRA students): no [V, H] gradient is built
+    loss, values = fused_divergence_loss(s_hidden, s_weight, t_hidden, t_weight, torch.ones(N), "jsd")
+    assert not values.requires_grad and loss.requires_grad
+    loss.backward()
+    assert s_hidden.grad is not None and s_weight.grad is None
+    with torch.no_grad():
+        loss, _ = fused_divergence_loss(s_hidden, s_weight, t_hidden, t_weight, torch.ones(N))
+    assert loss.grad_fn is None
 
 
 @pytest.mark.parametrize("kind,beta", CASES)
