@@ -176,11 +176,12 @@ def _divergence(
     need_student, need_teacher = need_grads
     s = torch.log_softmax(_scaled_float(student, temperature), dim=-1)  # [n, V]
     t = torch.log_softmax(_scaled_float(teacher, temperature), dim=-1)  # [n, V]
-    p_s, p_t = s.exp(), t.exp()  # [n, V]
     if kind == "jsd" and beta == 0.0:
         kind = "forward_kl"
     elif kind == "jsd" and beta == 1.0:
         kind = "reverse_kl"
+    p_s = s.exp()  # [n, V]
+    p_t = t.exp() if kind != "reverse_kl" or need_teacher else None  # [n, V]
 
     if kind == "tvd":
         diff = p_s - p_t
@@ -192,11 +193,11 @@ def _divergence(
 
     s = s.clamp_(min=LOGPROB_FLOOR)
     t = t.clamp_(min=LOGPROB_FLOOR)
-    if kind == "reverse_kl":
-        log_ratio = s - t
-        value = (p_s * log_ratio).sum(-1)
-        grad_s = p_s * (log_ratio - value[:, None]) if need_student else None
+    if kind == "reverse_kl":  # in place: the hot path of on-policy distillation
         grad_t = p_t - p_s if need_teacher else None
+        log_ratio = s.sub_(t)  # [n, V]
+        value = torch.linalg.vecdot(p_s, log_ratio)
+        grad_s = log_ratio.sub_(value[:, None]).mul_(p_s) if need_student else None
     elif kind == "forward_kl":
         log_ratio = t - s
         value = (p_t * log_ratio).sum(-1)
