@@ -1,0 +1,71 @@
+"""Rollout throughput: mmopd.rollout.rollout against Hugging Face `model.generate` on the same model and prompts.
+
+    python -m benchmarks.rollout [--model 256,4,4,2,1024,8192] [--batch 1,4,16,64] [--prompt-len 32] [--new 32]
+
+Random-weight Qwen2.5-shaped model (--model 0.5b for the real shape), left-padded prompts of different
+lengths, sampling at temperature 1, every row generating exactly --new tokens (no EOS stop). Tokens/s is
+batch × new tokens / median wall-clock seconds; the ratio is ours / generate, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from benchmarks.measure import device_of, machine, seconds, sizes, table
+from benchmarks.models import RandomPrompts, random_qwen2, random_records, shape_of
+from mmopd.adapter import TokenSpace
+from mmopd.rollout import Sampling, rollout
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="256,4,4,2,1024,8192",
+                        help="a Qwen2.5 size (0.5b, 1.5b, 7b) or H,layers,heads,kv_heads,intermediate,vocab")
+    parser.add_argument("--batch", default="1,4,16,64")
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new", type=int, default=32, help="new tokens per row")
+    parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", default="")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = device_of(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else \
+        (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = random_qwen2(args.model, dtype, device).eval()
+    vocab = shape_of(args.model)[5]
+    adapter, space = RandomPrompts(), TokenSpace(vocab)
+    print(f"# rollout benchmark on {machine(device)}; model {args.model}, {dtype}, prompts <= {args.prompt_len} "
+          f"tokens, {args.new} new tokens, median of {args.reps}")
+    rows, records = [], []
+    for batch in sizes(args.batch):
+        prompts = adapter.encode_prompts(random_records(batch, args.prompt_len, vocab), None).to(device)
+
+        def ours():
+            return rollout(adapter, model, prompts, space, eos_ids=[-1], pad_id=0, max_new_tokens=args.new,
+                           sampling=Sampling(), generator=torch.Generator(device).manual_seed(0))
+
+        @torch.no_grad()
+        def generate():
+            return model.generate(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
+                                  do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=args.new,
+                                  min_new_tokens=args.new, eos_token_id=None, pad_token_id=0)
+
+        assert ours().tokens.shape == (batch, args.new)
+        times = {"ours": seconds(ours, device, args.reps), "generate": seconds(generate, device, args.reps)}
+        tps = {k: batch * args.new / t for k, t in times.items()}
+        rows.append([batch, f"{tps['generate']:.0f}", f"{tps['ours']:.0f}", f"{tps['ours'] / tps['generate']:.2f}x"])
+        records.append({"batch": batch, "tokens_per_s": tps, "seconds": times})
+    print(table(["batch", "generate tok/s", "ours tok/s", "ours / generate"], rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(device), "model": args.model, "rows": records}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
