@@ -563,6 +563,16 @@ def _check_fused(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias) -> None
         raise ValueError("the teacher side of a fused divergence takes no gradient; pass detached tensors")
 
 
+def _fused_args(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, kind, beta, temperature, chunk_size):
+    """Check the inputs of a fused divergence; return its heads flattened to [N, H] rows and its settings."""
+    _check_fused(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias)
+    _check_divergence(kind, beta, temperature, chunk_size)
+    s_flat = s_hidden.reshape(-1, s_hidden.shape[-1])  # [N, H_S]
+    t_flat = t_hidden.reshape(-1, t_hidden.shape[-1])  # [N, H_T]
+    rows = _rows_per_chunk(s_flat.shape[0], s_weight.shape[0], chunk_size)
+    return (s_flat, s_weight, s_bias, t_flat, t_weight, t_bias), (kind, float(beta), float(temperature), rows)
+
+
 def fused_token_divergence(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -580,23 +590,9 @@ def fused_token_divergence(
     [..., H_S], [V, H_S], [..., H_T], [V, H_T] -> [...] float32. Differentiable with respect to the
     student's hidden, weight and bias; the teacher's tensors must not require grad.
     """
-    _check_fused(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
-    _check_divergence(kind, beta, temperature, chunk_size)
-    vocab = student_weight.shape[0]
-    s_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])  # [N, H_S]
-    out = _FusedDivergence.apply(
-        s_hidden,
-        student_weight,
-        student_bias,
-        teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),  # [N, H_T]
-        teacher_weight,
-        teacher_bias,
-        kind,
-        float(beta),
-        float(temperature),
-        _rows_per_chunk(s_hidden.shape[0], vocab, chunk_size),
-    )  # [N]
-    return out.view(student_hidden.shape[:-1])  # [...]
+    heads, settings = _fused_args(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                                  teacher_bias, kind, beta, temperature, chunk_size)
+    return _FusedDivergence.apply(*heads, *settings).view(student_hidden.shape[:-1])  # [N] -> [...]
 
 
 def fused_divergence_loss(
@@ -617,24 +613,12 @@ def fused_divergence_loss(
     The trainer's form (weights = mask / Σ mask gives masked_mean): gradients are computed with the values,
     so no logits are recomputed in backward. Gradients flow to the student's hidden, weight and bias only.
     """
-    _check_fused(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
-    _check_divergence(kind, beta, temperature, chunk_size)
+    heads, settings = _fused_args(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                                  teacher_bias, kind, beta, temperature, chunk_size)
     if weights.shape != student_hidden.shape[:-1]:
         raise ValueError(f"weights must be [...] = {tuple(student_hidden.shape[:-1])}, got {tuple(weights.shape)}")
-    s_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])  # [N, H_S]
-    loss, values = _FusedDivergenceLoss.apply(
-        s_hidden,
-        student_weight,
-        student_bias,
-        teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),  # [N, H_T]
-        teacher_weight,
-        teacher_bias,
-        weights.detach().reshape(-1).float(),  # [N]
-        kind,
-        float(beta),
-        float(temperature),
-        _rows_per_chunk(s_hidden.shape[0], student_weight.shape[0], chunk_size),
-    )
+    flat_weights = weights.detach().reshape(-1).float()  # [N]
+    loss, values = _FusedDivergenceLoss.apply(*heads, flat_weights, *settings)
     return loss, values.view(weights.shape)
 
 
