@@ -15,6 +15,7 @@ from mmopd.adapter import ModelLoadError, get_adapter
 from mmopd.compat import IncompatibleModelsError
 from mmopd.data import DataError, RecordError, load_jsonl
 from modalities.vlm.families import FAMILIES
+from modalities.vlm import images
 from modalities.vlm.images import load_rgb
 from tests.vlm_fixtures import vlm_config, vlm_data, vlm_pair  # noqa: F401
 
@@ -52,6 +53,14 @@ def test_a_bad_image_is_an_error_naming_the_file_and_the_line(bad, expected, tmp
     message = str(err.value)
     assert f"{path}:2:" in message and str(tmp_path / f"{bad}.png") in message and expected in message
     assert "data.skip_bad=true" in message
+
+
+def test_a_huge_image_is_refused_before_it_is_decoded(tmp_path, monkeypatch):
+    monkeypatch.setattr(images, "MAX_PIXELS", 63)
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "big.png")
+    path = _write(tmp_path / "data.jsonl", [{"images": ["big.png"], "prompt": "q"}])
+    with pytest.raises(DataError, match=r"data.jsonl:1:.*too large \(8x8 = 64 pixels, limit 63\)"):
+        load_jsonl(path, get_adapter("vlm").check_record)
 
 
 def test_skip_bad_drops_and_counts_each_bad_record(tmp_path):

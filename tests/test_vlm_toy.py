@@ -14,6 +14,7 @@ import torch
 from mmopd.adapter import get_adapter
 from mmopd.config import load_config
 from modalities.vlm import shapes, toy
+from modalities.vlm.families import build_family_model
 from modalities.vlm.shapes import Item
 
 SCENE = [Item("square", "red", 0, 1, 0, 0), Item("circle", "blue", 0, 0, 0, 0), Item("triangle", "green", 1, 1, 0, 0)]
@@ -71,3 +72,19 @@ def test_toy_writes_data_models_and_a_config_with_absolute_paths(tmp_path, monke
         assert json.loads((Path(getattr(config, role).path) / "config.json").read_text())["model_type"] == "llava"
     records = [json.loads(line) for line in Path(config.data.eval).read_text().splitlines()]
     assert len(records) == 5 and all((Path(config.data.eval).parent / r["images"][0]).is_file() for r in records)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "smolvlm", "gemma3"])
+def test_the_toy_student_shares_the_teachers_frozen_vision_side_and_has_its_own_language_model(family):
+    teacher = build_family_model(family, shapes.WORDS, toy.TEACHER, image_tokens=toy.IMAGE_TOKENS, seed=0).model
+    student = build_family_model(family, shapes.WORDS, toy.STUDENT, image_tokens=toy.IMAGE_TOKENS, seed=1).model
+    toy.share_vision(teacher, student)
+    t_params = dict(teacher.named_parameters())
+    language = {id(p) for part in (student.get_decoder(), student.get_output_embeddings()) for p in part.parameters()}
+    for name, param in student.named_parameters():
+        if id(param) in language:
+            assert param.requires_grad, name
+        else:
+            assert torch.equal(param, t_params[name]) and not param.requires_grad, name
+    assert sum(p.numel() for p in student.get_decoder().parameters()) < sum(
+        p.numel() for p in teacher.get_decoder().parameters())

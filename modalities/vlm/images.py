@@ -8,6 +8,8 @@ from PIL import Image, UnidentifiedImageError
 
 from mmopd.data import RecordError
 
+MAX_PIXELS = 89_478_485  # Pillow's decompression-bomb threshold (MAX_IMAGE_PIXELS); above it we refuse
+
 
 def check_image(path: Path) -> None:
     """Raise RecordError naming `path` if it is missing, empty or not a readable image."""
@@ -23,6 +25,9 @@ def check_image(path: Path) -> None:
         raise RecordError(f"cannot read image {path}: {err}") from err
     if width == 0 or height == 0:
         raise RecordError(f"image has zero size ({width}x{height}): {path}")
+    if width * height > MAX_PIXELS:
+        raise RecordError(f"image is too large ({width}x{height} = {width * height:,} pixels, limit "
+                          f"{MAX_PIXELS:,}): {path}; downscale it, processors resize to far less anyway")
 
 
 def load_rgb(path: str | Path) -> Image.Image:
