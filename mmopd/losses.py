@@ -122,6 +122,7 @@ __all__ = [
     "fused_token_logprobs",
     "topk_token_divergence",
     "fused_topk_logits",
+    "fused_gathered_logits",
 ]
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "tvd")
@@ -538,6 +539,53 @@ class _FusedTokenLogprobs(torch.autograd.Function):
             grad_z = _token_logprob_grad(z, tokens[chunk], grad_out[chunk], temperature)  # [n, V] float32
             _head_backward(grad_z, hidden, weight, grads, chunk)
         return (*grads, None, None, None)
+
+
+class _FusedGatheredLogits(torch.autograd.Function):
+    """(h·Wᵀ + b) at K given ids per row, one chunk of rows at a time; logits are linear, so backward needs no
+    recompute: it scatters the [n, K] gradient into an [n, V] chunk and pushes it through the head."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, rows):
+        # hidden: [N, H], weight: [V, H], bias: [V] or None, ids: [N, K] long
+        out = torch.empty(ids.shape, dtype=torch.float32, device=hidden.device)  # [N, K]
+        for start in range(0, hidden.shape[0], rows):
+            chunk = slice(start, start + rows)
+            out[chunk] = _head_logits(hidden[chunk], weight, bias).float().gather(1, ids[chunk])
+        ctx.save_for_backward(hidden, weight, bias, ids)
+        ctx.rows = rows
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        # grad_out: [N, K] float32
+        hidden, weight, bias, ids = ctx.saved_tensors
+        grads = _head_grads(ctx, hidden, weight, bias)
+        for start in range(0, hidden.shape[0], ctx.rows):
+            chunk = slice(start, start + ctx.rows)
+            grad_z = torch.zeros(ids[chunk].shape[0], weight.shape[0], dtype=torch.float32, device=hidden.device)
+            _head_backward(grad_z.scatter_add_(1, ids[chunk], grad_out[chunk]), hidden, weight, grads, chunk)
+        return (*grads, None, None)
+
+
+def fused_gathered_logits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ids: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """(h·Wᵀ + b).gather(-1, ids) without materialising [N, V]: [..., H], [V, H], [..., K] -> [..., K] float32."""
+    _check_chunk_size(chunk_size)
+    _check_head("hidden", hidden, weight, bias)
+    if ids.shape[:-1] != hidden.shape[:-1]:
+        raise ValueError(f"ids must be [..., K] over hidden's positions, got hidden {tuple(hidden.shape)} and ids "
+                         f"{tuple(ids.shape)}")
+    flat = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
+    out = _FusedGatheredLogits.apply(flat, weight, bias, ids.reshape(flat.shape[0], -1).long(),
+                                     _rows_per_chunk(flat.shape[0], weight.shape[0], chunk_size))  # [N, K]
+    return out.view(ids.shape)
 
 
 def _check_head(role: str, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:

@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 from mmopd.adapter import ModalityAdapter, PromptBatch, ResponseHidden, TokenSpace
 from mmopd.config import Config, ConfigError, ObjectiveConfig
-from mmopd.losses import (fused_divergence_loss, fused_token_logprobs, masked_mean, sampled_reverse_kl_loss,
-                          sampled_token_logprobs, token_divergence, topk_token_divergence)
+from mmopd.losses import (fused_divergence_loss, fused_gathered_logits, fused_token_logprobs, masked_mean,
+                          sampled_reverse_kl_loss, sampled_token_logprobs, token_divergence, topk_token_divergence)
 from mmopd.rollout import Rollout, Sampling, rollout
 from mmopd.teacher import TopK, teacher_hidden, teacher_logits, teacher_token_logprobs, teacher_topk
 
@@ -141,6 +141,9 @@ def divergence_loss(student: Tensor | ResponseHidden, teacher: Tensor | Response
         weights = mask / mask.sum().clamp(min=1)  # [B, T]
         return fused_divergence_loss(student.hidden, student.weight, teacher.hidden, teacher.weight, weights,
                                      student_bias=student.bias, teacher_bias=teacher.bias, **args)[0]
+    if isinstance(teacher, TopK) and isinstance(student, ResponseHidden):  # the student's logits at the K ids only
+        student_topk = fused_gathered_logits(student.hidden, student.weight, teacher.ids, bias=student.bias)
+        return masked_mean(token_divergence(student_topk, teacher.logits, **args), mask)
     if isinstance(teacher, TopK):
         return masked_mean(topk_token_divergence(student, teacher.logits, teacher.ids, **args), mask)
     return masked_mean(token_divergence(student, teacher, **args), mask)
@@ -189,8 +192,7 @@ def objective_step(m: Models, records: list[dict], config: Config, generator: to
             t_scores = teacher_logits(m.adapter, m.teacher, t_prompts, responses.tokens, m.space)
 
     with timer.phase("student"):
-        # top-k compares the student's logits at the teacher's ids, so the student side needs its logits
-        s_scores = response_scores(m, m.student, s_prompts, responses.tokens, fused and not isinstance(t_scores, TopK))
+        s_scores = response_scores(m, m.student, s_prompts, responses.tokens, fused)
         if t_scores is None:
             loss = masked_mean(-token_logprobs(s_scores, actions), responses.mask)
             metrics["nll"] = loss.item()

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mmopd.config import ConfigError
-from mmopd.losses import DIVERGENCES, fused_topk_logits, token_divergence, topk_token_divergence
+from mmopd.losses import (DIVERGENCES, fused_gathered_logits, fused_topk_logits, token_divergence,
+                          topk_token_divergence)
 
 N, V = 6, 13
 
@@ -94,3 +95,19 @@ def test_topk_shape_errors_and_config_checks(text_config):
         text_config(**{"teacher.top_k": -1})
     with pytest.raises(ConfigError, match="objective.fused is 'yes'"):
         text_config(**{"objective.fused": "yes"})
+
+
+def test_fused_gathered_logits_equal_gathering_the_logits_with_grads():
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(2, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(V, generator=g, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, V, (2, 5, 3), generator=g)
+    weights = torch.randn(2, 5, 3, generator=g, dtype=torch.float64)
+    expected = torch.nn.functional.linear(hidden, weight, bias).gather(-1, ids)
+    grads_expected = torch.autograd.grad((expected * weights).sum(), (hidden, weight, bias))
+    got = fused_gathered_logits(hidden, weight, ids, bias=bias, chunk_size=3)
+    grads_got = torch.autograd.grad((got.double() * weights).sum(), (hidden, weight, bias))
+    torch.testing.assert_close(got.double(), expected.detach(), rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads_got, grads_expected):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
