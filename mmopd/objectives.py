@@ -109,7 +109,8 @@ def use_fused(m: Models, config: Config) -> bool:
     mode = config.objective.fused
     if mode == "never":
         return False
-    roles = {"student": m.student, "teacher": m.teacher}
+    scores_teacher = config.objective.kind not in ("seq_kd", "sft")  # seq_kd's teacher only samples
+    roles = {"student": m.student, "teacher": m.teacher if scores_teacher else None}
     problems = [f"{role}: {why}" for role, model in roles.items()
                 if model is not None and (why := m.adapter.fused_unsupported(model)) is not None]
     if problems and mode == "always":

@@ -33,6 +33,8 @@ def _assert_fused_step_equals_logits_step(text_config, lora=False, **overrides):
             session.policy = session.adapter.prepare_trainable(session.policy, config.student)
         rows[fused], grads[fused] = _step_loss_and_grads(session, config, session.train_data.records[:4])
     assert rows["always"]["fused"] == 1.0 and rows["never"]["fused"] == 0.0
+    if overrides.get("objective.kind", "on_policy") in ("on_policy", "seq_kd"):
+        assert rows["always"]["rollout_tokens_per_s"] > 0 and rows["never"]["rollout_tokens_per_s"] > 0
     assert rows["always"]["loss"] == pytest.approx(rows["never"]["loss"], rel=1e-5, abs=1e-6)
     assert grads["always"].keys() == grads["never"].keys() and grads["always"]
     for name in grads["never"]:
