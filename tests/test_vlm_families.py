@@ -62,3 +62,25 @@ def test_eval_and_the_answer_grid_run_with_an_eval_split(vlm_config, vlm_data, t
     assert all(0.0 <= summary[k] <= 1.0 for k in ("teacher", "student_before", "student_after"))
     grid = tmp_path / "run" / "plots" / "answers.png"
     assert grid.is_file() and grid.stat().st_size > 0
+
+
+def test_teacher_and_student_with_different_chat_templates_each_encode_their_own_prompt(vlm_config, vlm_pair,
+                                                                                         tmp_path):
+    from transformers import AutoProcessor
+
+    pair = vlm_pair("llava")
+    student_dir = tmp_path / "student"
+    model = AutoModelForImageTextToText.from_pretrained(pair["student"])
+    processor = AutoProcessor.from_pretrained(pair["student"])
+    processor.chat_template = "what shape is the one ? " + processor.chat_template  # a fixed preamble
+    model.save_pretrained(student_dir)
+    processor.save_pretrained(student_dir)
+    adapter = get_adapter("vlm")
+    question = [{"role": "user", "content": [{"type": "text", "text": "how many shapes are there?"}]}]
+    texts = {role: adapter.load_processor(str(path), role).apply_chat_template(question, tokenize=False,
+                                                                                add_generation_prompt=True)
+             for role, path in (("teacher", pair["teacher"]), ("student", student_dir))}
+    assert texts["student"] == "what shape is the one ? " + texts["teacher"]
+    summary = mmopd.train(vlm_config("llava", **{"student.path": str(student_dir)}))
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert summary["steps"] == 2 and all(math.isfinite(r["loss"]) for r in rows)
