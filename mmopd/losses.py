@@ -76,10 +76,12 @@ chunk as above, and discards the chunk. Backward recomputes each chunk and
 applies the closed-form gradients through the head::
 
     ∂/∂h_S = (∂/∂z_S)·W_S          [n, V]·[V, H]
-    ∂/∂W_S = Σ_chunks (∂/∂z_S)ᵀ·h_S  [V, n]·[n, H], accumulated in W_S's dtype
+    ∂/∂W_S = Σ_chunks (∂/∂z_S)ᵀ·h_S  [V, n]·[n, H], accumulated in the matmul dtype
     ∂/∂b_S = Σ_rows ∂/∂z_S
 
-so peak memory beyond the inputs is O(chunk × V), never O(N × V). The teacher's
+so peak memory beyond the inputs is O(chunk × V), never O(N × V). Under autocast
+the head matmuls run in the autocast dtype, as the model's own lm_head would, and
+∂/∂W_S accumulates in that dtype before autograd casts it to W_S's. The teacher's
 side takes no gradient. ``fused_divergence_loss(..., weights)`` returns Σ w·d
 instead, and because the weights are known before backward it computes the
 gradients in the same pass as the values: four matmuls (the floor), no
@@ -414,6 +416,18 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 # --- fused: from last hidden states and the LM head -------------------------------------------------------
 
 
+def _matmul_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype of a head's matmuls: autocast's where it is on (as the model's lm_head would run), else the head's."""
+    device = weight.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+
+
+def _cast_head(weight: torch.Tensor, bias: torch.Tensor | None,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The head in its matmul dtype, cast once per call (no copy when it already is)."""
+    return weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
 def _head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """One chunk of logits: [n, H] @ [V, H]ᵀ (+ [V]) -> [n, V] in the head's dtype."""
     return torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias)
@@ -434,11 +448,12 @@ def _head_backward(grad_logits: torch.Tensor, hidden: torch.Tensor, weight: torc
 
 def _head_grads(ctx, hidden: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor | None) -> list[torch.Tensor | None]:
-    """Empty gradient buffers for the student's hidden, weight and bias, where autograd asks for them."""
+    """Empty gradient buffers for the student's hidden, weight and bias, where autograd asks for them. The weight's
+    accumulates in the matmul dtype, ctx.dtype (autograd casts it to the weight's dtype)."""
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
     return [
         torch.empty_like(hidden) if need_hidden else None,
-        torch.zeros_like(weight) if need_weight else None,
+        torch.zeros(weight.shape, dtype=ctx.dtype, device=weight.device) if need_weight else None,
         torch.zeros_like(bias) if need_bias and bias is not None else None,
     ]
 
@@ -450,11 +465,13 @@ class _FusedDivergence(torch.autograd.Function):
     def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, kind, beta, temperature, rows):
         # s_hidden, t_hidden: [N, H_S], [N, H_T]; s_weight, t_weight: [V, H_S], [V, H_T]; biases [V] or None
         num_rows = s_hidden.shape[0]
+        ctx.dtype, ctx.t_dtype = _matmul_dtype(s_weight), _matmul_dtype(t_weight)
+        student, teacher = _cast_head(s_weight, s_bias, ctx.dtype), _cast_head(t_weight, t_bias, ctx.t_dtype)
         out = torch.empty(num_rows, dtype=torch.float32, device=s_hidden.device)  # [N]
         for start in range(0, num_rows, rows):
             chunk = slice(start, start + rows)
-            z_s = _head_logits(s_hidden[chunk], s_weight, s_bias)  # [n, V]
-            z_t = _head_logits(t_hidden[chunk], t_weight, t_bias)  # [n, V]
+            z_s = _head_logits(s_hidden[chunk], *student)  # [n, V]
+            z_t = _head_logits(t_hidden[chunk], *teacher)  # [n, V]
             out[chunk] = _divergence(z_s, z_t, kind, beta, temperature)[0]
         ctx.save_for_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias)
         ctx.config = (kind, beta, temperature, rows)
@@ -466,13 +483,14 @@ class _FusedDivergence(torch.autograd.Function):
         # grad_out: [N] float32
         s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias = ctx.saved_tensors
         kind, beta, temperature, rows = ctx.config
+        student, teacher = _cast_head(s_weight, s_bias, ctx.dtype), _cast_head(t_weight, t_bias, ctx.t_dtype)
         grads = _head_grads(ctx, s_hidden, s_weight, s_bias)
         for start in range(0, s_hidden.shape[0], rows):
             chunk = slice(start, start + rows)
-            z_s = _head_logits(s_hidden[chunk], s_weight, s_bias)  # [n, V]
-            z_t = _head_logits(t_hidden[chunk], t_weight, t_bias)  # [n, V]
+            z_s = _head_logits(s_hidden[chunk], *student)  # [n, V]
+            z_t = _head_logits(t_hidden[chunk], *teacher)  # [n, V]
             grad_z = _divergence(z_s, z_t, kind, beta, temperature, (True, False))[1]  # [n, V] float32
-            _head_backward(grad_z.mul_(grad_out[chunk, None]), s_hidden, s_weight, grads, chunk)
+            _head_backward(grad_z.mul_(grad_out[chunk, None]), s_hidden, student[0], grads, chunk)
         return (*grads, None, None, None, None, None, None, None)
 
 
@@ -489,15 +507,18 @@ class _FusedDivergenceLoss(torch.autograd.Function):
         # s_hidden, t_hidden: [N, H_S], [N, H_T]; s_weight, t_weight: [V, H]; weights: [N] float32 (no grad)
         num_rows = s_hidden.shape[0]
         values = torch.empty(num_rows, dtype=torch.float32, device=s_hidden.device)  # [N]
+        ctx.dtype = _matmul_dtype(s_weight)
+        student = _cast_head(s_weight, s_bias, ctx.dtype)
+        teacher = _cast_head(t_weight, t_bias, _matmul_dtype(t_weight))
         grads = _head_grads(ctx, s_hidden, s_weight, s_bias)
         need = any(g is not None for g in grads)
         for start in range(0, num_rows, rows):
             chunk = slice(start, start + rows)
-            z_s = _head_logits(s_hidden[chunk], s_weight, s_bias)  # [n, V]
-            z_t = _head_logits(t_hidden[chunk], t_weight, t_bias)  # [n, V]
+            z_s = _head_logits(s_hidden[chunk], *student)  # [n, V]
+            z_t = _head_logits(t_hidden[chunk], *teacher)  # [n, V]
             values[chunk], grad_z, _ = _divergence(z_s, z_t, kind, beta, temperature, (need, False))
             if need:
-                _head_backward(grad_z.mul_(weights[chunk, None]), s_hidden, s_weight, grads, chunk)
+                _head_backward(grad_z.mul_(weights[chunk, None]), s_hidden, student[0], grads, chunk)
         ctx.grads = grads
         ctx.mark_non_differentiable(values)
         return (values * weights).sum(), values
@@ -518,10 +539,12 @@ class _FusedTokenLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, tokens, temperature, rows):
         # hidden: [N, H], weight: [V, H], bias: [V] or None, tokens: [N] long
         num_rows = hidden.shape[0]
+        ctx.dtype = _matmul_dtype(weight)
+        head = _cast_head(weight, bias, ctx.dtype)
         out = torch.empty(num_rows, dtype=torch.float32, device=hidden.device)  # [N]
         for start in range(0, num_rows, rows):
             chunk = slice(start, start + rows)
-            out[chunk] = _token_logprob(_head_logits(hidden[chunk], weight, bias), tokens[chunk], temperature)
+            out[chunk] = _token_logprob(_head_logits(hidden[chunk], *head), tokens[chunk], temperature)
         ctx.save_for_backward(hidden, weight, bias, tokens)
         ctx.config = (temperature, rows)
         return out
@@ -532,12 +555,13 @@ class _FusedTokenLogprobs(torch.autograd.Function):
         # grad_out: [N] float32
         hidden, weight, bias, tokens = ctx.saved_tensors
         temperature, rows = ctx.config
+        head = _cast_head(weight, bias, ctx.dtype)
         grads = _head_grads(ctx, hidden, weight, bias)
         for start in range(0, hidden.shape[0], rows):
             chunk = slice(start, start + rows)
-            z = _head_logits(hidden[chunk], weight, bias)  # [n, V]
+            z = _head_logits(hidden[chunk], *head)  # [n, V]
             grad_z = _token_logprob_grad(z, tokens[chunk], grad_out[chunk], temperature)  # [n, V] float32
-            _head_backward(grad_z, hidden, weight, grads, chunk)
+            _head_backward(grad_z, hidden, head[0], grads, chunk)
         return (*grads, None, None, None)
 
 
@@ -548,10 +572,12 @@ class _FusedGatheredLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, rows):
         # hidden: [N, H], weight: [V, H], bias: [V] or None, ids: [N, K] long
+        ctx.dtype = _matmul_dtype(weight)
+        head = _cast_head(weight, bias, ctx.dtype)
         out = torch.empty(ids.shape, dtype=torch.float32, device=hidden.device)  # [N, K]
         for start in range(0, hidden.shape[0], rows):
             chunk = slice(start, start + rows)
-            out[chunk] = _head_logits(hidden[chunk], weight, bias).float().gather(1, ids[chunk])
+            out[chunk] = _head_logits(hidden[chunk], *head).float().gather(1, ids[chunk])
         ctx.save_for_backward(hidden, weight, bias, ids)
         ctx.rows = rows
         return out
@@ -561,11 +587,12 @@ class _FusedGatheredLogits(torch.autograd.Function):
     def backward(ctx, grad_out):
         # grad_out: [N, K] float32
         hidden, weight, bias, ids = ctx.saved_tensors
+        head_weight = weight.to(ctx.dtype)
         grads = _head_grads(ctx, hidden, weight, bias)
         for start in range(0, hidden.shape[0], ctx.rows):
             chunk = slice(start, start + ctx.rows)
             grad_z = torch.zeros(ids[chunk].shape[0], weight.shape[0], dtype=torch.float32, device=hidden.device)
-            _head_backward(grad_z.scatter_add_(1, ids[chunk], grad_out[chunk]), hidden, weight, grads, chunk)
+            _head_backward(grad_z.scatter_add_(1, ids[chunk], grad_out[chunk]), hidden, head_weight, grads, chunk)
         return (*grads, None, None)
 
 

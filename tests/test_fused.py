@@ -207,3 +207,27 @@ def test_fused_accepts_leading_batch_dimensions():
     assert values.shape == (2, 3)
     torch.testing.assert_close(values.flatten(),
                                fused_token_divergence(s_hidden[:6], s_weight, t_hidden[:6], t_weight).detach())
+
+
+@pytest.mark.parametrize("kind", ["reverse_kl", "jsd"])
+def test_under_autocast_the_head_matmuls_run_in_the_autocast_dtype_like_the_models_lm_head(kind):
+    """fp32 master weights under bf16 autocast: the fused loss is as close to the fp32 result as the autocast
+    logits path is, and the gradients come back in fp32."""
+    s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias = (
+        None if x is None else x.detach().float().requires_grad_(x.requires_grad) for x in _heads())
+    tensors = (s_hidden, s_weight, s_bias)
+
+    def logits_path():
+        return token_divergence(_logits(s_hidden, s_weight, s_bias), _logits(t_hidden, t_weight, t_bias), kind).mean()
+
+    exact = torch.autograd.grad(logits_path(), tensors)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _logits(s_hidden, s_weight, s_bias).dtype == torch.bfloat16  # what autocast does to lm_head
+        reference = torch.autograd.grad(logits_path(), tensors)
+        loss, _ = fused_divergence_loss(s_hidden, s_weight, t_hidden, t_weight, torch.full((N,), 1.0 / N), kind,
+                                        student_bias=s_bias, teacher_bias=t_bias, chunk_size=3)
+    got = torch.autograd.grad(loss, tensors)
+    for g, r, e in zip(got, reference, exact):
+        assert g.dtype == torch.float32
+        assert (g - e).norm() <= 2 * (r - e).norm() + 1e-3 * e.norm(), ((g - e).norm(), (r - e).norm())
+        assert (g - e).norm() > 0  # the fused matmuls did run in bf16
