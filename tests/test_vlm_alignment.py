@@ -24,10 +24,10 @@ def _load(vlm_pair, family: str, role: str):
     return adapter, adapter.load_processor(path, role), adapter.load_model(path, role, torch.float32)
 
 
-def _records(adapter, vlm_data) -> list[dict]:
+def _records(adapter, vlm_data, images_per_row: tuple[int, ...] = (1, 1)) -> list[dict]:
     base = vlm_data["train"].parent
-    return [adapter.check_record({"images": [f"img/train-0000{i}.png"], "prompt": q}, base)
-            for i, q in enumerate(QUESTIONS)]
+    return [adapter.check_record({"images": [f"img/train-0000{i + j}.png" for j in range(n)], "prompt": q}, base)
+            for i, (q, n) in enumerate(zip(QUESTIONS, images_per_row))]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -45,10 +45,12 @@ def test_behaviour_logprobs_equal_a_full_forward_over_prompt_and_response(family
     assert torch.allclose(recomputed * out.mask, out.logprobs * out.mask, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_teacher_logits_at_t_are_the_next_token_logits_of_an_unpadded_single_row_forward(family, vlm_pair, vlm_data):
+@pytest.mark.parametrize("family, images_per_row", [(f, (1, 1)) for f in FAMILIES] +
+                         [(f, (2, 1)) for f in ("qwen2_5_vl", "qwen3_vl", "smolvlm", "llava", "gemma3")])
+def test_teacher_logits_at_t_are_the_next_token_logits_of_an_unpadded_single_row_forward(family, images_per_row,
+                                                                                         vlm_pair, vlm_data):
     adapter, processor, teacher = _load(vlm_pair, family, "teacher")
-    records = _records(adapter, vlm_data)
+    records = _records(adapter, vlm_data, images_per_row)
     space = adapter.token_space(processor, teacher)
     words = processor.tokenizer.convert_tokens_to_ids(["red", "square", "left", "?"])
     response = torch.tensor([words, words[::-1]])  # [B, T]
