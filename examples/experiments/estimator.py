@@ -1,0 +1,102 @@
+"""Full reverse KL vs the sampled-token estimator vs a top-k teacher, on the text toy.
+
+    python -m examples.experiments estimator [--out DIR] [--size tiny|full] [--publish]
+
+The same on_policy runs as compute_matched (same student start, batch 64, lr 2e-3, 200 steps; those runs
+are reused when --out is shared), plus the teacher kept to its top K logits (`teacher.top_k`) and the
+sampled-token estimator at a quarter of the learning rate. Quality: eval accuracy against steps. Teacher
+cost: measured seconds per step in the teacher phase (`time/teacher`) and the numbers the teacher hands
+over per response token (V logits, K logits + K ids, or one log-prob).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import transformers  # noqa: E402
+
+from examples.experiments.compute_matched import method_runs  # noqa: E402
+from examples.experiments.text_task import mean_std, publish  # noqa: E402
+
+NAME = "estimator"
+TOP_K = 4
+EXTRA: dict[str, tuple[dict[str, Any], int]] = {
+    f"on_policy_top{TOP_K}": ({"objective.kind": "on_policy", "objective.estimator": "full",
+                               "teacher.top_k": TOP_K}, 200),
+    "on_policy_sampled_lr5e-4": ({"objective.kind": "on_policy", "objective.estimator": "sampled",
+                                  "train.lr": 5e-4}, 200),
+}
+LABELS = {"on_policy_full": "full reverse KL (all V logits)", "on_policy_sampled": "sampled-token estimator",
+          f"on_policy_top{TOP_K}": f"top-{TOP_K} teacher (renormalised)",
+          "on_policy_sampled_lr5e-4": "sampled-token estimator, lr 5e-4"}
+
+
+def run(out: Path, size: str, root: Path | None) -> dict[str, Any]:
+    """Run (or reuse) the four variants for every seed; write results_estimator.png, .json and .md."""
+    names = ["on_policy_full", "on_policy_sampled", *EXTRA]
+    task, curves = method_runs(out, size, names, EXTRA)
+    vocab = transformers.AutoConfig.from_pretrained(task["paths"]["teacher"]).vocab_size
+    per_token = {"on_policy_full": vocab, "on_policy_sampled": 1, f"on_policy_top{TOP_K}": 2 * TOP_K,
+                 "on_policy_sampled_lr5e-4": 1}
+    rows = {name: {"accuracy_final": [c["accuracy"][-1] for c in cs],
+                   "accuracy_best": [max(c["accuracy"]) for c in cs],
+                   "teacher_seconds_per_step": [c["teacher_seconds_per_step"] for c in cs],
+                   "seconds_per_step": [c["seconds_per_step"] for c in cs],
+                   "teacher_numbers_per_token": per_token[name]} for name, cs in curves.items()}
+    result = {"teacher": curves["on_policy_full"][0]["teacher"], "vocab": vocab, "top_k": TOP_K,
+              "seeds": len(curves["on_policy_full"]), "methods": rows, "curves": curves}
+    out.mkdir(parents=True, exist_ok=True)
+    plot(result, out / f"results_{NAME}.png")
+    text = table(result)
+    (out / f"{NAME}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{NAME}.md").write_text(text)
+    print(text)
+    publish(out, NAME, root)
+    return result
+
+
+def table(result: dict[str, Any]) -> str:
+    """Markdown: final and best accuracy, teacher seconds per step, teacher numbers per token."""
+    lines = ["| teacher signal | final accuracy | best eval accuracy | teacher s/step | step s | "
+             "teacher numbers per token |", "|---|---|---|---|---|---|"]
+    for name, r in result["methods"].items():
+        lines.append(f"| {LABELS[name]} | {mean_std(r['accuracy_final'])} | {mean_std(r['accuracy_best'])} | "
+                     f"{np.median(r['teacher_seconds_per_step']):.4f} | {np.mean(r['seconds_per_step']):.3f} | "
+                     f"{r['teacher_numbers_per_token']} |")
+    lines.append(f"\nTeacher accuracy {result['teacher']:.3f}; mean ± std over {result['seeds']} seeds; "
+                 "s/step are medians/means of measured times on one shared CPU thread.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Accuracy against steps (mean ± std band) and the teacher's seconds per step."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2, 1]})
+    for name, cs in result["curves"].items():
+        steps = np.linspace(0, min(c["steps"][-1] for c in cs), 40)
+        ys = np.array([np.interp(steps, c["steps"], c["accuracy"]) for c in cs])
+        line, = axes[0].plot(steps, ys.mean(0), label=LABELS[name])
+        axes[0].fill_between(steps, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), color=line.get_color(), alpha=0.2)
+    axes[0].axhline(result["teacher"], color="black", linestyle="--", label="teacher")
+    axes[0].set_xlabel("training step (64 prompts each)")
+    axes[0].set_ylabel("eval accuracy (exact match, greedy)")
+    axes[0].set_ylim(-0.02, 1.05)
+    axes[0].legend(fontsize=8)
+    axes[0].grid(alpha=0.3)
+    names = list(result["methods"])
+    values = [np.median(result["methods"][n]["teacher_seconds_per_step"]) * 1000 for n in names]
+    axes[1].bar(range(len(names)), values, color=[f"C{i}" for i in range(len(names))])
+    axes[1].set_xticks(range(len(names)), [LABELS[n].replace(" (", "\n(").replace(", lr", "\nlr") for n in names],
+                       fontsize=7)
+    axes[1].set_ylabel("teacher time per step (ms, median, 1 CPU thread)")
+    axes[1].grid(alpha=0.3, axis="y")
+    fig.suptitle(f"Teacher signal for on-policy distillation, text toy; mean ± std over {result['seeds']} seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
