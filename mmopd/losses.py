@@ -458,6 +458,18 @@ def _head_grads(ctx, hidden: torch.Tensor, weight: torch.Tensor,
     ]
 
 
+def _divergence_chunk(s_hidden: torch.Tensor, student: tuple, t_hidden: torch.Tensor, teacher: tuple, rows: slice,
+                      settings: tuple, scale: torch.Tensor | None = None, grads: list | None = None) -> torch.Tensor:
+    """One chunk of a fused divergence: its values [n]; where grads asks, push scale[n]·∂/∂z_S through the
+    student's head. The chunk's logits live only inside this call."""
+    need = grads is not None and any(g is not None for g in grads)
+    values, grad_z, _ = _divergence(_head_logits(s_hidden[rows], *student), _head_logits(t_hidden[rows], *teacher),
+                                    *settings, (need, False))  # [n], [n, V] float32
+    if need:
+        _head_backward(grad_z.mul_(scale[rows, None]), s_hidden, student[0], grads, rows)
+    return values
+
+
 class _FusedDivergence(torch.autograd.Function):
     """Chunked divergence from hidden states and heads; saves only the inputs, recomputes logits in backward."""
 
@@ -470,9 +482,7 @@ class _FusedDivergence(torch.autograd.Function):
         out = torch.empty(num_rows, dtype=torch.float32, device=s_hidden.device)  # [N]
         for start in range(0, num_rows, rows):
             chunk = slice(start, start + rows)
-            z_s = _head_logits(s_hidden[chunk], *student)  # [n, V]
-            z_t = _head_logits(t_hidden[chunk], *teacher)  # [n, V]
-            out[chunk] = _divergence(z_s, z_t, kind, beta, temperature)[0]
+            out[chunk] = _divergence_chunk(s_hidden, student, t_hidden, teacher, chunk, (kind, beta, temperature))
         ctx.save_for_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias)
         ctx.config = (kind, beta, temperature, rows)
         return out
@@ -486,11 +496,8 @@ class _FusedDivergence(torch.autograd.Function):
         student, teacher = _cast_head(s_weight, s_bias, ctx.dtype), _cast_head(t_weight, t_bias, ctx.t_dtype)
         grads = _head_grads(ctx, s_hidden, s_weight, s_bias)
         for start in range(0, s_hidden.shape[0], rows):
-            chunk = slice(start, start + rows)
-            z_s = _head_logits(s_hidden[chunk], *student)  # [n, V]
-            z_t = _head_logits(t_hidden[chunk], *teacher)  # [n, V]
-            grad_z = _divergence(z_s, z_t, kind, beta, temperature, (True, False))[1]  # [n, V] float32
-            _head_backward(grad_z.mul_(grad_out[chunk, None]), s_hidden, student[0], grads, chunk)
+            _divergence_chunk(s_hidden, student, t_hidden, teacher, slice(start, start + rows),
+                              (kind, beta, temperature), grad_out, grads)
         return (*grads, None, None, None, None, None, None, None)
 
 
@@ -511,14 +518,10 @@ class _FusedDivergenceLoss(torch.autograd.Function):
         student = _cast_head(s_weight, s_bias, ctx.dtype)
         teacher = _cast_head(t_weight, t_bias, _matmul_dtype(t_weight))
         grads = _head_grads(ctx, s_hidden, s_weight, s_bias)
-        need = any(g is not None for g in grads)
         for start in range(0, num_rows, rows):
             chunk = slice(start, start + rows)
-            z_s = _head_logits(s_hidden[chunk], *student)  # [n, V]
-            z_t = _head_logits(t_hidden[chunk], *teacher)  # [n, V]
-            values[chunk], grad_z, _ = _divergence(z_s, z_t, kind, beta, temperature, (need, False))
-            if need:
-                _head_backward(grad_z.mul_(weights[chunk, None]), s_hidden, student[0], grads, chunk)
+            values[chunk] = _divergence_chunk(s_hidden, student, t_hidden, teacher, chunk, (kind, beta, temperature),
+                                              weights, grads)
         ctx.grads = grads
         ctx.mark_non_differentiable(values)
         return (values * weights).sum(), values
@@ -559,9 +562,10 @@ class _FusedTokenLogprobs(torch.autograd.Function):
         grads = _head_grads(ctx, hidden, weight, bias)
         for start in range(0, hidden.shape[0], rows):
             chunk = slice(start, start + rows)
-            z = _head_logits(hidden[chunk], *head)  # [n, V]
-            grad_z = _token_logprob_grad(z, tokens[chunk], grad_out[chunk], temperature)  # [n, V] float32
+            grad_z = _token_logprob_grad(_head_logits(hidden[chunk], *head), tokens[chunk], grad_out[chunk],
+                                         temperature)  # [n, V] float32
             _head_backward(grad_z, hidden, head[0], grads, chunk)
+            del grad_z  # before the next chunk's logits
         return (*grads, None, None, None)
 
 
