@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from examples.experiments import compute_matched, estimator, mode_seeking
+from examples.experiments import compute_matched, estimator, forgetting, mode_seeking
 
 
 @pytest.fixture(scope="module")
@@ -35,3 +35,10 @@ def test_mode_seeking_reports_probabilities_that_sum_to_one(out):
     for name, values in result["models"].items():
         assert all(abs(sum(v) - 1) < 1e-4 for v in values), name
     assert set(result["models"]) == {"teacher", "student start", *mode_seeking.METHODS}
+
+
+def test_forgetting_measures_both_tasks_through_the_stages(out):
+    result = forgetting.run(out, "tiny", None)
+    assert set(result["stage3"]) == set(forgetting.STAGE3)
+    assert len(result["stage2"]["a"]) == len(result["stage2"]["b"]) >= 2
+    assert (out / "forgetting" / "results_forgetting.png").stat().st_size > 0
