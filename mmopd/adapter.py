@@ -201,7 +201,6 @@ class ModalityAdapter:
                     **_keep_last(model, T + 1), **prompts.extras)
         return out.logits[:, -(T + 1):-1]
 
-
     # --- fused scoring: hidden states and the LM head instead of logits ------------------------
     def fused_unsupported(self, model: nn.Module) -> str | None:
         """Why response_hidden + the LM head cannot stand in for response_logits with `model` (None: they can)."""
@@ -239,13 +238,12 @@ def _check_head_reproduces(logits: Tensor, hidden: Tensor, weight: Tensor, bias:
     """The model's last logits [B, V] must equal head(last hidden state) [B, H], else hidden_states[-1] is not
     what its head reads (an unnormalised state, a scaled head) and the fused path would train the wrong thing."""
     with torch.no_grad():
-        ours = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias).float()
-        error = (ours - logits.float()).abs().max().item()
-        scale = 1.0 + logits.float().abs().max().item()
-    if not error <= 2e-2 * scale:
+        error = (torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias).float() - logits.float()).abs()
+        agree = bool(error.max() <= 2e-2 * (1.0 + logits.float().abs().max()))  # one device sync
+    if not agree:
         raise ValueError(f"{cls.__name__}: its last hidden state through its output embeddings differs from its "
-                         f"logits (max error {error:.3g}), so logits cannot be fused from hidden states; "
-                         "set objective.fused=never")
+                         f"logits (max error {error.max().item():.3g}), so logits cannot be fused from hidden "
+                         "states; set objective.fused=never")
 
 
 def _base_model(model: nn.Module) -> nn.Module:

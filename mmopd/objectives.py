@@ -17,6 +17,8 @@ of rows at a time. Both give the same losses and gradients; the fused form never
 
 from __future__ import annotations
 
+import functools
+import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,6 +33,9 @@ from mmopd.losses import (fused_divergence_loss, fused_gathered_logits, fused_to
                           sampled_reverse_kl_loss, sampled_token_logprobs, token_divergence, topk_token_divergence)
 from mmopd.rollout import Rollout, Sampling, rollout
 from mmopd.teacher import TopK, teacher_hidden, teacher_logits, teacher_token_logprobs, teacher_topk
+
+
+log = logging.getLogger("mmopd")
 
 
 def needs_teacher(config: Config) -> bool:
@@ -116,7 +121,14 @@ def use_fused(m: Models, config: Config) -> bool:
     if problems and mode == "always":
         raise ConfigError(f"objective.fused=always, but {'; '.join(problems)}. Set objective.fused=auto (falls "
                           "back to logits where fusing is unsupported) or never")
+    if problems:
+        _log_once(f"objective.fused=auto scores from logits, not hidden states: {'; '.join(problems)}")
     return not problems
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(message: str) -> None:
+    log.info(message)
 
 
 def response_scores(m: Models, model: nn.Module, prompts: PromptBatch, tokens: Tensor,

@@ -7,7 +7,7 @@ import torch
 
 from mmopd.adapter import ModalityAdapter
 from mmopd.config import ConfigError
-from mmopd.objectives import Timer, objective_step, use_fused
+from mmopd.objectives import Timer, _log_once, objective_step, use_fused
 from mmopd.teacher import teacher_hidden, teacher_logits, teacher_token_logprobs, teacher_topk
 from mmopd.trainer import Session
 
@@ -79,7 +79,7 @@ def test_fused_teacher_scores_equal_the_logits_scores(text_config):
     assert torch.equal(top_fused.ids, top_logits.ids)
 
 
-def test_auto_falls_back_to_logits_for_an_adapter_with_its_own_logits_and_always_refuses(text_config):
+def test_auto_falls_back_to_logits_for_an_adapter_with_its_own_logits_and_always_refuses(text_config, caplog):
     session = Session(text_config())
 
     class OwnLogits(type(session.adapter)):
@@ -89,7 +89,10 @@ def test_auto_falls_back_to_logits_for_an_adapter_with_its_own_logits_and_always
     models = session.models()
     models.adapter = OwnLogits()
     assert models.adapter.fused_unsupported(session.policy) == "the text adapter computes its own response logits"
-    assert use_fused(models, text_config()) is False
+    _log_once.cache_clear()
+    with caplog.at_level("INFO", logger="mmopd"):
+        assert use_fused(models, text_config()) is False
+    assert "objective.fused=auto scores from logits, not hidden states: student: the text adapter" in caplog.text
     with pytest.raises(ConfigError, match="objective.fused=always, but student: the text adapter"):
         use_fused(models, text_config(**{"objective.fused": "always"}))
     assert use_fused(session.models(), text_config()) is True
