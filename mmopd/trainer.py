@@ -216,9 +216,11 @@ def train(config: Config) -> dict[str, Any]:
                                                                "eval student", t.progress)["metrics"][metric]
         metrics_log.write({"step": 0, f"eval/{metric}": state["baseline"]["student_before"]})
 
+    # every rank listens (a scheduler's SIGTERM reaches them all); they agree on the stop step through the
+    # per-step metrics reduce, so all of them finish that step, wait for the checkpoint and exit together
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum)) \
-        if main and _in_main_thread() else None
+        if _in_main_thread() else None
 
     def checkpoint(step: int) -> None:
         if main:
@@ -232,7 +234,7 @@ def train(config: Config) -> dict[str, Any]:
     per_step = t.batch_size * t.grad_accum * world
     records = session.train_data.records
     bar = tqdm(total=t.steps, initial=state["step"], desc="distil", disable=not (main and t.progress))
-    bad_in_row = 0
+    bad_in_row, stopping = 0, False
     student.train()
     for step in range(state["step"], t.steps):
         timer = Timer()
@@ -249,9 +251,11 @@ def train(config: Config) -> dict[str, Any]:
                 rows.append(objective_step(models, micro_records, c, generator, timer,
                                            lambda loss: accelerator.backward(loss / t.grad_accum)))
         row = _mean_rows(rows)
-        if world > 1:  # every process logs the global mean, not its own share
-            values = accelerator.reduce(torch.tensor(list(row.values()), device=session.device), "mean")
-            row = dict(zip(row, values.tolist()))
+        stopping = stop["signal"] is not None
+        if world > 1:  # every process logs the global mean, not its own share; any rank's SIGTERM stops all
+            values = accelerator.reduce(torch.tensor([*row.values(), float(stopping)], device=session.device),
+                                        "mean").tolist()
+            row, stopping = dict(zip(row, values[:-1])), values[-1] > 0
         grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm > 0 else \
             torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None))
         finite = math.isfinite(row["loss"]) and math.isfinite(float(grad_norm))
@@ -286,10 +290,10 @@ def train(config: Config) -> dict[str, Any]:
         if evaluating and t.eval_every and done % t.eval_every == 0 and done < t.steps:
             score = session.evaluate(policy, session.student_processor)["metrics"][metric]
             metrics_log.write({"step": done, f"eval/{metric}": score})
-        if (t.save_every and done % t.save_every == 0) or done == t.steps or stop["signal"] is not None:
+        if (t.save_every and done % t.save_every == 0) or done == t.steps or stopping:
             state["step"] = done
             checkpoint(done)
-        if stop["signal"] is not None:
+        if stopping:
             log.warning("SIGTERM: saved checkpoint step-%d and stopped", done)
             break
     bar.close()
@@ -298,7 +302,7 @@ def train(config: Config) -> dict[str, Any]:
     accelerator.end_training()
 
     summary: dict[str, Any] = {"metric": metric, **state["baseline"], "steps": state["step"]}
-    if stop["signal"] is not None:
+    if stopping:
         summary["stopped_by"] = "SIGTERM"
         return summary
     if evaluating:

@@ -169,3 +169,23 @@ def test_two_process_gloo_run_matches_one_process_at_the_same_global_batch(text_
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3), a["step"]
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=0.2), a["step"]
+
+
+def test_sigterm_to_a_two_process_run_stops_every_rank_at_the_same_step_with_a_checkpoint(text_config, tmp_path):
+    out = tmp_path / "term2"
+    config = text_config(**{**SETTINGS, "train.steps": 200, "train.save_every": 0, "train.batch_size": 2},
+                         **{"train.out_dir": str(out)})
+    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    # a new session: SIGTERM goes to the launcher and both workers at once, as a cluster scheduler sends it
+    proc = subprocess.Popen([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mmopd.cli", "train",
+                             str(_write_config(config, tmp_path / "c.yaml"))], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    _wait_for(lambda: len(_train_rows(out)) >= 2, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    saved = complete_checkpoints(out)
+    assert len(saved) == 1, output[-3000:]
+    assert int(saved[0].name.split("-")[1]) == len(_train_rows(out)) < 200
+    assert "SIGTERM: saved checkpoint" in output
