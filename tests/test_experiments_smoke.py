@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from examples.experiments import compute_matched, estimator, forgetting, mode_seeking
+from examples.experiments import cfg_distill, compute_matched, estimator, forgetting, mode_seeking
 
 
 @pytest.fixture(scope="module")
@@ -42,3 +42,13 @@ def test_forgetting_measures_both_tasks_through_the_stages(out):
     assert set(result["stage3"]) == set(forgetting.STAGE3)
     assert len(result["stage2"]["a"]) == len(result["stage2"]["b"]) >= 2
     assert (out / "forgetting" / "results_forgetting.png").stat().st_size > 0
+
+
+def test_cfg_distill_reports_teacher_and_student_per_scale(out):
+    from modalities.image_tokens import toy
+
+    steps = toy.TEACHER_STEPS
+    result = cfg_distill.run(out, "tiny", None)
+    assert set(result["scales"]) == {f"{s:g}" for s in cfg_distill.SIZES["tiny"]["scales"]}
+    assert all(r["pictures_per_s"]["student_after"] > 0 for r in result["scales"].values())
+    assert toy.TEACHER_STEPS == steps  # the tiny build does not leak its settings

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-EXPERIMENTS = ("compute_matched", "estimator", "mode_seeking", "forgetting")
+EXPERIMENTS = ("compute_matched", "estimator", "mode_seeking", "forgetting", "cfg_distill")
 ROOT = Path(__file__).resolve().parents[2]
 
 
