@@ -52,9 +52,17 @@ class ResponseHidden:
     hidden: Tensor  # [B, T, H] last hidden states; row t predicts tokens[:, t]
     weight: Tensor  # [V, H] the output projection (or [A, H] once restricted to a TokenSpace)
     bias: Tensor | None  # [V] or None
+    logits_dtype: torch.dtype | None = None  # what the model's own head produced (bf16 under mixed precision)
 
     def restrict(self, space: "TokenSpace") -> "ResponseHidden":
-        return ResponseHidden(self.hidden, *space.restrict_head(self.weight, self.bias))
+        return ResponseHidden(self.hidden, *space.restrict_head(self.weight, self.bias), self.logits_dtype)
+
+    def head_precision(self) -> Any:
+        """A context in which the losses' head matmuls run in the dtype the model's own head ran in: autocast
+        when that differs from the weight's (fp32 master weights under bf16 mixed precision), else a no-op."""
+        dtype = self.logits_dtype
+        enabled = dtype in (torch.bfloat16, torch.float16) and dtype != self.weight.dtype
+        return torch.autocast(self.weight.device.type, dtype=dtype if enabled else None, enabled=enabled)
 
 
 # config fields that transform h·Wᵀ before it becomes logits (the fused path would miss them)
@@ -231,7 +239,7 @@ class ModalityAdapter:
         last = out.hidden_states[-1]  # [B, P+T, H]
         head = _base_model(model).get_output_embeddings()
         _check_head_reproduces(out.logits[:, -1], last[:, -1], head.weight, head.bias, type(_base_model(model)))
-        return ResponseHidden(last[:, -(T + 1):-1], head.weight, head.bias)
+        return ResponseHidden(last[:, -(T + 1):-1], head.weight, head.bias, out.logits.dtype)
 
 
 def _check_head_reproduces(logits: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, cls: type) -> None:

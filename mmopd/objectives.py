@@ -142,7 +142,8 @@ def response_scores(m: Models, model: nn.Module, prompts: PromptBatch, tokens: T
 def token_logprobs(scores: Tensor | ResponseHidden, actions: Tensor, temperature: float = 1.0) -> Tensor:
     """log p of each action under the scores. [B, T] -> [B, T] float32"""
     if isinstance(scores, ResponseHidden):
-        return fused_token_logprobs(scores.hidden, scores.weight, actions, temperature, bias=scores.bias)
+        with scores.head_precision():
+            return fused_token_logprobs(scores.hidden, scores.weight, actions, temperature, bias=scores.bias)
     return sampled_token_logprobs(scores, actions, temperature=temperature)
 
 
@@ -152,10 +153,12 @@ def divergence_loss(student: Tensor | ResponseHidden, teacher: Tensor | Response
     args = {"kind": obj.divergence, "beta": obj.beta, "temperature": obj.temperature}
     if isinstance(teacher, ResponseHidden):  # gradients computed with the values: no logits recomputed
         weights = mask / mask.sum().clamp(min=1)  # [B, T]
-        return fused_divergence_loss(student.hidden, student.weight, teacher.hidden, teacher.weight, weights,
-                                     student_bias=student.bias, teacher_bias=teacher.bias, **args)[0]
+        with student.head_precision():
+            return fused_divergence_loss(student.hidden, student.weight, teacher.hidden, teacher.weight, weights,
+                                         student_bias=student.bias, teacher_bias=teacher.bias, **args)[0]
     if isinstance(teacher, TopK) and isinstance(student, ResponseHidden):  # the student's logits at the K ids only
-        student_topk = fused_gathered_logits(student.hidden, student.weight, teacher.ids, bias=student.bias)
+        with student.head_precision():
+            student_topk = fused_gathered_logits(student.hidden, student.weight, teacher.ids, bias=student.bias)
         return masked_mean(token_divergence(student_topk, teacher.logits, **args), mask)
     if isinstance(teacher, TopK):
         return masked_mean(topk_token_divergence(student, teacher.logits, teacher.ids, **args), mask)

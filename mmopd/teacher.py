@@ -45,7 +45,7 @@ def teacher_hidden(adapter: ModalityAdapter, teacher: nn.Module, prompts: Prompt
     with torch.inference_mode():
         out = adapter.response_hidden(teacher, prompts, tokens)
     # the clone is an ordinary tensor (autograd may save it for the student's backward), [B, T, H] only
-    return ResponseHidden(out.hidden.clone(), out.weight, out.bias).restrict(space)
+    return ResponseHidden(out.hidden.clone(), out.weight, out.bias, out.logits_dtype).restrict(space)
 
 
 def teacher_token_logprobs(adapter: ModalityAdapter, teacher: nn.Module, prompts: PromptBatch, tokens: Tensor,

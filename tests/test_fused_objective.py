@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmopd.adapter import ModalityAdapter
-from mmopd.config import ConfigError
-from mmopd.objectives import Timer, _log_once, objective_step, use_fused
+from mmopd.adapter import ModalityAdapter, ResponseHidden
+from mmopd.config import ConfigError, ObjectiveConfig
+from mmopd.losses import fused_divergence_loss
+from mmopd.objectives import Timer, _log_once, divergence_loss, objective_step, use_fused
 from mmopd.teacher import teacher_hidden, teacher_logits, teacher_token_logprobs, teacher_topk
 from mmopd.trainer import Session
 
@@ -114,3 +115,28 @@ def test_a_head_that_does_not_reproduce_the_models_logits_is_an_error(text_confi
     session.policy.lm_head.forward = lambda x: original(x) + 1.0  # a head transform the fused path cannot see
     with pytest.raises(ValueError, match="set objective.fused=never"):
         session.adapter.response_hidden(session.policy, prompts, tokens)
+
+
+def test_fused_losses_run_the_head_in_the_dtype_the_models_own_head_ran_in():
+    """Under mixed precision (fp32 weights, bf16 logits from the model's forward) the loss's head matmuls are bf16
+    too, as they would be in the model's lm_head; with fp32 logits they stay fp32."""
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(2, 3, 8, generator=g), torch.randn(11, 8, generator=g)
+    t_hidden, t_weight = torch.randn(2, 3, 8, generator=g), torch.randn(11, 8, generator=g)
+    mask = torch.ones(2, 3)
+    obj = ObjectiveConfig()
+    teacher = ResponseHidden(t_hidden, t_weight, None, torch.float32)
+
+    def loss_with(logits_dtype):
+        w = weight.clone().requires_grad_()
+        loss = divergence_loss(ResponseHidden(hidden, w, None, logits_dtype), teacher, obj, mask)
+        return loss.detach(), torch.autograd.grad(loss, w)[0]
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w = weight.clone().requires_grad_()
+        expected = fused_divergence_loss(hidden, w, t_hidden, t_weight, mask / mask.sum())[0]
+    expected_grad = torch.autograd.grad(expected, w)[0]
+    mixed, mixed_grad = loss_with(torch.bfloat16)
+    full, _ = loss_with(torch.float32)
+    assert torch.equal(mixed, expected.detach()) and torch.equal(mixed_grad, expected_grad)
+    assert not torch.equal(mixed, full)
