@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 from tqdm.auto import tqdm
 
 from mmopd.adapter import get_adapter
@@ -161,6 +161,20 @@ def _mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in sorted(keys)}
 
 
+SUPPORTED_DISTRIBUTED = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+
+
+def check_distributed(accelerator: Accelerator) -> None:
+    """Refuse sharded training (FSDP, DeepSpeed, ...) before anything loads: it would hang, not fail."""
+    kind = accelerator.distributed_type
+    if kind not in SUPPORTED_DISTRIBUTED:
+        raise ConfigError(f"accelerate is set up for {kind.value}, which mmopd does not support yet: sharded "
+                          "models need rollouts that keep every rank decoding until all ranks finish, evaluation "
+                          "on every rank and a gathered state dict at save. Use data parallelism (accelerate "
+                          "launch --multi_gpu, configs/accelerate/ddp_cpu_2proc.yaml), with "
+                          "student.trainable=lora and student.gradient_checkpointing=true for large students")
+
+
 def train(config: Config) -> dict[str, Any]:
     """Run distillation as configured; return the summary (also written to out_dir/summary.json)."""
     c = config
@@ -170,6 +184,7 @@ def train(config: Config) -> dict[str, Any]:
     out = Path(t.out_dir)
     accelerator = Accelerator(cpu=not cuda, mixed_precision=mixed, log_with=t.report_to or None,
                               project_dir=str(out))
+    check_distributed(accelerator)
     main = accelerator.is_main_process
     resume_from = latest_checkpoint(out) if t.resume == "auto" else None
     lora_resume = resume_from is not None and c.student.trainable == "lora"  # adapters go on the original student

@@ -189,3 +189,15 @@ def test_sigterm_to_a_two_process_run_stops_every_rank_at_the_same_step_with_a_c
     assert len(saved) == 1, output[-3000:]
     assert int(saved[0].name.split("-")[1]) == len(_train_rows(out)) < 200
     assert "SIGTERM: saved checkpoint" in output
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_sharded_training_is_refused_with_what_to_use_instead(kind):
+    from accelerate import DistributedType
+
+    class Sharded:
+        distributed_type = DistributedType[kind]
+
+    with pytest.raises(trainer.ConfigError, match=f"{DistributedType[kind].value}.*launch --multi_gpu"):
+        trainer.check_distributed(Sharded())
+    trainer.check_distributed(type("Plain", (), {"distributed_type": DistributedType.MULTI_GPU})())
