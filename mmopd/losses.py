@@ -86,7 +86,9 @@ side takes no gradient. ``fused_divergence_loss(..., weights)`` returns Σ w·d
 instead, and because the weights are known before backward it computes the
 gradients in the same pass as the values: four matmuls (the floor), no
 recompute. ``fused_token_logprobs(h, W, x)`` is the per-token recompute form for the
-sampled-token log-probabilities (O(N) kept: one float per position).
+sampled-token log-probabilities (O(N) kept: one float per position), and
+``fused_sampled_reverse_kl_loss`` the weighted sampled-token estimator with its
+gradients computed alongside the values (d(ρ·k)/d log p_S = ρ·k is known in forward).
 
 Top-k teacher distributions. ``topk_token_divergence`` keeps, per position, the
 teacher's K largest logits and their ids, and takes the divergence of the two
@@ -121,6 +123,7 @@ __all__ = [
     "masked_mean",
     "fused_token_divergence",
     "fused_divergence_loss",
+    "fused_sampled_reverse_kl_loss",
     "fused_token_logprobs",
     "topk_token_divergence",
     "fused_topk_logits",
@@ -533,6 +536,78 @@ class _FusedDivergenceLoss(torch.autograd.Function):
         grads = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.grads]
         ctx.grads = None
         return (*grads, None, None, None, None, None, None, None, None)
+
+
+class _FusedSampledLoss(torch.autograd.Function):
+    """Σ_i w_i·ρ_i·k_i (sampled_reverse_kl_loss, weighted) from hidden states, gradients computed with the values.
+
+    d(ρ_i·k_i)/d log p_S(x_i) = ρ_i·k_i (k detached), known in forward, so no logits are rebuilt in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, tokens, teacher_lp, behaviour_lp, weights, temperature, rows):
+        # hidden: [N, H], weight: [V, H], tokens, teacher_lp, behaviour_lp (or None), weights: [N]
+        ctx.dtype = _matmul_dtype(weight)
+        head = _cast_head(weight, bias, ctx.dtype)
+        grads = _head_grads(ctx, hidden, weight, bias)
+        per_token = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # [N] ρ·k
+        kl_estimate = torch.empty_like(per_token)  # [N] k
+        for start in range(0, hidden.shape[0], rows):
+            chunk = slice(start, start + rows)
+            z = _head_logits(hidden[chunk], *head)  # [n, V]
+            logprob = _token_logprob(z, tokens[chunk], temperature)  # [n]
+            k = logprob.clamp(min=LOGPROB_FLOOR) - teacher_lp[chunk].clamp(min=LOGPROB_FLOOR)
+            ratio = torch.ones_like(k) if behaviour_lp is None else torch.exp(logprob - behaviour_lp[chunk])
+            per_token[chunk], kl_estimate[chunk] = ratio * k, k
+            if any(g is not None for g in grads):
+                grad_z = _token_logprob_grad(z, tokens[chunk], weights[chunk] * ratio * k, temperature)  # [n, V]
+                _head_backward(grad_z, hidden, head[0], grads, chunk)
+            del z  # before the next chunk's logits
+        ctx.grads = grads
+        ctx.mark_non_differentiable(kl_estimate)
+        return (per_token * weights).sum(), kl_estimate
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, grad_kl):
+        grads = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.grads]
+        ctx.grads = None
+        return (*grads, None, None, None, None, None, None)
+
+
+def fused_sampled_reverse_kl_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    tokens: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    weights: torch.Tensor,
+    behaviour_logprobs: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ weights·sampled_reverse_kl_loss(log p_S(x), ...) from hidden states, and the reverse-KL estimate k.
+
+    [..., H], [V, H], [...] -> ([] float32, [...] float32 without grad). Equal in value and gradient to
+    sampled_reverse_kl_loss on sampled_token_logprobs(h·Wᵀ + b, x), without recomputing logits in backward.
+    """
+    _check_temperature(temperature)
+    _check_chunk_size(chunk_size)
+    _check_head("hidden", hidden, weight, bias)
+    shapes = {"tokens": tokens.shape, "teacher_logprobs": teacher_logprobs.shape, "weights": weights.shape}
+    if behaviour_logprobs is not None:
+        shapes["behaviour_logprobs"] = behaviour_logprobs.shape
+    if any(shape != hidden.shape[:-1] for shape in shapes.values()):
+        raise ValueError(f"tokens, log-probs and weights must be [...] = {tuple(hidden.shape[:-1])}, got "
+                         f"{ {name: tuple(shape) for name, shape in shapes.items()} }")
+    flat = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
+    behaviour = None if behaviour_logprobs is None else behaviour_logprobs.detach().reshape(-1).float()
+    loss, kl_estimate = _FusedSampledLoss.apply(
+        flat, weight, bias, tokens.reshape(-1).long(), teacher_logprobs.detach().reshape(-1).float(), behaviour,
+        weights.detach().reshape(-1).float(), float(temperature),
+        _rows_per_chunk(flat.shape[0], weight.shape[0], chunk_size),
+    )
+    return loss, kl_estimate.view(tokens.shape)
 
 
 class _FusedTokenLogprobs(torch.autograd.Function):

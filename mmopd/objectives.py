@@ -29,8 +29,9 @@ from torch import Tensor, nn
 
 from mmopd.adapter import ModalityAdapter, PromptBatch, ResponseHidden, TokenSpace
 from mmopd.config import Config, ConfigError, ObjectiveConfig
-from mmopd.losses import (fused_divergence_loss, fused_gathered_logits, fused_token_logprobs, masked_mean,
-                          sampled_reverse_kl_loss, sampled_token_logprobs, token_divergence, topk_token_divergence)
+from mmopd.losses import (fused_divergence_loss, fused_gathered_logits, fused_sampled_reverse_kl_loss,
+                          fused_token_logprobs, masked_mean, sampled_reverse_kl_loss, sampled_token_logprobs,
+                          token_divergence, topk_token_divergence)
 from mmopd.rollout import Rollout, Sampling, rollout
 from mmopd.teacher import TopK, teacher_hidden, teacher_logits, teacher_token_logprobs, teacher_topk
 
@@ -147,6 +148,19 @@ def token_logprobs(scores: Tensor | ResponseHidden, actions: Tensor, temperature
     return sampled_token_logprobs(scores, actions, temperature=temperature)
 
 
+def sampled_loss(student: Tensor | ResponseHidden, actions: Tensor, teacher_logprobs: Tensor, responses: Rollout,
+                 temperature: float) -> tuple[Tensor, Tensor]:
+    """The sampled-token estimator's loss (masked mean) and its per-token reverse-KL estimate. -> [], [B, T]"""
+    if isinstance(student, ResponseHidden):  # gradients computed with the values: no logits recomputed
+        weights = responses.mask / responses.mask.sum().clamp(min=1)  # [B, T]
+        with student.head_precision():
+            return fused_sampled_reverse_kl_loss(student.hidden, student.weight, actions, teacher_logprobs, weights,
+                                                 responses.logprobs, temperature, bias=student.bias)
+    s_lp = token_logprobs(student, actions, temperature=temperature)
+    per_token, kl_estimate = sampled_reverse_kl_loss(s_lp, teacher_logprobs, responses.logprobs)
+    return masked_mean(per_token, responses.mask), kl_estimate
+
+
 def divergence_loss(student: Tensor | ResponseHidden, teacher: Tensor | ResponseHidden | TopK,
                     obj: ObjectiveConfig, mask: Tensor) -> Tensor:
     """The masked mean over response tokens of the student's divergence from the teacher. [B, T] -> []"""
@@ -213,9 +227,7 @@ def objective_step(m: Models, records: list[dict], config: Config, generator: to
             loss = masked_mean(-token_logprobs(s_scores, actions), responses.mask)
             metrics["nll"] = loss.item()
         elif isinstance(t_scores, Tensor) and t_scores.dim() == 2:
-            s_lp = token_logprobs(s_scores, actions, temperature=obj.temperature)
-            per_token, kl_estimate = sampled_reverse_kl_loss(s_lp, t_scores, responses.logprobs)
-            loss = masked_mean(per_token, responses.mask)
+            loss, kl_estimate = sampled_loss(s_scores, actions, t_scores, responses, obj.temperature)
             metrics["divergence"] = masked_mean(kl_estimate, responses.mask).item()
         else:
             loss = divergence_loss(s_scores, t_scores, obj, responses.mask)

@@ -8,8 +8,10 @@ import torch
 from mmopd.losses import (
     DIVERGENCES,
     fused_divergence_loss,
+    fused_sampled_reverse_kl_loss,
     fused_token_divergence,
     fused_token_logprobs,
+    sampled_reverse_kl_loss,
     sampled_token_logprobs,
     token_divergence,
 )
@@ -231,3 +233,29 @@ def test_under_autocast_the_head_matmuls_run_in_the_autocast_dtype_like_the_mode
         assert g.dtype == torch.float32
         assert (g - e).norm() <= 2 * (r - e).norm() + 1e-3 * e.norm(), ((g - e).norm(), (r - e).norm())
         assert (g - e).norm() > 0  # the fused matmuls did run in bf16
+
+
+@pytest.mark.parametrize("off_policy", [False, True])
+@pytest.mark.parametrize("temperature,chunk_size", [(1.0, None), (0.7, 3)])
+def test_fused_sampled_loss_equals_the_weighted_sampled_estimator_on_logits(off_policy, temperature, chunk_size):
+    s_hidden, s_weight, s_bias, *_ = _heads(seed=5)
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, V, (N,), generator=g)
+    teacher_lp = torch.log_softmax(torch.randn(N, V, generator=g), -1).gather(-1, tokens[:, None]).squeeze(-1)
+    teacher_lp[2] = float("-inf")  # a token the teacher forbids: floored, never NaN
+    behaviour = (torch.randn(N, generator=g) - 2.0) if off_policy else None
+    weights = _weights(N).float()
+    tensors = (s_hidden, s_weight, s_bias)
+
+    s_lp = sampled_token_logprobs(_logits(s_hidden, s_weight, s_bias), tokens, temperature)
+    per_token, kl_expected = sampled_reverse_kl_loss(s_lp, teacher_lp, behaviour)
+    expected = (per_token * weights).sum()
+    expected_grads = torch.autograd.grad(expected, tensors)
+    loss, kl = fused_sampled_reverse_kl_loss(s_hidden, s_weight, tokens, teacher_lp, weights, behaviour,
+                                             temperature, bias=s_bias, chunk_size=chunk_size)
+    got_grads = torch.autograd.grad(loss, tensors)
+    assert torch.isfinite(loss) and not kl.requires_grad
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(kl, kl_expected, rtol=1e-5, atol=1e-4)
+    for got, want in zip(got_grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
