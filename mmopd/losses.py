@@ -504,6 +504,12 @@ class _FusedDivergence(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None, None)
 
 
+def _precomputed_grads(ctx, grad_loss: torch.Tensor) -> list[torch.Tensor | None]:
+    """The gradients a loss-form Function computed in forward, scaled by the incoming scalar, handed over once."""
+    grads, ctx.grads = ctx.grads, None
+    return [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
+
+
 class _FusedDivergenceLoss(torch.autograd.Function):
     """Σ_i w_i·d_i from hidden states and heads, with the gradients computed in the same pass as the values.
 
@@ -533,9 +539,7 @@ class _FusedDivergenceLoss(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss, grad_values):
         # grad_loss: [] float32; the per-token values are outputs without gradient
-        grads = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.grads]
-        ctx.grads = None
-        return (*grads, None, None, None, None, None, None, None, None)
+        return (*_precomputed_grads(ctx, grad_loss), None, None, None, None, None, None, None, None)
 
 
 class _FusedSampledLoss(torch.autograd.Function):
@@ -559,9 +563,9 @@ class _FusedSampledLoss(torch.autograd.Function):
             k = logprob.clamp(min=LOGPROB_FLOOR) - teacher_lp[chunk].clamp(min=LOGPROB_FLOOR)
             ratio = torch.ones_like(k) if behaviour_lp is None else torch.exp(logprob - behaviour_lp[chunk])
             per_token[chunk], kl_estimate[chunk] = ratio * k, k
-            if any(g is not None for g in grads):
-                grad_z = _token_logprob_grad(z, tokens[chunk], weights[chunk] * ratio * k, temperature)  # [n, V]
-                _head_backward(grad_z, hidden, head[0], grads, chunk)
+            if any(g is not None for g in grads):  # [n, V] d/dz of Σ w·ρ·k, straight into the head's grads
+                _head_backward(_token_logprob_grad(z, tokens[chunk], weights[chunk] * ratio * k, temperature),
+                               hidden, head[0], grads, chunk)
             del z  # before the next chunk's logits
         ctx.grads = grads
         ctx.mark_non_differentiable(kl_estimate)
@@ -570,9 +574,8 @@ class _FusedSampledLoss(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, grad_kl):
-        grads = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.grads]
-        ctx.grads = None
-        return (*grads, None, None, None, None, None, None)
+        # grad_loss: [] float32; the KL estimate is an output without gradient
+        return (*_precomputed_grads(ctx, grad_loss), None, None, None, None, None, None)
 
 
 def fused_sampled_reverse_kl_loss(

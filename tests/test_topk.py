@@ -76,7 +76,8 @@ def test_topk_keeps_teacher_forbidden_ids_finite():
 
 def test_fused_topk_logits_equal_topk_of_the_materialised_logits():
     g = torch.Generator().manual_seed(3)
-    hidden, weight, bias = torch.randn(2, 5, 4, generator=g), torch.randn(V, 4, generator=g), torch.randn(V, generator=g)
+    hidden, weight = torch.randn(2, 5, 4, generator=g), torch.randn(V, 4, generator=g)
+    bias = torch.randn(V, generator=g)
     values, ids = fused_topk_logits(hidden, weight, 4, bias=bias, chunk_size=3)
     top = torch.nn.functional.linear(hidden, weight, bias).topk(4, dim=-1)
     assert values.shape == ids.shape == (2, 5, 4)
