@@ -35,7 +35,7 @@ from modalities.text import toy  # noqa: E402
 
 NAME = "forgetting"
 SIZES: dict[str, dict[str, Any]] = {
-    "full": {"b_records": 5000, "eval": 200, "sft_steps": 150, "stage3_steps": 200, "every": 25, "seeds": (0, 1, 2)},
+    "full": {"b_records": 5000, "eval": 200, "sft_steps": 150, "stage3_steps": 200, "every": 25, "seeds": (0, 1)},
     "tiny": {"b_records": 16, "eval": 4, "sft_steps": 2, "stage3_steps": 2, "every": 1, "seeds": (0,)},
 }
 STAGE3: dict[str, dict[str, Any]] = {
