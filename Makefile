@@ -16,5 +16,6 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/mmopd demo text
 
+# two workers, one thread each: the tests are small models, for which one thread per process is fastest
 test: install
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
