@@ -36,6 +36,8 @@ EXTRA: dict[str, tuple[dict[str, Any], int]] = {
 LABELS = {"on_policy_full": "full reverse KL (all V logits)", "on_policy_sampled": "sampled-token estimator",
           f"on_policy_top{TOP_K}": f"top-{TOP_K} teacher (renormalised)",
           "on_policy_sampled_lr5e-4": "sampled-token estimator, lr 5e-4"}
+SHORT = {"on_policy_full": "full", "on_policy_sampled": "sampled", f"on_policy_top{TOP_K}": f"top-{TOP_K}",
+         "on_policy_sampled_lr5e-4": "sampled,\nlr 5e-4"}
 
 
 def run(out: Path, size: str, root: Path | None) -> dict[str, Any]:
@@ -92,8 +94,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     names = list(result["methods"])
     values = [np.median(result["methods"][n]["teacher_seconds_per_step"]) * 1000 for n in names]
     axes[1].bar(range(len(names)), values, color=[f"C{i}" for i in range(len(names))])
-    axes[1].set_xticks(range(len(names)), [LABELS[n].replace(" (", "\n(").replace(", lr", "\nlr") for n in names],
-                       fontsize=7)
+    axes[1].set_xticks(range(len(names)), [SHORT[n] for n in names], fontsize=8)
     axes[1].set_ylabel("teacher time per step (ms, median, 1 CPU thread)")
     axes[1].grid(alpha=0.3, axis="y")
     fig.suptitle(f"Teacher signal for on-policy distillation, text toy; mean ± std over {result['seeds']} seeds")
