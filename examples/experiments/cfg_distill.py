@@ -27,7 +27,7 @@ from examples.experiments.text_task import publish, run_config  # noqa: E402
 
 NAME = "cfg_distill"
 SIZES: dict[str, dict[str, Any]] = {
-    "full": {"scales": (2.0, 3.0, 1.5, 5.0), "overrides": {}},
+    "full": {"scales": (2.0, 3.0, 5.0), "overrides": {}},
     "tiny": {"scales": (2.0,), "overrides": {"train.steps": 2, "data.eval_limit": 12, "train.eval_every": 0}},
 }
 

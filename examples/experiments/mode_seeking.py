@@ -5,7 +5,7 @@
 Task: the prompt is a two-digit number `n=`, and three two-digit answers are equally right (their first
 digits differ, so the modes split at the first token). A teacher (the text toy's 0.53M Qwen3) is trained
 on all three answers of every prompt, so it puts ~1/3 on each. The student is far smaller (1 layer,
-width 16) so it cannot copy the teacher's three-way split on all 100 prompts and must choose how to be
+width 32) so it cannot copy the teacher's three-way split on all 100 prompts and must choose how to be
 wrong. From one short-SFT student start we train with on_policy + reverse KL, on_policy + forward KL (on
 the student's own samples), and supervised_kd + forward KL (on the dataset answers, the classic KD), and
 compute each model's exact probability of each right answer (teacher forcing, EOS included): sorted per
@@ -32,12 +32,12 @@ from modalities.text import toy  # noqa: E402
 
 NAME = "mode_seeking"
 SIZES: dict[str, dict[str, Any]] = {
-    "full": {"prompts": 100, "teacher_steps": 400, "student_sft_steps": 40, "steps": 300, "batch_size": 64,
+    "full": {"prompts": 100, "teacher_steps": 400, "student_sft_steps": 40, "steps": 400, "batch_size": 64,
              "lr": 3e-3, "seeds": (0, 1, 2)},
     "tiny": {"prompts": 6, "teacher_steps": 2, "student_sft_steps": 1, "steps": 2, "batch_size": 4,
              "lr": 1e-3, "seeds": (0,)},
 }
-STUDENT = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
+STUDENT = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
 METHODS: dict[str, dict[str, Any]] = {
     "reverse_kl (on_policy)": {"objective.kind": "on_policy", "objective.divergence": "reverse_kl"},
     "forward_kl (on_policy)": {"objective.kind": "on_policy", "objective.divergence": "forward_kl"},
@@ -135,22 +135,33 @@ def run(out: Path, size: str, root: Path | None) -> dict[str, Any]:
 
 def table(models: dict[str, list[np.ndarray]]) -> str:
     """Markdown: mean probability per slot (± std over seeds), and the right-answer mass in total."""
-    lines = ["| model | " + " | ".join(SLOTS) + " | all right answers |", "|---|" + "---|" * (len(SLOTS) + 1)]
+    lines = ["| model | " + " | ".join(SLOTS) + " | all right answers | top answer's share of the right mass |",
+             "|---|" + "---|" * (len(SLOTS) + 2)]
     for name, vs in models.items():
         cells = [mean_std([v[i] for v in vs]) for i in range(len(SLOTS))]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean_std([1 - v[-1] for v in vs])} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean_std([1 - v[-1] for v in vs])} | "
+                     f"{mean_std([v[0] / max(1 - v[-1], 1e-9) for v in vs])} |")
     return "\n".join(lines) + "\n"
 
 
 def plot(models: dict[str, list[np.ndarray]], path: Path, seeds: int) -> None:
     """Grouped bars: mean probability per slot for each model, std over seeds as error bars."""
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    fig, (ax, right) = plt.subplots(1, 2, figsize=(14, 4.5), gridspec_kw={"width_ratios": [4, 3]})
     width = 0.8 / len(models)
     x = np.arange(len(SLOTS))
     for i, (name, vs) in enumerate(models.items()):
         values = np.array(vs)  # [seeds, 4]
         ax.bar(x + (i - (len(models) - 1) / 2) * width, values.mean(0), width, yerr=values.std(0) if len(vs) > 1
                else None, capsize=3, label=name)
+        shares = values[:, :3] / np.clip(1 - values[:, 3:], 1e-9, None)  # [seeds, 3], the right mass normalised
+        right.bar(np.arange(3) + (i - (len(models) - 1) / 2) * width, shares.mean(0), width,
+                  yerr=shares.std(0) if len(vs) > 1 else None, capsize=3, label=name)
+    right.axhline(1 / 3, color="black", linestyle=":", linewidth=1)
+    right.set_xticks(np.arange(3), SLOTS[:3])
+    right.set_ylabel("share of the right-answer mass")
+    right.set_ylim(0, 1)
+    right.set_title("the same, given the answer is right", fontsize=10)
+    right.grid(alpha=0.3, axis="y")
     ax.axhline(1 / 3, color="black", linestyle=":", linewidth=1, label="1/3 (an even split of the right answers)")
     ax.set_xticks(x, SLOTS)
     ax.set_ylabel("probability (mean over prompts)")
