@@ -16,6 +16,6 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/mmopd demo text
 
-# two workers, one thread each: the tests are small models, for which one thread per process is fastest
+# two workers, one thread each (small models run fastest on one thread per process); idle workers steal tests
 test: install
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist worksteal --durations=15

@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -39,6 +40,13 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None
         assert proc.poll() is None, proc.communicate()
         assert time.time() < deadline, "timed out waiting for the run"
         time.sleep(0.05)
+
+
+def _port() -> list[str]:
+    """A free rendezvous port, so two-process runs in parallel test workers never meet."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return ["--main_process_port", str(sock.getsockname()[1])]
 
 
 def _mmopd(*args: str, **kwargs) -> subprocess.Popen:
@@ -155,7 +163,7 @@ def test_two_process_gloo_run_matches_one_process_at_the_same_global_batch(text_
     double = text_config(**settings, **{"train.grad_accum": 1, "train.out_dir": str(tmp_path / "two")})
     launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     proc = subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mmopd.cli", "train",
+                           *_port(), "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mmopd.cli", "train",
                            str(_write_config(double, tmp_path / "two.yaml"))],
                           cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -178,7 +186,7 @@ def test_sigterm_to_a_two_process_run_stops_every_rank_at_the_same_step_with_a_c
     launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     # a new session: SIGTERM goes to the launcher and both workers at once, as a cluster scheduler sends it
     proc = subprocess.Popen([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mmopd.cli", "train",
+                             *_port(), "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mmopd.cli", "train",
                              str(_write_config(config, tmp_path / "c.yaml"))], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
