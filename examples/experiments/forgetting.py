@@ -152,7 +152,7 @@ def table(result: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], path: Path) -> None:
     """A (solid) and B (dashed) accuracy against cumulative steps through stages 2 and 3, band over seeds."""
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    fig, ax = plt.subplots(figsize=(13, 4.5))
     s2 = result["stage2"]
     x2 = [0] + s2["steps"]
     ax.plot(x2, [result["stage1"]["a"]] + s2["a"], color="black", label="task A, stage 2 (SFT on B)")
@@ -171,7 +171,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("accuracy (greedy exact match)")
     ax.set_ylim(-0.02, 1.08)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left", ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(f"Forgetting and recovery: A = addition, B = reversal; bands: std over {result['seeds']} seeds",
                  fontsize=10)
     fig.tight_layout()
