@@ -11,6 +11,8 @@ import torch
 from mmopd.config import load_config
 from modalities.text import toy
 
+pytest_plugins = ("tests.vlm_fixtures",)  # the VLM fixtures: tiny data and model pairs of every family
+
 
 def write_jsonl(path: Path, rows: list) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,6 @@ from transformers import AutoModelForImageTextToText
 
 import mmopd
 from mmopd.config import ConfigError
-from tests.vlm_fixtures import vlm_config, vlm_data, vlm_pair  # noqa: F401
 
 LANGUAGE_PREFIXES = {"llava": "model.language_model.", "qwen2_vl": "model.language_model."}
 VISION_PREFIXES = {"llava": ("model.vision_tower.", "model.multi_modal_projector."), "qwen2_vl": ("model.visual.",)}

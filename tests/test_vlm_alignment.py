@@ -13,7 +13,6 @@ from mmopd.rollout import Sampling, rollout
 from mmopd.teacher import teacher_logits
 from modalities.vlm.adapter import TOKEN_ALIGNED
 from modalities.vlm.families import FAMILIES
-from tests.vlm_fixtures import vlm_data, vlm_pair  # noqa: F401
 
 QUESTIONS = ["how many shapes are there?", "what colour is the shape left of the square?"]  # unequal lengths
 

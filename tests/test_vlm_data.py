@@ -17,7 +17,6 @@ from mmopd.data import DataError, RecordError, load_jsonl
 from modalities.vlm.families import FAMILIES
 from modalities.vlm import images
 from modalities.vlm.images import load_rgb
-from tests.vlm_fixtures import vlm_config, vlm_data, vlm_pair  # noqa: F401
 
 
 def _write(path: Path, rows: list[dict]) -> Path:

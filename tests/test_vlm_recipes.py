@@ -10,7 +10,6 @@ from safetensors.torch import load_file
 
 import mmopd
 from mmopd.config import load_config
-from tests.vlm_fixtures import vlm_data, vlm_pair  # noqa: F401
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = {  # recipe -> (student hub id, teacher hub id, the family of both)

@@ -23,7 +23,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from examples.experiments.text_task import publish, run_config  # noqa: E402
+from examples.experiments.text_task import save_results, run_config  # noqa: E402
 
 NAME = "cfg_distill"
 SIZES: dict[str, dict[str, Any]] = {
@@ -63,11 +63,7 @@ def run(out: Path, size: str, root: Path | None) -> dict[str, Any]:
     result = {"scales": rows, "eval_pictures": next(iter(rows.values()))["eval_pictures"]}
     out.mkdir(parents=True, exist_ok=True)
     plot(result, out / f"results_{NAME}.png")
-    text = table(result)
-    (out / f"{NAME}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{NAME}.md").write_text(text)
-    print(text)
-    publish(out, NAME, root)
+    save_results(out, NAME, result, table(result), root)
     return result
 
 

@@ -11,7 +11,6 @@ measured training seconds (metrics.jsonl `time/step`, eval excluded, one CPU thr
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from examples.experiments.text_task import (SIZES, band, base_overrides, build_task, curve, mean_std,  # noqa: E402
-                                            publish, run_config)
+                                            save_results, run_config)
 
 NAME = "compute_matched"
 # name: (overrides, steps at the full size); steps make each method's FLOPs ≥ 200 on_policy steps'
@@ -151,8 +150,5 @@ def run(out: Path, size: str, root: Path | None) -> dict[str, Any]:
     result = summarize(task, curves)
     out.mkdir(parents=True, exist_ok=True)
     plot(result, out / f"results_{NAME}.png")
-    (out / f"{NAME}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{NAME}.md").write_text(table(result))
-    print(table(result))
-    publish(out, NAME, root)
+    save_results(out, NAME, result, table(result), root)
     return result

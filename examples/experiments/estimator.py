@@ -11,7 +11,6 @@ over per response token (V logits, K logits + K ids, or one log-prob).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import numpy as np  # noqa: E402
 import transformers  # noqa: E402
 
 from examples.experiments.compute_matched import method_runs  # noqa: E402
-from examples.experiments.text_task import mean_std, publish  # noqa: E402
+from examples.experiments.text_task import mean_std, save_results  # noqa: E402
 
 NAME = "estimator"
 TOP_K = 4
@@ -56,11 +55,7 @@ def run(out: Path, size: str, root: Path | None) -> dict[str, Any]:
               "seeds": len(curves["on_policy_full"]), "methods": rows, "curves": curves}
     out.mkdir(parents=True, exist_ok=True)
     plot(result, out / f"results_{NAME}.png")
-    text = table(result)
-    (out / f"{NAME}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{NAME}.md").write_text(text)
-    print(text)
-    publish(out, NAME, root)
+    save_results(out, NAME, result, table(result), root)
     return result
 
 

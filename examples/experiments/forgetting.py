@@ -29,7 +29,7 @@ import transformers  # noqa: E402
 
 import mmopd  # noqa: E402
 from examples.experiments.text_task import SIZES as TEXT_SIZES  # noqa: E402
-from examples.experiments.text_task import build_task, mean_std, publish  # noqa: E402
+from examples.experiments.text_task import build_task, mean_std, save_results  # noqa: E402
 from mmopd.config import load_config  # noqa: E402
 from modalities.text import toy  # noqa: E402
 
@@ -128,11 +128,7 @@ def run(out: Path, size: str, root: Path | None) -> dict[str, Any]:
               "seeds": len(cfg["seeds"]), "eval": cfg["eval"]}
     out.mkdir(parents=True, exist_ok=True)
     plot(result, out / f"results_{NAME}.png")
-    text_table = table(result)
-    (out / f"{NAME}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{NAME}.md").write_text(text_table)
-    print(text_table)
-    publish(out, NAME, root)
+    save_results(out, NAME, result, table(result), root)
     return result
 
 

@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from examples.experiments.text_task import mean_std, publish, run_config  # noqa: E402
+from examples.experiments.text_task import mean_std, save_results, run_config  # noqa: E402
 from modalities.text import toy  # noqa: E402
 
 NAME = "mode_seeking"
@@ -125,11 +125,7 @@ def run(out: Path, size: str, root: Path | None) -> dict[str, Any]:
               "train_seconds": seconds}
     out.mkdir(parents=True, exist_ok=True)
     plot(models, out / f"results_{NAME}.png", len(cfg["seeds"]))
-    text = table(models)
-    (out / f"{NAME}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{NAME}.md").write_text(text)
-    print(text)
-    publish(out, NAME, root)
+    save_results(out, NAME, result, table(models), root)
     return result
 
 

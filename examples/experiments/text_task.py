@@ -141,8 +141,12 @@ def mean_std(values: list[float]) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
 
 
-def publish(out: Path, name: str, root: Path | None) -> None:
-    """Copy results_NAME.png to docs/images/ and NAME.json/NAME.md to docs/results/ under root."""
+def save_results(out: Path, name: str, result: dict, table: str, root: Path | None) -> None:
+    """Write NAME.json and NAME.md (the table) beside results_NAME.png, print the table, and with a root copy
+    the plot to docs/images/ and NAME.json/NAME.md to docs/results/ under it."""
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{name}.md").write_text(table)
+    print(table)
     if root is None:
         return
     (root / "docs" / "images").mkdir(parents=True, exist_ok=True)
