@@ -20,6 +20,16 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests (tiny models run fastest so, and the test cores are shared);
+    modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_text(tmp_path_factory) -> dict[str, Path]:
     """A tokenizer, two tiny Qwen3 models (teacher wider than student) and train/eval JSONL."""

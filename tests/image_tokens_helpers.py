@@ -4,6 +4,7 @@ random VQ, a briefly fitted judge, and shape-picture data."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -68,10 +69,11 @@ def llamagen_config(paths: dict[str, Path], out_dir: Path, **overrides) -> Confi
     return load_config(None, base)
 
 
-def build_janus_pair(root: Path) -> dict[str, Path]:
-    """A tiny random Janus teacher and a narrower student that shares the teacher's VQ, saved by path."""
-    teacher, processor = janus.build_tiny(JANUS_WORDS, hidden=32, layers=2, seed=0)
-    student, _ = janus.build_tiny(JANUS_WORDS, hidden=16, layers=1, seed=1)
+def _shared_vq_pair(family: ModuleType, root: Path) -> dict[str, Path]:
+    """A tiny random teacher of `family` (janus or emu3) and a narrower student that shares the teacher's
+    VQ, each saved by path with the family's processor or tokenizer."""
+    teacher, processor = family.build_tiny(JANUS_WORDS, hidden=32, layers=2, seed=0)
+    student, _ = family.build_tiny(JANUS_WORDS, hidden=16, layers=1, seed=1)
     student.model.vqmodel.load_state_dict(teacher.model.vqmodel.state_dict())
     for role, model in (("teacher", teacher), ("student", student)):
         model.save_pretrained(root / role)
@@ -79,12 +81,11 @@ def build_janus_pair(root: Path) -> dict[str, Path]:
     return {"teacher": root / "teacher", "student": root / "student"}
 
 
+def build_janus_pair(root: Path) -> dict[str, Path]:
+    """A tiny random Janus teacher and a narrower student that shares the teacher's VQ, saved by path."""
+    return _shared_vq_pair(janus, root)
+
+
 def build_emu3_pair(root: Path) -> dict[str, Path]:
-    """A tiny random Emu3 teacher and a narrower student sharing the teacher's VQ (4×4 codes), saved by path."""
-    teacher, tokenizer = emu3.build_tiny(JANUS_WORDS, hidden=32, layers=2, seed=0)
-    student, _ = emu3.build_tiny(JANUS_WORDS, hidden=16, layers=1, seed=1)
-    student.model.vqmodel.load_state_dict(teacher.model.vqmodel.state_dict())
-    for role, model in (("teacher", teacher), ("student", student)):
-        model.save_pretrained(root / role)
-        tokenizer.save_pretrained(root / role)
-    return {"teacher": root / "teacher", "student": root / "student"}
+    """As build_janus_pair, with Emu3 models (4×4 codes)."""
+    return _shared_vq_pair(emu3, root)

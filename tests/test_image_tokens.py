@@ -31,13 +31,7 @@ from tests.image_tokens_helpers import (GRID_TOKENS, build_llamagen_task, llamag
 K = 16  # codes in the tiny VQ
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and the 2 test cores are often shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

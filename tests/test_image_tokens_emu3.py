@@ -23,12 +23,7 @@ T = 4 * (4 + 1) + 3  # 4 rows of 4 codes + end-of-line, then end-of-frame, end-o
 PROMPTS = ["a red circle", "blue square", "a blue triangle"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,12 +26,7 @@ RECIPE = Path(__file__).resolve().parents[1] / "configs" / "janus_pro_7b_to_1b.y
 PROMPTS = ["a red circle", "a blue square", "red triangle", "a blue circle"]  # different lengths: left padding
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
