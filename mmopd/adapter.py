@@ -214,7 +214,7 @@ class ModalityAdapter:
         """Why response_hidden + the LM head cannot stand in for response_logits with `model` (None: they can)."""
         if type(self).response_logits is not ModalityAdapter.response_logits:
             return f"the {self.name or type(self).__name__} adapter computes its own response logits"
-        base = _base_model(model)
+        base = base_model(model)
         if "logits_to_keep" not in _forward_params(model):
             return f"{type(base).__name__}.forward takes no logits_to_keep, so it would build every logit"
         config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
@@ -237,8 +237,8 @@ class ModalityAdapter:
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=_positions(mask),
                     output_hidden_states=True, logits_to_keep=1, **prompts.extras)
         last = out.hidden_states[-1]  # [B, P+T, H]
-        head = _base_model(model).get_output_embeddings()
-        _check_head_reproduces(out.logits[:, -1], last[:, -1], head.weight, head.bias, type(_base_model(model)))
+        head = base_model(model).get_output_embeddings()
+        _check_head_reproduces(out.logits[:, -1], last[:, -1], head.weight, head.bias, type(base_model(model)))
         return ResponseHidden(last[:, -(T + 1):-1], head.weight, head.bias, out.logits.dtype)
 
 
@@ -254,7 +254,7 @@ def _check_head_reproduces(logits: Tensor, hidden: Tensor, weight: Tensor, bias:
                          "states; set objective.fused=never")
 
 
-def _base_model(model: nn.Module) -> nn.Module:
+def base_model(model: nn.Module) -> nn.Module:
     """The model inside DDP and peft (LoRA) wrappers."""
     model = getattr(model, "module", model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -266,7 +266,7 @@ def _positions(mask: Tensor) -> Tensor:
 
 
 def _forward_params(model: nn.Module) -> frozenset[str]:
-    return _params_of(type(_base_model(model)))
+    return _params_of(type(base_model(model)))
 
 
 @functools.lru_cache(maxsize=None)

@@ -25,7 +25,7 @@ from transformers import (AutoConfig, AutoProcessor, JanusConfig, JanusForCondit
                           JanusProcessor, JanusVisionConfig, JanusVQVAE, JanusVQVAEConfig, GenerationConfig,
                           LlamaConfig, PreTrainedTokenizerFast)
 
-from mmopd.adapter import _cache_arg, _cache_of, _positions
+from mmopd.adapter import _cache_arg, _cache_of, _positions, base_model
 from modalities.image_tokens.shapes import to_images
 from modalities.image_tokens.vq_weights import load_vq_weights
 
@@ -38,8 +38,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     calls submodules directly, which would bypass DDP's gradient synchronisation."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise NotImplementedError("Janus students cannot be trained under DDP yet (the image-generation forward "
-                                  "bypasses the DDP wrapper); train on one process, or with FSDP/DeepSpeed")
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+                                  "bypasses the DDP wrapper); train on one process")
+    return base_model(model)
 
 
 class JanusImageTokenizer:

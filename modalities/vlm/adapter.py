@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from mmopd.adapter import (ModalityAdapter, ModelLoadError, PromptBatch, TokenSpace, _cache_arg, _cache_of,
-                           _keep_last, _positions, load_pretrained, register_adapter)
+                           _keep_last, _positions, base_model, load_pretrained, register_adapter)
 from mmopd.compat import check_embedding_rows, check_same_vocab
 from mmopd.config import ConfigError, StudentConfig
 from mmopd.data import RecordError
@@ -68,15 +68,9 @@ def turn_end_id(processor: Any) -> int | None:
     return after[0] if after and after[0] in tok.all_special_ids else None
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The Hugging Face model under DDP and peft wrappers."""
-    model = getattr(model, "module", model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def _rope_index_owner(model: nn.Module) -> nn.Module | None:
     """The submodule with `get_rope_index` for multimodal-rope models (Qwen-VL), else None."""
-    base = _unwrap(model)
+    base = base_model(model)
     for candidate in (base, getattr(base, "model", None)):
         if candidate is not None and hasattr(candidate, "get_rope_index"):
             return candidate
@@ -138,7 +132,7 @@ class VLMAdapter(ModalityAdapter):
                 token = getattr(owner, attr, None)
                 if isinstance(token, str) and token in tok.get_vocab():
                     found.add(tok.convert_tokens_to_ids(token))
-        config = _unwrap(model).config
+        config = base_model(model).config
         for attr in PLACEHOLDER_CONFIG_IDS:
             value = getattr(config, attr, None)
             if isinstance(value, int) and 0 <= value < len(tok):
@@ -233,7 +227,7 @@ class VLMAdapter(ModalityAdapter):
             positions = _positions(mask)
         else:
             if "mm_token_type_ids" not in inputs:
-                raise ModelLoadError(f"{type(_unwrap(model)).__name__} uses multimodal rope, but its processor "
+                raise ModelLoadError(f"{type(base_model(model)).__name__} uses multimodal rope, but its processor "
                                      "returned no mm_token_type_ids; upgrade transformers or the processor files")
             rope_kwargs = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
                            if k in inputs}
