@@ -7,6 +7,7 @@ import json
 import pytest
 
 from examples.experiments import cfg_distill, compute_matched, estimator, forgetting, mode_seeking
+from examples.experiments.text_task import step_flops
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +22,52 @@ def test_compute_matched_writes_a_row_and_a_curve_per_method(out):
     assert (out / "results_compute_matched.png").stat().st_size > 0
     assert json.loads((out / "compute_matched.json").read_text())["budget_tflops"] > 0
     assert (out / "compute_matched.md").read_text().count("\n| ") == len(compute_matched.METHODS)  # one row per method
+
+
+@pytest.mark.parametrize("modality", ["vlm", "image"])
+def test_compute_matched_runs_every_method_on_the_vlm_and_image_toys(out, modality):
+    result = compute_matched.run_modality(out, "tiny", None, modality)
+    assert set(result["methods"]) == {*compute_matched.METHODS, "sft_long"}
+    assert result["modality"] == modality and result["metric"] in ("accuracy", "classifier_accuracy")
+    assert all(c["flops"][-1] > 0 for cs in result["curves"].values() for c in cs)
+    assert (out / f"results_compute_matched_{modality}.png").stat().st_size > 0
+    task = json.loads((out / f"{modality}_toy" / "task.json").read_text())
+    assert task["teacher_rows"] == (2 if modality == "image" else 1)  # the image toy's teacher is CFG-guided
+    assert (task["vision_flops"]["student"] > 0) == (modality == "vlm")
+
+
+def test_matched_steps_give_every_method_at_least_the_on_policy_budget():
+    task = {"params": {"student": 100, "teacher": 400, "student_trainable": 60}, "prompt_tokens": 3.0,
+            "vision_flops": {"student": 50.0, "teacher": 50.0}, "teacher_rows": 2}
+    steps = compute_matched.matched_steps(task, budget_steps=100, batch_size=8, response_tokens=5.0)
+    row = {"response_tokens": 8 * 5.0}
+
+    def cost(name: str) -> float:
+        overrides = compute_matched.METHODS[name][0]
+        kind = overrides["objective.kind"]
+        if kind == "gkd":
+            return steps[name] * (step_flops({**row, "on_policy": 1.0}, kind, task, 8) +
+                                  step_flops(row, kind, task, 8)) / 2
+        return steps[name] * step_flops({**row, "on_policy": float(kind == "on_policy")}, kind, task, 8)
+
+    budget = cost("on_policy_full")
+    assert steps["on_policy_full"] == 100
+    for name in compute_matched.METHODS:
+        assert budget <= cost(name) < budget + 10 * cost(name) / steps[name], name  # rounded up to 10 steps
+    assert steps["sft"] > steps["supervised_kd"] > steps["on_policy_full"]  # no teacher, then no generation
+
+
+def test_step_flops_charge_a_guided_teacher_two_rows_and_a_frozen_tower_no_backward():
+    base = {"params": {"student": 10, "teacher": 20}, "prompt_tokens": 1.0}
+    row = {"response_tokens": 3.0}  # batch 1: 4 tokens
+    assert step_flops(row, "supervised_kd", base, 1) == 6 * 10 * 4 + 2 * 20 * 4
+    guided = {**base, "teacher_rows": 2}
+    assert step_flops(row, "supervised_kd", guided, 1) == 6 * 10 * 4 + 2 * 2 * 20 * 4
+    vlm = {**base, "params": {"student": 10, "teacher": 20, "student_trainable": 5},
+           "vision_flops": {"student": 7.0, "teacher": 9.0}}
+    assert step_flops(row, "sft", vlm, 1) == 2 * 10 * 4 + 7 + 4 * 5 * 4
+    generated_and_trained = 2 * (2 * 10 * 4 + 7) + 4 * 5 * 4
+    assert step_flops({**row, "on_policy": 1.0}, "on_policy", vlm, 1) == generated_and_trained + 2 * 20 * 4 + 9
 
 
 def test_estimator_reuses_the_on_policy_runs_and_adds_top_k(out):
@@ -39,8 +86,10 @@ def test_mode_seeking_reports_probabilities_that_sum_to_one(out):
 
 def test_forgetting_measures_both_tasks_through_the_stages(out):
     result = forgetting.run(out, "tiny", None)
-    assert set(result["stage3"]) == set(forgetting.STAGE3)
-    assert len(result["stage2"]["a"]) == len(result["stage2"]["b"]) >= 2
+    assert set(result["scenarios"]) == set(forgetting.SCENARIOS)
+    for scenario in result["scenarios"].values():
+        assert set(scenario["stage3"]) == set(forgetting.STAGE3)
+        assert len(scenario["stage2"]["a"]) == len(scenario["stage2"]["b"]) >= 2
     assert (out / "forgetting" / "results_forgetting.png").stat().st_size > 0
 
 
@@ -50,5 +99,5 @@ def test_cfg_distill_reports_teacher_and_student_per_scale(out):
     steps = toy.TEACHER_STEPS
     result = cfg_distill.run(out, "tiny", None)
     assert set(result["scales"]) == {f"{s:g}" for s in cfg_distill.SIZES["tiny"]["scales"]}
-    assert all(r["pictures_per_s"]["student_after"] > 0 for r in result["scales"].values())
+    assert all(r["pictures_per_s"]["student_after"] > 0 for runs in result["scales"].values() for r in runs)
     assert toy.TEACHER_STEPS == steps  # the tiny build does not leak its settings

@@ -1,12 +1,14 @@
-"""Compute-matched comparison of the objectives on the text toy, from one student start, three seeds.
+"""Compute-matched comparison of the objectives, from one student start, three seeds, per modality.
 
-    python -m examples.experiments compute_matched [--out DIR] [--size tiny|full] [--publish]
+    python -m examples.experiments compute_matched [--out DIR] [--size tiny|full] [--publish]        # text toy
+    python -m examples.experiments compute_matched_vlm ...     # VLM toy (shapes VQA, LLaVA)
+    python -m examples.experiments compute_matched_image ...   # image-token toy (CFG teacher)
 
-Every method starts from the same SFT'd student, with the same batch (64 prompts), lr and schedule; the
+Every method starts from the same SFT'd student, with the same batch, lr and schedule (the toy's); the
 seed changes the batch order and the sampling. Each gets a number of steps that spends at least the FLOPs
-of 200 on_policy steps (cheaper steps: more of them). Compute is counted two ways: estimated FLOPs
+of the on_policy budget (cheaper steps: more of them). Compute is counted two ways: estimated FLOPs
 (text_task.step_flops; seq_kd pays for the teacher's generations, on_policy for the student's) and
-measured training seconds (metrics.jsonl `time/step`, eval excluded, one CPU thread, shared machine).
+measured training seconds (metrics.jsonl `time/step`, eval excluded, one CPU thread).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from examples.experiments.modality_task import build_modality_task  # noqa: E402
 from examples.experiments.text_task import (SIZES, band, base_overrides, build_task, curve, mean_std,  # noqa: E402
-                                            save_results, run_config)
+                                            save_results, run_config, step_flops)
 
 NAME = "compute_matched"
 # name: (overrides, steps at the full size); steps make each method's FLOPs ≥ 200 on_policy steps'
@@ -37,26 +40,74 @@ METHODS: dict[str, tuple[dict[str, Any], int]] = {
 LABELS = {"on_policy_full": "on_policy, full reverse KL", "on_policy_sampled": "on_policy, sampled-token",
           "gkd": "gkd (λ=0.5, JSD β=0.5)", "supervised_kd": "supervised_kd (forward KL)",
           "seq_kd": "seq_kd (teacher samples)", "sft": "sft (dataset answers)"}
+LONG = 4  # the vlm and image toys also run sft for LONG × its budget: does it ever reach on_policy?
+LABELS["sft_long"] = f"sft, {LONG}× the budget"
 THRESHOLD = 0.75  # "reached": first eval at or above this accuracy
+# the VLM and image toys: on_policy's step budget (the other methods' steps follow from their FLOPs per
+# step), the "reached" threshold on the toy's metric, and a name for the plot
+MODALITIES: dict[str, dict[str, Any]] = {
+    "vlm": {"budget_steps": 500, "threshold": 0.75, "title": "VLM toy (shapes VQA, LLaVA, lm_only)",
+            "metric_label": "eval accuracy (exact match, greedy)"},
+    "image": {"budget_steps": 200, "threshold": 0.85, "title": "Image-token toy (CFG-2 teacher, unguided student)",
+              "metric_label": "judge accuracy of sampled pictures"},
+}
 
 
 def method_runs(out: Path, size: str, names: list[str], extra: dict[str, dict[str, Any]] | None = None
                 ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
-    """Train (or reuse) every named method for every seed; return the task and each method's curves."""
+    """Train (or reuse) every named method for every seed on the text toy; return the task and the curves."""
     task = build_task(out, size)
     s = SIZES[size]
     methods = {**METHODS, **(extra or {})}
-    curves: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
-    for seed in s["seeds"]:  # seed-major: a cut-short experiment still has whole seeds
-        for name in names:
-            overrides, steps = methods[name]
-            steps = max(int(steps * s["scale"]), 2)
-            every = max(steps // 8 // 5 * 5, 1)
-            run_dir = run_config(out / "runs" / name / f"seed{seed}",
-                                 {**base_overrides(task, size), **overrides, "train.steps": steps,
-                                  "train.eval_every": every, "train.seed": seed})
+    steps = {n: max(int(methods[n][1] * s["scale"]), 2) for n in names}
+    return task, seed_runs(out / "runs", s["seeds"], {n: methods[n][0] for n in names}, steps,
+                           base_overrides(task, size), task)
+
+
+def seed_runs(runs: Path, seeds: tuple[int, ...], methods: dict[str, dict[str, Any]], steps: dict[str, int],
+              base: dict[str, Any], task: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Train (or reuse) each method for each seed, about 8 evals a run; each method's curves."""
+    curves: dict[str, list[dict[str, Any]]] = {n: [] for n in methods}
+    for seed in seeds:  # seed-major: a cut-short experiment still has whole seeds
+        for name, overrides in methods.items():
+            every = max(steps[name] // 8 // 5 * 5, 1)
+            run_dir = run_config(runs / name / f"seed{seed}",
+                                 {**base, **overrides, "train.steps": steps[name], "train.eval_every": every,
+                                  "train.seed": seed})
             curves[name].append(curve(run_dir, task))
-    return task, curves
+    return curves
+
+
+def matched_steps(task: dict[str, Any], budget_steps: int, batch_size: int, response_tokens: float) -> dict[str, int]:
+    """Steps per method that spend at least the FLOPs of `budget_steps` on_policy steps, by step_flops at
+    `response_tokens` per response (gkd: on-policy on λ of its steps), rounded up to a multiple of 10."""
+    def per_step(name: str) -> float:
+        overrides = METHODS[name][0]
+        kind = overrides["objective.kind"]
+        row = {"response_tokens": batch_size * response_tokens}
+        if kind == "gkd":
+            lmbda = overrides["objective.lmbda"]
+            return lmbda * step_flops({**row, "on_policy": 1.0}, kind, task, batch_size) + \
+                (1 - lmbda) * step_flops(row, kind, task, batch_size)
+        return step_flops({**row, "on_policy": float(kind == "on_policy")}, kind, task, batch_size)
+
+    budget = budget_steps * per_step("on_policy_full")
+    return {name: int(np.ceil(budget / per_step(name) / 10) * 10) for name in METHODS}
+
+
+def modality_runs(out: Path, size: str, modality: str) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """Build the modality's toy once, then train (or reuse) every method for every seed on it."""
+    task = build_modality_task(out / f"{modality}_toy", size, modality)
+    base = {**task["base"], "train.save_every": 0}
+    if size == "tiny":
+        base = {**base, "data.eval_limit": 6, "train.batch_size": 4}
+    budget = MODALITIES[modality]["budget_steps"] if size == "full" else 2
+    steps = matched_steps(task, budget, base["train.batch_size"], task["response_tokens"])
+    steps["sft_long"] = LONG * steps["sft"]
+    if size == "tiny":
+        steps = {name: 2 for name in steps}
+    methods = {**{name: overrides for name, (overrides, _) in METHODS.items()}, "sft_long": METHODS["sft"][0]}
+    return task, seed_runs(out / f"{NAME}_{modality}" / "runs", SIZES[size]["seeds"], methods, steps, base, task)
 
 
 def first_reach(c: dict[str, Any], axis: str, threshold: float) -> float | None:
@@ -72,14 +123,15 @@ def accuracy_at(c: dict[str, Any], axis: str, budget: float) -> float:
     return [a for x, a in zip(c[axis], c["accuracy"]) if x <= budget * 1.0001][-1]
 
 
-def summarize(task: dict[str, Any], curves: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Per method: accuracy at the FLOP budget (200 on_policy steps), final accuracy, compute to reach."""
+def summarize(task: dict[str, Any], curves: dict[str, list[dict[str, Any]]], threshold: float = THRESHOLD
+              ) -> dict[str, Any]:
+    """Per method: accuracy at the FLOP budget (on_policy_full's), final accuracy, compute to reach threshold."""
     budget = float(np.mean([c["flops"][-1] for c in curves["on_policy_full"]])) if "on_policy_full" in curves \
         else min(c["flops"][-1] for cs in curves.values() for c in cs)
     rows = {}
     for name, cs in curves.items():
-        reach = [first_reach(c, "flops", THRESHOLD) for c in cs]
-        reach_s = [first_reach(c, "seconds", THRESHOLD) for c in cs]
+        reach = [first_reach(c, "flops", threshold) for c in cs]
+        reach_s = [first_reach(c, "seconds", threshold) for c in cs]
         rows[name] = {
             "steps": cs[0]["steps"][-1],
             "accuracy_at_budget": [accuracy_at(c, "flops", budget) for c in cs],
@@ -92,7 +144,8 @@ def summarize(task: dict[str, Any], curves: dict[str, list[dict[str, Any]]]) -> 
         }
     teacher = curves[next(iter(curves))][0]["teacher"]
     before = curves[next(iter(curves))][0]["student_before"]
-    return {"budget_tflops": budget / 1e12, "threshold": THRESHOLD, "teacher": teacher, "student_before": before,
+    return {"budget_tflops": budget / 1e12, "threshold": threshold, "modality": task.get("modality", "text"),
+            "metric": task.get("metric", "accuracy"), "teacher": teacher, "student_before": before,
             "params": task["params"], "seeds": len(next(iter(curves.values()))), "methods": rows,
             "curves": curves}
 
@@ -108,7 +161,8 @@ def table(result: dict[str, Any]) -> str:
         return text if len(hits) == len(values) else f"{text} ({len(hits)}/{len(values)} seeds)"
 
     lines = [f"| method | steps | accuracy at {result['budget_tflops']:.3g} TFLOPs | final accuracy | "
-             f"TFLOPs total | train s total | s/step | TFLOPs to {THRESHOLD} | train s to {THRESHOLD} |",
+             f"TFLOPs total | train s total | s/step | TFLOPs to {result['threshold']} | "
+             f"train s to {result['threshold']} |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, r in result["methods"].items():
         lines.append(f"| {LABELS.get(name, name)} | {r['steps']} | {mean_std(r['accuracy_at_budget'])} | "
@@ -116,28 +170,42 @@ def table(result: dict[str, Any]) -> str:
                      f"{np.mean(r['seconds_total']):.0f} | {np.mean(r['seconds_per_step']):.3f} | "
                      f"{reach(r['tflops_to_reach'], '')} | {reach(r['seconds_to_reach'], 's')} |")
     lines.append(f"\nTeacher {result['teacher']:.3f}, student start {result['student_before']:.3f} "
-                 f"(greedy exact match on the eval prompts); mean ± std over {result['seeds']} seeds.")
+                 f"({result['metric']} on the eval prompts); mean ± std over {result['seeds']} seeds.")
     return "\n".join(lines) + "\n"
 
 
-def plot(result: dict[str, Any], path: Path) -> None:
-    """Accuracy against FLOPs and against training seconds, mean ± std band over seeds, teacher as a line."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, axis, scale, unit in ((axes[0], "flops", 1e12, "training compute (TFLOPs, estimated)"),
-                                  (axes[1], "seconds", 1.0, "training time (s, 1 CPU thread, eval excluded)")):
-        for name, cs in result["curves"].items():
-            grid, mean, std = band(cs, axis)
-            line, = ax.plot(grid / scale, mean, label=LABELS.get(name, name))
+def plot(result: dict[str, Any], path: Path, title: str = "Text toy (3-digit addition)",
+         metric_label: str = "eval accuracy (exact match, greedy)") -> None:
+    """Accuracy against FLOPs and against training seconds, mean ± std band over seeds, teacher as a line;
+    with an sft_long run, a third panel sets it against on_policy over its whole length."""
+    long = "sft_long" in result["curves"]
+    fig, axes = plt.subplots(1, 3 if long else 2, figsize=(17 if long else 12, 4.5))
+    panels = [(axes[0], "flops", 1e12, "training compute (TFLOPs, estimated)", [n for n in result["curves"]
+                                                                              if n != "sft_long"]),
+              (axes[1], "seconds", 1.0, "training time (s, 1 CPU thread, eval excluded)", [n for n in result["curves"]
+                                                                                       if n != "sft_long"])]
+    if long:
+        panels.append((axes[2], "flops", 1e12, "training compute (TFLOPs, estimated)", ["on_policy_full", "sft_long"]))
+        axes[2].set_title(f"sft for {LONG}× the budget", fontsize=9)
+    for ax, axis, scale, unit, names in panels:
+        for name in names:
+            grid, mean, std = band(result["curves"][name], axis)
+            color = f"C{list(result['curves']).index(name if name != 'sft_long' else 'sft')}"
+            line, = ax.plot(grid / scale, mean, label=LABELS.get(name, name), color=color,
+                            linestyle=":" if name == "sft_long" else "-")
             ax.fill_between(grid / scale, mean - std, mean + std, color=line.get_color(), alpha=0.2)
         ax.axhline(result["teacher"], color="black", linestyle="--", label="teacher")
         if axis == "flops":
-            ax.axvline(result["budget_tflops"], color="grey", linestyle=":", label="budget (200 on_policy steps)")
+            ax.axvline(result["budget_tflops"], color="grey", linestyle=":",
+                       label=f"budget ({result['methods']['on_policy_full']['steps']} on_policy steps)")
         ax.set_xlabel(unit)
-        ax.set_ylabel("eval accuracy (exact match, greedy)")
+        ax.set_ylabel(metric_label)
         ax.set_ylim(-0.02, 1.05)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="upper left")
-    fig.suptitle(f"Text toy (3-digit addition): student accuracy vs compute; mean ± std over "
+    if long:
+        axes[2].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"{title}: student {result['metric']} vs compute; mean ± std over "
                  f"{result['seeds']} seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -145,10 +213,20 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def run(out: Path, size: str, root: Path | None) -> dict[str, Any]:
-    """Run every method for every seed, then write results_compute_matched.png, .json and .md in out."""
+    """Run every method for every seed on the text toy, then write results_compute_matched.png, .json and .md."""
     task, curves = method_runs(out, size, list(METHODS))
     result = summarize(task, curves)
     out.mkdir(parents=True, exist_ok=True)
     plot(result, out / f"results_{NAME}.png")
     save_results(out, NAME, result, table(result), root)
+    return result
+
+
+def run_modality(out: Path, size: str, root: Path | None, modality: str) -> dict[str, Any]:
+    """The same comparison on the vlm or image toy: results_compute_matched_MODALITY.png, .json, .md in out."""
+    name, settings = f"{NAME}_{modality}", MODALITIES[modality]
+    task, curves = modality_runs(out, size, modality)
+    result = summarize(task, curves, settings["threshold"])
+    plot(result, out / f"results_{name}.png", settings["title"], settings["metric_label"])
+    save_results(out, name, result, table(result), root)
     return result

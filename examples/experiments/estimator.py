@@ -3,10 +3,11 @@
     python -m examples.experiments estimator [--out DIR] [--size tiny|full] [--publish]
 
 The same on_policy runs as compute_matched (same student start, batch 64, lr 2e-3, 200 steps; those runs
-are reused when --out is shared), plus the teacher kept to its top K logits (`teacher.top_k`) and the
-sampled-token estimator at a quarter of the learning rate. Quality: eval accuracy against steps. Teacher
-cost: measured seconds per step in the teacher phase (`time/teacher`) and the numbers the teacher hands
-over per response token (V logits, K logits + K ids, or one log-prob).
+are reused when --out is shared), plus the teacher kept to its top K logits (`teacher.top_k`, K = 4 and 12
+of the 24-token vocabulary) and the sampled-token estimator at lower learning rates and with 4 samples per
+prompt (`rollout.samples_per_prompt`: 4× the sequences, and the FLOPs, of a step). Quality: eval accuracy
+against steps. Teacher cost: measured seconds per step in the teacher phase (`time/teacher`) and the
+numbers the teacher hands over per response token (V logits, K logits + K ids, or one log-prob).
 """
 
 from __future__ import annotations
@@ -25,33 +26,44 @@ from examples.experiments.compute_matched import method_runs  # noqa: E402
 from examples.experiments.text_task import mean_std, save_results  # noqa: E402
 
 NAME = "estimator"
-TOP_K = 4
+TOP_KS = (4, 12)
+SAMPLED = {"on_policy_sampled_lr1e-3": ({"train.lr": 1e-3}, "lr 1e-3", "lr 1e-3"),
+           "on_policy_sampled_lr5e-4": ({"train.lr": 5e-4}, "lr 5e-4", "lr 5e-4"),
+           "on_policy_sampled_lr1e-3_n4": ({"train.lr": 1e-3, "rollout.samples_per_prompt": 4},
+                                           "lr 1e-3, 4 samples per prompt", "lr 1e-3,\n4/prompt")}
 EXTRA: dict[str, tuple[dict[str, Any], int]] = {
-    f"on_policy_top{TOP_K}": ({"objective.kind": "on_policy", "objective.estimator": "full",
-                               "teacher.top_k": TOP_K}, 200),
-    "on_policy_sampled_lr5e-4": ({"objective.kind": "on_policy", "objective.estimator": "sampled",
-                                  "train.lr": 5e-4}, 200),
+    **{f"on_policy_top{k}": ({"objective.kind": "on_policy", "objective.estimator": "full", "teacher.top_k": k}, 200)
+       for k in TOP_KS},
+    **{name: ({"objective.kind": "on_policy", "objective.estimator": "sampled", **o}, 200)
+       for name, (o, _, _) in SAMPLED.items()},
 }
 LABELS = {"on_policy_full": "full reverse KL (all V logits)", "on_policy_sampled": "sampled-token estimator",
-          f"on_policy_top{TOP_K}": f"top-{TOP_K} teacher (renormalised)",
-          "on_policy_sampled_lr5e-4": "sampled-token estimator, lr 5e-4"}
-SHORT = {"on_policy_full": "full", "on_policy_sampled": "sampled", f"on_policy_top{TOP_K}": f"top-{TOP_K}",
-         "on_policy_sampled_lr5e-4": "sampled,\nlr 5e-4"}
+          **{f"on_policy_top{k}": f"top-{k} teacher (renormalised)" for k in TOP_KS},
+          **{name: f"sampled-token estimator, {label}" for name, (_, label, _) in SAMPLED.items()}}
+SHORT = {"on_policy_full": "full", "on_policy_sampled": "sampled", **{f"on_policy_top{k}": f"top-{k}" for k in TOP_KS},
+         **{name: f"sampled,\n{short}" for name, (_, _, short) in SAMPLED.items()}}
+
+
+def numbers_per_token(name: str, vocab: int) -> int:
+    """What the teacher hands over per response token: V logits, K values + K ids, or one log-prob."""
+    if "sampled" in name:
+        return 1
+    if "_top" in name:
+        return 2 * int(name.rsplit("top", 1)[1])
+    return vocab
 
 
 def run(out: Path, size: str, root: Path | None) -> dict[str, Any]:
-    """Run (or reuse) the four variants for every seed; write results_estimator.png, .json and .md."""
+    """Run (or reuse) every variant for every seed; write results_estimator.png, .json and .md."""
     names = ["on_policy_full", "on_policy_sampled", *EXTRA]
     task, curves = method_runs(out, size, names, EXTRA)
     vocab = transformers.AutoConfig.from_pretrained(task["paths"]["teacher"]).vocab_size
-    per_token = {"on_policy_full": vocab, "on_policy_sampled": 1, f"on_policy_top{TOP_K}": 2 * TOP_K,
-                 "on_policy_sampled_lr5e-4": 1}
     rows = {name: {"accuracy_final": [c["accuracy"][-1] for c in cs],
                    "accuracy_best": [max(c["accuracy"]) for c in cs],
                    "teacher_seconds_per_step": [c["teacher_seconds_per_step"] for c in cs],
                    "seconds_per_step": [c["seconds_per_step"] for c in cs],
-                   "teacher_numbers_per_token": per_token[name]} for name, cs in curves.items()}
-    result = {"teacher": curves["on_policy_full"][0]["teacher"], "vocab": vocab, "top_k": TOP_K,
+                   "teacher_numbers_per_token": numbers_per_token(name, vocab)} for name, cs in curves.items()}
+    result = {"teacher": curves["on_policy_full"][0]["teacher"], "vocab": vocab, "top_k": list(TOP_KS),
               "seeds": len(curves["on_policy_full"]), "methods": rows, "curves": curves}
     out.mkdir(parents=True, exist_ok=True)
     plot(result, out / f"results_{NAME}.png")

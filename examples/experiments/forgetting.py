@@ -4,7 +4,9 @@
 
 Task A is the text toy (3-digit addition with column sums); task B reverses a 5-digit number
 (`34758=` -> `#85743`), in the same character vocabulary. Stage 1: the task-A model is the toy's teacher
-(trained on A only). Stage 2: SFT on B only. Stage 3, from the stage-2 model, three ways at the same
+(trained on A only). Stage 2, two scenarios: SFT on B only (total forgetting of A), or on B with 15% of
+the examples from A (a mid-training mix that keeps some old data: A drops partly). Stage 3, from each
+stage-2 model, three ways at the same
 steps and batch: on_policy reverse KL to the stage-1 model on A prompts only; on_policy on a 50/50 mix
 of A and B prompts with the dataset answers' NLL added (`sft_weight: 1`, so B keeps a signal the A
 teacher cannot give); and SFT on the same 50/50 mix (rehearsal, the usual fix). A and B accuracy (greedy
@@ -35,9 +37,15 @@ from modalities.text import toy  # noqa: E402
 
 NAME = "forgetting"
 SIZES: dict[str, dict[str, Any]] = {
-    "full": {"b_records": 5000, "eval": 200, "sft_steps": 150, "stage3_steps": 200, "every": 25, "seeds": (0, 1)},
+    "full": {"b_records": 5000, "eval": 200, "sft_steps": 150, "stage3_steps": 200, "every": 25, "seeds": (0, 1, 2)},
     "tiny": {"b_records": 16, "eval": 4, "sft_steps": 2, "stage3_steps": 2, "every": 1, "seeds": (0,)},
 }
+# stage 2: name -> (the label, the train file, the stage-2 run dir, the stage-3 runs' dir)
+SCENARIOS: dict[str, tuple[str, str, str, str]] = {
+    "total": ("SFT on B", "b", "stage2_sft_b", "stage3"),
+    "partial": ("SFT on 85% B + 15% A", "b_a15", "stage2_sft_b_a15", "stage3_partial"),
+}
+A_SHARE = 0.15  # the partial scenario's share of A examples in stage 2
 STAGE3: dict[str, dict[str, Any]] = {
     "OPD on A prompts": {"objective.kind": "on_policy", "data": "a"},
     "OPD on A+B prompts, + NLL on answers": {"objective.kind": "on_policy", "objective.sft_weight": 1.0,
@@ -65,10 +73,13 @@ def data(out: Path, task: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]
     a_eval = [json.loads(line) for line in Path(task["paths"]["eval"]).read_text().splitlines()][:cfg["eval"]]
     mix = a_train[:len(b_train)] + b_train
     random.Random(12).shuffle(mix)
+    b_a15 = a_train[-max(int(len(b_train) * A_SHARE / (1 - A_SHARE)), 1):] + b_train  # A's last, unlike mix
+    random.Random(13).shuffle(b_a15)
     paths = {"b": out / "data" / "b_train.jsonl", "mix": out / "data" / "mix_train.jsonl",
-             "a": Path(task["paths"]["train"])}
+             "b_a15": out / "data" / "b_a15_train.jsonl", "a": Path(task["paths"]["train"])}
     toy.write_jsonl(paths["b"], b_train)
     toy.write_jsonl(paths["mix"], mix)
+    toy.write_jsonl(paths["b_a15"], b_a15)
     return {"paths": paths, "a_eval": a_eval, "b_eval": b_eval}
 
 
@@ -112,20 +123,23 @@ def run(out: Path, size: str, root: Path | None) -> dict[str, Any]:
               toy.MAX_NEW_TOKENS, "train.batch_size": text["batch_size"], "train.lr": text["lr"],
               "train.warmup": text["warmup"] // 5, "train.save_every": cfg["every"], "train.progress": False}
     start = accuracies(teacher, d)
-    sft = stage(out / "stage2_sft_b", {**common, "student.path": teacher, "data.train": str(d["paths"]["b"]),
+    scenarios: dict[str, dict[str, Any]] = {}
+    for scenario, (label, data_key, stage2_dir, stage3_dir) in SCENARIOS.items():
+        sft = stage(out / stage2_dir, {**common, "student.path": teacher, "data.train": str(d["paths"][data_key]),
                                        "objective.kind": "sft", "train.steps": cfg["sft_steps"]}, d)
-    stage3: dict[str, list[dict[str, Any]]] = {}
-    for seed in cfg["seeds"]:
-        for name, spec in STAGE3.items():
-            overrides = {k: v for k, v in spec.items() if k != "data"}
-            slug = name.split()[0].lower() + "_" + spec["data"] + ("_nll" if "objective.sft_weight" in spec else "")
-            stage3.setdefault(name, []).append(stage(
-                out / "stage3" / slug / f"seed{seed}",
-                {**common, **overrides, "student.path": str(out / "stage2_sft_b" / "final"),
-                 "data.train": str(d["paths"][spec["data"]]), "train.steps": cfg["stage3_steps"],
-                 "train.seed": seed}, d))
-    result = {"stage1": {"a": start[0], "b": start[1]}, "stage2": sft, "stage3": stage3,
-              "seeds": len(cfg["seeds"]), "eval": cfg["eval"]}
+        stage3: dict[str, list[dict[str, Any]]] = {}
+        for seed in cfg["seeds"]:
+            for name, spec in STAGE3.items():
+                overrides = {k: v for k, v in spec.items() if k != "data"}
+                slug = name.split()[0].lower() + "_" + spec["data"] + ("_nll" if "objective.sft_weight" in spec else "")
+                stage3.setdefault(name, []).append(stage(
+                    out / stage3_dir / slug / f"seed{seed}",
+                    {**common, **overrides, "student.path": str(out / stage2_dir / "final"),
+                     "data.train": str(d["paths"][spec["data"]]), "train.steps": cfg["stage3_steps"],
+                     "train.seed": seed}, d))
+        scenarios[scenario] = {"label": label, "stage2": sft, "stage3": stage3}
+    result = {"stage1": {"a": start[0], "b": start[1]}, "scenarios": scenarios, "seeds": len(cfg["seeds"]),
+              "eval": cfg["eval"]}
     out.mkdir(parents=True, exist_ok=True)
     plot(result, out / f"results_{NAME}.png")
     save_results(out, NAME, result, table(result), root)
@@ -133,43 +147,51 @@ def run(out: Path, size: str, root: Path | None) -> dict[str, Any]:
 
 
 def table(result: dict[str, Any]) -> str:
-    """Markdown: A and B accuracy after each stage (stage 3: mean ± std over seeds), and training seconds."""
-    s1, s2 = result["stage1"], result["stage2"]
+    """Markdown: A and B accuracy after each stage of each scenario (stage 3: mean ± std over seeds), and
+    training seconds."""
+    s1 = result["stage1"]
     lines = ["| stage | task A accuracy | task B accuracy | train s |", "|---|---|---|---|",
-             f"| 1. task-A model (the toy teacher) | {s1['a']:.3f} | {s1['b']:.3f} | — |",
-             f"| 2. + SFT on B, {s2['steps'][-1]} steps | {s2['a'][-1]:.3f} | {s2['b'][-1]:.3f} | {s2['seconds']:.0f} |"]
-    for name, curves in result["stage3"].items():
-        lines.append(f"| 3. {name}, {curves[0]['steps'][-1]} steps | {mean_std([c['a'][-1] for c in curves])} | "
-                     f"{mean_std([c['b'][-1] for c in curves])} | {np.mean([c['seconds'] for c in curves]):.0f} |")
+             f"| 1. task-A model (the toy teacher) | {s1['a']:.3f} | {s1['b']:.3f} | — |"]
+    for scenario in result["scenarios"].values():
+        s2 = scenario["stage2"]
+        lines.append(f"| **2. + {scenario['label']}, {s2['steps'][-1]} steps** | {s2['a'][-1]:.3f} | "
+                     f"{s2['b'][-1]:.3f} | {s2['seconds']:.0f} |")
+        for name, curves in scenario["stage3"].items():
+            lines.append(f"| 3. {name}, {curves[0]['steps'][-1]} steps | {mean_std([c['a'][-1] for c in curves])} | "
+                         f"{mean_std([c['b'][-1] for c in curves])} | {np.mean([c['seconds'] for c in curves]):.0f} |")
     lines.append(f"\nGreedy exact match on {result['eval']} held-out prompts per task; stage 3 mean ± std over "
-                 f"{result['seeds']} seeds.")
+                 f"{result['seeds']} seeds, each from the stage-2 model above it.")
     return "\n".join(lines) + "\n"
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    """A (solid) and B (dashed) accuracy against cumulative steps through stages 2 and 3, band over seeds."""
-    fig, ax = plt.subplots(figsize=(13, 4.5))
-    s2 = result["stage2"]
-    x2 = [0] + s2["steps"]
-    ax.plot(x2, [result["stage1"]["a"]] + s2["a"], color="black", label="task A, stage 2 (SFT on B)")
-    ax.plot(x2, [result["stage1"]["b"]] + s2["b"], color="black", linestyle="--", label="task B, stage 2")
-    offset = s2["steps"][-1]
-    for i, (name, curves) in enumerate(result["stage3"].items()):
-        x = offset + np.array([0] + curves[0]["steps"])
-        for key, style in (("a", "-"), ("b", "--")):
-            ys = np.array([[s2[key][-1]] + c[key] for c in curves])  # [seeds, points]
-            ax.plot(x, ys.mean(0), color=f"C{i}", linestyle=style, label=f"task {key.upper()}, 3: {name}")
-            ax.fill_between(x, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), color=f"C{i}", alpha=0.15)
-    ax.axvline(offset, color="grey", linestyle=":")
-    ax.text(offset / 2, 1.02, "stage 2: SFT on B", ha="center", fontsize=8)
-    ax.text(offset * 1.6, 1.02, "stage 3 (from the stage-2 model)", ha="center", fontsize=8)
-    ax.set_xlabel("training step (64 examples each; stage 1 = step 0)")
-    ax.set_ylabel("accuracy (greedy exact match)")
-    ax.set_ylim(-0.02, 1.08)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.set_title(f"Forgetting and recovery: A = addition, B = reversal; bands: std over {result['seeds']} seeds",
+    """Per scenario, A (solid) and B (dashed) accuracy against cumulative steps through stages 2 and 3, band
+    over seeds."""
+    scenarios = list(result["scenarios"].values())
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(8 * len(scenarios), 4.8), squeeze=False)
+    for ax, scenario in zip(axes[0], scenarios):
+        s2 = scenario["stage2"]
+        x2 = [0] + s2["steps"]
+        ax.plot(x2, [result["stage1"]["a"]] + s2["a"], color="black", label="task A, stage 2")
+        ax.plot(x2, [result["stage1"]["b"]] + s2["b"], color="black", linestyle="--", label="task B, stage 2")
+        offset = s2["steps"][-1]
+        for i, (name, curves) in enumerate(scenario["stage3"].items()):
+            x = offset + np.array([0] + curves[0]["steps"])
+            for key, style in (("a", "-"), ("b", "--")):
+                ys = np.array([[s2[key][-1]] + c[key] for c in curves])  # [seeds, points]
+                ax.plot(x, ys.mean(0), color=f"C{i}", linestyle=style, label=f"task {key.upper()}, 3: {name}")
+                ax.fill_between(x, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), color=f"C{i}", alpha=0.15)
+        ax.axvline(offset, color="grey", linestyle=":")
+        ax.text(offset / 2, 1.02, f"stage 2: {scenario['label']}", ha="center", fontsize=8)
+        ax.text(offset * 1.6, 1.02, "stage 3 (from the stage-2 model)", ha="center", fontsize=8)
+        ax.set_xlabel("training step (64 examples each; stage 1 = step 0)")
+        ax.set_ylabel("accuracy (greedy exact match)")
+        ax.set_ylim(-0.02, 1.08)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=4)
+    fig.suptitle(f"Forgetting and recovery: A = addition, B = reversal; bands: std over {result['seeds']} seeds",
                  fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -88,21 +88,28 @@ def run_config(out_dir: Path, overrides: dict[str, Any]) -> Path:
 
 
 def step_flops(row: dict[str, Any], kind: str, task: dict[str, Any], batch_size: int) -> float:
-    """Estimated FLOPs of one step: 2·N per token for a forward pass (generation included), 6·N to train.
+    """Estimated FLOPs of one step: 2·N per token for a forward pass (generation included), 4·N more for the
+    backward of what the student trains.
 
     Tokens are the step's prompts plus its response tokens; attention FLOPs are left out (under 5% at
-    these lengths and widths). Generation: the student's when the step was on-policy, the teacher's for
-    seq_kd. Teacher scoring: every kind but sft and seq_kd.
+    these lengths and widths). N counts the language model; a VLM task adds its vision tower's forward per
+    prompt (`vision_flops`), and a CFG-guided teacher runs `teacher_rows` = 2 rows per token. Generation:
+    the student's when the step was on-policy, the teacher's for seq_kd. Teacher scoring: every kind but
+    sft and seq_kd.
     """
-    ns, nt = task["params"]["student"], task["params"]["teacher"]
+    params = task["params"]
+    vision = task.get("vision_flops", {})
+    rows = task.get("teacher_rows", 1)
     tokens = batch_size * task["prompt_tokens"] + row["response_tokens"]
-    flops = 6 * ns * tokens
+    student_forward = 2 * params["student"] * tokens + batch_size * vision.get("student", 0.0)
+    teacher_forward = rows * (2 * params["teacher"] * tokens + batch_size * vision.get("teacher", 0.0))
+    flops = student_forward + 4 * params.get("student_trainable", params["student"]) * tokens
     if row.get("on_policy", 0.0) > 0.5:
-        flops += 2 * ns * tokens
+        flops += student_forward
     if kind == "seq_kd":
-        flops += 2 * nt * tokens
+        flops += teacher_forward
     if kind not in ("sft", "seq_kd"):
-        flops += 2 * nt * tokens
+        flops += teacher_forward
     return flops
 
 
@@ -117,7 +124,8 @@ def curve(run_dir: Path, task: dict[str, Any]) -> dict[str, Any]:
                                                                       config.train.batch_size)
             seconds[row["step"]] = seconds[row["step"] - 1] + row["time/step"]
             teacher_s.append(row.get("time/teacher", 0.0))
-    evals = {row["step"]: row["eval/accuracy"] for row in rows if "eval/accuracy" in row}
+    metric = f"eval/{task.get('metric', 'accuracy')}"
+    evals = {row["step"]: row[metric] for row in rows if metric in row}
     steps = sorted(evals)
     summary = json.loads((run_dir / "summary.json").read_text())
     return {"steps": steps, "accuracy": [evals[s] for s in steps], "flops": [flops[s] for s in steps],
@@ -134,11 +142,11 @@ def band(curves: list[dict[str, Any]], axis: str, points: int = 40) -> tuple[np.
     return grid, ys.mean(0), ys.std(0)
 
 
-def mean_std(values: list[float]) -> str:
+def mean_std(values: list[float], fmt: str = ".3f") -> str:
     """'0.873 ± 0.012' over seeds (population std), or the one value."""
     if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
+        return f"{values[0]:{fmt}}"
+    return f"{np.mean(values):{fmt}} ± {np.std(values):{fmt}}"
 
 
 def save_results(out: Path, name: str, result: dict, table: str, root: Path | None) -> None:

@@ -1,0 +1,106 @@
+"""The VLM and image-token toys as experiment tasks: built once per output dir, with what the FLOP count
+needs (the text toy's counterpart is text_task.build_task).
+
+A task is a dict: `modality`, `metric` (the adapter's eval metric), `base` (the toy config's settings as
+dotted overrides), `params` (student, teacher, student_trainable: what the language model computes per
+token), `vision_flops` (per prompt, for each model: the vision tower's forward), `teacher_rows` (2 when the
+teacher is CFG-guided: a conditional and an unconditional row per token) and `prompt_tokens`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import numpy as np
+import torch
+
+from mmopd.config import load_config
+
+# the plumbing only (random-ish models, a few records); patched for the build and restored on return
+TINY_BUILD: dict[str, dict[str, int]] = {
+    "image": {"VQ_STEPS": 2, "JUDGE_STEPS": 2, "TEACHER_STEPS": 2, "STUDENT_STEPS": 2, "TRAIN_PICTURES": 64,
+              "EVAL_PER_CLASS": 2},
+    "vlm": {"TRAIN_RECORDS": 24, "EVAL_RECORDS": 6, "TEACHER_STEPS": 2, "STUDENT_STEPS": 2},
+}
+VISION_NAMES = ("vision", "multi_modal_projector")  # parameter names of the vision side of a VLM
+
+
+def build_toy(out: Path, size: str, modality: str) -> Path:
+    """The modality's toy config in out (built once and reused); the tiny size shrinks its data and training."""
+    import importlib
+
+    config = out / "config.yaml"
+    if config.exists():
+        return config
+    toy = importlib.import_module({"image": "modalities.image_tokens.toy", "vlm": "modalities.vlm.toy"}[modality])
+    with mock.patch.multiple(toy, **TINY_BUILD[modality]) if size == "tiny" else contextlib.nullcontext():
+        return toy.build_toy(out, progress=False)
+
+
+def flat_overrides(config_path: Path) -> dict[str, Any]:
+    """A config file's settings as dotted overrides (`train.lr`: ...), progress bars and trackers off."""
+    base = load_config(config_path).to_dict()
+    flat = {f"{section}.{key}": value for section, fields in base.items() if isinstance(fields, dict)
+            for key, value in fields.items()}
+    return {**flat, "modality": base["modality"], "train.progress": False, "train.report_to": []}
+
+
+def _vision_split(model: torch.nn.Module) -> tuple[int, int]:
+    """(language-model parameters, vision-side parameters) of a VLM."""
+    vision = sum(p.numel() for n, p in model.named_parameters() if any(v in n for v in VISION_NAMES))
+    return sum(p.numel() for p in model.parameters()) - vision, vision
+
+
+def _vision_tokens(model: torch.nn.Module) -> int:
+    """Patches the vision tower runs per picture: (side / patch)², plus a CLS token where it has one."""
+    vision = model.config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    return patches + int(vision.model_type.startswith("clip"))
+
+
+def build_modality_task(out: Path, size: str, modality: str) -> dict[str, Any]:
+    """Build (or reuse) the toy of `modality` ("vlm" or "image") in out and describe it for the FLOP count."""
+    info_path = out / "task.json"
+    if info_path.exists():
+        return json.loads(info_path.read_text())
+    import transformers
+
+    from mmopd.data import load_jsonl
+    from mmopd.adapter import get_adapter
+
+    config_path = build_toy(out, size, modality)
+    base = flat_overrides(config_path)
+    config = load_config(config_path)
+    adapter = get_adapter(config.modality)
+    adapter.configure(config)
+    paths = {"student": base["student.path"], "teacher": base["teacher.path"]}
+    params: dict[str, int] = {}
+    vision_flops: dict[str, float] = {}
+    records = load_jsonl(Path(base["data.train"]), adapter.check_record).records[:64]
+    if modality == "vlm":
+        for role, path in paths.items():
+            model = transformers.AutoModelForImageTextToText.from_pretrained(path)
+            lm, vision = _vision_split(model)
+            params[role] = lm
+            pictures = float(np.mean([len(r["images"]) for r in records]))
+            vision_flops[role] = 2.0 * vision * _vision_tokens(model) * pictures
+        params["student_trainable"] = params["student"]  # the toy trains lm_only: no backward through the tower
+    else:
+        for role, path in paths.items():
+            params[role] = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(path).parameters())
+            vision_flops[role] = 0.0
+        params["student_trainable"] = params["student"]
+    processor = adapter.load_processor(paths["student"], "student")
+    prompt_tokens = adapter.encode_prompts(records, processor).attention_mask.sum(1).float().mean().item()
+    response_tokens = float(np.mean([len(a) for a in adapter.encode_answers(records, processor)]))
+    teacher_rows = 2 if float(base.get("teacher.cfg_scale", 1.0)) != 1.0 else 1
+    info = {"size": size, "modality": modality, "metric": adapter.metric, "base": base, "params": params,
+            "vision_flops": vision_flops, "teacher_rows": teacher_rows, "prompt_tokens": prompt_tokens,
+            "response_tokens": response_tokens, "paths": {**paths, "config": str(config_path)}}
+    out.mkdir(parents=True, exist_ok=True)
+    info_path.write_text(json.dumps(info, indent=1))
+    return info
