@@ -27,7 +27,8 @@ def test_compute_matched_writes_a_row_and_a_curve_per_method(out):
 @pytest.mark.parametrize("modality", ["vlm", "image"])
 def test_compute_matched_runs_every_method_on_the_vlm_and_image_toys(out, modality):
     result = compute_matched.run_modality(out, "tiny", None, modality)
-    assert set(result["methods"]) == {*compute_matched.METHODS, "sft_long"}
+    long = {f"{name}_long" for name in compute_matched.MODALITIES[modality]["long"]}
+    assert set(result["methods"]) == {*compute_matched.METHODS, *long}
     assert result["modality"] == modality and result["metric"] in ("accuracy", "classifier_accuracy")
     assert all(c["flops"][-1] > 0 for cs in result["curves"].values() for c in cs)
     assert (out / f"results_compute_matched_{modality}.png").stat().st_size > 0

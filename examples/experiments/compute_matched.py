@@ -40,16 +40,16 @@ METHODS: dict[str, tuple[dict[str, Any], int]] = {
 LABELS = {"on_policy_full": "on_policy, full reverse KL", "on_policy_sampled": "on_policy, sampled-token",
           "gkd": "gkd (λ=0.5, JSD β=0.5)", "supervised_kd": "supervised_kd (forward KL)",
           "seq_kd": "seq_kd (teacher samples)", "sft": "sft (dataset answers)"}
-LONG = 4  # the vlm and image toys also run sft for LONG × its budget: does it ever reach on_policy?
-LABELS["sft_long"] = f"sft, {LONG}× the budget"
+LONG = 4  # MODALITIES[...]["long"] methods also run for LONG × the budget: do they ever reach on_policy?
+LABELS.update({f"{name}_long": f"{name}, {LONG}× the budget" for name in ("sft", "seq_kd")})
 THRESHOLD = 0.75  # "reached": first eval at or above this accuracy
 # the VLM and image toys: on_policy's step budget (the other methods' steps follow from their FLOPs per
 # step), the "reached" threshold on the toy's metric, and a name for the plot
 MODALITIES: dict[str, dict[str, Any]] = {
     "vlm": {"budget_steps": 500, "threshold": 0.75, "title": "VLM toy (shapes VQA, LLaVA, lm_only)",
-            "metric_label": "eval accuracy (exact match, greedy)"},
+            "metric_label": "eval accuracy (exact match, greedy)", "long": ()},
     "image": {"budget_steps": 200, "threshold": 0.85, "title": "Image-token toy (CFG-2 teacher, unguided student)",
-              "metric_label": "judge accuracy of sampled pictures"},
+              "metric_label": "judge accuracy of sampled pictures", "long": ("sft", "seq_kd")},
 }
 
 
@@ -103,10 +103,12 @@ def modality_runs(out: Path, size: str, modality: str) -> tuple[dict[str, Any], 
         base = {**base, "data.eval_limit": 6, "train.batch_size": 4}
     budget = MODALITIES[modality]["budget_steps"] if size == "full" else 2
     steps = matched_steps(task, budget, base["train.batch_size"], task["response_tokens"])
-    steps["sft_long"] = LONG * steps["sft"]
+    long = MODALITIES[modality]["long"]
+    steps.update({f"{name}_long": LONG * steps[name] for name in long})
     if size == "tiny":
         steps = {name: 2 for name in steps}
-    methods = {**{name: overrides for name, (overrides, _) in METHODS.items()}, "sft_long": METHODS["sft"][0]}
+    methods = {**{name: overrides for name, (overrides, _) in METHODS.items()},
+               **{f"{name}_long": METHODS[name][0] for name in long}}
     return task, seed_runs(out / f"{NAME}_{modality}" / "runs", SIZES[size]["seeds"], methods, steps, base, task)
 
 
@@ -177,22 +179,23 @@ def table(result: dict[str, Any]) -> str:
 def plot(result: dict[str, Any], path: Path, title: str = "Text toy (3-digit addition)",
          metric_label: str = "eval accuracy (exact match, greedy)") -> None:
     """Accuracy against FLOPs and against training seconds, mean ± std band over seeds, teacher as a line;
-    with an sft_long run, a third panel sets it against on_policy over its whole length."""
-    long = "sft_long" in result["curves"]
+    with runs at LONG × the budget (`*_long`), a third panel sets them against on_policy over their length."""
+    names = list(result["curves"])
+    long = [n for n in names if n.endswith("_long")]
+    short = [n for n in names if n not in long]
     fig, axes = plt.subplots(1, 3 if long else 2, figsize=(17 if long else 12, 4.5))
-    panels = [(axes[0], "flops", 1e12, "training compute (TFLOPs, estimated)", [n for n in result["curves"]
-                                                                              if n != "sft_long"]),
-              (axes[1], "seconds", 1.0, "training time (s, 1 CPU thread, eval excluded)", [n for n in result["curves"]
-                                                                                       if n != "sft_long"])]
+    panels = [(axes[0], "flops", 1e12, "training compute (TFLOPs, estimated)", short),
+              (axes[1], "seconds", 1.0, "training time (s, 1 CPU thread, eval excluded)", short)]
     if long:
-        panels.append((axes[2], "flops", 1e12, "training compute (TFLOPs, estimated)", ["on_policy_full", "sft_long"]))
-        axes[2].set_title(f"sft for {LONG}× the budget", fontsize=9)
-    for ax, axis, scale, unit, names in panels:
-        for name in names:
+        panels.append((axes[2], "flops", 1e12, "training compute (TFLOPs, estimated)", ["on_policy_full", *long]))
+        axes[2].set_title(f"{' and '.join(n.removesuffix('_long') for n in long)} for {LONG}× the budget",
+                          fontsize=9)
+    for ax, axis, scale, unit, panel in panels:
+        for name in panel:
             grid, mean, std = band(result["curves"][name], axis)
-            color = f"C{list(result['curves']).index(name if name != 'sft_long' else 'sft')}"
-            line, = ax.plot(grid / scale, mean, label=LABELS.get(name, name), color=color,
-                            linestyle=":" if name == "sft_long" else "-")
+            line, = ax.plot(grid / scale, mean, label=LABELS.get(name, name),
+                            color=f"C{short.index(name.removesuffix('_long'))}",
+                            linestyle=":" if name in long else "-")
             ax.fill_between(grid / scale, mean - std, mean + std, color=line.get_color(), alpha=0.2)
         ax.axhline(result["teacher"], color="black", linestyle="--", label="teacher")
         if axis == "flops":
