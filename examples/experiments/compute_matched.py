@@ -47,9 +47,11 @@ THRESHOLD = 0.75  # "reached": first eval at or above this accuracy
 # step), the "reached" threshold on the toy's metric, and a name for the plot
 MODALITIES: dict[str, dict[str, Any]] = {
     "vlm": {"budget_steps": 500, "threshold": 0.75, "title": "VLM toy (shapes VQA, LLaVA, lm_only)",
-            "metric_label": "eval accuracy (exact match, greedy)", "long": ()},
+            "metric_label": "eval accuracy (exact match, greedy)", "long": (),
+            "measure": "greedy exact match on the eval pictures' questions"},
     "image": {"budget_steps": 200, "threshold": 0.85, "title": "Image-token toy (CFG-2 teacher, unguided student)",
-              "metric_label": "judge accuracy of sampled pictures", "long": ("sft", "seq_kd")},
+              "metric_label": "judge accuracy of sampled pictures", "long": ("sft", "seq_kd"),
+              "measure": "the judge's accuracy on pictures sampled for the eval prompts, temperature 1"},
 }
 
 
@@ -125,8 +127,8 @@ def accuracy_at(c: dict[str, Any], axis: str, budget: float) -> float:
     return [a for x, a in zip(c[axis], c["accuracy"]) if x <= budget * 1.0001][-1]
 
 
-def summarize(task: dict[str, Any], curves: dict[str, list[dict[str, Any]]], threshold: float = THRESHOLD
-              ) -> dict[str, Any]:
+def summarize(task: dict[str, Any], curves: dict[str, list[dict[str, Any]]], threshold: float = THRESHOLD,
+              measure: str = "greedy exact match on the eval prompts") -> dict[str, Any]:
     """Per method: accuracy at the FLOP budget (on_policy_full's), final accuracy, compute to reach threshold."""
     budget = float(np.mean([c["flops"][-1] for c in curves["on_policy_full"]])) if "on_policy_full" in curves \
         else min(c["flops"][-1] for cs in curves.values() for c in cs)
@@ -147,7 +149,7 @@ def summarize(task: dict[str, Any], curves: dict[str, list[dict[str, Any]]], thr
     teacher = curves[next(iter(curves))][0]["teacher"]
     before = curves[next(iter(curves))][0]["student_before"]
     return {"budget_tflops": budget / 1e12, "threshold": threshold, "modality": task.get("modality", "text"),
-            "metric": task.get("metric", "accuracy"), "teacher": teacher, "student_before": before,
+            "metric": task.get("metric", "accuracy"), "measure": measure, "teacher": teacher, "student_before": before,
             "params": task["params"], "seeds": len(next(iter(curves.values()))), "methods": rows,
             "curves": curves}
 
@@ -172,7 +174,7 @@ def table(result: dict[str, Any]) -> str:
                      f"{np.mean(r['seconds_total']):.0f} | {np.mean(r['seconds_per_step']):.3f} | "
                      f"{reach(r['tflops_to_reach'], '')} | {reach(r['seconds_to_reach'], 's')} |")
     lines.append(f"\nTeacher {result['teacher']:.3f}, student start {result['student_before']:.3f} "
-                 f"({result['metric']} on the eval prompts); mean ± std over {result['seeds']} seeds.")
+                 f"({result['measure']}); mean ± std over {result['seeds']} seeds.")
     return "\n".join(lines) + "\n"
 
 
@@ -229,7 +231,7 @@ def run_modality(out: Path, size: str, root: Path | None, modality: str) -> dict
     """The same comparison on the vlm or image toy: results_compute_matched_MODALITY.png, .json, .md in out."""
     name, settings = f"{NAME}_{modality}", MODALITIES[modality]
     task, curves = modality_runs(out, size, modality)
-    result = summarize(task, curves, settings["threshold"])
+    result = summarize(task, curves, settings["threshold"], settings["measure"])
     plot(result, out / f"results_{name}.png", settings["title"], settings["metric_label"])
     save_results(out, name, result, table(result), root)
     return result

@@ -93,7 +93,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         line, = axes[0].plot(steps, ys.mean(0), label=LABELS[name])
         axes[0].fill_between(steps, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), color=line.get_color(), alpha=0.2)
     axes[0].axhline(result["teacher"], color="black", linestyle="--", label="teacher")
-    axes[0].set_xlabel("training step (64 prompts each)")
+    axes[0].set_xlabel("training step (64 prompts each; ×4 samples where marked)")
     axes[0].set_ylabel("eval accuracy (exact match, greedy)")
     axes[0].set_ylim(-0.02, 1.05)
     axes[0].legend(fontsize=8)
@@ -101,7 +101,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     names = list(result["methods"])
     values = [np.median(result["methods"][n]["teacher_seconds_per_step"]) * 1000 for n in names]
     axes[1].bar(range(len(names)), values, color=[f"C{i}" for i in range(len(names))])
-    axes[1].set_xticks(range(len(names)), [SHORT[n] for n in names], fontsize=8)
+    axes[1].set_xticks(range(len(names)), [SHORT[n] for n in names], fontsize=7, rotation=35, ha="right")
     axes[1].set_ylabel("teacher time per step (ms, median, 1 CPU thread)")
     axes[1].grid(alpha=0.3, axis="y")
     fig.suptitle(f"Teacher signal for on-policy distillation, text toy; mean ± std over {result['seeds']} seeds")
