@@ -44,7 +44,8 @@ LONG = 4  # MODALITIES[...]["long"] methods also run for LONG × the budget: do 
 LABELS.update({f"{name}_long": f"{name}, {LONG}× the budget" for name in ("sft", "seq_kd")})
 THRESHOLD = 0.75  # "reached": first eval at or above this accuracy
 # the VLM and image toys: on_policy's step budget (the other methods' steps follow from their FLOPs per
-# step), the "reached" threshold on the toy's metric, and a name for the plot
+# step), the "reached" threshold on the toy's metric, the plot's title and axis, the methods that also run
+# for LONG × the budget, and what the metric measures (for the table)
 MODALITIES: dict[str, dict[str, Any]] = {
     "vlm": {"budget_steps": 500, "threshold": 0.75, "title": "VLM toy (shapes VQA, LLaVA, lm_only)",
             "metric_label": "eval accuracy (exact match, greedy)", "long": (),

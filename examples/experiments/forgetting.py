@@ -6,9 +6,9 @@ Task A is the text toy (3-digit addition with column sums); task B reverses a 5-
 (`34758=` -> `#85743`), in the same character vocabulary. Stage 1: the task-A model is the toy's teacher
 (trained on A only). Stage 2, two scenarios: SFT on B only (total forgetting of A), or on B with 15% of
 the examples from A (a mid-training mix that keeps some old data: A drops partly). Stage 3, from each
-stage-2 model, three ways at the same
-steps and batch: on_policy reverse KL to the stage-1 model on A prompts only; on_policy on a 50/50 mix
-of A and B prompts with the dataset answers' NLL added (`sft_weight: 1`, so B keeps a signal the A
+stage-2 model, four ways at the same steps and batch: on_policy reverse KL to the stage-1 model on A
+prompts only, at the toy's lr and at a tenth of it (does a gentler update keep B?); on_policy on a 50/50
+mix of A and B prompts with the dataset answers' NLL added (`sft_weight: 1`, so B keeps a signal the A
 teacher cannot give); and SFT on the same 50/50 mix (rehearsal, the usual fix). A and B accuracy (greedy
 exact match of the final answer, 200 held-out prompts each) is measured on checkpoints through stages
 2 and 3.
@@ -48,6 +48,7 @@ SCENARIOS: dict[str, tuple[str, str, str, str]] = {
 A_SHARE = 0.15  # the partial scenario's share of A examples in stage 2
 STAGE3: dict[str, dict[str, Any]] = {
     "OPD on A prompts": {"objective.kind": "on_policy", "data": "a"},
+    "OPD on A prompts, lr 2e-4": {"objective.kind": "on_policy", "data": "a", "train.lr": 2e-4},
     "OPD on A+B prompts, + NLL on answers": {"objective.kind": "on_policy", "objective.sft_weight": 1.0,
                                              "data": "mix"},
     "SFT on A+B (rehearsal)": {"objective.kind": "sft", "data": "mix"},
@@ -131,7 +132,8 @@ def run(out: Path, size: str, root: Path | None) -> dict[str, Any]:
         for seed in cfg["seeds"]:
             for name, spec in STAGE3.items():
                 overrides = {k: v for k, v in spec.items() if k != "data"}
-                slug = name.split()[0].lower() + "_" + spec["data"] + ("_nll" if "objective.sft_weight" in spec else "")
+                slug = name.split()[0].lower() + "_" + spec["data"] + ("_nll" if "objective.sft_weight" in spec else "") \
+                    + (f"_lr{spec['train.lr']:g}" if "train.lr" in spec else "")
                 stage3.setdefault(name, []).append(stage(
                     out / stage3_dir / slug / f"seed{seed}",
                     {**common, **overrides, "student.path": str(out / stage2_dir / "final"),
