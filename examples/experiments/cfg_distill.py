@@ -6,9 +6,9 @@ The image toy (`mmopd toy image`: 16×16 pictures of 6 classes, a 64-code VQ-VAE
 0.35M teacher with an unconditional branch and a weaker 0.09M student) is built once. For each CFG scale
 the student is distilled on-policy (reverse KL, the toy's settings: 200 steps of 32, lr 2e-3; seeds 0-2
 change the batch order and the sampling) from the teacher guided at that scale, then sampled without
-guidance. The trainer's picture report measures, on
-the 240 eval prompts at temperature 1, the judge's accuracy, the toy FID and pictures per second (best of
-3 timed batches) of the guided teacher, the unguided teacher, the student before and after.
+guidance. The trainer's picture report measures, on the 240 eval prompts at temperature 1, the judge's
+accuracy, the toy FID and pictures per second (best of 3 timed batches) of the guided teacher, the
+unguided teacher, the student before and after.
 """
 
 from __future__ import annotations

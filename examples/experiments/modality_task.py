@@ -3,13 +3,16 @@ needs (the text toy's counterpart is text_task.build_task).
 
 A task is a dict: `modality`, `metric` (the adapter's eval metric), `base` (the toy config's settings as
 dotted overrides), `params` (student, teacher, student_trainable: what the language model computes per
-token), `vision_flops` (per prompt, for each model: the vision tower's forward), `teacher_rows` (2 when the
-teacher is CFG-guided: a conditional and an unconditional row per token) and `prompt_tokens`.
+token), `vision_flops` (per prompt, for each model: the vision tower's forward; the VLM toy is LLaVA, with
+a CLIP tower), `teacher_rows` (2 when the teacher is CFG-guided: a conditional and an unconditional row
+per token), `prompt_tokens` and `response_tokens` (means over training records: prompts as encoded,
+image tokens included; dataset answers with their end token) and the models' `paths`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,7 @@ import torch
 
 from mmopd.config import load_config
 
-# the plumbing only (random-ish models, a few records); patched for the build and restored on return
+# the plumbing only (barely trained models, a few records); patched for the build and restored on return
 TINY_BUILD: dict[str, dict[str, int]] = {
     "image": {"VQ_STEPS": 2, "JUDGE_STEPS": 2, "TEACHER_STEPS": 2, "STUDENT_STEPS": 2, "TRAIN_PICTURES": 64,
               "EVAL_PER_CLASS": 2},
@@ -31,8 +34,6 @@ VISION_NAMES = ("vision", "multi_modal_projector")  # parameter names of the vis
 
 def build_toy(out: Path, size: str, modality: str) -> Path:
     """The modality's toy config in out (built once and reused); the tiny size shrinks its data and training."""
-    import importlib
-
     config = out / "config.yaml"
     if config.exists():
         return config
@@ -69,8 +70,8 @@ def build_modality_task(out: Path, size: str, modality: str) -> dict[str, Any]:
         return json.loads(info_path.read_text())
     import transformers
 
-    from mmopd.data import load_jsonl
     from mmopd.adapter import get_adapter
+    from mmopd.data import load_jsonl
 
     config_path = build_toy(out, size, modality)
     base = flat_overrides(config_path)
@@ -81,19 +82,18 @@ def build_modality_task(out: Path, size: str, modality: str) -> dict[str, Any]:
     params: dict[str, int] = {}
     vision_flops: dict[str, float] = {}
     records = load_jsonl(Path(base["data.train"]), adapter.check_record).records[:64]
-    if modality == "vlm":
-        for role, path in paths.items():
+    for role, path in paths.items():
+        if modality == "vlm":
             model = transformers.AutoModelForImageTextToText.from_pretrained(path)
-            lm, vision = _vision_split(model)
-            params[role] = lm
+            params[role], vision = _vision_split(model)
             pictures = float(np.mean([len(r["images"]) for r in records]))
             vision_flops[role] = 2.0 * vision * _vision_tokens(model) * pictures
-        params["student_trainable"] = params["student"]  # the toy trains lm_only: no backward through the tower
-    else:
-        for role, path in paths.items():
+        else:
             params[role] = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(path).parameters())
             vision_flops[role] = 0.0
-        params["student_trainable"] = params["student"]
+    if modality == "vlm" and base["student.trainable"] != "lm_only":
+        raise ValueError("the VLM toy's FLOP count assumes student.trainable: lm_only (no backward through the tower)")
+    params["student_trainable"] = params["student"]
     processor = adapter.load_processor(paths["student"], "student")
     prompt_tokens = adapter.encode_prompts(records, processor).attention_mask.sum(1).float().mean().item()
     response_tokens = float(np.mean([len(a) for a in adapter.encode_answers(records, processor)]))
