@@ -35,6 +35,12 @@ def test_compute_matched_runs_every_method_on_the_vlm_and_image_toys(out, modali
     task = json.loads((out / f"{modality}_toy" / "task.json").read_text())
     assert task["teacher_rows"] == (2 if modality == "image" else 1)  # the image toy's teacher is CFG-guided
     assert (task["vision_flops"]["student"] > 0) == (modality == "vlm")
+    assert ("dataset_through_vq" in result) == (modality == "image")
+    if modality == "image":
+        assert 0 <= result["dataset_through_vq"]["classifier_accuracy"] <= 1
+        assert "through the VQ score" in (out / "compute_matched_image.md").read_text()
+        lower = result["lower_temperature"]["methods"]  # every short method's final students, sampled again
+        assert set(lower) == set(compute_matched.METHODS) and all(len(v) == result["seeds"] for v in lower.values())
 
 
 def test_matched_steps_give_every_method_at_least_the_on_policy_budget():

@@ -13,6 +13,7 @@ measured training seconds (metrics.jsonl `time/step`, eval excluded, one CPU thr
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from examples.experiments.modality_task import build_modality_task  # noqa: E402
+from examples.experiments.modality_task import build_modality_task, dataset_through_vq  # noqa: E402
 from examples.experiments.text_task import (SIZES, band, base_overrides, build_task, curve, mean_std,  # noqa: E402
                                             save_results, run_config, step_flops)
 
@@ -51,6 +52,7 @@ MODALITIES: dict[str, dict[str, Any]] = {
             "metric_label": "eval accuracy (exact match, greedy)", "long": (),
             "measure": "greedy exact match on the eval pictures' questions"},
     "image": {"budget_steps": 200, "threshold": 0.85, "title": "Image-token toy (CFG-2 teacher, unguided student)",
+              "check_temperature": 0.7,
               "metric_label": "judge accuracy of sampled pictures", "long": ("sft", "seq_kd"),
               "measure": "the judge's accuracy on pictures sampled for the eval prompts, temperature 1"},
 }
@@ -115,6 +117,18 @@ def modality_runs(out: Path, size: str, modality: str) -> tuple[dict[str, Any], 
     return task, seed_runs(out / f"{NAME}_{modality}" / "runs", SIZES[size]["seeds"], methods, steps, base, task)
 
 
+def final_metric(run_dir: Path, metric: str, temperature: float) -> float:
+    """The run's final student evaluated again with eval sampling at `temperature` (cached in the run dir)."""
+    import mmopd
+    from mmopd.config import load_config
+
+    cache = run_dir / f"eval_temperature{temperature:g}.json"
+    if not cache.exists():
+        config = load_config(run_dir / "config.yaml", {"rollout.temperature": temperature, "train.progress": False})
+        cache.write_text(json.dumps(mmopd.evaluate(config, str(run_dir / "final"))))
+    return json.loads(cache.read_text())[metric]
+
+
 def first_reach(c: dict[str, Any], axis: str, threshold: float) -> float | None:
     """Compute (on axis) at the first eval at or above threshold, or None."""
     for x, acc in zip(c[axis], c["accuracy"]):
@@ -176,6 +190,17 @@ def table(result: dict[str, Any]) -> str:
                      f"{reach(r['tflops_to_reach'], '')} | {reach(r['seconds_to_reach'], 's')} |")
     lines.append(f"\nTeacher {result['teacher']:.3f}, student start {result['student_before']:.3f} "
                  f"({result['measure']}); mean ± std over {result['seeds']} seeds.")
+    if "dataset_through_vq" in result:  # sft's target: the dataset's own pictures as the VQ codes them
+        data = result["dataset_through_vq"]
+        lines.append(f"The dataset's eval pictures after a round trip through the VQ score "
+                     f"{data['classifier_accuracy']:.3f} (toy FID {data['fid']:.1f}).")
+    if "lower_temperature" in result:  # the final students sampled at a lower temperature
+        check = result["lower_temperature"]
+        lines.append(f"\nThe final students sampled at temperature {check['temperature']:g} instead of 1:\n\n"
+                     f"| method | {result['metric']} at temperature 1 | at {check['temperature']:g} |\n|---|---|---|")
+        for name, values in check["methods"].items():
+            lines.append(f"| {LABELS.get(name, name)} | {mean_std(result['methods'][name]['accuracy_final'])} | "
+                         f"{mean_std(values)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -233,6 +258,13 @@ def run_modality(out: Path, size: str, root: Path | None, modality: str) -> dict
     name, settings = f"{NAME}_{modality}", MODALITIES[modality]
     task, curves = modality_runs(out, size, modality)
     result = summarize(task, curves, settings["threshold"], settings["measure"])
+    if modality == "image":
+        result["dataset_through_vq"] = dataset_through_vq(task)
+        temperature = settings["check_temperature"]
+        runs = out / f"{NAME}_{modality}" / "runs"
+        result["lower_temperature"] = {"temperature": temperature, "methods": {
+            name: [final_metric(runs / name / f"seed{seed}", task["metric"], temperature)
+                   for seed in SIZES[size]["seeds"]] for name in curves if not name.endswith("_long")}}
     plot(result, out / f"results_{name}.png", settings["title"], settings["metric_label"])
     save_results(out, name, result, table(result), root)
     return result

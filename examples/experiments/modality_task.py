@@ -104,3 +104,21 @@ def build_modality_task(out: Path, size: str, modality: str) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     info_path.write_text(json.dumps(info, indent=1))
     return info
+
+
+def dataset_through_vq(task: dict[str, Any]) -> dict[str, float]:
+    """The judge's accuracy and toy FID on the image toy's eval pictures after a round trip through the VQ:
+    what a student that drew the dataset's own codes would score (sft's target)."""
+    from PIL import Image
+
+    from modalities.image_tokens.judge import Judge
+    from modalities.image_tokens.llamagen import LlamaGenTokenizer
+    from modalities.image_tokens.shapes import to_tensor
+
+    base = task["base"]
+    eval_path = Path(base["data.eval"])
+    records = [json.loads(line) for line in eval_path.read_text().splitlines() if line.strip()]
+    pictures = [Image.open(eval_path.parent / r["image"]).convert("RGB") for r in records]
+    tokenizer = LlamaGenTokenizer.from_pretrained(task["paths"]["teacher"])
+    redrawn = tokenizer.decode_images(tokenizer.encode_images(to_tensor(pictures)))
+    return Judge.load(base["data.judge"]).accuracy_and_fid(redrawn, [r["label"] for r in records])
