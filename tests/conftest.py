@@ -33,18 +33,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def tiny_text(tmp_path_factory) -> dict[str, Path]:
     """A tokenizer, two tiny Qwen3 models (teacher wider than student) and train/eval JSONL."""
-    root = tmp_path_factory.mktemp("tiny_text")
-    torch.manual_seed(0)
-    tokenizer = toy.build_tokenizer()
-    paths = {}
-    for role in ("teacher", "student"):
-        model = toy.build_model(tokenizer, role)
-        model.save_pretrained(root / role)
-        tokenizer.save_pretrained(root / role)
-        paths[role] = root / role
-    paths["train"] = write_jsonl(root / "data/train.jsonl", toy.make_records(32, seed=1))
-    paths["eval"] = write_jsonl(root / "data/eval.jsonl", toy.make_records(8, seed=2))
-    return paths
+    return toy.build_untrained(tmp_path_factory.mktemp("tiny_text"))
 
 
 @pytest.fixture

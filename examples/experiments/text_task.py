@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import transformers
 
 import mmopd
@@ -39,17 +38,7 @@ def build_task(out: Path, size: str) -> dict[str, Any]:
         built = toy.build_toy(root, seed=0, progress=False)
         paths, seconds = built["paths"], built["seconds"]
     else:  # random tiny models: only the plumbing is tested
-        torch.manual_seed(0)
-        tokenizer = toy.build_tokenizer()
-        paths = {}
-        for role in ("teacher", "student"):
-            model = toy.build_model(tokenizer, role)
-            model.save_pretrained(root / role)
-            tokenizer.save_pretrained(root / role)
-            paths[role] = str(root / role)
-        for split, n, seed in (("train", 32, 1), ("eval", 8, 2)):
-            paths[split] = str(root / "data" / f"{split}.jsonl")
-            toy.write_jsonl(Path(paths[split]), toy.make_records(n, seed=seed))
+        paths = {k: str(v) for k, v in toy.build_untrained(root).items()}
         seconds = 0.0
     params = {role: sum(p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(paths[role]).parameters())
               for role in ("teacher", "student")}

@@ -228,6 +228,24 @@ def split_records(seed: int) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
+def build_untrained(out_dir: str | Path) -> dict[str, Path]:
+    """Random (untrained) teacher and student with the tokenizer, 32 train and 8 eval records, under out_dir:
+    the plumbing of a text run without the minutes of training (tests and smoke runs)."""
+    out = Path(out_dir)
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    paths = {}
+    for role in ("teacher", "student"):
+        model = build_model(tokenizer, role)
+        model.save_pretrained(out / role)
+        tokenizer.save_pretrained(out / role)
+        paths[role] = out / role
+    for split, n, seed in (("train", 32, 1), ("eval", 8, 2)):
+        paths[split] = out / "data" / f"{split}.jsonl"
+        write_jsonl(paths[split], make_records(n, seed=seed))
+    return paths
+
+
 def build_toy(out_dir: str | Path, seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Write data, a trained teacher and a briefly trained smaller student under out_dir; return accuracies and paths."""
     out = Path(out_dir)
