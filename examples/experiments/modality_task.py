@@ -107,18 +107,16 @@ def build_modality_task(out: Path, size: str, modality: str) -> dict[str, Any]:
 
 
 def dataset_through_vq(task: dict[str, Any]) -> dict[str, float]:
-    """The judge's accuracy and toy FID on the image toy's eval pictures after a round trip through the VQ:
-    what a student that drew the dataset's own codes would score (sft's target)."""
-    from PIL import Image
+    """The judge's accuracy and toy FID on the image toy's eval pictures after a round trip through the VQ
+    (the adapter's own encode_answers, as sft trains on them, then decode and score): what a student that drew
+    the dataset's own codes would score."""
+    from mmopd.adapter import get_adapter
+    from mmopd.data import load_jsonl
 
-    from modalities.image_tokens.judge import Judge
-    from modalities.image_tokens.llamagen import LlamaGenTokenizer
-    from modalities.image_tokens.shapes import to_tensor
-
-    base = task["base"]
-    eval_path = Path(base["data.eval"])
-    records = [json.loads(line) for line in eval_path.read_text().splitlines() if line.strip()]
-    pictures = [Image.open(eval_path.parent / r["image"]).convert("RGB") for r in records]
-    tokenizer = LlamaGenTokenizer.from_pretrained(task["paths"]["teacher"])
-    redrawn = tokenizer.decode_images(tokenizer.encode_images(to_tensor(pictures)))
-    return Judge.load(base["data.judge"]).accuracy_and_fid(redrawn, [r["label"] for r in records])
+    config = load_config(task["paths"]["config"])
+    adapter = get_adapter(config.modality)
+    adapter.configure(config)
+    processor = adapter.load_processor(task["paths"]["teacher"], "teacher")
+    records = load_jsonl(Path(config.data.eval), adapter.check_record).records
+    codes = torch.tensor(adapter.encode_answers(records, processor))  # [N, codes per picture]
+    return adapter.score(records, adapter.decode(codes, torch.ones_like(codes, dtype=torch.bool), processor))
