@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import transformers
 
-from mmopd.adapter import ModalityAdapter, PromptBatch
+from mmopd.adapter import ModalityAdapter
+from mmopd.batch import PromptBatch
 
 # (hidden, layers, heads, kv heads, intermediate, vocab, tied head) of the real checkpoints
 QWEN25 = {

@@ -1,4 +1,4 @@
-"""Rollout throughput: mmopd.rollout.rollout against Hugging Face `model.generate` on the same model and prompts.
+"""Rollout throughput: mmopd.engines.hf.rollout against Hugging Face `model.generate` on the same model and prompts.
 
     python -m benchmarks.rollout [--model 256,4,4,2,1024,8192] [--batch 1,4,16,64] [--prompt-len 32] [--new 32]
 
@@ -16,8 +16,9 @@ import torch
 
 from benchmarks.measure import device_of, machine, seconds, sizes, table
 from benchmarks.models import RandomPrompts, random_qwen2, random_records, shape_of
-from mmopd.adapter import TokenSpace
-from mmopd.rollout import Sampling, rollout
+from mmopd.batch import TokenSpace
+from mmopd.batch import Sampling
+from mmopd.engines.hf import rollout
 
 
 def main() -> None:

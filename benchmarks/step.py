@@ -22,7 +22,7 @@ import torch
 
 from benchmarks.measure import GIB, MIB, device_of, machine, peak_bytes, run_child, table
 from benchmarks.models import RandomPrompts, random_qwen2, random_records, shape_of
-from mmopd.adapter import TokenSpace
+from mmopd.batch import TokenSpace
 from mmopd.config import load_config
 from mmopd.objectives import Models, Timer, objective_step
 
@@ -44,11 +44,12 @@ def measure_variant(args: argparse.Namespace, overrides: dict) -> dict:
     student = random_qwen2(args.student, s_dtype, device, seed=0).train()
     teacher = random_qwen2(args.teacher, t_dtype, device, seed=1).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-6)
-    models = Models(RandomPrompts(), student, student, None, teacher, None, TokenSpace(vocab), [-1], 0, device)
     records = random_records(args.prompts, args.prompt_len, vocab)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=cuda and args.dtype == "auto")
     config = load_config(None, {"student.path": "random", "teacher.path": "random", "data.train": "random",
                                 "rollout.max_new_tokens": args.new, **overrides})
+    models = Models(RandomPrompts(), student, student, None, teacher, None, TokenSpace(vocab), [-1], 0,
+                    device).with_engines(config)
 
     def step(timer: Timer) -> dict:
         with autocast:

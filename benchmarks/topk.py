@@ -20,8 +20,8 @@ import torch
 from benchmarks.measure import machine, sizes, table
 from mmopd.config import load_config
 from mmopd.losses import masked_mean, token_divergence, topk_token_divergence
-from mmopd.objectives import generate
-from mmopd.trainer import Session
+from mmopd.objectives import sampling_of
+from mmopd.session import Session
 
 
 def main() -> None:
@@ -45,7 +45,7 @@ def main() -> None:
     records = session.train_data.records[: args.prompts]
     s_prompts = m.adapter.encode_prompts(records, m.student_processor)
     t_prompts = m.adapter.encode_prompts(records, m.teacher_processor)
-    responses = generate(m, m.policy, s_prompts, config, torch.Generator().manual_seed(0))
+    responses = m.rollout.sample(s_prompts, sampling_of(config), torch.Generator().manual_seed(0))
     with torch.no_grad():
         s_logits = m.space.restrict(m.adapter.response_logits(m.policy, s_prompts, responses.tokens)).float()
         t_logits = m.space.restrict(m.adapter.response_logits(m.teacher, t_prompts, responses.tokens)).float()

@@ -9,10 +9,15 @@ import sys
 import time
 from pathlib import Path
 
-from mmopd.adapter import ModelLoadError, get_adapter
+from transformers.utils import logging as hf_logging
+
+from mmopd.adapter import ModelLoadError
 from mmopd.compat import IncompatibleModelsError
 from mmopd.config import ConfigError, load_config
 from mmopd.data import DataError, RecordError
+from mmopd.session import evaluate
+from mmopd.toys import build_toy
+from mmopd.trainer import train
 
 TOY_MODALITIES = {"text": "text", "vlm": "vlm", "image": "image_tokens"}
 USER_ERRORS = (ConfigError, DataError, RecordError, ModelLoadError, IncompatibleModelsError)
@@ -57,8 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()  # per-file load/save bars drown the run's own progress
     try:
         return _run(args)
@@ -68,8 +71,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from mmopd import evaluate, train
-
     if args.command == "train":
         train(load_config(args.config, args.overrides))
         return 0
@@ -81,15 +82,15 @@ def _run(args: argparse.Namespace) -> int:
         metrics = evaluate(config, checkpoint, "teacher" if args.teacher else "student")
         print(json.dumps(metrics, indent=2))
         return 0
-    adapter = get_adapter(TOY_MODALITIES[args.modality])
+    modality = TOY_MODALITIES[args.modality]
     if args.command == "toy":
-        path = adapter.build_toy(Path(args.out), args.family)
+        path = build_toy(modality, Path(args.out), args.family)
         print(f"toy {args.modality} task written to {args.out}; train with:\n  mmopd train {path}")
         return 0
     out = Path(args.out or f"runs/demo-{args.modality}")
     started = time.perf_counter()
     print(f"[1/2] building the toy {args.modality} task, teacher and student in {out}")
-    path = adapter.build_toy(out, args.family)
+    path = build_toy(modality, out, args.family)
     print(f"[2/2] on-policy distillation ({path})")
     summary = train(load_config(path, args.overrides))
     print(f"demo finished in {time.perf_counter() - started:.0f} s; report in {summary['out_dir']} "

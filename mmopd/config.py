@@ -17,17 +17,20 @@ from typing import Any
 
 import yaml
 
+from mmopd.objective_table import KINDS, TABLE, estimators_of, needs_teacher
+
 
 class ConfigError(ValueError):
     """A config that cannot run, with a message that says what to change."""
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-OBJECTIVES = ("on_policy", "gkd", "supervised_kd", "seq_kd", "sft")
+OBJECTIVES = KINDS
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "tvd")
 FUSED = ("auto", "always", "never")
 ESTIMATORS = ("full", "sampled")
 TRAINABLE = ("full", "lm_only", "lora")
+ENGINES = ("hf",)  # rollout.engine and teacher.engine
 
 
 @dataclass
@@ -46,6 +49,7 @@ class TeacherConfig:
     dtype: str = "auto"
     cfg_scale: float = 1.0
     top_k: int = 0  # full estimator: keep only the teacher's top-k logits per token (0 keeps all)
+    engine: str = "hf"  # who scores: hf (in-process)
 
 
 @dataclass
@@ -76,6 +80,7 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0
     samples_per_prompt: int = 1
+    engine: str = "hf"  # who samples: hf (the in-process decode loop)
 
 
 @dataclass
@@ -234,9 +239,16 @@ def validate(config: Config) -> None:
     """Check values that types alone cannot: choices, ranges and required paths."""
     if not config.student.path:
         raise ConfigError("student.path is required: a local model directory (or hub id)")
-    needs_teacher = config.objective.kind in ("on_policy", "gkd", "supervised_kd", "seq_kd")
-    if needs_teacher and not config.teacher.path:
+    obj = config.objective
+    _choice("objective.kind", obj.kind, OBJECTIVES)
+    _choice("objective.estimator", obj.estimator, ESTIMATORS)
+    if (obj.kind, obj.estimator) not in TABLE:
+        raise ConfigError(f"objective.estimator={obj.estimator} does not apply to objective.kind={obj.kind}; use "
+                          f"{' or '.join(estimators_of(obj.kind))} (the sampled estimator is for on_policy only)")
+    if needs_teacher(obj.kind, obj.estimator) and not config.teacher.path:
         raise ConfigError(f"teacher.path is required for objective.kind={config.objective.kind}")
+    _choice("rollout.engine", config.rollout.engine, ENGINES)
+    _choice("teacher.engine", config.teacher.engine, ENGINES)
     if not config.data.train:
         raise ConfigError("data.train is required: a JSONL file of training records")
     for name, value in (("student.dtype", config.student.dtype), ("teacher.dtype", config.teacher.dtype)):
@@ -244,9 +256,7 @@ def validate(config: Config) -> None:
     _choice("student.trainable", config.student.trainable, TRAINABLE)
     _positive("student.lora_rank", config.student.lora_rank)
     _positive("student.lora_alpha", config.student.lora_alpha)
-    _choice("objective.kind", config.objective.kind, OBJECTIVES)
     _choice("objective.divergence", config.objective.divergence, DIVERGENCES)
-    _choice("objective.estimator", config.objective.estimator, ESTIMATORS)
     _choice("train.resume", config.train.resume, ("auto", "never"))
     _choice("objective.fused", config.objective.fused, FUSED)
     _positive("teacher.top_k", config.teacher.top_k, allow_zero=True)

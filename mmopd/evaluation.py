@@ -1,16 +1,16 @@
-"""Greedy evaluation of a policy on the eval split, and the `mmopd eval` entry point."""
+"""Evaluation of a policy on the eval split: greedy responses (or as the adapter says), scored by the adapter."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mmopd.adapter import ModalityAdapter, TokenSpace
-from mmopd.rollout import Sampling, rollout
+from mmopd.adapter import ModalityAdapter
+from mmopd.batch import Sampling, TokenSpace
+from mmopd.engines.hf import rollout
 
 
 @torch.no_grad()
@@ -33,14 +33,3 @@ def evaluate_policy(adapter: ModalityAdapter, model: nn.Module, processor: Any, 
         responses.extend(adapter.decode(out.tokens, out.mask, processor))
     model.train(was_training)
     return {"metrics": adapter.score(records, responses), "responses": responses}
-
-
-def evaluate(config: Any, checkpoint: str | Path | None = None, which: str = "student") -> dict[str, float]:
-    """Evaluate the student (or `which="teacher"`, or a checkpoint's student) on `data.eval`."""
-    from mmopd.trainer import Session  # the trainer owns model loading
-
-    session = Session(config, for_eval=True, student_override=checkpoint, need_teacher=which == "teacher")
-    model, processor = (session.teacher, session.teacher_processor) if which == "teacher" \
-        else (session.policy, session.student_processor)
-    result = session.evaluate(model, processor, desc=f"eval {which}", progress=config.train.progress)
-    return result["metrics"]

@@ -20,140 +20,21 @@ import torch
 from accelerate import Accelerator, DistributedType
 from tqdm.auto import tqdm
 
-from mmopd.adapter import get_adapter
 from mmopd.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
-from mmopd.compat import IncompatibleModelsError
 from mmopd.config import Config, ConfigError, save_config
-from mmopd.data import DataError, Dataset, load_jsonl, step_indices
-from mmopd.evaluation import evaluate_policy
+from mmopd.data import step_indices
 from mmopd.lora import load_lora_weights
-from mmopd.objectives import Models, Timer, needs_answers, needs_teacher, objective_step
+from mmopd.objectives import Timer, objective_step
 from mmopd.report import MetricsLog, format_table, plot_metrics, write_summary
+from mmopd.schedule import warmup_cosine
+from mmopd.session import Session
+from mmopd.toys import write_report
 
 log = logging.getLogger("mmopd")
 
 
 class TrainingAborted(RuntimeError):
     """Training stopped on purpose (repeated non-finite losses); the last good checkpoint is intact."""
-
-
-def resolve_dtype(name: str, device: torch.device, role: str) -> torch.dtype:
-    """`auto` is bf16 on a GPU that supports it and fp32 otherwise; explicit choices are checked."""
-    if name == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16 else torch.float32
-    dtype = getattr(torch, name)
-    if dtype == torch.float16 and device.type == "cpu":
-        raise ConfigError(f"{role}.dtype=float16 is not supported on CPU; use float32 or bfloat16")
-    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"{role}.dtype=bfloat16 is not supported on this GPU; use float16 or float32")
-    return dtype
-
-
-class Session:
-    """Everything a run needs, loaded and checked: data, models, processors, the action space."""
-
-    def __init__(self, config: Config, for_eval: bool = False, student_override: str | Path | None = None,
-                 need_teacher: bool | None = None, accelerator: Accelerator | None = None):
-        self.config = config
-        self.adapter = get_adapter(config.modality)
-        self.adapter.configure(config)
-        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-        self.device = self.accelerator.device
-        c = config
-        skip = c.data.skip_bad
-        self.train_data = None if for_eval else load_jsonl(c.data.train, self.adapter.check_record, skip, "data.train")
-        if c.data.eval:
-            self.eval_data = load_jsonl(c.data.eval, self.adapter.check_record, skip, "data.eval")
-        elif for_eval:
-            raise ConfigError("data.eval is required to evaluate: a JSONL file of eval records")
-        else:
-            self.eval_data = None
-        if self.train_data is not None and needs_answers(c):
-            missing = next((r for r in self.train_data.records if not r.get("answer")), None)
-            if missing is not None:
-                raise DataError(f"{missing['_where']}: objective {c.objective.kind}"
-                                f"{' with sft_weight' if c.objective.sft_weight else ''} needs an 'answer' in every record")
-
-        self.student_processor = self.adapter.load_processor(c.student.path, "student")
-        student_path = str(student_override) if student_override else c.student.path
-        s_dtype = resolve_dtype(c.student.dtype, self.device, "student")
-        if c.student.dtype == "auto" and not for_eval:
-            s_dtype = torch.float32  # fp32 master weights; accelerate autocasts to bf16 where supported
-        self.policy = self.adapter.load_model(student_path, "student", s_dtype).to(self.device)
-        want_teacher = needs_teacher(c) if need_teacher is None else need_teacher
-        self.teacher, self.teacher_processor = None, None
-        if want_teacher and c.teacher.cfg_scale != 1.0 and not self.adapter.supports_cfg:
-            raise IncompatibleModelsError(
-                f"teacher.cfg_scale={c.teacher.cfg_scale} asks for classifier-free guidance, but {c.modality} "
-                "models have no unconditional branch; set teacher.cfg_scale=1.0")
-        if want_teacher:
-            self.teacher_processor = self.adapter.load_processor(c.teacher.path, "teacher")
-            t_dtype = resolve_dtype(c.teacher.dtype, self.device, "teacher")
-            self.teacher = self.adapter.load_model(c.teacher.path, "teacher", t_dtype).to(self.device)
-            self.teacher.eval().requires_grad_(False)
-            self.adapter.check_pair(self.student_processor, self.teacher_processor, self.policy, self.teacher)
-        for data in (self.train_data, self.eval_data):
-            if data is not None:
-                self._drop_overlong(data)
-        self.space = self.adapter.token_space(self.student_processor, self.policy)
-        self.eos_ids = self.adapter.eos_token_ids(self.student_processor)
-        self.pad_id = self.student_processor.pad_token_id if getattr(self.student_processor, "pad_token_id", None) \
-            is not None else self.eos_ids[0]
-
-    def _drop_overlong(self, data: Dataset) -> None:
-        """Refuse (or with data.skip_bad, skip and count) prompts that leave no room for the response."""
-        lengths = self.adapter.prompt_lengths(data.records, self.student_processor)
-        limits = [context_length(m) for m in (self.policy, self.teacher) if m is not None]
-        limits = [n for n in limits if n is not None]
-        if lengths is None or not limits:
-            return
-        limit = min(limits)
-        budget = limit - self.config.rollout.max_new_tokens
-        keep = []
-        for record, n in zip(data.records, lengths):
-            if n <= budget:
-                keep.append(record)
-                continue
-            message = (f"{record['_where']}: the prompt is {n} tokens, and with rollout.max_new_tokens="
-                       f"{self.config.rollout.max_new_tokens} it exceeds the models' context of {limit} tokens")
-            if not self.config.data.skip_bad:
-                raise DataError(message + "; shorten it, lower rollout.max_new_tokens or set data.skip_bad=true")
-            log.warning("skipping %s", message)
-            data.skipped += 1
-        if not keep:
-            raise DataError(f"{data.path} holds no prompt short enough for the models' context of {limit} tokens")
-        data.records = keep
-
-    def models(self, student: torch.nn.Module | None = None) -> Models:
-        """What objective_step needs; `student` is the (possibly DDP-wrapped) model being trained."""
-        return Models(self.adapter, student if student is not None else self.policy, self.policy,
-                      self.student_processor, self.teacher, self.teacher_processor, self.space, self.eos_ids,
-                      self.pad_id, self.device)
-
-    def evaluate(self, model: torch.nn.Module, processor: Any, desc: str = "eval",
-                 progress: bool = False) -> dict[str, Any]:
-        records = self.eval_data.records
-        if self.config.data.eval_limit:
-            records = records[: self.config.data.eval_limit]
-        return evaluate_policy(self.adapter, model, processor, records, self.space, self.eos_ids, self.pad_id,
-                               self.config.rollout.max_new_tokens, self.config.train.eval_batch_size, self.device,
-                               desc=desc, progress=progress)
-
-
-def context_length(model: torch.nn.Module) -> int | None:
-    """The longest sequence the model's positions cover (its text config's max_position_embeddings)."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return getattr(config, "max_position_embeddings", None)
-
-
-def _lr_lambda(warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return factor
 
 
 def _mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -198,7 +79,7 @@ def train(config: Config) -> dict[str, Any]:
     policy = session.policy
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(t.warmup, t.steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.warmup, t.steps))
     # the scheduler stays unprepared: accelerate would step it once per process, but ours counts optimizer steps
     student, optimizer = accelerator.prepare(policy, optimizer)
     models = session.models(student)
@@ -276,6 +157,8 @@ def train(config: Config) -> dict[str, Any]:
         finite = math.isfinite(row["loss"]) and math.isfinite(float(grad_norm))
         if finite:
             optimizer.step()
+            with timer.phase("sync"):  # the rollout engine samples from the new weights from here on
+                models.rollout.sync(policy)
             bad_in_row = 0
         else:
             state["skipped_steps"] += 1
@@ -335,7 +218,7 @@ def train(config: Config) -> dict[str, Any]:
     if main:
         write_summary(out, summary)
         plot_metrics(out, metric, summary.get("teacher"))
-        session.adapter.write_report(out, session, summary)
+        write_report(c.modality, out, session, summary)
         print(format_table(summary))
     return summary
 

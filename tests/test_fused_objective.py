@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmopd.adapter import ModalityAdapter, ResponseHidden
+from mmopd.adapter import ModalityAdapter
 from mmopd.config import ConfigError, ObjectiveConfig
 from mmopd.losses import fused_divergence_loss
-from mmopd.objectives import Timer, _log_once, divergence_loss, objective_step, use_fused
-from mmopd.teacher import teacher_hidden, teacher_logits, teacher_token_logprobs, teacher_topk
-from mmopd.trainer import Session
+from mmopd.engines import DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, HFTeacher, TeacherNeed
+from mmopd.objectives import Timer, _log_once, objective_step, use_fused
+from mmopd.scores import Hidden
+from mmopd.session import Session
 
 
 def _step_loss_and_grads(session, config, records, seed=0):
@@ -67,15 +68,16 @@ def test_fused_teacher_scores_equal_the_logits_scores(text_config):
     session = Session(text_config())
     prompts = session.adapter.encode_prompts(session.train_data.records[:3], session.teacher_processor)
     tokens = torch.randint(0, session.space.size, (3, 5), generator=torch.Generator().manual_seed(0))
-    args = (session.adapter, session.teacher, prompts, tokens, session.space)
-    logits = teacher_logits(*args)  # [B, T, A]
-    hidden = teacher_hidden(*args)
+    fused, plain = (HFTeacher(session.adapter, session.teacher, session.space, fused=f) for f in (True, False))
+    logits = plain.score(prompts, tokens, TeacherNeed(DISTRIBUTION)).values  # [B, T, A]
+    hidden = fused.score(prompts, tokens, TeacherNeed(DISTRIBUTION))
     assert hidden.weight.shape[0] == session.space.size and not hidden.hidden.is_inference()
     torch.testing.assert_close(torch.nn.functional.linear(hidden.hidden, hidden.weight, hidden.bias), logits,
                                rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(teacher_token_logprobs(*args, temperature=0.7, fused=True),
-                               teacher_token_logprobs(*args, temperature=0.7), rtol=1e-5, atol=1e-5)
-    top_fused, top_logits = teacher_topk(*args, k=4, fused=True), teacher_topk(*args, k=4)
+    need = TeacherNeed(TOKEN_LOGPROBS, temperature=0.7)
+    torch.testing.assert_close(fused.score(prompts, tokens, need).values, plain.score(prompts, tokens, need).values,
+                               rtol=1e-5, atol=1e-5)
+    top_fused, top_logits = (engine.score(prompts, tokens, TeacherNeed(TOP_K, k=4)) for engine in (fused, plain))
     torch.testing.assert_close(top_fused.logits, top_logits.logits, rtol=1e-5, atol=1e-5)
     assert torch.equal(top_fused.ids, top_logits.ids)
 
@@ -125,11 +127,11 @@ def test_fused_losses_run_the_head_in_the_dtype_the_models_own_head_ran_in():
     t_hidden, t_weight = torch.randn(2, 3, 8, generator=g), torch.randn(11, 8, generator=g)
     mask = torch.ones(2, 3)
     obj = ObjectiveConfig()
-    teacher = ResponseHidden(t_hidden, t_weight, None, torch.float32)
+    teacher = Hidden(t_hidden, t_weight, None, torch.float32)
 
     def loss_with(logits_dtype):
         w = weight.clone().requires_grad_()
-        loss = divergence_loss(ResponseHidden(hidden, w, None, logits_dtype), teacher, obj, mask)
+        loss = Hidden(hidden, w, None, logits_dtype).divergence(teacher, mask, obj.divergence, obj.beta, obj.temperature)
         return loss.detach(), torch.autograd.grad(loss, w)[0]
 
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -18,8 +18,9 @@ from mmopd.config import ConfigError
 from mmopd.data import DataError
 from mmopd.losses import token_divergence
 from mmopd.objectives import Timer, objective_step
-from mmopd.rollout import Sampling, rollout
-from mmopd.trainer import Session
+from mmopd.batch import Sampling
+from mmopd.engines.hf import rollout
+from mmopd.session import Session
 from modalities.image_tokens import shapes, toy
 from modalities.image_tokens.adapter import family_of
 from modalities.image_tokens.judge import feature_stats, frechet_distance

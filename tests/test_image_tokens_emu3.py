@@ -15,8 +15,9 @@ from mmopd.compat import IncompatibleModelsError
 from mmopd.config import ConfigError, load_config
 from mmopd.losses import token_divergence
 from mmopd.objectives import Timer, objective_step
-from mmopd.rollout import Sampling, rollout
-from mmopd.trainer import Session
+from mmopd.batch import Sampling
+from mmopd.engines.hf import rollout
+from mmopd.session import Session
 from tests.image_tokens_helpers import build_emu3_pair
 
 T = 4 * (4 + 1) + 3  # 4 rows of 4 codes + end-of-line, then end-of-frame, end-of-image, EOS
@@ -101,8 +102,8 @@ def test_emu3_greedy_rollout_matches_transformers_generate_with_the_layout_const
         t = input_ids.shape[0] - P
         return visual if forced[t] < 0 else [forced[t]]
 
-    guidance = {} if scale == 1.0 else {"guidance_scale": scale, "negative_prompt_ids": prompts.extras["uncond_ids"],
-                                        "negative_prompt_attention_mask": prompts.extras["uncond_mask"]}
+    guidance = {} if scale == 1.0 else {"guidance_scale": scale, "negative_prompt_ids": prompts.state["uncond_ids"],
+                                        "negative_prompt_attention_mask": prompts.state["uncond_mask"]}
     with torch.no_grad():
         theirs = session.teacher.generate(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
                                           max_new_tokens=T, do_sample=False, prefix_allowed_tokens_fn=allowed,

@@ -17,8 +17,9 @@ from mmopd.compat import IncompatibleModelsError
 from mmopd.config import load_config
 from mmopd.data import DataError
 from mmopd.objectives import Timer, objective_step
-from mmopd.rollout import Sampling, rollout
-from mmopd.trainer import Session
+from mmopd.batch import Sampling
+from mmopd.engines.hf import rollout
+from mmopd.session import Session
 from modalities.image_tokens import janus, shapes
 from tests.image_tokens_helpers import GRID_TOKENS, build_janus_pair, build_llamagen_task
 

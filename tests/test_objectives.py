@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmopd.objectives import Timer, answers_rollout, objective_step
-from mmopd.trainer import Session
+from mmopd.batch import answers_rollout
+from mmopd.objectives import Timer, objective_step
+from mmopd.session import Session
 
 
 def _sharpen(teacher: torch.nn.Module, factor: float = 8.0) -> None:

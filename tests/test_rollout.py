@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from mmopd.adapter import ModalityAdapter, PromptBatch, TokenSpace
-from mmopd.rollout import Sampling, filter_logits, rollout, sample
-from mmopd.trainer import Session
+from mmopd.adapter import ModalityAdapter
+from mmopd.batch import PromptBatch, TokenSpace
+from mmopd.batch import Sampling
+from mmopd.engines.hf import filter_logits, rollout, sample
+from mmopd.session import Session
 
 EOS, PAD = 3, 0
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from mmopd.teacher import teacher_logits, teacher_token_logprobs
-from mmopd.trainer import Session
+from mmopd.engines import DISTRIBUTION, TOKEN_LOGPROBS, HFTeacher, TeacherNeed
+from mmopd.session import Session
 
 
 def test_teacher_logits_at_t_are_the_next_token_logits_after_prompt_and_first_t_tokens(text_config):
@@ -14,7 +14,8 @@ def test_teacher_logits_at_t_are_the_next_token_logits_after_prompt_and_first_t_
     records = [{"prompt": "7+8=", "answer": None}, {"prompt": "123+456=", "answer": None}]
     prompts = session.adapter.encode_prompts(records, tok)
     response = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
-    scored = teacher_logits(session.adapter, teacher, prompts, response, session.space)  # [B, T, A]
+    scored = HFTeacher(session.adapter, teacher, session.space, fused=False).score(
+        prompts, response, TeacherNeed(DISTRIBUTION)).values  # [B, T, A]
     assert scored.shape == (2, 4, session.space.size)
     for b, record in enumerate(records):
         prompt_ids = tok(record["prompt"])["input_ids"]  # unpadded, one row at a time
@@ -29,8 +30,9 @@ def test_sampled_teacher_logprobs_are_the_full_logits_gathered_at_the_tokens(tex
     session = Session(text_config())
     prompts = session.adapter.encode_prompts(session.train_data.records[:3], session.teacher_processor)
     response = torch.randint(0, session.space.size, (3, 5), generator=torch.Generator().manual_seed(0))
-    full = teacher_logits(session.adapter, session.teacher, prompts, response, session.space)
-    sampled = teacher_token_logprobs(session.adapter, session.teacher, prompts, response, session.space)
+    scorer = HFTeacher(session.adapter, session.teacher, session.space, fused=False)
+    full = scorer.score(prompts, response, TeacherNeed(DISTRIBUTION)).values
+    sampled = scorer.score(prompts, response, TeacherNeed(TOKEN_LOGPROBS)).values
     assert sampled.shape == (3, 5)
     assert torch.allclose(sampled, full.log_softmax(-1).gather(-1, response[..., None]).squeeze(-1), atol=1e-5)
 
@@ -40,6 +42,6 @@ def test_teacher_is_frozen_and_outputs_carry_no_graph(text_config):
     assert not any(p.requires_grad for p in session.teacher.parameters())
     assert not session.teacher.training
     prompts = session.adapter.encode_prompts(session.train_data.records[:2], session.teacher_processor)
-    scored = teacher_logits(session.adapter, session.teacher, prompts, torch.ones(2, 3, dtype=torch.long),
-                            session.space)
+    scored = HFTeacher(session.adapter, session.teacher, session.space, fused=False).score(
+        prompts, torch.ones(2, 3, dtype=torch.long), TeacherNeed(DISTRIBUTION)).values
     assert scored.grad_fn is None and not scored.is_inference()

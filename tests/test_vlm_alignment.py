@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from mmopd.adapter import get_adapter
-from mmopd.rollout import Sampling, rollout
-from mmopd.teacher import teacher_logits
+from mmopd.batch import Sampling
+from mmopd.engines.hf import rollout
+from mmopd.engines import DISTRIBUTION, HFTeacher, TeacherNeed
 from modalities.vlm.adapter import TOKEN_ALIGNED
 from modalities.vlm.families import FAMILIES
 
@@ -53,14 +54,15 @@ def test_teacher_logits_at_t_are_the_next_token_logits_of_an_unpadded_single_row
     space = adapter.token_space(processor, teacher)
     words = processor.tokenizer.convert_tokens_to_ids(["red", "square", "left", "?"])
     response = torch.tensor([words, words[::-1]])  # [B, T]
-    scored = teacher_logits(adapter, teacher, adapter.encode_prompts(records, processor), response, space)
+    scored = HFTeacher(adapter, teacher, space, fused=False).score(adapter.encode_prompts(records, processor), response,
+                                                                  TeacherNeed(DISTRIBUTION)).values
     assert scored.shape == (2, 4, space.size)
     for b, record in enumerate(records):
         single = adapter.encode_prompts([record], processor)  # one row: no padding
         for t in range(response.shape[1]):
             ids = torch.cat([single.input_ids, response[b:b + 1, :t]], dim=1)
             extras = {k: torch.cat([v, v.new_zeros(1, t)], dim=1) if k in TOKEN_ALIGNED else v
-                      for k, v in single.extras.items()}
+                      for k, v in single.model_inputs.items()}
             with torch.no_grad():
                 expected = teacher(input_ids=ids, **extras).logits[0, -1]  # the model computes its own positions
             assert torch.allclose(scored[b, t], space.restrict(expected), atol=1e-4), (b, t)
@@ -77,7 +79,7 @@ def test_greedy_rollout_matches_hugging_face_generate(family, vlm_pair, vlm_data
     rows = model.get_output_embeddings().weight.shape[0]
     bad_words = [[i] for i in sorted(set(range(rows)) - set(space.ids.tolist()))]  # outside the action space
     with torch.no_grad():
-        theirs = model.generate(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask, **prompts.extras,
+        theirs = model.generate(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask, **prompts.model_inputs,
                                 max_new_tokens=6, do_sample=False, eos_token_id=eos, bad_words_ids=bad_words,
                                 pad_token_id=processor.tokenizer.pad_token_id)[:, prompts.input_ids.shape[1]:]
     n = int(ours.mask.sum())

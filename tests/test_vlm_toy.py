@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmopd.adapter import get_adapter
+from mmopd.toys import build_toy
 from mmopd.config import load_config
 from modalities.vlm import shapes, toy
 from modalities.vlm.families import build_family_model
@@ -63,7 +63,7 @@ def test_toy_writes_data_models_and_a_config_with_absolute_paths(tmp_path, monke
     for name, value in (("TRAIN_RECORDS", 20), ("EVAL_RECORDS", 5), ("TEACHER_STEPS", 2), ("STUDENT_STEPS", 2)):
         monkeypatch.setattr(toy, name, value)
     torch.manual_seed(0)
-    path = get_adapter("vlm").build_toy(tmp_path / "toy", None, progress=False)
+    path = build_toy("vlm", tmp_path / "toy", None, progress=False)
     config = load_config(path)
     assert config.modality == "vlm" and config.student.trainable == "lm_only"
     for value in (config.student.path, config.teacher.path, config.data.train, config.data.eval, config.train.out_dir):

@@ -9,7 +9,7 @@ Emu3: h·(w+1)+3), which `rollout.max_new_tokens` must equal.
 
 Classifier-free guidance. A teacher loaded with `teacher.cfg_scale: s != 1` encodes each prompt with
 its unconditional twin (llamagen: the null class; Janus: the PAD-filled prompt; Emu3: an empty text) in
-`PromptBatch.extras`. Every model call then runs both branches as one batch of 2B rows and returns
+`PromptBatch.state`. Every model call then runs both branches as one batch of 2B rows and returns
 uncond + s·(cond − uncond).
 
 Evaluation samples (the rollout's temperature, top-k and top-p) from a fixed seed and scores the pictures
@@ -26,12 +26,13 @@ from PIL import Image
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, Emu3ForConditionalGeneration, JanusForConditionalGeneration
 
-from mmopd.adapter import ModalityAdapter, ModelLoadError, PromptBatch, TokenSpace, load_pretrained, register_adapter
+from mmopd import hf
+from mmopd.adapter import ModalityAdapter, ModelLoadError, load_pretrained, register_adapter
+from mmopd.batch import PromptBatch, Sampling, TokenSpace
 from mmopd.compat import IncompatibleModelsError, check_embedding_rows
 from mmopd.config import Config, ConfigError
 from mmopd.data import RecordError
-from mmopd.objectives import needs_answers
-from mmopd.rollout import Sampling
+from mmopd.objective_table import needs_answers
 from modalities.image_tokens import emu3, janus
 from modalities.image_tokens.guidance import guide, with_unconditional
 from modalities.image_tokens.judge import Judge
@@ -68,13 +69,11 @@ def _label_lookup(class_names: list[str]) -> dict[str, int]:
 
 
 def _is_janus(model: nn.Module) -> bool:
-    model = getattr(model, "module", model)  # DDP
-    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
-    return isinstance(model, JanusForConditionalGeneration)
+    return isinstance(hf.base_model(model), JanusForConditionalGeneration)
 
 
 def _scale(prompts: PromptBatch) -> float:
-    return prompts.extras.get("cfg_scale", 1.0)
+    return prompts.state.get("cfg_scale", 1.0)
 
 
 def _shape(logits: Tensor, scale: float, structure: dict[str, Tensor] | None, first: int) -> Tensor:
@@ -87,15 +86,15 @@ def _shape(logits: Tensor, scale: float, structure: dict[str, Tensor] | None, fi
 
 
 def _structure(prompts: PromptBatch) -> dict[str, Tensor] | None:
-    return {k: prompts.extras[k] for k in ("forced", "visual_ids")} if "forced" in prompts.extras else None
+    return {k: prompts.state[k] for k in ("forced", "visual_ids")} if "forced" in prompts.state else None
 
 
 def _both_branches(prompts: PromptBatch) -> tuple[Tensor, Tensor]:
     """Prompt ids and mask with the unconditional rows appended when guiding. [B, P] -> [B or 2B, P]"""
     if _scale(prompts) == 1.0:
         return prompts.input_ids, prompts.attention_mask
-    return (torch.cat([prompts.input_ids, prompts.extras["uncond_ids"]]),
-            torch.cat([prompts.attention_mask, prompts.extras["uncond_mask"]]))
+    return (torch.cat([prompts.input_ids, prompts.state["uncond_ids"]]),
+            torch.cat([prompts.attention_mask, prompts.state["uncond_mask"]]))
 
 
 @register_adapter("image_tokens")
@@ -115,7 +114,8 @@ class ImageTokensAdapter(ModalityAdapter):
             raise ConfigError("image_tokens evaluation judges pictures with a classifier: set data.judge to its "
                               "directory (`mmopd toy image` writes one), or leave data.eval empty")
         family = family_of(config.student.path)
-        if family == "emu3" and needs_answers(config):
+        if family == "emu3" and needs_answers(config.objective.kind, config.objective.estimator, config.objective.lmbda,
+                                                     config.objective.sft_weight):
             raise ConfigError(f"objective.kind={config.objective.kind} (or sft_weight) trains on target pictures, "
                               "which this adapter cannot encode into Emu3's row layout yet; use on_policy or seq_kd")
         class_conditional = family == "llamagen"
@@ -227,7 +227,7 @@ class ImageTokensAdapter(ModalityAdapter):
         return {"label": label, "prompt": prompt, "answer": answer}
 
     def encode_prompts(self, records: list[dict], processor: Any) -> PromptBatch:
-        """Prompt ids and mask [B, P]; extras: the unconditional prompts and the scale when guiding, and the
+        """Prompt ids and mask [B, P]; state: the unconditional prompts and the scale when guiding, and the
         response layout for Emu3."""
         if processor.family == "llamagen":
             ids = processor.prompt_ids([r["label"] for r in records])  # [B, 2]
@@ -239,7 +239,7 @@ class ImageTokensAdapter(ModalityAdapter):
         extras: dict[str, Any] = processor.structure() if processor.family == "emu3" else {}
         if processor.cfg_scale != 1.0:
             extras.update(uncond_ids=uncond[0], uncond_mask=uncond[1], cfg_scale=processor.cfg_scale)
-        return PromptBatch(ids, mask, extras)
+        return PromptBatch(ids, mask, state=extras)
 
     def prompt_lengths(self, records: list[dict], processor: Any) -> list[int]:
         if processor.family == "llamagen":
@@ -281,19 +281,6 @@ class ImageTokensAdapter(ModalityAdapter):
                 raise ConfigError(f"data.judge={path} classifies {self._judge.class_names}, but the student draws "
                                   f"{self._class_names}; use the judge built with these models")
         return self._judge
-
-    def build_toy(self, out_dir: Path, family: str | None, progress: bool = True) -> Path:
-        from modalities.image_tokens import toy
-
-        if family not in (None, "llamagen"):
-            raise ValueError(f"image toy family {family!r} is not available; the image toy trains the built-in "
-                             "llamagen generator (Janus is covered by configs/janus_pro_7b_to_1b.yaml)")
-        return toy.build_toy(Path(out_dir), progress=progress)
-
-    def write_report(self, out_dir: Path, session: Any, summary: dict[str, Any]) -> None:
-        from modalities.image_tokens.report import write_image_report
-
-        write_image_report(Path(out_dir), session, summary)
 
     # --- model calls ---------------------------------------------------------------------------
     # Every call runs the (cond, uncond) rows as one batch when guiding, then `_shape` guides and, for

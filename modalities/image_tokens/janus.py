@@ -25,7 +25,7 @@ from transformers import (AutoConfig, AutoProcessor, JanusConfig, JanusForCondit
                           JanusProcessor, JanusVisionConfig, JanusVQVAE, JanusVQVAEConfig, GenerationConfig,
                           LlamaConfig, PreTrainedTokenizerFast)
 
-from mmopd.adapter import _cache_arg, _cache_of, _positions, base_model
+from mmopd import hf
 from modalities.image_tokens.shapes import to_images
 from modalities.image_tokens.vq_weights import load_vq_weights
 
@@ -39,7 +39,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise NotImplementedError("Janus students cannot be trained under DDP yet (the image-generation forward "
                                   "bypasses the DDP wrapper); train on one process")
-    return base_model(model)
+    return hf.base_model(model)
 
 
 class JanusImageTokenizer:
@@ -118,10 +118,10 @@ class JanusImageTokenizer:
 def start(model: nn.Module, input_ids: Tensor, mask: Tensor) -> tuple[Tensor, Any]:
     """Prefill the prompt [B, P]; return the first code's logits [B, K] and the decoding state."""
     janus = unwrap(model)
-    positions = _positions(mask)
+    positions = hf.positions(mask)
     out = janus.model.language_model(inputs_embeds=janus.get_input_embeddings()(input_ids), attention_mask=mask,
                                      position_ids=positions, use_cache=True)
-    return janus.model.generation_head(out.last_hidden_state[:, -1]), (_cache_of(out), mask, positions[:, -1])
+    return janus.model.generation_head(out.last_hidden_state[:, -1]), (hf.cache_of(out), mask, positions[:, -1])
 
 
 def step(model: nn.Module, tokens: Tensor, state: Any) -> tuple[Tensor, Any]:
@@ -132,8 +132,8 @@ def step(model: nn.Module, tokens: Tensor, state: Any) -> tuple[Tensor, Any]:
     pos = last + 1
     lm = janus.model.language_model
     out = lm(inputs_embeds=janus.prepare_embeddings_for_image_generation(tokens[:, None]), attention_mask=mask,
-             position_ids=pos[:, None], use_cache=True, **_cache_arg(lm, cache))
-    return janus.model.generation_head(out.last_hidden_state[:, -1]), (_cache_of(out), mask, pos)
+             position_ids=pos[:, None], use_cache=True, **hf.cache_arg(lm, cache))
+    return janus.model.generation_head(out.last_hidden_state[:, -1]), (hf.cache_of(out), mask, pos)
 
 
 def response_logits(model: nn.Module, input_ids: Tensor, mask: Tensor, tokens: Tensor) -> Tensor:
@@ -144,7 +144,7 @@ def response_logits(model: nn.Module, input_ids: Tensor, mask: Tensor, tokens: T
     embeds = torch.cat([janus.get_input_embeddings()(input_ids),
                         janus.prepare_embeddings_for_image_generation(tokens[:, :-1])], dim=1)  # [B, P+T-1, H]
     full_mask = torch.cat([mask, mask.new_ones(mask.shape[0], T - 1)], dim=1)
-    out = janus.model.language_model(inputs_embeds=embeds, attention_mask=full_mask, position_ids=_positions(full_mask))
+    out = janus.model.language_model(inputs_embeds=embeds, attention_mask=full_mask, position_ids=hf.positions(full_mask))
     return janus.model.generation_head(out.last_hidden_state[:, P - 1:])  # [B, T, K]
 
 

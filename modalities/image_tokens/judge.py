@@ -19,7 +19,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from mmopd.schedule import warmup_cosine
 from modalities.image_tokens.shapes import to_tensor
+
 
 JUDGE_FILE, WEIGHTS_FILE = "judge.json", "judge.safetensors"
 ARCHITECTURE = "test_resnet"  # timm's smallest ResNet (~0.4M parameters, 96 pooled features)
@@ -94,7 +96,7 @@ class Judge:
         pixels, targets = self._pixels(images), torch.tensor(labels)
         gen = torch.Generator().manual_seed(seed)
         opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=0.05)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(0, steps))
         self.model.train()
         losses = []
         for _ in range(steps):

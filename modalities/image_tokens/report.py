@@ -19,7 +19,7 @@ from torch import nn
 
 from mmopd.losses import masked_mean, token_divergence
 from mmopd.report import write_summary
-from mmopd.rollout import rollout
+from mmopd.engines.hf import rollout
 from modalities.image_tokens.llamagen import normalize_prompt
 
 log = logging.getLogger("mmopd")

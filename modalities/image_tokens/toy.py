@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,8 @@ import torch
 import yaml
 from transformers import LlamaForCausalLM
 
+from mmopd.config import ConfigError
+from mmopd.schedule import warmup_cosine
 from modalities.image_tokens import shapes
 from modalities.image_tokens.judge import Judge
 from modalities.image_tokens.llamagen import LlamaGenTokenizer, build_generator
@@ -93,8 +94,7 @@ def fit_generator(model: LlamaForCausalLM, tokenizer: LlamaGenTokenizer, codes: 
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     warmup = min(WARMUP, steps - 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / (warmup + 1) if s < warmup else
-                                              0.5 * (1 + math.cos(math.pi * (s - warmup) / max(steps - warmup, 1))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, steps))
     model.train()
     losses = []
     for step in range(steps):
@@ -110,6 +110,14 @@ def fit_generator(model: LlamaForCausalLM, tokenizer: LlamaGenTokenizer, codes: 
         if progress and (step + 1) % 100 == 0:
             print(f"  step {step + 1}/{steps}: loss {loss.item():.4f}", flush=True)
     return losses
+
+
+def build(out_dir: Path, family: str | None, progress: bool = True) -> Path:
+    """The `mmopd toy image` entry point: the built-in llamagen generator is the only toy family."""
+    if family not in (None, "llamagen"):
+        raise ConfigError(f"image toy family {family!r} is not available; the image toy trains the built-in "
+                          "llamagen generator (Janus is covered by configs/janus_pro_7b_to_1b.yaml)")
+    return build_toy(out_dir, progress=progress)
 
 
 def build_toy(out_dir: Path, progress: bool = True, seed: int = 0) -> Path:

@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from mmopd.adapter import ModalityAdapter, ModelLoadError, PromptBatch, TokenSpace, load_pretrained, register_adapter
+from mmopd.adapter import ModalityAdapter, ModelLoadError, load_pretrained, register_adapter
+from mmopd.batch import PromptBatch, TokenSpace
 from mmopd.compat import IncompatibleModelsError, check_embedding_rows, check_same_vocab
 from mmopd.data import RecordError
 
@@ -20,6 +20,13 @@ def final_answer(text: str) -> str:
     """The final answer of a response: the text after its last '#' marker (GSM8K's '####' works too),
     stripped; the whole text when there is no marker."""
     return text.rsplit("#", 1)[-1].strip()
+
+
+def is_correct(response: str, answer: str) -> bool:
+    """The text modality's one definition of a correct answer: the response's final answer equals the
+    reference's, which must not be empty."""
+    target = final_answer(answer)
+    return target != "" and final_answer(response) == target
 
 
 def prompt_text(prompt: str, tokenizer: PreTrainedTokenizerBase) -> str:
@@ -97,29 +104,8 @@ class TextAdapter(ModalityAdapter):
         return out
 
     def score(self, records: list[dict], responses: list[str]) -> dict[str, float]:
-        hits = [final_answer(resp) == final_answer(r["answer"]) for r, resp in zip(records, responses)
+        hits = [is_correct(resp, r["answer"]) for r, resp in zip(records, responses)
                 if r.get("answer") is not None]
         if not hits:
             raise RecordError("text eval records need an 'answer' to score")
         return {"accuracy": sum(hits) / len(hits)}
-
-    def build_toy(self, out_dir: Path, family: str | None, progress: bool = True) -> Path:
-        from modalities.text import toy
-
-        if family not in (None, "qwen3"):
-            raise ValueError(f"text toy family {family!r} is not available; the text toy uses qwen3")
-        out_dir = Path(out_dir).resolve()
-        built = toy.build_toy(out_dir, progress=progress)
-        config = {
-            "modality": "text",
-            "student": {"path": built["paths"]["student"]},
-            "teacher": {"path": built["paths"]["teacher"]},
-            "data": {"train": built["paths"]["train"], "eval": built["paths"]["eval"]},
-            "objective": {"kind": "on_policy", "divergence": "reverse_kl", "estimator": "full"},
-            "rollout": {"max_new_tokens": toy.MAX_NEW_TOKENS, "temperature": 1.0},
-            "train": {"steps": 200, "batch_size": 128, "lr": 1.0e-3, "warmup": 50, "eval_every": 50,
-                      "save_every": 100, "eval_batch_size": 250, "out_dir": str(out_dir / "runs" / "on_policy")},
-        }
-        path = out_dir / "config.yaml"
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        return path

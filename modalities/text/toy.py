@@ -11,7 +11,12 @@ from typing import Any
 
 import torch
 import transformers
+import yaml
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+from mmopd.config import ConfigError
+from mmopd.schedule import warmup_cosine
+from modalities.text.adapter import is_correct
 
 TASK_NAME = "addition"
 
@@ -64,7 +69,8 @@ def make_records(n: int, seed: int, digits: int = DIGITS) -> list[dict]:
 
 
 def final_answer(text: str) -> str:
-    """Digits after the last final-answer marker, or "" when there is no well-formed final answer."""
+    """The toy format's final answer: digits after the last marker, or "" when the text is not well formed
+    (checks records; whether a response is correct is `modalities.text.adapter.is_correct`)."""
     if FINAL_MARKER not in text:
         return ""
     tail = text.rsplit(FINAL_MARKER, 1)[1]
@@ -72,12 +78,6 @@ def final_answer(text: str) -> str:
         tail = tail.replace(special, "")
     tail = tail.strip()
     return tail if tail.isascii() and tail.isdigit() else ""
-
-
-def is_correct(response: str, answer: str) -> bool:
-    """Whether the response's final answer exactly matches the reference's."""
-    target = final_answer(answer)
-    return target != "" and final_answer(response) == target
 
 
 def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
@@ -158,12 +158,7 @@ def fit(
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     warmup = min(warmup, max(steps - 1, 0))
 
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, steps))
     model.train()
     losses = []
     t0 = time.time()
@@ -244,6 +239,27 @@ def build_untrained(out_dir: str | Path) -> dict[str, Path]:
         paths[split] = out / "data" / f"{split}.jsonl"
         write_jsonl(paths[split], make_records(n, seed=seed))
     return paths
+
+
+def build(out_dir: Path, family: str | None, progress: bool = True) -> Path:
+    """The `mmopd toy text` entry point: the toy in out_dir and its on-policy config; returns the config's path."""
+    if family not in (None, "qwen3"):
+        raise ConfigError(f"text toy family {family!r} is not available; the text toy uses qwen3")
+    out_dir = Path(out_dir).resolve()
+    built = build_toy(out_dir, progress=progress)
+    config = {
+        "modality": "text",
+        "student": {"path": built["paths"]["student"]},
+        "teacher": {"path": built["paths"]["teacher"]},
+        "data": {"train": built["paths"]["train"], "eval": built["paths"]["eval"]},
+        "objective": {"kind": "on_policy", "divergence": "reverse_kl", "estimator": "full"},
+        "rollout": {"max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0},
+        "train": {"steps": 200, "batch_size": 128, "lr": 1.0e-3, "warmup": 50, "eval_every": 50,
+                  "save_every": 100, "eval_batch_size": 250, "out_dir": str(out_dir / "runs" / "on_policy")},
+    }
+    path = out_dir / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
 
 
 def build_toy(out_dir: str | Path, seed: int = 0, progress: bool = True) -> dict[str, Any]:

@@ -20,8 +20,9 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from mmopd.adapter import (ModalityAdapter, ModelLoadError, PromptBatch, TokenSpace, _cache_arg, _cache_of,
-                           _keep_last, _positions, base_model, load_pretrained, register_adapter)
+from mmopd import hf
+from mmopd.adapter import ModalityAdapter, ModelLoadError, load_pretrained, register_adapter
+from mmopd.batch import PromptBatch, TokenSpace
 from mmopd.compat import check_embedding_rows, check_same_vocab
 from mmopd.config import ConfigError, StudentConfig
 from mmopd.data import RecordError
@@ -70,7 +71,7 @@ def turn_end_id(processor: Any) -> int | None:
 
 def _rope_index_owner(model: nn.Module) -> nn.Module | None:
     """The submodule with `get_rope_index` for multimodal-rope models (Qwen-VL), else None."""
-    base = base_model(model)
+    base = hf.base_model(model)
     for candidate in (base, getattr(base, "model", None)):
         if candidate is not None and hasattr(candidate, "get_rope_index"):
             return candidate
@@ -132,7 +133,7 @@ class VLMAdapter(ModalityAdapter):
                 token = getattr(owner, attr, None)
                 if isinstance(token, str) and token in tok.get_vocab():
                     found.add(tok.convert_tokens_to_ids(token))
-        config = base_model(model).config
+        config = hf.base_model(model).config
         for attr in PLACEHOLDER_CONFIG_IDS:
             value = getattr(config, attr, None)
             if isinstance(value, int) and 0 <= value < len(tok):
@@ -206,16 +207,6 @@ class VLMAdapter(ModalityAdapter):
             raise RecordError("vlm eval records need an 'answer' to score")
         return {"accuracy": sum(hits) / len(hits)}
 
-    def build_toy(self, out_dir: Path, family: str | None, progress: bool = True) -> Path:
-        from modalities.vlm import toy
-
-        return toy.build_toy(Path(out_dir), family or toy.DEFAULT_FAMILY, progress=progress)
-
-    def write_report(self, out_dir: Path, session: Any, summary: dict[str, Any]) -> None:
-        from modalities.vlm.report import write_answer_grid
-
-        write_answer_grid(Path(out_dir), session)
-
     # --- model calls -----------------------------------------------------------------------------
     def _forward_inputs(self, model: nn.Module, input_ids: Tensor, mask: Tensor,
                         extras: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -224,10 +215,10 @@ class VLMAdapter(ModalityAdapter):
         inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in extras.items()}
         owner = _rope_index_owner(model)
         if owner is None:
-            positions = _positions(mask)
+            positions = hf.positions(mask)
         else:
             if "mm_token_type_ids" not in inputs:
-                raise ModelLoadError(f"{type(base_model(model)).__name__} uses multimodal rope, but its processor "
+                raise ModelLoadError(f"{type(hf.base_model(model)).__name__} uses multimodal rope, but its processor "
                                      "returned no mm_token_type_ids; upgrade transformers or the processor files")
             rope_kwargs = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
                            if k in inputs}
@@ -236,11 +227,11 @@ class VLMAdapter(ModalityAdapter):
         return {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions, **inputs}
 
     def start(self, model: nn.Module, prompts: PromptBatch) -> tuple[Tensor, Any]:
-        inputs = self._forward_inputs(model, prompts.input_ids, prompts.attention_mask, prompts.extras)
-        out = model(**inputs, use_cache=True, **_keep_last(model, 1))
+        inputs = self._forward_inputs(model, prompts.input_ids, prompts.attention_mask, prompts.model_inputs)
+        out = model(**inputs, use_cache=True, **hf.keep_last(model, 1))
         positions = inputs["position_ids"]  # [B, P] or [3, B, P]
         last = positions.amax(-1) if positions.dim() == 2 else positions.amax(-1).amax(0)  # [B]
-        return out.logits[:, -1], (_cache_of(out), prompts.attention_mask, last, positions.dim() == 3)
+        return out.logits[:, -1], (hf.cache_of(out), prompts.attention_mask, last, positions.dim() == 3)
 
     def step(self, model: nn.Module, tokens: Tensor, state: Any) -> tuple[Tensor, Any]:
         cache, mask, last, mrope = state
@@ -248,15 +239,15 @@ class VLMAdapter(ModalityAdapter):
         pos = last + 1  # [B]: a text token takes the next position on every rope axis
         position_ids = pos[None, :, None].expand(3, -1, 1) if mrope else pos[:, None]
         out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position_ids, use_cache=True,
-                    **_cache_arg(model, cache))
-        return out.logits[:, -1], (_cache_of(out), mask, pos, mrope)
+                    **hf.cache_arg(model, cache))
+        return out.logits[:, -1], (hf.cache_of(out), mask, pos, mrope)
 
     def response_logits(self, model: nn.Module, prompts: PromptBatch, tokens: Tensor) -> Tensor:
         T = tokens.shape[1]
         input_ids = torch.cat([prompts.input_ids, tokens], dim=1)  # [B, P+T]
         mask = torch.cat([prompts.attention_mask, torch.ones_like(tokens)], dim=1)
         extras = {k: torch.cat([v, v.new_zeros(v.shape[0], T)], dim=1) if k in TOKEN_ALIGNED else v
-                  for k, v in prompts.extras.items()}  # response tokens are text: type 0
-        out = model(**self._forward_inputs(model, input_ids, mask, extras), **_keep_last(model, T + 1))
+                  for k, v in prompts.model_inputs.items()}  # response tokens are text: type 0
+        out = model(**self._forward_inputs(model, input_ids, mask, extras), **hf.keep_last(model, T + 1))
         return out.logits[:, -(T + 1):-1]  # [B, T, V]
 

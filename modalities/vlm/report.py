@@ -27,6 +27,11 @@ def answers_of(session: Any, model: Any, processor: Any, records: list[dict]) ->
     return result["responses"]
 
 
+def write(out_dir: Path, session: Any, summary: dict[str, Any]) -> None:
+    """The end-of-run report (the `mmopd.reports` entry point): the answer grid."""
+    write_answer_grid(out_dir, session)
+
+
 def write_answer_grid(out_dir: Path, session: Any, n: int = GRID_EXAMPLES) -> Path | None:
     """plots/answers.png for the first n eval records; None when the run has no eval split."""
     if session.eval_data is None:

@@ -9,7 +9,6 @@ visual features, which an LM-only update cannot fix (0.495 -> 0.645 against a 0.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -19,11 +18,14 @@ import yaml
 from torch import nn
 
 from mmopd.adapter import ModalityAdapter
+from mmopd.batch import answers_rollout
+from mmopd.config import ConfigError
 from mmopd.data import load_jsonl
 from mmopd.evaluation import evaluate_policy
 from mmopd.losses import masked_mean, sampled_token_logprobs
-from mmopd.objectives import answers_rollout
+from mmopd.schedule import warmup_cosine
 from modalities.vlm import shapes
+from modalities.vlm.adapter import VLMAdapter
 from modalities.vlm.families import FAMILIES, Dims, build_family_model, save_family_model
 
 DEFAULT_FAMILY = "llava"  # fastest on CPU: 94 ms per SFT step of 32 at toy size, 101-187 ms for the others
@@ -64,8 +66,7 @@ def fit(adapter: ModalityAdapter, model: nn.Module, processor: Any, records: lis
               {"params": [p for p in trainable if id(p) not in language], "lr": lr * VISION_LR_SCALE}]
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     warmup = min(warmup, max(steps - 1, 0))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / (warmup + 1) if s < warmup else
-                                              0.5 * (1 + math.cos(math.pi * (s - warmup) / max(steps - warmup, 1))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, steps))
     space = adapter.token_space(processor, model)
     pad = processor.tokenizer.pad_token_id
     model.train()
@@ -108,12 +109,15 @@ def accuracy(adapter: ModalityAdapter, model: nn.Module, processor: Any, records
     return result["metrics"]["accuracy"]
 
 
+def build(out_dir: Path, family: str | None, progress: bool = True) -> Path:
+    """The `mmopd toy vlm` entry point: `build_toy` with the default family unless one is named."""
+    return build_toy(out_dir, family or DEFAULT_FAMILY, progress)
+
+
 def build_toy(out_dir: Path, family: str = DEFAULT_FAMILY, progress: bool = True) -> Path:
     """Data in out_dir/data, teacher and student in out_dir/{teacher,student}; returns out_dir/config.yaml."""
-    from modalities.vlm.adapter import VLMAdapter
-
     if family not in FAMILIES:
-        raise ValueError(f"unknown VLM toy family {family!r}; available: {', '.join(FAMILIES)}")
+        raise ConfigError(f"unknown VLM toy family {family!r}; available: {', '.join(FAMILIES)}")
     out_dir = Path(out_dir).resolve()
     say = print if progress else (lambda *a, **k: None)
     adapter = VLMAdapter()

@@ -1,0 +1,28 @@
+"""The functional layer under the objectives: per-token divergences and the sampled-token estimator, each
+as a plain function of tensors. Three modules, one per line of the math (each docstring holds its part):
+
+- `exact`: divergences over logits ([..., V] in, [...] out), their top-k form, and `masked_mean`;
+- `sampled`: the sampled-token estimator's log-probs and policy-gradient loss over logits;
+- `fused`: the same values from last hidden states and the LM head, one chunk of rows at a time.
+"""
+
+from mmopd.losses.exact import DIVERGENCES, LOGPROB_FLOOR, masked_mean, token_divergence, topk_token_divergence
+from mmopd.losses.fused import (fused_divergence_loss, fused_gathered_logits, fused_sampled_reverse_kl_loss,
+                                fused_token_divergence, fused_token_logprobs, fused_topk_logits)
+from mmopd.losses.sampled import sampled_reverse_kl_loss, sampled_token_logprobs
+
+__all__ = [
+    "DIVERGENCES",
+    "LOGPROB_FLOOR",
+    "token_divergence",
+    "sampled_token_logprobs",
+    "sampled_reverse_kl_loss",
+    "masked_mean",
+    "fused_token_divergence",
+    "fused_divergence_loss",
+    "fused_sampled_reverse_kl_loss",
+    "fused_token_logprobs",
+    "topk_token_divergence",
+    "fused_topk_logits",
+    "fused_gathered_logits",
+]

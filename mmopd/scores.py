@@ -1,0 +1,129 @@
+"""What a model says about each response position, in one of four forms, and the losses between them.
+
+| form            | holds                                   | memory  | who makes it                          |
+|-----------------|-----------------------------------------|---------|---------------------------------------|
+| `Logits`        | logits over the action space [B, T, A]   | O(N·A)  | any in-process model                  |
+| `Hidden`        | last hidden states [B, T, H] + LM head   | O(N·H)  | an in-process model with a plain head |
+| `TopK`          | the K largest logits and their actions   | O(N·K)  | a teacher asked for top-k             |
+| `TokenLogprobs` | log p of each sampled token [B, T]       | O(N)    | any engine that returns log-probs     |
+
+A student's scores (`Logits` or `Hidden`, with gradients) answer `logprobs(actions)`, `divergence(teacher, ...)`
+and `sampled_loss(teacher, ...)`; which kernel of `mmopd.losses` runs depends on the pair of forms, and is
+decided here, once. `Hidden` never builds [B, T, A] logits: the fused kernels make them one chunk of rows
+at a time and compute the gradients alongside the values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mmopd.batch import Rollout, TokenSpace
+from mmopd.losses import (fused_divergence_loss, fused_gathered_logits, fused_sampled_reverse_kl_loss,
+                          fused_token_logprobs, masked_mean, sampled_reverse_kl_loss, sampled_token_logprobs,
+                          token_divergence, topk_token_divergence)
+
+
+class Scores:
+    """The base of the four forms. Methods a form cannot answer raise TypeError naming the form."""
+
+    def logprobs(self, actions: Tensor, temperature: float = 1.0) -> Tensor:
+        """log p of each action [B, T] -> [B, T] float32."""
+        raise TypeError(f"{type(self).__name__} scores cannot give log-probs of arbitrary actions")
+
+    def divergence(self, teacher: "Scores", mask: Tensor, kind: str, beta: float, temperature: float) -> Tensor:
+        """The masked mean over response tokens of this student's divergence from `teacher`. -> []"""
+        raise TypeError(f"{type(self).__name__} scores cannot be a student's side of a divergence")
+
+    def sampled_loss(self, teacher: "TokenLogprobs", actions: Tensor, responses: Rollout,
+                     temperature: float) -> tuple[Tensor, Tensor]:
+        """The sampled-token estimator's loss (masked mean) and its per-token reverse-KL estimate. -> [], [B, T]"""
+        raise TypeError(f"{type(self).__name__} scores cannot be a student's side of the sampled estimator")
+
+    def nll(self, actions: Tensor, mask: Tensor) -> Tensor:
+        """The masked mean negative log-likelihood of `actions`. -> []"""
+        return masked_mean(-self.logprobs(actions), mask)
+
+
+@dataclass
+class Logits(Scores):
+    values: Tensor  # [B, T, A] over the action space; row t scores tokens[:, t]
+
+    def logprobs(self, actions: Tensor, temperature: float = 1.0) -> Tensor:
+        return sampled_token_logprobs(self.values, actions, temperature=temperature)
+
+    def divergence(self, teacher: Scores, mask: Tensor, kind: str, beta: float, temperature: float) -> Tensor:
+        args = {"kind": kind, "beta": beta, "temperature": temperature}
+        if isinstance(teacher, Logits):
+            return masked_mean(token_divergence(self.values, teacher.values, **args), mask)
+        if isinstance(teacher, TopK):
+            return masked_mean(topk_token_divergence(self.values, teacher.logits, teacher.ids, **args), mask)
+        raise TypeError(f"a student's Logits cannot be compared with a teacher's {type(teacher).__name__}")
+
+    def sampled_loss(self, teacher: "TokenLogprobs", actions: Tensor, responses: Rollout,
+                     temperature: float) -> tuple[Tensor, Tensor]:
+        per_token, kl_estimate = sampled_reverse_kl_loss(self.logprobs(actions, temperature), teacher.values,
+                                                         responses.logprobs)
+        return masked_mean(per_token, responses.mask), kl_estimate
+
+
+@dataclass
+class Hidden(Scores):
+    """What scores each response token before the LM head: logits = hidden·weightᵀ + bias."""
+
+    hidden: Tensor  # [B, T, H] last hidden states; row t predicts tokens[:, t]
+    weight: Tensor  # [V, H] the output projection (or [A, H] once restricted to a TokenSpace)
+    bias: Tensor | None  # [V] or None
+    logits_dtype: torch.dtype | None = None  # what the model's own head produced (bf16 under mixed precision)
+
+    def restrict(self, space: TokenSpace) -> "Hidden":
+        return Hidden(self.hidden, *space.restrict_head(self.weight, self.bias), self.logits_dtype)
+
+    def head_precision(self) -> Any:
+        """A context in which the losses' head matmuls run in the dtype the model's own head ran in: autocast
+        when that differs from the weight's (fp32 master weights under bf16 mixed precision), else a no-op."""
+        dtype = self.logits_dtype
+        enabled = dtype in (torch.bfloat16, torch.float16) and dtype != self.weight.dtype
+        return torch.autocast(self.weight.device.type, dtype=dtype if enabled else None, enabled=enabled)
+
+    def logprobs(self, actions: Tensor, temperature: float = 1.0) -> Tensor:
+        with self.head_precision():
+            return fused_token_logprobs(self.hidden, self.weight, actions, temperature, bias=self.bias)
+
+    def divergence(self, teacher: Scores, mask: Tensor, kind: str, beta: float, temperature: float) -> Tensor:
+        args = {"kind": kind, "beta": beta, "temperature": temperature}
+        if isinstance(teacher, Hidden):  # gradients computed with the values: no logits recomputed
+            weights = mask / mask.sum().clamp(min=1)  # [B, T]
+            with self.head_precision():
+                return fused_divergence_loss(self.hidden, self.weight, teacher.hidden, teacher.weight, weights,
+                                             student_bias=self.bias, teacher_bias=teacher.bias, **args)[0]
+        if isinstance(teacher, TopK):  # the student's logits at the K ids only
+            with self.head_precision():
+                student_topk = fused_gathered_logits(self.hidden, self.weight, teacher.ids, bias=self.bias)
+            return masked_mean(token_divergence(student_topk, teacher.logits, **args), mask)
+        raise TypeError(f"a student's Hidden scores cannot be compared with a teacher's {type(teacher).__name__}")
+
+    def sampled_loss(self, teacher: "TokenLogprobs", actions: Tensor, responses: Rollout,
+                     temperature: float) -> tuple[Tensor, Tensor]:
+        weights = responses.mask / responses.mask.sum().clamp(min=1)  # [B, T]
+        with self.head_precision():  # gradients computed with the values: no logits recomputed
+            return fused_sampled_reverse_kl_loss(self.hidden, self.weight, actions, teacher.values, weights,
+                                                 responses.logprobs, temperature, bias=self.bias)
+
+
+@dataclass
+class TopK(Scores):
+    """A teacher's K largest logits per response position over the action space, and their action ids."""
+
+    logits: Tensor  # [B, T, K] float32
+    ids: Tensor  # [B, T, K] long, actions (indices into the TokenSpace)
+
+
+@dataclass
+class TokenLogprobs(Scores):
+    """log p of each response token under a model (at the objective's temperature), and nothing else."""
+
+    values: Tensor  # [B, T] float32
