@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from examples.experiments import cfg_distill, compute_matched, estimator, forgetting, mode_seeking
-from examples.experiments.text_task import step_flops
+from experiments import cfg_distill, compute_matched, estimator, forgetting, mode_seeking
+from experiments.text_task import step_flops
 
 
 @pytest.fixture(scope="module")

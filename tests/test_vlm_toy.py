@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmopd.toys import build_toy
 from mmopd.config import load_config
 from modalities.vlm import shapes, toy
 from modalities.vlm.families import build_family_model
@@ -59,11 +58,10 @@ def test_splits_have_equal_kinds_and_eval_layouts_never_appear_in_training():
     assert all(len(r["answer"].split()) <= shapes.MAX_ANSWER_WORDS for _, r in train + evals)
 
 
-def test_toy_writes_data_models_and_a_config_with_absolute_paths(tmp_path, monkeypatch):
-    for name, value in (("TRAIN_RECORDS", 20), ("EVAL_RECORDS", 5), ("TEACHER_STEPS", 2), ("STUDENT_STEPS", 2)):
-        monkeypatch.setattr(toy, name, value)
+def test_toy_writes_data_models_and_a_config_with_absolute_paths(tmp_path):
     torch.manual_seed(0)
-    path = build_toy("vlm", tmp_path / "toy", None, progress=False)
+    path = toy.build_toy(tmp_path / "toy", progress=False,
+                         size=toy.Size(train_records=20, eval_records=5, teacher_steps=2, student_steps=2))
     config = load_config(path)
     assert config.modality == "vlm" and config.student.trainable == "lm_only"
     for value in (config.student.path, config.teacher.path, config.data.train, config.data.eval, config.train.out_dir):

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,21 @@ DISTILL_SETTINGS: dict[str, Any] = {
               "eval_batch_size": 240, "max_grad_norm": 1.0},
 }
 
+
+
+@dataclass(frozen=True)
+class Size:
+    """How much data and training a build gets: the defaults are the demo's toy; TINY is the plumbing only."""
+
+    train_pictures: int = TRAIN_PICTURES
+    eval_per_class: int = EVAL_PER_CLASS
+    vq_steps: int = VQ_STEPS
+    judge_steps: int = JUDGE_STEPS
+    teacher_steps: int = TEACHER_STEPS
+    student_steps: int = STUDENT_STEPS
+
+
+TINY = Size(train_pictures=64, eval_per_class=2, vq_steps=2, judge_steps=2, teacher_steps=2, student_steps=2)
 
 def _say(progress: bool, message: str) -> None:
     if progress:
@@ -120,30 +136,30 @@ def build(out_dir: Path, family: str | None, progress: bool = True) -> Path:
     return build_toy(out_dir, progress=progress)
 
 
-def build_toy(out_dir: Path, progress: bool = True, seed: int = 0) -> Path:
+def build_toy(out_dir: Path, progress: bool = True, seed: int = 0, size: Size = Size()) -> Path:
     """Write the whole toy into out_dir (see the module docstring) and return the config's path."""
     out_dir = Path(out_dir).resolve()
     started = time.perf_counter()
     data = out_dir / "data"
-    train_path = shapes.write_split(data, "train", TRAIN_PICTURES, seed=seed + 1)
-    eval_path = shapes.write_split(data, "eval", EVAL_PER_CLASS * len(shapes.CLASS_NAMES), seed=seed + 2)
-    pictures, labels = shapes.make_images(TRAIN_PICTURES, seed=seed + 1)  # the pictures written above
+    train_path = shapes.write_split(data, "train", size.train_pictures, seed=seed + 1)
+    eval_path = shapes.write_split(data, "eval", size.eval_per_class * len(shapes.CLASS_NAMES), seed=seed + 2)
+    pictures, labels = shapes.make_images(size.train_pictures, seed=seed + 1)  # the pictures written above
     pixels, label_ids = shapes.to_tensor(pictures), torch.tensor(labels)
 
     _say(progress, f"[toy image] VQ tokenizer ({VQ['codebook_size']} codes, {VQ['image_size']} px -> "
                    f"{VQ['image_size'] // 2 ** VQ['downsamples']}² grid)")
-    vq = train_vq(pixels, VQConfig(**VQ), VQ_STEPS, seed=seed, progress=progress)
+    vq = train_vq(pixels, VQConfig(**VQ), size.vq_steps, seed=seed, progress=progress)
     tokenizer = LlamaGenTokenizer(vq, shapes.CLASS_NAMES)
     codes = tokenizer.encode_images(pixels)  # [N, grid²]
 
     _say(progress, "[toy image] judge (timm classifier)")
     judge = Judge.build(shapes.CLASS_NAMES, shapes.IMAGE_SIZE)
-    judge.fit(pictures, labels, JUDGE_STEPS, seed=seed)
+    judge.fit(pictures, labels, size.judge_steps, seed=seed)
     judge.save(out_dir / "judge")
 
     paths = {}
-    for role, steps, lr, dropout in (("teacher", TEACHER_STEPS, TEACHER_LR, CLASS_DROPOUT),
-                                     ("student", STUDENT_STEPS, STUDENT_LR, 0.0)):
+    for role, steps, lr, dropout in (("teacher", size.teacher_steps, TEACHER_LR, CLASS_DROPOUT),
+                                     ("student", size.student_steps, STUDENT_LR, 0.0)):
         _say(progress, f"[toy image] {role}: {steps} steps")
         torch.manual_seed(seed + (role == "student"))
         model = build_generator(tokenizer, **SIZES[role])

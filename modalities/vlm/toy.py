@@ -10,6 +10,7 @@ visual features, which an LM-only update cannot fix (0.495 -> 0.645 against a 0.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,19 @@ DISTILL_SETTINGS: dict[str, Any] = {
               "eval_batch_size": 100, "max_grad_norm": 1.0},
 }
 
+
+
+@dataclass(frozen=True)
+class Size:
+    """How much data and training a build gets: the defaults are the demo's toy; TINY is the plumbing only."""
+
+    train_records: int = TRAIN_RECORDS
+    eval_records: int = EVAL_RECORDS
+    teacher_steps: int = TEACHER_STEPS
+    student_steps: int = STUDENT_STEPS
+
+
+TINY = Size(train_records=24, eval_records=6, teacher_steps=2, student_steps=2)
 
 def fit(adapter: ModalityAdapter, model: nn.Module, processor: Any, records: list[dict], steps: int, lr: float,
         batch_size: int, seed: int, warmup: int = WARMUP, progress: bool = False) -> list[float]:
@@ -114,7 +128,7 @@ def build(out_dir: Path, family: str | None, progress: bool = True) -> Path:
     return build_toy(out_dir, family or DEFAULT_FAMILY, progress)
 
 
-def build_toy(out_dir: Path, family: str = DEFAULT_FAMILY, progress: bool = True) -> Path:
+def build_toy(out_dir: Path, family: str = DEFAULT_FAMILY, progress: bool = True, size: Size = Size()) -> Path:
     """Data in out_dir/data, teacher and student in out_dir/{teacher,student}; returns out_dir/config.yaml."""
     if family not in FAMILIES:
         raise ConfigError(f"unknown VLM toy family {family!r}; available: {', '.join(FAMILIES)}")
@@ -122,12 +136,13 @@ def build_toy(out_dir: Path, family: str = DEFAULT_FAMILY, progress: bool = True
     say = print if progress else (lambda *a, **k: None)
     adapter = VLMAdapter()
     data = out_dir / "data"
-    paths = {"train": shapes.write_split(data, "train", TRAIN_RECORDS, seed=1, held_out=False),
-             "eval": shapes.write_split(data, "eval", EVAL_RECORDS, seed=2, held_out=True)}
+    paths = {"train": shapes.write_split(data, "train", size.train_records, seed=1, held_out=False),
+             "eval": shapes.write_split(data, "eval", size.eval_records, seed=2, held_out=True)}
     train = load_jsonl(paths["train"], adapter.check_record).records
     evals = load_jsonl(paths["eval"], adapter.check_record).records
     scores, teacher = {}, None
-    for role, dims, steps, seed in (("teacher", TEACHER, TEACHER_STEPS, 0), ("student", STUDENT, STUDENT_STEPS, 1)):
+    for role, dims, steps, seed in (("teacher", TEACHER, size.teacher_steps, 0),
+                                    ("student", STUDENT, size.student_steps, 1)):
         say(f"training the {family} {role} ({steps} SFT steps)")
         built = build_family_model(family, shapes.WORDS, dims, image_tokens=IMAGE_TOKENS, seed=seed)
         if teacher is not None:

@@ -1,6 +1,6 @@
 """Forgetting: SFT on task B erodes task A; on-policy distillation from the task-A model brings A back.
 
-    python -m examples.experiments forgetting [--out DIR] [--size tiny|full] [--publish]
+    python -m experiments forgetting [--out DIR] [--size tiny|full] [--publish]
 
 Task A is the text toy (3-digit addition with column sums); task B reverses a 5-digit number
 (`34758=` -> `#85743`), in the same character vocabulary. Stage 1: the task-A model is the toy's teacher
@@ -30,8 +30,8 @@ import numpy as np  # noqa: E402
 import transformers  # noqa: E402
 
 import mmopd  # noqa: E402
-from examples.experiments.text_task import SIZES as TEXT_SIZES  # noqa: E402
-from examples.experiments.text_task import build_task, mean_std, save_results  # noqa: E402
+from experiments.text_task import SIZES as TEXT_SIZES  # noqa: E402
+from experiments.text_task import build_task, mean_std, save_results  # noqa: E402
 from mmopd.config import load_config  # noqa: E402
 from modalities.text import toy  # noqa: E402
 

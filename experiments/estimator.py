@@ -1,6 +1,6 @@
 """Full reverse KL vs the sampled-token estimator vs a top-k teacher, on the text toy.
 
-    python -m examples.experiments estimator [--out DIR] [--size tiny|full] [--publish]
+    python -m experiments estimator [--out DIR] [--size tiny|full] [--publish]
 
 The same on_policy runs as compute_matched (same student start, batch 64, lr 2e-3, 200 steps; those runs
 are reused when --out is shared), plus the teacher kept to its top K logits (`teacher.top_k`, K = 4 and 12
@@ -22,8 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import transformers  # noqa: E402
 
-from examples.experiments.compute_matched import method_runs  # noqa: E402
-from examples.experiments.text_task import mean_std, save_results  # noqa: E402
+from experiments.compute_matched import method_runs  # noqa: E402
+from experiments.text_task import mean_std, save_results  # noqa: E402
 
 NAME = "estimator"
 TOP_KS = (4, 12)

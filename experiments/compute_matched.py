@@ -1,8 +1,8 @@
 """Compute-matched comparison of the objectives, from one student start, three seeds, per modality.
 
-    python -m examples.experiments compute_matched [--out DIR] [--size tiny|full] [--publish]        # text toy
-    python -m examples.experiments compute_matched_vlm ...     # VLM toy (shapes VQA, LLaVA)
-    python -m examples.experiments compute_matched_image ...   # image-token toy (CFG teacher)
+    python -m experiments compute_matched [--out DIR] [--size tiny|full] [--publish]        # text toy
+    python -m experiments compute_matched_vlm ...     # VLM toy (shapes VQA, LLaVA)
+    python -m experiments compute_matched_image ...   # image-token toy (CFG teacher)
 
 Every method starts from the same SFT'd student, with the same batch, lr and schedule (the toy's); the
 seed changes the batch order and the sampling. Each gets a number of steps that spends at least the FLOPs
@@ -23,8 +23,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from examples.experiments.modality_task import build_modality_task, dataset_through_vq  # noqa: E402
-from examples.experiments.text_task import (SIZES, band, base_overrides, build_task, curve, mean_std,  # noqa: E402
+from experiments.modality_task import build_modality_task, dataset_through_vq  # noqa: E402
+from experiments.text_task import (SIZES, band, base_overrides, build_task, curve, mean_std,  # noqa: E402
                                             save_results, run_config, step_flops)
 
 NAME = "compute_matched"

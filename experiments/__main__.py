@@ -1,4 +1,4 @@
-"""`python -m examples.experiments NAME [--out DIR] [--size tiny|full] [--publish]`"""
+"""`python -m experiments NAME [--out DIR] [--size tiny|full] [--publish]`"""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from pathlib import Path
 
 EXPERIMENTS = ("compute_matched", "compute_matched_vlm", "compute_matched_image", "estimator", "mode_seeking",
                "forgetting", "cfg_distill")
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m examples.experiments", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__)
     parser.add_argument("name", choices=EXPERIMENTS)
     parser.add_argument("--out", default="runs/experiments", help="runs and results (shared by the text "
                         "experiments: the toy and each run are built once and reused)")
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    module = importlib.import_module(f"examples.experiments.{args.name}")
+    module = importlib.import_module(f"experiments.{args.name}")
     module.run(Path(args.out), args.size, ROOT if args.publish else None)
     return 0
 

@@ -1,6 +1,6 @@
 """CFG distillation on the image-token toy: an unguided student against the teacher at several CFG scales.
 
-    python -m examples.experiments cfg_distill [--out DIR] [--size tiny|full] [--publish]
+    python -m experiments cfg_distill [--out DIR] [--size tiny|full] [--publish]
 
 The image toy (`mmopd toy image`: 16×16 pictures of 6 classes, a 64-code VQ-VAE, a judge classifier, a
 0.35M teacher with an unconditional branch and a weaker 0.09M student) is built once. For each CFG scale
@@ -23,8 +23,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from examples.experiments.modality_task import build_toy, flat_overrides  # noqa: E402
-from examples.experiments.text_task import mean_std, save_results, run_config  # noqa: E402
+from experiments.modality_task import build_toy, flat_overrides  # noqa: E402
+from experiments.text_task import mean_std, save_results, run_config  # noqa: E402
 
 NAME = "cfg_distill"
 SIZES: dict[str, dict[str, Any]] = {

@@ -1,6 +1,6 @@
 """Where forward-KL and reverse-KL students put their mass when the teacher is multimodal.
 
-    python -m examples.experiments mode_seeking [--out DIR] [--size tiny|full] [--publish]
+    python -m experiments mode_seeking [--out DIR] [--size tiny|full] [--publish]
 
 Task: the prompt is a two-digit number `n=`, and three two-digit answers are equally right (their first
 digits differ, so the modes split at the first token). A teacher (the text toy's 0.53M Qwen3) is trained
@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from examples.experiments.text_task import mean_std, save_results, run_config  # noqa: E402
+from experiments.text_task import mean_std, save_results, run_config  # noqa: E402
 from modalities.text import toy  # noqa: E402
 
 NAME = "mode_seeking"

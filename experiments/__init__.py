@@ -1,4 +1,4 @@
 """Experiments that test the method's published claims on our toy tasks (see RESULTS.md).
 
-    python -m examples.experiments NAME [--out DIR] [--size tiny|full] [--publish]
+    python -m experiments NAME [--out DIR] [--size tiny|full] [--publish]
 """

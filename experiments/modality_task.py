@@ -11,24 +11,17 @@ image tokens included; dataset answers with their end token) and the models' `pa
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import json
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import numpy as np
 import torch
 
 from mmopd.config import load_config
+from modalities.image_tokens import toy as image_toy
+from modalities.vlm import toy as vlm_toy
 
-# the plumbing only (barely trained models, a few records); patched for the build and restored on return
-TINY_BUILD: dict[str, dict[str, int]] = {
-    "image": {"VQ_STEPS": 2, "JUDGE_STEPS": 2, "TEACHER_STEPS": 2, "STUDENT_STEPS": 2, "TRAIN_PICTURES": 64,
-              "EVAL_PER_CLASS": 2},
-    "vlm": {"TRAIN_RECORDS": 24, "EVAL_RECORDS": 6, "TEACHER_STEPS": 2, "STUDENT_STEPS": 2},
-}
 VISION_NAMES = ("vision", "multi_modal_projector")  # parameter names of the vision side of a VLM
 
 
@@ -37,9 +30,8 @@ def build_toy(out: Path, size: str, modality: str) -> Path:
     config = out / "config.yaml"
     if config.exists():
         return config
-    toy = importlib.import_module({"image": "modalities.image_tokens.toy", "vlm": "modalities.vlm.toy"}[modality])
-    with mock.patch.multiple(toy, **TINY_BUILD[modality]) if size == "tiny" else contextlib.nullcontext():
-        return toy.build_toy(out, progress=False)
+    toy = {"image": image_toy, "vlm": vlm_toy}[modality]
+    return toy.build_toy(out, progress=False, size=toy.TINY if size == "tiny" else toy.Size())
 
 
 def flat_overrides(config_path: Path) -> dict[str, Any]:
