@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN = $(VENV)/bin
 
-.PHONY: install demo test
+.PHONY: install demo test test-fast
 
 install: $(VENV)/.installed
 
@@ -19,3 +19,7 @@ demo: install
 # two workers, one thread each (small models run fastest on one thread per process); idle workers steal tests
 test: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist worksteal --durations=15
+
+# the quick inner loop: everything but the tests marked slow (whole demos, benchmarks, kill tests), ~2 minutes
+test-fast: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist worksteal -m "not slow"

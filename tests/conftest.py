@@ -11,7 +11,7 @@ import torch
 from mmopd.config import load_config
 from modalities.text import toy
 
-pytest_plugins = ("tests.vlm_fixtures",)  # the VLM fixtures: tiny data and model pairs of every family
+pytest_plugins = ("tests.vlm.fixtures",)  # the VLM fixtures: tiny data and model pairs of every family
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

@@ -21,9 +21,9 @@ from mmopd.batch import Sampling
 from mmopd.engines.hf import rollout
 from mmopd.session import Session
 from modalities.image_tokens import janus, shapes
-from tests.image_tokens_helpers import GRID_TOKENS, build_janus_pair, build_llamagen_task
+from tests.image_tokens.helpers import GRID_TOKENS, build_janus_pair, build_llamagen_task
 
-RECIPE = Path(__file__).resolve().parents[1] / "configs" / "janus_pro_7b_to_1b.yaml"
+RECIPE = Path(__file__).resolve().parents[2] / "configs" / "janus_pro_7b_to_1b.yaml"
 PROMPTS = ["a red circle", "a blue square", "red triangle", "a blue circle"]  # different lengths: left padding
 
 

@@ -13,7 +13,7 @@ import mmopd
 from mmopd.adapter import get_adapter
 from mmopd.report import read_metrics
 from modalities.vlm.families import FAMILIES
-from tests.vlm_fixtures import STUDENT_IMAGE_TOKENS, TEACHER_IMAGE_TOKENS
+from tests.vlm.fixtures import STUDENT_IMAGE_TOKENS, TEACHER_IMAGE_TOKENS
 
 FAMILY_CLASSES = {
     "qwen2_vl": "Qwen2VLForConditionalGeneration",

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import mmopd
 from mmopd.config import load_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RECIPES = {  # recipe -> (student hub id, teacher hub id, the family of both)
     "qwen2_5_vl_7b_to_3b.yaml": ("Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct", "qwen2_5_vl"),
     "smolvlm_500m_to_256m.yaml": ("HuggingFaceTB/SmolVLM-256M-Instruct", "HuggingFaceTB/SmolVLM-500M-Instruct",

@@ -18,7 +18,7 @@ from mmopd.objectives import Timer, objective_step
 from mmopd.batch import Sampling
 from mmopd.engines.hf import rollout
 from mmopd.session import Session
-from tests.image_tokens_helpers import build_emu3_pair
+from tests.image_tokens.helpers import build_emu3_pair
 
 T = 4 * (4 + 1) + 3  # 4 rows of 4 codes + end-of-line, then end-of-frame, end-of-image, EOS
 PROMPTS = ["a red circle", "blue square", "a blue triangle"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mmopd import objectives
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("mmopd", "modalities")
 
 

@@ -9,7 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import pytest
+
+pytestmark = pytest.mark.slow  # each test runs a whole demo or benchmark: minutes
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(module: str, *args: str) -> str:

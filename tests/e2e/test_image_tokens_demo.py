@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from PIL import Image
 
 from mmopd.cli import main
+
+pytestmark = pytest.mark.slow  # each test runs a whole demo or benchmark: minutes
 
 
 def test_image_demo_distils_the_guided_teacher_into_a_faster_unguided_student(tmp_path):

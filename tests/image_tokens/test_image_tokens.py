@@ -26,7 +26,7 @@ from modalities.image_tokens.adapter import family_of
 from modalities.image_tokens.judge import feature_stats, frechet_distance
 from modalities.image_tokens.llamagen import LlamaGenTokenizer
 from modalities.image_tokens.vq import VQConfig, VQModel
-from tests.image_tokens_helpers import (GRID_TOKENS, build_llamagen_task, llamagen_config, save_llamagen,
+from tests.image_tokens.helpers import (GRID_TOKENS, build_llamagen_task, llamagen_config, save_llamagen,
                                         tiny_tokenizer)
 
 K = 16  # codes in the tiny VQ

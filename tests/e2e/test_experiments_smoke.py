@@ -24,6 +24,7 @@ def test_compute_matched_writes_a_row_and_a_curve_per_method(out):
     assert (out / "compute_matched.md").read_text().count("\n| ") == len(compute_matched.METHODS)  # one row per method
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("modality", ["vlm", "image"])
 def test_compute_matched_runs_every_method_on_the_vlm_and_image_toys(out, modality):
     result = compute_matched.run_modality(out, "tiny", None, modality)

@@ -21,7 +21,7 @@ from mmopd import train
 from mmopd.checkpoint import complete_checkpoints
 from mmopd.report import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _write_config(config, path: Path) -> Path:
@@ -70,6 +70,7 @@ def _assert_same_curve(reference: list[dict], got: list[dict]) -> None:
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7), a["step"]
 
 
+@pytest.mark.slow
 def test_sigkill_between_checkpoints_resumes_to_the_same_curve(text_config, tmp_path, reference):
     out = tmp_path / "killed"
     path = _write_config(text_config(**SETTINGS, **{"train.out_dir": str(out)}), tmp_path / "c.yaml")
@@ -84,6 +85,7 @@ def test_sigkill_between_checkpoints_resumes_to_the_same_curve(text_config, tmp_
     _assert_same_curve(reference, _train_rows(out))
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_whole(text_config, tmp_path, reference):
     out = tmp_path / "torn"
     config = text_config(**SETTINGS, **{"train.out_dir": str(out)})
@@ -111,6 +113,7 @@ train(config_from_dict(yaml.safe_load(open({str(_write_config(config, tmp_path /
     assert [p.name for p in complete_checkpoints(out)] == ["step-2", "step-4", "step-6", "step-8"]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(text_config, tmp_path):
     out = tmp_path / "term"
     path = _write_config(text_config(**{**SETTINGS, "train.steps": 200, "train.save_every": 0},
@@ -153,6 +156,7 @@ def test_non_finite_steps_are_skipped_counted_and_abort_after_five(text_config, 
     assert weights == [2, 4, 6]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["supervised_kd", "on_policy"])
 def test_two_process_gloo_run_matches_one_process_at_the_same_global_batch(text_config, tmp_path, kind):
     settings = {"train.steps": 3, "train.batch_size": 2, "train.eval_every": 0, "objective.kind": kind,
@@ -178,6 +182,7 @@ def test_two_process_gloo_run_matches_one_process_at_the_same_global_batch(text_
         assert b["loss"] == pytest.approx(a["loss"], rel=0.2), a["step"]
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_two_process_run_stops_every_rank_at_the_same_step_with_a_checkpoint(text_config, tmp_path):
     out = tmp_path / "term2"
     config = text_config(**{**SETTINGS, "train.steps": 200, "train.save_every": 0, "train.batch_size": 2},

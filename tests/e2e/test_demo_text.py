@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from mmopd.cli import main
+
+pytestmark = pytest.mark.slow  # each test runs a whole demo or benchmark: minutes
 
 
 def test_text_demo_closes_most_of_the_teacher_student_gap(tmp_path, capsys):
