@@ -130,6 +130,12 @@ class ModalityAdapter:
                     **keep_last(model, T + 1), **prompts.model_inputs)
         return out.logits[:, -(T + 1):-1]
 
+    # --- engines -------------------------------------------------------------------------------------
+    def vllm_unsupported(self, model: nn.Module, served: bool) -> str | None:
+        """Why vLLM cannot sample from `model` (served: from a `vllm serve` over token-id completions); None: it
+        can. The default allows any HF causal LM."""
+        return None
+
     # --- fused scoring: hidden states and the LM head instead of logits ------------------------
     def fused_unsupported(self, model: nn.Module) -> str | None:
         """Why response_hidden + the LM head cannot stand in for response_logits with `model` (None: they can)."""

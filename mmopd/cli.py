@@ -15,12 +15,13 @@ from mmopd.adapter import ModelLoadError
 from mmopd.compat import IncompatibleModelsError
 from mmopd.config import ConfigError, load_config
 from mmopd.data import DataError, RecordError
+from mmopd.engines import EngineError
 from mmopd.session import evaluate
 from mmopd.toys import build_toy
 from mmopd.trainer import train
 
 TOY_MODALITIES = {"text": "text", "vlm": "vlm", "image": "image_tokens"}
-USER_ERRORS = (ConfigError, DataError, RecordError, ModelLoadError, IncompatibleModelsError)
+USER_ERRORS = (ConfigError, DataError, RecordError, ModelLoadError, IncompatibleModelsError, EngineError)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -30,7 +30,8 @@ DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "tvd")
 FUSED = ("auto", "always", "never")
 ESTIMATORS = ("full", "sampled")
 TRAINABLE = ("full", "lm_only", "lora")
-ENGINES = ("hf",)  # rollout.engine and teacher.engine
+ROLLOUT_ENGINES = ("hf", "vllm")
+TEACHER_ENGINES = ("hf",)
 
 
 @dataclass
@@ -80,7 +81,14 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0
     samples_per_prompt: int = 1
-    engine: str = "hf"  # who samples: hf (the in-process decode loop)
+    engine: str = "hf"  # who samples: hf (the in-process decode loop) | vllm (colocated, or served at url)
+    url: str = ""  # vllm: a `vllm serve` to sample from (empty: a vllm.LLM in this process)
+    timeout: float = 120.0  # vllm served: seconds per request before a retry
+    retries: int = 3  # vllm served: retries with backoff before the run stops naming the URL
+    gpu_memory_utilization: float = 0.3  # vllm colocated: its share of the GPU beside the trainer
+    sleep: bool = False  # vllm colocated: free its weights and KV cache between rollouts
+    sync_dir: str = ""  # vllm: where the trainer writes the weights the engine reloads (empty: /dev/shm)
+    tis_cap: float = 0.0  # vllm, sampled estimator: truncated importance-sampling cap (0: no correction)
 
 
 @dataclass
@@ -247,8 +255,21 @@ def validate(config: Config) -> None:
                           f"{' or '.join(estimators_of(obj.kind))} (the sampled estimator is for on_policy only)")
     if needs_teacher(obj.kind, obj.estimator) and not config.teacher.path:
         raise ConfigError(f"teacher.path is required for objective.kind={config.objective.kind}")
-    _choice("rollout.engine", config.rollout.engine, ENGINES)
-    _choice("teacher.engine", config.teacher.engine, ENGINES)
+    _choice("rollout.engine", config.rollout.engine, ROLLOUT_ENGINES)
+    _choice("teacher.engine", config.teacher.engine, TEACHER_ENGINES)
+    if config.rollout.url and config.rollout.engine != "vllm":
+        raise ConfigError(f"rollout.url is set, but rollout.engine={config.rollout.engine} samples in-process; "
+                          "set rollout.engine=vllm to sample from that server, or clear rollout.url")
+    if config.rollout.url and not config.rollout.url.startswith(("http://", "https://")):
+        raise ConfigError(f"rollout.url={config.rollout.url!r} must be an http(s):// URL, e.g. http://127.0.0.1:8000")
+    _positive("rollout.timeout", config.rollout.timeout)
+    _positive("rollout.retries", config.rollout.retries, allow_zero=True)
+    _positive("rollout.tis_cap", config.rollout.tis_cap, allow_zero=True)
+    if not 0.0 < config.rollout.gpu_memory_utilization <= 1.0:
+        raise ConfigError(f"rollout.gpu_memory_utilization must lie in (0, 1], got {config.rollout.gpu_memory_utilization}")
+    if config.rollout.tis_cap and obj.estimator != "sampled":
+        raise ConfigError("rollout.tis_cap corrects the sampled estimator for the engine's numerics; the full "
+                          "estimator does not use behaviour log-probs. Set rollout.tis_cap=0 or objective.estimator=sampled")
     if not config.data.train:
         raise ConfigError("data.train is required: a JSONL file of training records")
     for name, value in (("student.dtype", config.student.dtype), ("teacher.dtype", config.teacher.dtype)):

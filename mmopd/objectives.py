@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -58,6 +59,8 @@ class Models:
     pad_id: int
     device: torch.device
     fused: bool = False  # score from hidden states and LM heads (see use_fused)
+    student_path: str = ""  # where the student was loaded from (a colocated engine loads it too)
+    writer: bool = True  # this process sends the student's weights to a shared engine at sync
     rollout: RolloutEngine | None = None  # samples from the student
     teacher_rollout: RolloutEngine | None = None  # samples from the teacher (seq_kd)
     scorer: TeacherScorer | None = None  # scores responses with the teacher
@@ -66,7 +69,8 @@ class Models:
         """These models with the fusing policy decided and the configured engines built."""
         self.fused = use_fused(self, config)
         self.rollout = rollout_engine(config.rollout.engine, config, self.adapter, self.policy,
-                                      self.student_processor, self.space, self.eos_ids, self.pad_id)
+                                      self.student_processor, self.space, self.eos_ids, self.pad_id,
+                                      self.student_path, self.writer)
         if self.teacher is not None:
             self.teacher_rollout = rollout_engine("hf", config, self.adapter, self.teacher, self.teacher_processor,
                                                   self.space, self.eos_ids, self.pad_id)
@@ -178,6 +182,8 @@ def objective_step(m: Models, records: list[dict], config: Config, generator: to
 
     with timer.phase("student"):  # 3. the per-token divergence (or NLL), 4. the update's gradients
         s_scores = model_scores(m.adapter, m.student, s_prompts, responses.tokens, m.space, m.fused)
+        if engine is not None and not engine.exact:  # another program sampled: measure, correct if asked
+            responses = against_trainer(s_scores, actions, responses, config, metrics)
         loss, values = LOSSES[row.loss](s_scores, t_scores, actions, responses, obj)
         metrics.update(values)
         if obj.sft_weight > 0:
@@ -189,6 +195,26 @@ def objective_step(m: Models, records: list[dict], config: Config, generator: to
         backward(loss)
     metrics["loss"] = loss.item()
     return metrics
+
+
+def against_trainer(student: Scores, actions: Tensor, responses: Rollout, config: Config,
+                    metrics: dict[str, float]) -> Rollout:
+    """Responses sampled by an engine with its own numerics: log the mismatch of its behaviour log-probs with the
+    trainer's on the sampled tokens, and return the behaviour log-probs the sampled estimator should use.
+
+    `rollout/logprob_mismatch` is mean |log p_engine − log p_trainer| and `rollout/kl` the k3 estimate of
+    KL(engine ‖ trainer), mean(r − 1 − log r) with r = p_trainer / p_engine. Without correction
+    (`rollout.tis_cap: 0`) the behaviour is the trainer's own log-prob, as with the in-process engine; with a
+    cap C the estimator's ratio is multiplied by min(p_trainer / p_engine, C), truncated importance sampling."""
+    with torch.no_grad():
+        trainer = student.logprobs(actions, config.rollout.temperature or 1.0).detach()  # [B, T]
+    log_ratio = (trainer - responses.logprobs) * responses.mask
+    metrics["rollout/logprob_mismatch"] = masked_mean(log_ratio.abs(), responses.mask).item()
+    metrics["rollout/kl"] = masked_mean(log_ratio.exp() - 1 - log_ratio, responses.mask).item()
+    behaviour = trainer
+    if config.rollout.tis_cap > 0:
+        behaviour = trainer - torch.clamp(log_ratio, max=math.log(config.rollout.tis_cap))
+    return Rollout(responses.tokens, responses.mask, behaviour * responses.mask)
 
 
 def response_engine(m: Models, responses: str, lmbda: float, generator: torch.Generator) -> RolloutEngine | None:

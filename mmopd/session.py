@@ -66,6 +66,7 @@ class Session:
 
         self.student_processor = self.adapter.load_processor(c.student.path, "student")
         student_path = str(student_override) if student_override else c.student.path
+        self.student_path = student_path
         s_dtype = resolve_dtype(c.student.dtype, self.device, "student")
         if c.student.dtype == "auto" and not for_eval:
             s_dtype = torch.float32  # fp32 master weights; accelerate autocasts to bf16 where supported
@@ -118,7 +119,8 @@ class Session:
         """What objective_step needs; `student` is the (possibly DDP-wrapped) model being trained."""
         return Models(self.adapter, student if student is not None else self.policy, self.policy,
                       self.student_processor, self.teacher, self.teacher_processor, self.space, self.eos_ids,
-                      self.pad_id, self.device).with_engines(self.config)
+                      self.pad_id, self.device, student_path=self.student_path,
+                      writer=self.accelerator.is_main_process).with_engines(self.config)
 
     def evaluate(self, model: torch.nn.Module, processor: Any, desc: str = "eval",
                  progress: bool = False) -> dict[str, Any]:

@@ -126,6 +126,14 @@ def train(config: Config) -> dict[str, Any]:
                             t.keep_last)
         accelerator.wait_for_everyone()
 
+    def sync_engine() -> None:
+        models.rollout.sync(policy)
+        if not models.rollout.exact and accelerator.num_processes > 1:
+            accelerator.wait_for_everyone()  # a shared engine has the new weights before any rank samples
+
+    if not models.rollout.exact:
+        sync_engine()  # the engine loaded the student's path; a resumed or LoRA student differs from it
+
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = t.batch_size * t.grad_accum * world
     records = session.train_data.records
@@ -158,7 +166,7 @@ def train(config: Config) -> dict[str, Any]:
         if finite:
             optimizer.step()
             with timer.phase("sync"):  # the rollout engine samples from the new weights from here on
-                models.rollout.sync(policy)
+                sync_engine()
             bad_in_row = 0
         else:
             state["skipped_steps"] += 1

@@ -3,6 +3,7 @@ protocols and `hf` for the in-process engines."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -12,17 +13,54 @@ from mmopd.batch import TokenSpace
 from mmopd.config import Config, ConfigError
 from mmopd.engines.base import DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, RolloutEngine, TeacherNeed, TeacherScorer
 from mmopd.engines.hf import HFRollout, HFTeacher, model_scores, rollout
+from mmopd.engines.vllm import Colocated, EngineError, Served, VLLMRollout, default_sync_dir
+from mmopd.hf import context_length, text_config
 
 __all__ = ["RolloutEngine", "TeacherScorer", "TeacherNeed", "DISTRIBUTION", "TOP_K", "TOKEN_LOGPROBS",
-           "HFRollout", "HFTeacher", "model_scores", "rollout", "rollout_engine", "teacher_scorer"]
+           "HFRollout", "HFTeacher", "model_scores", "rollout", "rollout_engine", "teacher_scorer",
+           "EngineError", "VLLMRollout"]
 
 
 def rollout_engine(engine: str, config: Config, adapter: ModalityAdapter, model: nn.Module, processor: Any,
-                   space: TokenSpace, eos_ids: list[int], pad_id: int) -> RolloutEngine:
-    """The engine that samples from `model` (the student, or seq_kd's teacher)."""
+                   space: TokenSpace, eos_ids: list[int], pad_id: int, path: str = "",
+                   writer: bool = True) -> RolloutEngine:
+    """The engine that samples from `model` (the student, or seq_kd's teacher); `path` is where the model was
+    loaded from (a colocated vLLM loads it too), `writer` whether this process sends the weights at sync."""
+    r = config.rollout
     if engine == "hf":
-        return HFRollout(adapter, model, space, eos_ids, pad_id, config.rollout.max_new_tokens)
-    raise ConfigError(f"rollout.engine={engine!r} is not available")
+        return HFRollout(adapter, model, space, eos_ids, pad_id, r.max_new_tokens)
+    if engine != "vllm":
+        raise ConfigError(f"rollout.engine={engine!r} is not available")
+    why = adapter.vllm_unsupported(model, served=bool(r.url)) or _cpu_attention_unsupported(model, bool(r.url))
+    if why is not None:
+        raise ConfigError(f"rollout.engine=vllm cannot sample from this student: {why}; use rollout.engine=hf")
+    lora = config.student.trainable == "lora"
+    if r.url:
+        transport: Any = Served(r.url, r.timeout, r.retries)
+    else:
+        dtype = "bfloat16" if next(model.parameters()).is_cuda and config.student.dtype == "auto" else \
+            {"auto": "float32"}.get(config.student.dtype, config.student.dtype)
+        transport = Colocated(path, dtype, context_length(model), r.gpu_memory_utilization, r.sleep,
+                              config.student.lora_rank if lora else 0)
+    sync_dir = Path(r.sync_dir) if r.sync_dir else default_sync_dir()
+    sync_dir.mkdir(parents=True, exist_ok=True)
+    return VLLMRollout(transport, space, eos_ids, pad_id, r.max_new_tokens, sync_dir, lora, writer)
+
+
+# head sizes vLLM's CPU attention backend supports (CPUAttentionBackend.get_supported_head_sizes, vLLM 0.32)
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def _cpu_attention_unsupported(model: nn.Module, served: bool) -> str | None:
+    """vLLM on a CPU refuses other head sizes after minutes of start-up; say so before anything starts."""
+    if served or next(model.parameters()).is_cuda:
+        return None
+    config = text_config(model)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim not in VLLM_CPU_HEAD_SIZES:
+        return (f"its head_dim is {head_dim}, and vLLM's CPU attention supports head sizes "
+                f"{', '.join(map(str, VLLM_CPU_HEAD_SIZES))} only")
+    return None
 
 
 def teacher_scorer(config: Config, adapter: ModalityAdapter, model: nn.Module, processor: Any, space: TokenSpace,

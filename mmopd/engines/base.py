@@ -34,6 +34,8 @@ class TeacherNeed:
 
 
 class RolloutEngine(Protocol):
+    exact: bool  # whether its log-probs are the trainer's own (in-process); else the step measures the mismatch
+
     def sample(self, prompts: PromptBatch, sampling: Sampling, generator: torch.Generator | None) -> Rollout:
         """Up to the engine's max_new_tokens response tokens per prompt. [B, P] -> [B, T]"""
         ...

@@ -84,7 +84,10 @@ def model_scores(adapter: ModalityAdapter, model: nn.Module, prompts: PromptBatc
 
 
 class HFRollout:
-    """Samples from an in-process model (the student, or seq_kd's teacher) with the KV-cache decode loop."""
+    """Samples from an in-process model (the student, or seq_kd's teacher) with the KV-cache decode loop. `exact`:
+    its behaviour log-probs are the trainer's own numerics."""
+
+    exact = True
 
     def __init__(self, adapter: ModalityAdapter, model: nn.Module, space: TokenSpace, eos_ids: list[int],
                  pad_id: int, max_new_tokens: int):

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForCausalLM, Emu3ForConditionalGeneration, JanusForConditionalGeneration
+from transformers import (AutoConfig, AutoModelForCausalLM, Emu3ForConditionalGeneration, JanusForConditionalGeneration,
+                          LlamaForCausalLM)
 
 from mmopd import hf
 from mmopd.adapter import ModalityAdapter, ModelLoadError, load_pretrained, register_adapter
@@ -281,6 +282,13 @@ class ImageTokensAdapter(ModalityAdapter):
                 raise ConfigError(f"data.judge={path} classifies {self._judge.class_names}, but the student draws "
                                   f"{self._class_names}; use the judge built with these models")
         return self._judge
+
+    def vllm_unsupported(self, model: nn.Module, served: bool) -> str | None:
+        if _is_janus(model):
+            return "vLLM serves Janus as a text model; its image head and visual embeddings are not in vLLM"
+        if not isinstance(hf.base_model(model), LlamaForCausalLM):
+            return f"{type(hf.base_model(model)).__name__} image generation (its constrained layout) is not in vLLM"
+        return None
 
     # --- model calls ---------------------------------------------------------------------------
     # Every call runs the (cond, uncond) rows as one batch when guiding, then `_shape` guides and, for

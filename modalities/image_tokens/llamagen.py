@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch import Tensor
-from transformers import LlamaConfig, LlamaForCausalLM
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from modalities.image_tokens.shapes import to_images
 from modalities.image_tokens.vq import VQModel
@@ -94,6 +95,17 @@ class LlamaGenTokenizer:
                   "grid": self.grid, "specials": {name: self.codebook_size + i for i, name in enumerate(SPECIALS)},
                   "class_offset": self.class_offset, "vq": VQ_DIR}
         (path / TOKENIZER_FILE).write_text(json.dumps(layout, indent=2) + "\n")
+        self.hf_tokenizer().save_pretrained(path)  # inference engines (vLLM) want a tokenizer beside the weights
+
+    def hf_tokenizer(self) -> PreTrainedTokenizerFast:
+        """A transformers tokenizer over this layout's ids (codes, specials, classes, one name each), for tools
+        that load a tokenizer with the model; mmopd itself reads `image_tokenizer.json`."""
+        names = [f"<code_{i}>" for i in range(self.codebook_size)] + [f"<{s}>" for s in SPECIALS]
+        names += [f"<class_{i}>" for i in range(len(self.class_names))]
+        backend = Tokenizer(models.WordLevel(vocab={n: i for i, n in enumerate(names)}, unk_token="<pad>"))
+        backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<boi>",
+                                       unk_token="<pad>")
 
     @staticmethod
     def class_names_at(path: str | Path) -> list[str]:

@@ -186,7 +186,8 @@ class VLMAdapter(ModalityAdapter):
         special = not (bos is not None and texts[0].startswith(bos))  # the template already wrote BOS
         enc = processor(text=texts, images=images, padding=True, return_tensors="pt", add_special_tokens=special)
         extras = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask") and isinstance(v, Tensor)}
-        return PromptBatch(enc["input_ids"], enc["attention_mask"], extras)  # [B, P], [B, P]
+        # the pictures stay beside the ids for engines that encode them themselves (vLLM's multi_modal_data)
+        return PromptBatch(enc["input_ids"], enc["attention_mask"], extras, {"images": images})  # [B, P], [B, P]
 
     def encode_answers(self, records: list[dict], processor: Any) -> list[list[int]]:
         tok, end = tokenizer_of(processor), self.eos_token_ids(processor)[0]
@@ -206,6 +207,12 @@ class VLMAdapter(ModalityAdapter):
         if not hits:
             raise RecordError("vlm eval records need an 'answer' to score")
         return {"accuracy": sum(hits) / len(hits)}
+
+    def vllm_unsupported(self, model: nn.Module, served: bool) -> str | None:
+        if served:
+            return ("a served vLLM takes token-id prompts without pictures over /v1/completions; sample from a "
+                    "colocated vLLM (leave rollout.url empty), which takes the student's ids with multi_modal_data")
+        return None
 
     # --- model calls -----------------------------------------------------------------------------
     def _forward_inputs(self, model: nn.Module, input_ids: Tensor, mask: Tensor,

@@ -1,0 +1,240 @@
+"""vLLM engines: the student samples with a real inference engine, colocated or served, and gets the trainer's
+weights after every optimizer step.
+
+Placements (one transport each, the same engine on top):
+- **colocated** (`rollout.url` empty): a `vllm.LLM` in the trainer's process. On a GPU it takes
+  `rollout.gpu_memory_utilization` of the device, and with `rollout.sleep` it sleeps (frees its weights and
+  KV cache) between rollouts. vLLM is imported only here, so the main venv never needs it.
+- **served** (`rollout.url: http://host:port`): a `vllm serve` (`python -m vllm.entrypoints.openai.api_server`)
+  that the user started with `VLLM_SERVER_DEV_MODE=1` (for `/collective_rpc`) and, for LoRA students,
+  `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`. Requests of one rollout go out concurrently; each is retried
+  `rollout.retries` times with backoff, then fails naming the URL.
+
+Prompts go as token ids (the student's own encoding, left padding removed), never as re-tokenised text. The
+sampled tokens are restricted to the adapter's TokenSpace (`allowed_token_ids`), so padded embedding rows and
+non-codebook tokens are never drawn, and the behaviour log-prob of each token is the engine's
+`processed_logprobs`: under the distribution it sampled from (temperature, top-k, top-p, allowed ids).
+
+Weight sync (`sync`, after each optimizer step): a full student is written with `save_pretrained` (safetensors)
+into `rollout.sync_dir` (default: a folder on /dev/shm where it exists) and reloaded in place with vLLM's
+`reload_weights`; a LoRA student's adapters are written as a new version and loaded as a new `LoRARequest`
+(served: `/v1/load_lora_adapter`). On GPUs vLLM also offers an NCCL weight-transfer engine
+(`/init_weight_transfer_engine`, `/update_weights`, ...); it needs CUDA and is not used here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from mmopd.batch import PromptBatch, Rollout, Sampling, TokenSpace
+from mmopd.hf import base_model
+
+log = logging.getLogger("mmopd")
+
+
+class EngineError(RuntimeError):
+    """An inference engine that cannot be reached or answers wrongly, with what to check."""
+
+
+@dataclass
+class Completion:
+    """One sampled response: its token ids (EOS included when it stopped there) and their log-probs."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+
+
+class Transport(Protocol):
+    def generate(self, prompts: list[dict[str, Any]], params: list[dict[str, Any]]) -> list[Completion]:
+        """Sample one completion per prompt; `params` are vLLM SamplingParams fields per prompt."""
+        ...
+
+    def reload_weights(self, directory: Path) -> None: ...
+
+    def load_lora(self, name: str, version: int, directory: Path) -> None: ...
+
+
+class Served:
+    """A `vllm serve` at `url`: completions over HTTP, bounded retries with backoff, then a clear error."""
+
+    def __init__(self, url: str, timeout: float, retries: int):
+        self.url, self.timeout, self.retries = url.rstrip("/"), timeout, retries
+        self.model: str | None = None  # the served model's name, or the current LoRA adapter's
+
+    def post(self, route: str, payload: dict[str, Any]) -> Any:
+        body = json.dumps(payload).encode()
+        error: Exception | None = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(min(2.0 ** (attempt - 1), 10.0))
+            request = urllib.request.Request(self.url + route, body, {"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as answer:
+                    text = answer.read().decode()
+                return json.loads(text) if text.strip().startswith(("{", "[")) else text
+            except urllib.error.HTTPError as err:  # the server answered: retrying will not change its mind
+                detail = err.read().decode(errors="replace")[:300]
+                raise EngineError(f"vLLM at {self.url} refused {route}: HTTP {err.code}: {detail}") from err
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
+                error = err
+        raise EngineError(f"vLLM at {self.url} did not answer {route} after {self.retries + 1} tries "
+                          f"({error}); check that the server is up (rollout.url / teacher.url), or raise "
+                          "rollout.timeout and rollout.retries. The last checkpoint is intact: resume once the "
+                          "server is back") from error
+
+    def served_model(self) -> str:
+        if self.model is None:
+            with urllib.request.urlopen(self.url + "/v1/models", timeout=self.timeout) as answer:
+                self.model = json.loads(answer.read())["data"][0]["id"]
+        return self.model
+
+    def generate(self, prompts: list[dict[str, Any]], params: list[dict[str, Any]]) -> list[Completion]:
+        for prompt in prompts:
+            if prompt.get("multi_modal_data"):
+                raise EngineError("a served vLLM takes token-id prompts without pictures over /v1/completions; "
+                                  "for a VLM student use the colocated engine (leave rollout.url empty)")
+        model = self.served_model()
+
+        def one(prompt: dict[str, Any], p: dict[str, Any]) -> Completion:
+            answer = self.post("/v1/completions", {"model": model, "prompt": prompt["prompt_token_ids"],
+                                                   "return_token_ids": True, **p})
+            choice = answer["choices"][0]
+            logprobs = (choice.get("logprobs") or {}).get("token_logprobs") or [0.0] * len(choice["token_ids"])
+            return Completion(choice["token_ids"], [float(v) for v in logprobs])
+
+        with ThreadPoolExecutor(max_workers=min(32, len(prompts))) as pool:
+            return list(pool.map(one, prompts, params))
+
+    def reload_weights(self, directory: Path) -> None:
+        self.post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(directory)}})
+
+    def load_lora(self, name: str, version: int, directory: Path) -> None:
+        self.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(directory)})
+        if self.model is not None and self.model.startswith("student-v"):
+            self.post("/v1/unload_lora_adapter", {"lora_name": self.model})
+        self.model = name
+
+
+class Colocated:
+    """A `vllm.LLM` in this process (vLLM is imported here only: the main venv need not have it)."""
+
+    def __init__(self, path: str, dtype: str, max_model_len: int | None, gpu_memory_utilization: float,
+                 sleep: bool, lora_rank: int):
+        from vllm import LLM  # optional dependency: only the colocated engine needs vLLM in this process
+
+        kwargs: dict[str, Any] = {"enforce_eager": True, "logprobs_mode": "processed_logprobs",
+                                  "gpu_memory_utilization": gpu_memory_utilization, "enable_sleep_mode": sleep}
+        if max_model_len:
+            kwargs["max_model_len"] = max_model_len
+        if lora_rank:
+            kwargs.update(enable_lora=True, max_lora_rank=lora_rank)
+        self.llm = LLM(model=path, dtype=dtype, **kwargs)
+        self.sleep = sleep
+        self.lora: Any = None
+
+    def generate(self, prompts: list[dict[str, Any]], params: list[dict[str, Any]]) -> list[Completion]:
+        from vllm import SamplingParams
+
+        if self.sleep:
+            self.llm.wake_up()
+        outputs = self.llm.generate(prompts, [SamplingParams(**p) for p in params], lora_request=self.lora,
+                                    use_tqdm=False)
+        if self.sleep:
+            self.llm.sleep(level=1)
+        completions = []
+        for out in outputs:
+            sample = out.outputs[0]
+            logprobs = [entry[token].logprob for token, entry in zip(sample.token_ids, sample.logprobs)] \
+                if sample.logprobs else [0.0] * len(sample.token_ids)
+            completions.append(Completion(list(sample.token_ids), logprobs))
+        return completions
+
+    def reload_weights(self, directory: Path) -> None:
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(directory)})
+
+    def load_lora(self, name: str, version: int, directory: Path) -> None:
+        from vllm.lora.request import LoRARequest
+
+        self.lora = LoRARequest(name, version, str(directory))
+
+
+def default_sync_dir() -> Path:
+    """A fresh folder for the weights the engine reloads: on tmpfs (/dev/shm) where the machine has it."""
+    shm = Path("/dev/shm")
+    return Path(tempfile.mkdtemp(prefix="mmopd-sync-", dir=shm if shm.is_dir() and os.access(shm, os.W_OK) else None))
+
+
+class VLLMRollout:
+    """The rollout engine over a vLLM transport. `exact` is False: its log-probs come from another program's
+    numerics, so the step measures the mismatch against the trainer's own."""
+
+    exact = False
+
+    def __init__(self, transport: Transport, space: TokenSpace, eos_ids: list[int], pad_id: int,
+                 max_new_tokens: int, sync_dir: Path, lora: bool, writer: bool = True):
+        self.transport, self.space, self.eos_ids, self.pad_id = transport, space, eos_ids, pad_id
+        self.max_new_tokens, self.sync_dir, self.lora, self.writer = max_new_tokens, sync_dir, lora, writer
+        self.allowed = space.token_ids()
+        self.version = 0
+
+    def sample(self, prompts: PromptBatch, sampling: Sampling, generator: torch.Generator | None) -> Rollout:
+        ids = prompts.unpadded_ids()
+        images = prompts.state.get("images")
+        requests = [{"prompt_token_ids": row} if not images or not images[i] else
+                    {"prompt_token_ids": row, "multi_modal_data": {"image": images[i]}} for i, row in enumerate(ids)]
+        seeds = torch.randint(0, 2**31 - 1, (len(ids),), generator=generator, device=generator.device).tolist() \
+            if generator is not None else [None] * len(ids)
+        params = [{"n": 1, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
+                   "max_tokens": self.max_new_tokens, "stop_token_ids": self.eos_ids, "logprobs": 0,
+                   "allowed_token_ids": self.allowed, "seed": seed, "skip_special_tokens": False,
+                   "ignore_eos": False} for seed in seeds]
+        completions = self.transport.generate(requests, params)
+        return self._rollout(completions, prompts.input_ids.device, greedy=sampling.temperature == 0)
+
+    def _rollout(self, completions: list[Completion], device: torch.device, greedy: bool) -> Rollout:
+        """Right-padded tokens [B, T], the mask up to and including the first EOS, behaviour log-probs."""
+        T = max(1, max(len(c.token_ids) for c in completions))
+        tokens = torch.full((len(completions), T), self.pad_id, dtype=torch.long)
+        mask, logprobs = torch.zeros(len(completions), T), torch.zeros(len(completions), T)
+        for i, c in enumerate(completions):
+            n = len(c.token_ids)
+            if n > self.max_new_tokens or len(c.logprobs) != n:
+                raise EngineError(f"vLLM answered row {i} with {n} tokens and {len(c.logprobs)} log-probs "
+                                  f"(max_new_tokens={self.max_new_tokens}); engine and trainer disagree")
+            tokens[i, :n] = torch.tensor(c.token_ids, dtype=torch.long)
+            mask[i, :n] = 1.0
+            if not greedy:
+                logprobs[i, :n] = torch.tensor(c.logprobs)
+        return Rollout(tokens.to(device), mask.to(device), logprobs.to(device))
+
+    def sync(self, student: nn.Module) -> None:
+        """Write the student's weights (or a new LoRA version) and have the engine load them in place."""
+        if not self.writer:
+            return
+        self.version += 1
+        model = base_model(student) if not self.lora else getattr(student, "module", student)
+        target = self.sync_dir / (f"lora-v{self.version}" if self.lora else "weights")
+        if target.exists():
+            shutil.rmtree(target)
+        model.save_pretrained(target, safe_serialization=True)
+        if self.lora:
+            self.transport.load_lora(f"student-v{self.version}", self.version, target)
+            previous = self.sync_dir / f"lora-v{self.version - 1}"
+            if previous.exists():
+                shutil.rmtree(previous)
+        else:
+            self.transport.reload_weights(target)
