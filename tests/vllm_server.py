@@ -61,21 +61,15 @@ class Server:
     log_path: Path
 
     def post(self, path: str, payload: Mapping[str, Any], timeout: float = 120) -> Any:
-        """POST JSON to `path` and return the decoded JSON answer; HTTP errors raise with the server's message."""
+        """POST JSON to `path`; return the decoded JSON answer (plain text as a str, an empty body as None).
+        HTTP errors raise RuntimeError with the server's message."""
         request = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
                                          headers={"Content-Type": "application/json"}, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                body = response.read()
-        except urllib.error.HTTPError as error:
-            raise RuntimeError(f"POST {path} answered {error.code}: {error.read().decode(errors='replace')}") from None
-        return json.loads(body) if body else None
+        return _answer(request, timeout)
 
     def get(self, path: str, timeout: float = 30) -> Any:
-        """GET `path` and return the decoded JSON answer (None for an empty body)."""
-        with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
-            body = response.read()
-        return json.loads(body) if body else None
+        """GET `path` and return its answer, decoded as in `post`."""
+        return _answer(urllib.request.Request(self.url + path), timeout)
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
@@ -99,6 +93,19 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _answer(request: urllib.request.Request, timeout: float) -> Any:
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body = response.read().decode()
+            is_json = response.headers.get_content_type() == "application/json"
+    except urllib.error.HTTPError as error:
+        raise RuntimeError(f"{request.get_method()} {request.full_url} answered {error.code}: "
+                           f"{error.read().decode(errors='replace')}") from None
+    if not body:
+        return None
+    return json.loads(body) if is_json else body
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
