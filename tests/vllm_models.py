@@ -10,6 +10,15 @@ the sizes:
     build_text_pair(dir)         teacher, student and 32/8 addition records, like `toy.build_untrained`
     build_image_tokens(dir)      LlamaGen-style class-conditional LlamaForCausalLM + LlamaGenTokenizer (VQ)
     build_llava(dir)             LlavaForConditionalGeneration (CLIP tower) over the shapes-VQA words
+
+What vLLM needs beyond loading them (docs/vllm-cpu-facts.md has the evidence):
+- The text models tie their embeddings, as the toys (and Qwen3-0.6B) do. vLLM's `reload_weights` does not
+  refresh a tied LM head; a weight sync must start the engine from, and write, untied checkpoints.
+- The LlamaGen generator has max_position_embeddings = 2 + grid² (18), as the toy's; scoring a whole picture
+  with prompt_logprobs needs max_model_len 19 (prompt + picture + the one generated token), so pass
+  `max_model_len=19` with VLLM_ALLOW_LONG_MAX_MODEL_LEN=1.
+- vLLM expands LLaVA's `<image>` itself: send one `<image>` id per picture with `multi_modal_data`, not the HF
+  processor's expanded ids (those are expanded again, silently).
 """
 
 from __future__ import annotations
