@@ -131,6 +131,10 @@ class ModalityAdapter:
         return out.logits[:, -(T + 1):-1]
 
     # --- engines -------------------------------------------------------------------------------------
+    def engine_key(self, key: str, model: nn.Module) -> str:
+        """A checkpoint key of `model` as vLLM's loader names it (the default: as transformers saves it)."""
+        return key
+
     def vllm_unsupported(self, model: nn.Module, served: bool) -> str | None:
         """Why vLLM cannot sample from `model` (served: from a `vllm serve` over token-id completions); None: it
         can. The default allows any HF causal LM."""

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
 import time
 from pathlib import Path
 
+import torch
 from transformers.utils import logging as hf_logging
 
-from mmopd.adapter import ModelLoadError
+from mmopd.adapter import ModelLoadError, get_adapter
 from mmopd.compat import IncompatibleModelsError
 from mmopd.config import ConfigError, load_config
 from mmopd.data import DataError, RecordError
 from mmopd.engines import EngineError
-from mmopd.session import evaluate
+from mmopd.engines.vllm import write_engine_checkpoint
+from mmopd.session import evaluate, resolve_dtype
 from mmopd.toys import build_toy
 from mmopd.trainer import train
 
@@ -39,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--checkpoint", help="a checkpoint dir (checkpoints/step-N) or model dir")
     group.add_argument("--teacher", action="store_true", help="evaluate the teacher instead of the student")
+
+    p = sub.add_parser("vllm-checkpoint", help="write the config's student as a vLLM server should load it "
+                       "(untied LM head, vLLM's key layout), to start `vllm serve` from for rollout.url")
+    p.add_argument("config")
+    p.add_argument("out", help="output directory")
+    p.add_argument("overrides", nargs="*")
 
     for name, text in (("toy", "build a toy task, teacher and student in OUT"),
                        ("demo", "toy + train + eval end to end on CPU")):
@@ -74,6 +83,18 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
         train(load_config(args.config, args.overrides))
+        return 0
+    if args.command == "vllm-checkpoint":
+        config = load_config(args.config, args.overrides)
+        adapter = get_adapter(config.modality)
+        adapter.configure(config)
+        processor = adapter.load_processor(config.student.path, "student")
+        dtype = resolve_dtype(config.student.dtype, torch.device("cpu"), "student")
+        model = adapter.load_model(config.student.path, "student", dtype)
+        out = write_engine_checkpoint(model, Path(args.out).resolve(),
+                                      functools.partial(adapter.engine_key, model=model), processor)
+        print(f"wrote {out}; serve it with:\n  VLLM_SERVER_DEV_MODE=1 python -m vllm.entrypoints.openai.api_server "
+              f"--model {out} --logprobs-mode processed_logprobs")
         return 0
     if args.command == "eval":
         config = load_config(args.config, args.overrides)

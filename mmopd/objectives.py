@@ -25,7 +25,7 @@ import logging
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
 import torch
@@ -33,9 +33,9 @@ from torch import Tensor, nn
 
 from mmopd.adapter import ModalityAdapter
 from mmopd.batch import Rollout, Sampling, TokenSpace, answers_rollout
-from mmopd.config import Config, ConfigError, ObjectiveConfig
-from mmopd.engines import (DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, RolloutEngine, TeacherNeed, TeacherScorer,
-                           model_scores, rollout_engine, teacher_scorer)
+from mmopd.config import Config, ConfigError, ObjectiveConfig, RolloutConfig
+from mmopd.engines import (DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, EngineError, RolloutEngine, TeacherNeed,
+                           TeacherScorer, model_scores, rollout_engine, teacher_scorer)
 from mmopd.losses import masked_mean
 from mmopd.objective_table import (ANSWERS, DIVERGENCE, NLL, SAMPLED, STUDENT_OR_ANSWERS, TEACHER, row_of,
                                    scores_teacher)
@@ -183,7 +183,7 @@ def objective_step(m: Models, records: list[dict], config: Config, generator: to
     with timer.phase("student"):  # 3. the per-token divergence (or NLL), 4. the update's gradients
         s_scores = model_scores(m.adapter, m.student, s_prompts, responses.tokens, m.space, m.fused)
         if engine is not None and not engine.exact:  # another program sampled: measure, correct if asked
-            responses = against_trainer(s_scores, actions, responses, config, metrics)
+            responses = against_trainer(s_scores, actions, responses, config.rollout, metrics)
         loss, values = LOSSES[row.loss](s_scores, t_scores, actions, responses, obj)
         metrics.update(values)
         if obj.sft_weight > 0:
@@ -197,7 +197,7 @@ def objective_step(m: Models, records: list[dict], config: Config, generator: to
     return metrics
 
 
-def against_trainer(student: Scores, actions: Tensor, responses: Rollout, config: Config,
+def against_trainer(student: Scores, actions: Tensor, responses: Rollout, rollout: RolloutConfig,
                     metrics: dict[str, float]) -> Rollout:
     """Responses sampled by an engine with its own numerics: log the mismatch of its behaviour log-probs with the
     trainer's on the sampled tokens, and return the behaviour log-probs the sampled estimator should use.
@@ -207,14 +207,34 @@ def against_trainer(student: Scores, actions: Tensor, responses: Rollout, config
     (`rollout.tis_cap: 0`) the behaviour is the trainer's own log-prob, as with the in-process engine; with a
     cap C the estimator's ratio is multiplied by min(p_trainer / p_engine, C), truncated importance sampling."""
     with torch.no_grad():
-        trainer = student.logprobs(actions, config.rollout.temperature or 1.0).detach()  # [B, T]
+        trainer = student.logprobs(actions, rollout.temperature or 1.0).detach()  # [B, T]
     log_ratio = (trainer - responses.logprobs) * responses.mask
     metrics["rollout/logprob_mismatch"] = masked_mean(log_ratio.abs(), responses.mask).item()
     metrics["rollout/kl"] = masked_mean(log_ratio.exp() - 1 - log_ratio, responses.mask).item()
     behaviour = trainer
-    if config.rollout.tis_cap > 0:
-        behaviour = trainer - torch.clamp(log_ratio, max=math.log(config.rollout.tis_cap))
+    if rollout.tis_cap > 0:
+        behaviour = trainer - torch.clamp(log_ratio, max=math.log(rollout.tis_cap))
     return Rollout(responses.tokens, responses.mask, behaviour * responses.mask)
+
+
+def check_engine(m: Models, records: list[dict], config: Config) -> float:
+    """Refuse to start when the rollout engine does not sample from the trainer's weights: the mean log-prob
+    mismatch on a few sampled responses must stay under 1e-3 nats in float32 (5e-2 under bf16, whose
+    rounding differs between engine and trainer). Returns the mismatch."""
+    prompts = m.adapter.encode_prompts(records, m.student_processor).to(m.device)
+    responses = m.rollout.sample(prompts, Sampling(temperature=1.0), torch.Generator(m.device).manual_seed(0))
+    with torch.no_grad():
+        scores = model_scores(m.adapter, m.policy, prompts, responses.tokens, m.space, m.fused)
+        metrics: dict[str, float] = {}
+        against_trainer(scores, m.space.to_actions(responses.tokens), responses, replace(config.rollout,
+                        temperature=1.0), metrics)
+    mismatch = metrics["rollout/logprob_mismatch"]
+    limit = 1e-3 if next(m.policy.parameters()).dtype == torch.float32 and not torch.cuda.is_available() else 5e-2
+    if mismatch > limit:
+        raise EngineError(f"the rollout engine's log-probs differ from the trainer's by {mismatch:.3g} nats a token "
+                          f"(limit {limit:g}) before step 1: it does not serve the student's weights, vocabulary "
+                          "or numerics (a server started from another checkpoint, another dtype?)")
+    return mismatch
 
 
 def response_engine(m: Models, responses: str, lmbda: float, generator: torch.Generator) -> RolloutEngine | None:

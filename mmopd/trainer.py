@@ -24,7 +24,7 @@ from mmopd.checkpoint import latest_checkpoint, load_trainer_state, rng_state, s
 from mmopd.config import Config, ConfigError, save_config
 from mmopd.data import step_indices
 from mmopd.lora import load_lora_weights
-from mmopd.objectives import Timer, objective_step
+from mmopd.objectives import Timer, check_engine, objective_step
 from mmopd.report import MetricsLog, format_table, plot_metrics, write_summary
 from mmopd.schedule import warmup_cosine
 from mmopd.session import Session
@@ -133,6 +133,7 @@ def train(config: Config) -> dict[str, Any]:
 
     if not models.rollout.exact:
         sync_engine()  # the engine loaded the student's path; a resumed or LoRA student differs from it
+        check_engine(models, session.train_data.records[:4], c)
 
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = t.batch_size * t.grad_accum * world

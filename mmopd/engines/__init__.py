@@ -3,6 +3,7 @@ protocols and `hf` for the in-process engines."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,8 @@ from mmopd.batch import TokenSpace
 from mmopd.config import Config, ConfigError
 from mmopd.engines.base import DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, RolloutEngine, TeacherNeed, TeacherScorer
 from mmopd.engines.hf import HFRollout, HFTeacher, model_scores, rollout
-from mmopd.engines.vllm import Colocated, EngineError, Served, VLLMRollout, default_sync_dir
+from mmopd.engines.vllm import (Colocated, EngineError, Served, VLLMRollout, default_sync_dir,
+                                write_engine_checkpoint)
 from mmopd.hf import context_length, text_config
 
 __all__ = ["RolloutEngine", "TeacherScorer", "TeacherNeed", "DISTRIBUTION", "TOP_K", "TOKEN_LOGPROBS",
@@ -35,16 +37,20 @@ def rollout_engine(engine: str, config: Config, adapter: ModalityAdapter, model:
     if why is not None:
         raise ConfigError(f"rollout.engine=vllm cannot sample from this student: {why}; use rollout.engine=hf")
     lora = config.student.trainable == "lora"
-    if r.url:
-        transport: Any = Served(r.url, r.timeout, r.retries)
-    else:
-        dtype = "bfloat16" if next(model.parameters()).is_cuda and config.student.dtype == "auto" else \
-            {"auto": "float32"}.get(config.student.dtype, config.student.dtype)
-        transport = Colocated(path, dtype, context_length(model), r.gpu_memory_utilization, r.sleep,
-                              config.student.lora_rank if lora else 0)
     sync_dir = Path(r.sync_dir) if r.sync_dir else default_sync_dir()
     sync_dir.mkdir(parents=True, exist_ok=True)
-    return VLLMRollout(transport, space, eos_ids, pad_id, r.max_new_tokens, sync_dir, lora, writer)
+    engine_key = functools.partial(adapter.engine_key, model=model)
+    if r.url:
+        transport: Any = Served(r.url, r.timeout, r.retries)
+        if not lora:
+            transport.check_untied()
+    else:  # a full student's engine starts from an untied copy in vLLM's key layout; a LoRA one from the base
+        start = path if lora else write_engine_checkpoint(model, sync_dir / "start", engine_key, processor)
+        dtype = "bfloat16" if next(model.parameters()).is_cuda and config.student.dtype == "auto" else \
+            {"auto": "float32"}.get(config.student.dtype, config.student.dtype)
+        transport = Colocated(str(start), dtype, context_length(model), r.gpu_memory_utilization, r.sleep,
+                              config.student.lora_rank if lora else 0)
+    return VLLMRollout(transport, space, eos_ids, pad_id, r.max_new_tokens, sync_dir, lora, engine_key, writer)
 
 
 # head sizes vLLM's CPU attention backend supports (CPUAttentionBackend.get_supported_head_sizes, vLLM 0.32)

