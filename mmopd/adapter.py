@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from mmopd.hf import (LOGIT_TRANSFORMS, base_model, cache_arg, cache_of, check_head_reproduces, forward_params,
@@ -193,7 +194,7 @@ def get_adapter(name: str) -> ModalityAdapter:
             if ep.name == name:
                 _REGISTRY[name] = ep.load()
     if name not in _REGISTRY:
-        raise ValueError(f"modality {name!r} has no adapter; available: {', '.join(available_adapters()) or 'none'}")
+        raise ConfigError(f"modality {name!r} has no adapter; available: {', '.join(available_adapters()) or 'none'}")
     return _REGISTRY[name]()
 
 
@@ -204,6 +205,6 @@ def load_pretrained(loader: Callable[..., Any], path: str, role: str, **kwargs: 
         raise ModelLoadError(f"{role}.path={path!r} is a file; point it at a model directory")
     try:
         return loader(str(local) if local.is_dir() else path, **kwargs)
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, SafetensorError) as err:  # SafetensorError: garbage or truncated weights
         where = "" if local.is_dir() else " (not a local directory, and loading it as a hub id failed)"
         raise ModelLoadError(f"{role}.path={path!r}: cannot load{where}: {err}") from err

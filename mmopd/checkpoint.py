@@ -43,31 +43,50 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that could not be written (full disk, lost permissions); the previous one is intact."""
+
+
 def save_checkpoint(out_dir: str | Path, step: int, model: Any, processor: Any, state: dict[str, Any],
-                    keep_last: int = 0) -> Path:
-    """Write checkpoint `step` atomically; with keep_last > 0, delete all but the newest keep_last."""
+                    keep_last: int = 0, run_id: str = "") -> Path:
+    """Write checkpoint `step` atomically; with keep_last > 0, delete all but the newest keep_last of run
+    `run_id` (checkpoints of other runs are never deleted)."""
     root = checkpoint_dir(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if is_lora(model):
-        model.save_pretrained(tmp / "lora")  # the adapters, which a resumed run loads
-        merged_model(model).save_pretrained(tmp / "model")
-    else:
-        model.save_pretrained(tmp / "model")
-    if processor is not None:
-        processor.save_pretrained(tmp / "model")
-    torch.save(state, tmp / "trainer_state.pt")
-    (tmp / MARKER).write_text(str(step))
-    _fsync_tree(tmp)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_lora(model):
+            model.save_pretrained(tmp / "lora")  # the adapters, which a resumed run loads
+            merged_model(model).save_pretrained(tmp / "model")
+        else:
+            model.save_pretrained(tmp / "model")
+        if processor is not None:
+            processor.save_pretrained(tmp / "model")
+        torch.save(state, tmp / "trainer_state.pt")
+        (tmp / MARKER).write_text(f"{step} {run_id}".strip())
+        _fsync_tree(tmp)
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = complete_checkpoints(out_dir)
+        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointError(f"could not write checkpoint {final} ({err}); {kept}. Free space or fix the "
+                              "permissions of train.out_dir, then rerun the same command to resume") from err
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     if keep_last > 0:
-        for old in complete_checkpoints(out_dir)[:-keep_last]:
+        ours = [path for path in complete_checkpoints(out_dir) if run_of(path) == run_id]
+        for old in ours[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def run_of(path: Path) -> str:
+    """The id of the run that wrote checkpoint `path` ("" for checkpoints from before run ids)."""
+    parts = (path / MARKER).read_text().split()
+    return parts[1] if len(parts) > 1 else ""
 
 
 def complete_checkpoints(out_dir: str | Path) -> list[Path]:

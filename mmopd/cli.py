@@ -14,17 +14,23 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from mmopd.adapter import ModelLoadError, get_adapter
+from mmopd.checkpoint import CheckpointError
 from mmopd.compat import IncompatibleModelsError
 from mmopd.config import ConfigError, load_config
 from mmopd.data import DataError, RecordError
 from mmopd.engines import EngineError
 from mmopd.engines.vllm import write_engine_checkpoint
+from mmopd.rundir import RunDirError
 from mmopd.session import evaluate, resolve_dtype
 from mmopd.toys import build_toy
-from mmopd.trainer import train
+from mmopd.trainer import TrainingAborted, train
 
 TOY_MODALITIES = {"text": "text", "vlm": "vlm", "image": "image_tokens"}
-USER_ERRORS = (ConfigError, DataError, RecordError, ModelLoadError, IncompatibleModelsError, EngineError)
+# exit codes: 2 a user error before training (config, data, models, run directory); 1 a deliberate stop
+# during training (non-finite losses, a checkpoint that could not be written, an inference engine that failed);
+# 130 a second Ctrl-C
+USER_ERRORS = (ConfigError, DataError, RecordError, ModelLoadError, IncompatibleModelsError, RunDirError)
+STOPS = (TrainingAborted, CheckpointError, EngineError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--out", help="output directory (default: runs/demo-MODALITY)")
         p.add_argument("--family", help="model family of the toy teacher and student")
+        p.add_argument("--force", action="store_true", help="overwrite the toy files already in the directory")
         if name == "demo":
             p.add_argument("overrides", nargs="*", help="dotted overrides for the demo's training config")
     return parser
@@ -78,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"mmopd: error: {err}", file=sys.stderr)
         return 2
+    except STOPS as err:
+        print(f"mmopd: stopped: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("mmopd: interrupted (a second Ctrl-C): nothing saved since the last checkpoint", file=sys.stderr)
+        return 130
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -106,10 +119,12 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     modality = TOY_MODALITIES[args.modality]
     if args.command == "toy":
+        _check_toy_dir(Path(args.out), args.force)
         path = build_toy(modality, Path(args.out), args.family)
         print(f"toy {args.modality} task written to {args.out}; train with:\n  mmopd train {path}")
         return 0
     out = Path(args.out or f"runs/demo-{args.modality}")
+    _check_toy_dir(out, args.force)
     started = time.perf_counter()
     print(f"[1/2] building the toy {args.modality} task, teacher and student in {out}")
     path = build_toy(modality, out, args.family)
@@ -118,6 +133,15 @@ def _run(args: argparse.Namespace) -> int:
     print(f"demo finished in {time.perf_counter() - started:.0f} s; report in {summary['out_dir']} "
           "(summary.json, metrics.jsonl, plots/)")
     return 0
+
+
+def _check_toy_dir(out: Path, force: bool) -> None:
+    """A toy build overwrites its config, data and models: refuse a directory that holds anything unless --force."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file; the toy needs a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ConfigError(f"{out} is not empty; the toy would overwrite its config, data and models there. Choose "
+                          "an empty directory, or pass --force to overwrite")
 
 
 if __name__ == "__main__":

@@ -108,6 +108,8 @@ class TrainConfig:
     log_every: int = 1
     max_grad_norm: float = 1.0
     resume: str = "auto"  # auto | never
+    existing: str = "refuse"  # resume: never in a directory holding a run: refuse | move_aside (to NAME.old-N)
+    resume_changes: list[str] = field(default_factory=list)  # run-defining keys a resume may change, e.g. [train.lr]
     report_to: list[str] = field(default_factory=list)
     progress: bool = True
 
@@ -131,10 +133,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config path {path} is a directory; pass the YAML file (e.g. {path / 'config.yaml'})")
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path} is not a UTF-8 text file ({err.reason} at byte {err.start})") from err
         except yaml.YAMLError as err:
             raise ConfigError(f"{path} is not valid YAML: {err}") from err
         if not isinstance(raw, dict):
@@ -279,6 +285,16 @@ def validate(config: Config) -> None:
     _positive("student.lora_alpha", config.student.lora_alpha)
     _choice("objective.divergence", config.objective.divergence, DIVERGENCES)
     _choice("train.resume", config.train.resume, ("auto", "never"))
+    _choice("train.existing", config.train.existing, ("refuse", "move_aside"))
+    if not config.train.out_dir.strip():
+        raise ConfigError("train.out_dir is empty; name the run's output directory, e.g. train.out_dir=runs/x")
+    known = {"modality"} | {f"{name}.{f.name}" for name, section in vars(config).items()
+                            if dataclasses.is_dataclass(section) for f in dataclasses.fields(section)}
+    for key in config.train.resume_changes:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"train.resume_changes names {key!r}, which is no config key{hint}")
     _choice("objective.fused", config.objective.fused, FUSED)
     _positive("teacher.top_k", config.teacher.top_k, allow_zero=True)
     if config.teacher.top_k and config.objective.estimator == "sampled":

@@ -41,19 +41,20 @@ def load_jsonl(path: str | Path, check: Callable[[dict, Path], dict], skip_bad: 
     if not path.is_file():
         raise DataError(f"{role}: file not found: {path}")
     records, skipped = [], 0
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+    with path.open("rb") as f:
+        for lineno, data in enumerate(f, start=1):
+            if not data.strip():
                 continue
             try:
-                raw = json.loads(line)
+                raw = json.loads(data.decode("utf-8"))
                 if not isinstance(raw, dict):
                     raise RecordError(f"a record must be a JSON object, got {type(raw).__name__}")
                 record = check(raw, path.parent)
                 record["_where"] = f"{path}:{lineno}"
                 records.append(record)
-            except (json.JSONDecodeError, RecordError) as err:
-                kind = "not valid JSON" if isinstance(err, json.JSONDecodeError) else "bad record"
+            except (UnicodeDecodeError, json.JSONDecodeError, RecordError) as err:
+                kind = "not valid UTF-8" if isinstance(err, UnicodeDecodeError) else \
+                    "not valid JSON" if isinstance(err, json.JSONDecodeError) else "bad record"
                 message = f"{path}:{lineno}: {kind}: {err}"
                 if not skip_bad:
                     raise DataError(message + " (set data.skip_bad=true to skip bad records)") from err

@@ -7,25 +7,27 @@ repeats the uninterrupted one.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import signal
+import sys
 import threading
 import time
 from contextlib import nullcontext
-from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator, DistributedType
 from tqdm.auto import tqdm
 
-from mmopd.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from mmopd.checkpoint import rng_state, save_checkpoint, set_rng_state
 from mmopd.config import Config, ConfigError, save_config
 from mmopd.data import step_indices
 from mmopd.lora import load_lora_weights
 from mmopd.objectives import Timer, check_engine, objective_step
 from mmopd.report import MetricsLog, format_table, plot_metrics, write_summary
+from mmopd.rundir import Run, apply_resume_changes, open_run, record_segment
 from mmopd.schedule import warmup_cosine
 from mmopd.session import Session
 from mmopd.toys import write_report
@@ -56,18 +58,47 @@ def check_distributed(accelerator: Accelerator) -> None:
                           "student.trainable=lora and student.gradient_checkpointing=true for large students")
 
 
+def check_trackers(report_to: list[str]) -> None:
+    """Refuse a `train.report_to` tracker that is not installed (accelerate would drop it silently)."""
+    for tracker in report_to:
+        packages = ("tensorboard", "tensorboardX") if tracker == "tensorboard" else (tracker,)
+        if not any(importlib.util.find_spec(name) for name in packages):
+            raise ConfigError(f"train.report_to names {tracker}, which is not installed: pip install {packages[0]}, "
+                              f"or remove it from train.report_to")
+
+
 def train(config: Config) -> dict[str, Any]:
     """Run distillation as configured; return the summary (also written to out_dir/summary.json)."""
     c = config
     t = c.train
+    check_trackers(t.report_to)
     cuda = torch.cuda.is_available()
     mixed = "bf16" if cuda and torch.cuda.is_bf16_supported() and c.student.dtype == "auto" else "no"
-    out = Path(t.out_dir)
     accelerator = Accelerator(cpu=not cuda, mixed_precision=mixed, log_with=t.report_to or None,
-                              project_dir=str(out))
+                              project_dir=t.out_dir)
     check_distributed(accelerator)
+    run = open_run(c, accelerator.is_main_process)  # before any model loads: lock, clean up, where to start
+    # every rank listens (a scheduler's SIGTERM reaches them all); they agree on the stop step through the
+    # per-step metrics reduce, so all of them finish that step, wait for the checkpoint and exit together
+    stop: dict[str, Any] = {"signal": None}
+    restore_signals = _listen_for_stop(stop)
+    try:
+        if run.finished is not None:
+            log.warning("%s already did all %d steps; nothing to train (raise train.steps to continue)",
+                        run.out, t.steps)
+            return run.finished
+        return _train(c, accelerator, run, stop)
+    finally:
+        restore_signals()
+        run.close()
+
+
+def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) -> dict[str, Any]:
+    t = c.train
+    out = run.out
     main = accelerator.is_main_process
-    resume_from = latest_checkpoint(out) if t.resume == "auto" else None
+    resume_from = run.resume_from
+    live = t.progress and sys.stderr.isatty()  # off a terminal, plain log lines instead of a redrawn bar
     lora_resume = resume_from is not None and c.student.trainable == "lora"  # adapters go on the original student
     session = Session(c, student_override=resume_from / "model" if resume_from and not lora_resume else None,
                       accelerator=accelerator)
@@ -87,18 +118,19 @@ def train(config: Config) -> dict[str, Any]:
     metrics_log = MetricsLog(out / "metrics.jsonl")
     state: dict[str, Any] = {"step": 0, "baseline": {}, "skipped_steps": 0}
     if resume_from is not None:
-        state = load_trainer_state(resume_from)
+        state = run.state
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        apply_resume_changes(run, optimizer, scheduler, c)
         set_rng_state(state["rng"])
         if main:
             metrics_log.truncate_after(state["step"])
             log.info("resumed from %s at step %d", resume_from, state["step"])
     elif main:
-        out.mkdir(parents=True, exist_ok=True)
-        metrics_log.path.unlink(missing_ok=True)
+        metrics_log.path.unlink(missing_ok=True)  # a restart of the same config from step 0 (open_run checked)
     if main:
-        save_config(c, out / "config.yaml")
+        save_config(c, out / "config.yaml")  # what this segment runs; segments.jsonl keeps the earlier ones
+        record_segment(run, c)
     if t.report_to:
         accelerator.init_trackers("mmopd", config=c.to_dict())
 
@@ -107,23 +139,18 @@ def train(config: Config) -> dict[str, Any]:
     if resume_from is None and evaluating:
         if session.teacher is not None:
             state["baseline"]["teacher"] = session.evaluate(session.teacher, session.teacher_processor,
-                                                            "eval teacher", t.progress)["metrics"][metric]
+                                                            "eval teacher", live)["metrics"][metric]
         state["baseline"]["student_before"] = session.evaluate(policy, session.student_processor,
-                                                               "eval student", t.progress)["metrics"][metric]
+                                                               "eval student", live)["metrics"][metric]
         metrics_log.write({"step": 0, f"eval/{metric}": state["baseline"]["student_before"]})
-
-    # every rank listens (a scheduler's SIGTERM reaches them all); they agree on the stop step through the
-    # per-step metrics reduce, so all of them finish that step, wait for the checkpoint and exit together
-    stop = {"signal": None}
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum)) \
-        if _in_main_thread() else None
 
     def checkpoint(step: int) -> None:
         if main:
             payload = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                       "rng": rng_state(), "baseline": state["baseline"], "skipped_steps": state["skipped_steps"]}
+                       "rng": rng_state(), "baseline": state["baseline"], "skipped_steps": state["skipped_steps"],
+                       "config": c.to_dict(), "run_id": run.run_id}
             save_checkpoint(out, step, accelerator.unwrap_model(student), session.student_processor, payload,
-                            t.keep_last)
+                            t.keep_last, run.run_id)
         accelerator.wait_for_everyone()
 
     def sync_engine() -> None:
@@ -138,7 +165,8 @@ def train(config: Config) -> dict[str, Any]:
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = t.batch_size * t.grad_accum * world
     records = session.train_data.records
-    bar = tqdm(total=t.steps, initial=state["step"], desc="distil", disable=not (main and t.progress))
+    bar = tqdm(total=t.steps, initial=state["step"], desc="distil", disable=not (main and live))
+    plain_every = max(1, t.steps // 20) if main and t.progress and not live else 0
     bad_in_row, stopping = 0, False
     student.train()
     for step in range(state["step"], t.steps):
@@ -157,6 +185,7 @@ def train(config: Config) -> dict[str, Any]:
                                            lambda loss: accelerator.backward(loss / t.grad_accum)))
         row = _mean_rows(rows)
         stopping = stop["signal"] is not None
+        stop_name = signal.Signals(stop["signal"] or signal.SIGTERM).name  # a remote rank's stop reads as SIGTERM
         if world > 1:  # every process logs the global mean, not its own share; any rank's SIGTERM stops all
             values = accelerator.reduce(torch.tensor([*row.values(), float(stopping)], device=session.device),
                                         "mean").tolist()
@@ -176,8 +205,9 @@ def train(config: Config) -> dict[str, Any]:
                         step + 1, row["loss"], float(grad_norm))
             if bad_in_row >= 5:
                 raise TrainingAborted(f"{bad_in_row} non-finite steps in a row at step {step + 1}; stopping. "
-                                      f"The last good checkpoint in {out / 'checkpoints'} is intact; lower "
-                                      "train.lr or check the data")
+                                      f"The last good checkpoint in {out / 'checkpoints'} is intact. To continue "
+                                      "from it with a lower learning rate, rerun the same command with "
+                                      f"train.lr={t.lr / 10:g} 'train.resume_changes=[train.lr]', or check the data")
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - started
@@ -193,6 +223,9 @@ def train(config: Config) -> dict[str, Any]:
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.3f}", div=f"{row['divergence'] or 0:.3f}",
                         tok_s=f"{row['tokens_per_s']:.0f}")
+        if plain_every and ((step + 1) % plain_every == 0 or step + 1 == t.steps):
+            log.info("step %d/%d loss %.4f divergence %.4f tokens/s %.0f", step + 1, t.steps, row["loss"],
+                     row["divergence"] or 0.0, row["tokens_per_s"])
         done = step + 1
         if evaluating and t.eval_every and done % t.eval_every == 0 and done < t.steps:
             score = session.evaluate(policy, session.student_processor)["metrics"][metric]
@@ -201,19 +234,18 @@ def train(config: Config) -> dict[str, Any]:
             state["step"] = done
             checkpoint(done)
         if stopping:
-            log.warning("SIGTERM: saved checkpoint step-%d and stopped", done)
+            log.warning("%s: saved checkpoint step-%d and stopped; rerun the same command to resume", stop_name,
+                        done)
             break
     bar.close()
-    if previous is not None:
-        signal.signal(signal.SIGTERM, previous)
     accelerator.end_training()
 
     summary: dict[str, Any] = {"metric": metric, **state["baseline"], "steps": state["step"]}
     if stopping:
-        summary["stopped_by"] = "SIGTERM"
+        summary["stopped_by"] = stop_name
         return summary
     if evaluating:
-        final = session.evaluate(policy, session.student_processor, "eval student", t.progress)
+        final = session.evaluate(policy, session.student_processor, "eval student", live)
         summary["student_after"] = final["metrics"][metric]
         metrics_log.write({"step": t.steps, f"eval/{metric}": summary["student_after"]})
         summary["samples"] = [{"prompt": r.get("prompt"), "response": resp, "answer": r.get("answer")}
@@ -232,5 +264,23 @@ def train(config: Config) -> dict[str, Any]:
     return summary
 
 
-def _in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
+def _listen_for_stop(stop: dict[str, Any]) -> Callable[[], None]:
+    """SIGTERM and a first Ctrl-C (SIGINT) set stop["signal"]: the loop finishes the step, saves a checkpoint
+    and stops. A second Ctrl-C aborts at once. Returns what restores the previous handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and stop["signal"] is not None:
+            raise KeyboardInterrupt
+        stop["signal"] = signum
+        if signum == signal.SIGINT:
+            log.warning("Ctrl-C: stopping after this step with a checkpoint; press Ctrl-C again to abort without one")
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore() -> None:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+    return restore

@@ -225,6 +225,11 @@ class ImageTokensAdapter(ModalityAdapter):
                 raise RecordError(f"'image' must be the path of a picture relative to the JSONL file; {image!r} "
                                   "is not a file")
             answer = str((base_dir / image).resolve())
+            try:
+                with Image.open(answer) as picture:
+                    picture.load()  # decodes every pixel: a truncated file fails here, not at step 1
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+                raise RecordError(f"'image' {image!r} is not a readable picture: {err}") from err
         return {"label": label, "prompt": prompt, "answer": answer}
 
     def encode_prompts(self, records: list[dict], processor: Any) -> PromptBatch:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import os
 import shutil
 import signal
@@ -213,3 +214,55 @@ def test_sharded_training_is_refused_with_what_to_use_instead(kind):
     with pytest.raises(trainer.ConfigError, match=f"{DistributedType[kind].value}.*launch --multi_gpu"):
         trainer.check_distributed(Sharded())
     trainer.check_distributed(type("Plain", (), {"distributed_type": DistributedType.MULTI_GPU})())
+
+
+def test_the_non_finite_abort_advice_is_a_command_that_resumes(text_config, tmp_path, monkeypatch):
+    real = trainer.objective_step
+    poisoned = {"on": True}
+
+    def poisoning(m, records, config, generator, timer, backward):
+        return real(m, records, config, generator, timer,
+                    lambda loss: backward(loss * math.nan if poisoned["on"] and config.train.lr > 1e-5 else loss))
+
+    monkeypatch.setattr(trainer, "objective_step", poisoning)
+    settings = {"train.steps": 8, "train.save_every": 1, "train.out_dir": str(tmp_path / "run"), "train.lr": 1e-4}
+    train(text_config(**{**settings, "train.steps": 1}))  # one good step, saved
+    with pytest.raises(trainer.TrainingAborted) as aborted:
+        train(text_config(**settings))
+    advice = re.search(r"train\.lr=(\S+) 'train\.resume_changes=\[train\.lr\]'", str(aborted.value))
+    assert advice, aborted.value
+    lr = float(advice.group(1))
+    summary = train(text_config(**{**settings, "train.lr": lr, "train.resume_changes": ["train.lr"]}))
+    assert summary["steps"] == 8
+    rows = _train_rows(tmp_path / "run")
+    assert [r["step"] for r in rows] == list(range(1, 9)) and math.isfinite(rows[-1]["loss"])
+    assert rows[-1]["skipped_steps"] == summary["skipped_steps"] < 8  # the resumed steps all updated
+
+
+@pytest.mark.slow
+def test_a_first_ctrl_c_saves_like_sigterm(text_config, tmp_path):
+    out = tmp_path / "int"
+    path = _write_config(text_config(**{**SETTINGS, "train.steps": 200, "train.save_every": 0},
+                                     **{"train.out_dir": str(out)}), tmp_path / "c.yaml")
+    proc = _mmopd("train", str(path))
+    _wait_for(lambda: len(_train_rows(out)) >= 2, proc)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "Traceback" not in output and "SIGINT: saved checkpoint" in output
+    saved = complete_checkpoints(out)
+    assert len(saved) == 1 and int(saved[0].name.split("-")[1]) == len(_train_rows(out))
+
+
+
+def test_a_second_ctrl_c_aborts_at_once():
+    stop = {"signal": None}
+    restore = trainer._listen_for_stop(stop)
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop["signal"] == signal.SIGINT  # the first only asks the loop to save and stop
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

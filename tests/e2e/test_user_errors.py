@@ -1,0 +1,304 @@
+"""Every user error is one clear line, and a run directory is never mixed or lost: a matrix of bad inputs
+and directory reuses, each run through the real CLI entry point (`mmopd.cli.main`, in-process).
+
+Each case asserts the exit code, that no traceback escaped, that the message names the problem, and that
+nothing in the run directory was lost or left half-written (no lock, no `.tmp-*`, old files unchanged)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+import yaml
+
+import mmopd.checkpoint as checkpoint
+from mmopd.cli import main
+from mmopd.report import read_metrics
+from mmopd.schedule import warmup_cosine
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _base(tiny: dict[str, Path], out: Path) -> dict:
+    return {"modality": "text", "student": {"path": str(tiny["student"])}, "teacher": {"path": str(tiny["teacher"])},
+            "data": {"train": str(tiny["train"])}, "rollout": {"max_new_tokens": 4},
+            "train": {"steps": 2, "batch_size": 2, "save_every": 1, "warmup": 0, "out_dir": str(out),
+                      "progress": False}}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_text, tmp_path_factory) -> Path:
+    """A finished 2-step run (checkpoints step-1 and step-2), copied by each case that reuses a directory."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    path = out.parent / "config.yaml"
+    path.write_text(yaml.safe_dump(_base(tiny_text, out)))
+    assert main(["train", str(path)]) == 0
+    return out
+
+
+@dataclass
+class Case:
+    tmp: Path
+    tiny: dict[str, Path]
+    template: Path
+    run: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.run = self.tmp / "run"
+
+    def config(self, changes: dict | None = None, name: str = "config.yaml") -> str:
+        """The base config with dotted `changes`, written to a file; returns its path."""
+        raw = _base(self.tiny, self.run)
+        for key, value in (changes or {}).items():
+            *sections, last = key.split(".")
+            node = raw
+            for section in sections:
+                node = node.setdefault(section, {})
+            node[last] = value
+        path = self.tmp / name
+        path.write_text(yaml.safe_dump(raw))
+        return str(path)
+
+    def reuse(self) -> None:
+        """Put the finished 2-step run in this case's run directory."""
+        shutil.copytree(self.template, self.run)
+        config = yaml.safe_load((self.run / "config.yaml").read_text())
+        config["train"]["out_dir"] = str(self.run)
+        (self.run / "config.yaml").write_text(yaml.safe_dump(config))
+
+    def broken_student(self, write: Callable[[Path], None]) -> str:
+        copy = self.tmp / "student"
+        shutil.copytree(self.tiny["student"], copy)
+        write(copy / "model.safetensors")
+        return str(copy)
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()} \
+        if root.is_dir() else {}
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _non_utf8(case: Case) -> str:
+    path = case.tmp / "latin1.jsonl"
+    path.write_bytes(b'{"prompt": "1+2="}\n{"prompt": "caf\xe9 1+2="}\n')
+    return path
+
+
+# each case: (argv from a Case, exit code, a pattern the message must hold)
+CASES: dict[str, tuple[Callable[[Case], list[str]], int, str]] = {
+    # a config value naming something that does not exist
+    "unknown_modality": (lambda c: ["train", c.config({"modality": "txt"})], 2, r"modality 'txt' has no adapter"),
+    "unknown_key": (lambda c: ["train", c.config({"train.stepz": 3})], 2, r"did you mean 'train\.steps'"),
+    "bad_override": (lambda c: ["train", c.config(), "train.steps=-1"], 2, r"train\.steps must be > 0"),
+    "unknown_objective": (lambda c: ["train", c.config({"objective.kind": "on_polcy"})], 2,
+                          r"did you mean 'on_policy'"),
+    "gkd_sampled": (lambda c: ["train", c.config({"objective.kind": "gkd", "objective.estimator": "sampled"})], 2,
+                    r"estimator=sampled does not apply to objective\.kind=gkd"),
+    "empty_out_dir": (lambda c: ["train", c.config({"train.out_dir": ""})], 2, r"train\.out_dir is empty"),
+    "bad_existing": (lambda c: ["train", c.config({"train.existing": "overwrite"})], 2,
+                     r"train\.existing is 'overwrite'"),
+    "unknown_resume_change": (lambda c: ["train", c.config({"train.resume_changes": ["train.lrr"]})], 2,
+                              r"'train\.lrr', which is no config key; did you mean 'train\.lr'"),
+    "tracker_not_installed": (lambda c: ["train", c.config({"train.report_to": ["wandb"]})], 2,
+                              r"train\.report_to names wandb, which is not installed"),
+    "toy_unknown_family": (lambda c: ["toy", "text", str(c.tmp / "toy"), "--family", "llama"], 2,
+                           r"family 'llama' is not available"),
+    # files a user points at
+    "config_is_a_directory": (lambda c: ["train", str(c.tmp)], 2, r"is a directory; pass the YAML file"),
+    "config_missing": (lambda c: ["train", str(c.tmp / "nope.yaml")], 2, r"config file not found"),
+    "config_not_utf8": (lambda c: ["train", str((c.tmp / "bin.yaml").write_bytes(b"\xff\xfe\x00") and
+                                                c.tmp / "bin.yaml")], 2, r"is not a UTF-8 text file"),
+    "student_missing": (lambda c: ["train", c.config({"student.path": str(c.tmp / "no-model")})], 2,
+                        r"student\.path=.*no-model.*cannot load"),
+    "garbage_weights": (lambda c: ["train", c.config({"student.path": c.broken_student(
+        lambda p: p.write_bytes(b"garbage" * 100))})], 2, r"student\.path=.*cannot load"),
+    "truncated_weights": (lambda c: ["train", c.config({"student.path": c.broken_student(_truncate)})], 2,
+                          r"student\.path=.*cannot load"),
+    "data_missing": (lambda c: ["train", c.config({"data.train": str(c.tmp / "none.jsonl")})], 2,
+                     r"data\.train: file not found"),
+    "data_is_a_directory": (lambda c: ["train", c.config({"data.train": str(c.tmp)})], 2,
+                            r"data\.train: file not found"),
+    "data_not_utf8": (lambda c: ["train", c.config({"data.train": str(_non_utf8(c))})], 2,
+                      r"latin1\.jsonl:2: not valid UTF-8"),
+    "out_dir_under_a_file": (lambda c: ["train", c.config({"train.out_dir": str(c.tiny["train"] / "run")})], 2,
+                             r"is not a writable directory"),
+    # a directory reused
+    "resume_with_new_lr": (lambda c: (c.reuse(), ["train", c.config({"train.lr": 1e-3, "train.steps": 3})])[1], 2,
+                           r"different config: train\.lr 0\.0001 -> 0\.001.*train\.resume_changes=\[train\.lr\]"),
+    "resume_with_new_batch_and_objective": (
+        lambda c: (c.reuse(), ["train", c.config({"train.batch_size": 4, "objective.kind": "supervised_kd"})])[1], 2,
+        r"objective\.kind 'on_policy' -> 'supervised_kd', train\.batch_size 2 -> 4"),
+    "resume_with_new_student_even_if_asked": (
+        lambda c: (c.reuse(), ["train", c.config({"student.path": str(c.tiny["teacher"]),
+                                                  "train.resume_changes": ["student.path"]})])[1], 2,
+        r"student\.path cannot change on resume"),
+    "fewer_steps_than_done": (lambda c: (c.reuse(), ["train", c.config({"train.steps": 1})])[1], 2,
+                              r"train\.steps=1 is fewer than the 2 steps"),
+    "new_run_in_a_used_directory": (lambda c: (c.reuse(), ["train", c.config({"train.resume": "never"})])[1], 2,
+                                    r"already holds a run.*train\.existing=move_aside"),
+    "directory_in_use": (lambda c: (c.reuse(), (c.run / ".lock").write_text(f"{os.getppid()}\n"),
+                                    ["train", c.config({"train.steps": 3})])[2], 2,
+                         rf"in use by another run \(pid {os.getppid()}"),
+    "every_checkpoint_broken": (lambda c: (c.reuse(), [(p / "trainer_state.pt").unlink()
+                                                       for p in (c.run / "checkpoints").iterdir()],
+                                           ["train", c.config({"train.steps": 3})])[2], 2,
+                                r"no checkpoint .* can be resumed: .*step-2 is unusable \(trainer_state\.pt is "
+                                r"missing\).*step-1 is unusable"),
+    "toy_into_a_used_directory": (lambda c: (c.reuse(), ["toy", "text", str(c.run)])[1], 2,
+                                  r"is not empty; .*--force"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_bad_input_or_reuse_is_one_line_and_loses_nothing(name, tiny_text, finished_run, tmp_path, capsys):
+    case = Case(tmp_path, tiny_text, finished_run)
+    build, code, pattern = CASES[name]
+    argv = build(case)
+    before = _snapshot(case.run)
+    got = main(argv)
+    err = capsys.readouterr().err
+    assert got == code, err
+    assert "Traceback" not in err
+    message = [line for line in err.splitlines() if line.startswith("mmopd: error:")]
+    assert len(message) == 1 and re.search(pattern, message[0]), err
+    assert _snapshot(case.run) == before  # nothing lost, nothing half-written, no lock left behind
+
+
+# reuses that succeed: the run continues or starts cleanly, and the directory says what ran
+
+def _rows(out: Path) -> list[dict]:
+    return [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+
+
+def test_more_steps_continue_the_run_and_config_yaml_says_what_ran(tiny_text, finished_run, tmp_path, capsys):
+    case = Case(tmp_path, tiny_text, finished_run)
+    case.reuse()
+    assert main(["train", case.config({"train.steps": 3})]) == 0
+    assert [r["step"] for r in _rows(case.run)] == [1, 2, 3]
+    assert yaml.safe_load((case.run / "config.yaml").read_text())["train"]["steps"] == 3
+    segments = [json.loads(line) for line in (case.run / "segments.jsonl").read_text().splitlines()]
+    assert [s["from_step"] for s in segments] == [0, 2]
+    assert segments[1]["changes"]["train.steps"] == [2, 3]
+    assert not (case.run / ".lock").exists()
+
+
+def test_resume_changes_applies_a_new_lr_for_real_and_logs_it(tiny_text, finished_run, tmp_path, caplog):
+    case = Case(tmp_path, tiny_text, finished_run)
+    case.reuse()
+    argv = ["train", case.config({"train.steps": 4}), "train.lr=0.001", "train.resume_changes=[train.lr]"]
+    assert main(argv) == 0
+    assert "train.lr changed: 0.0001 -> 0.001" in caplog.text
+    rows = _rows(case.run)
+    assert rows[0]["lr"] == pytest.approx(1e-4 * warmup_cosine(0, 2)(1))
+    assert [r["lr"] for r in rows[2:]] == pytest.approx([1e-3 * warmup_cosine(0, 4)(s) for s in (3, 4)])
+    state = torch.load(case.run / "checkpoints" / "step-4" / "trainer_state.pt", weights_only=False)
+    assert state["config"]["train"]["lr"] == 1e-3
+    assert yaml.safe_load((case.run / "config.yaml").read_text())["train"]["lr"] == 1e-3
+
+
+def test_the_same_steps_again_trains_nothing_says_so_and_exits_zero(tiny_text, finished_run, tmp_path, caplog):
+    case = Case(tmp_path, tiny_text, finished_run)
+    case.reuse()
+    before = _snapshot(case.run)
+    assert main(["train", case.config()]) == 0
+    assert "already did all 2 steps; nothing to train" in caplog.text
+    assert _snapshot(case.run) == before
+
+
+def test_move_aside_keeps_the_old_run_whole_and_starts_a_new_one(tiny_text, finished_run, tmp_path):
+    case = Case(tmp_path, tiny_text, finished_run)
+    case.reuse()
+    before = _snapshot(case.run)
+    assert main(["train", case.config({"train.resume": "never", "train.existing": "move_aside",
+                                       "train.keep_last": 1, "train.steps": 1})]) == 0
+    assert _snapshot(tmp_path / "run.old-1") == before
+    assert [p.name for p in checkpoint.complete_checkpoints(case.run)] == ["step-1"]
+    assert [r["step"] for r in _rows(case.run)] == [1]
+
+
+def test_keep_last_deletes_only_the_current_runs_checkpoints(tiny_text, tmp_path):
+    model = torch.nn.Linear(1, 1)
+    model.save_pretrained = lambda path: (Path(path).mkdir(parents=True), (Path(path) / "config.json").write_text("{}"))
+    for step in (1, 2):
+        checkpoint.save_checkpoint(tmp_path, step, model, None, {"step": step}, run_id="old")
+    for step in (3, 4, 5):
+        checkpoint.save_checkpoint(tmp_path, step, model, None, {"step": step}, keep_last=1, run_id="new")
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step-1", "step-2", "step-5"]
+
+
+def test_a_stale_lock_and_a_torn_temp_dir_are_cleaned_up(tiny_text, finished_run, tmp_path, caplog):
+    case = Case(tmp_path, tiny_text, finished_run)
+    case.reuse()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (case.run / ".lock").write_text(dead.stdout)
+    (case.run / "checkpoints" / ".tmp-step-3-999").mkdir()
+    assert main(["train", case.config({"train.steps": 3})]) == 0
+    assert "no longer running" in caplog.text
+    assert sorted(p.name for p in (case.run / "checkpoints").iterdir()) == ["step-1", "step-2", "step-3"]
+    assert not (case.run / ".lock").exists()
+
+
+@pytest.mark.parametrize("damage", ["missing_state", "truncated_weights"])
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_newest_valid_one(damage, tiny_text, finished_run, tmp_path,
+                                                                       caplog):
+    case = Case(tmp_path, tiny_text, finished_run)
+    case.reuse()
+    newest = case.run / "checkpoints" / "step-2"
+    if damage == "missing_state":
+        (newest / "trainer_state.pt").unlink()
+    else:
+        _truncate(newest / "model" / "model.safetensors")
+    assert main(["train", case.config({"train.steps": 3})]) == 0
+    assert "resuming from step-1 instead" in caplog.text
+    assert ("trainer_state.pt is missing" if damage == "missing_state" else "model/model.safetensors") in caplog.text
+    assert [r["step"] for r in _rows(case.run)] == [1, 2, 3]
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one_and_says_so(tiny_text, tmp_path, capsys, monkeypatch):
+    case = Case(tmp_path, tiny_text, tmp_path)
+    real = checkpoint.torch.save
+
+    def full_disk(obj, path):
+        if "step-2" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(obj, path)
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    assert main(["train", case.config()]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "No space left on device" in err
+    assert f"the previous checkpoint {case.run / 'checkpoints' / 'step-1'} is intact" in err
+    assert sorted(p.name for p in (case.run / "checkpoints").iterdir()) == ["step-1"]
+    assert not (case.run / ".lock").exists()
+
+
+def test_skip_bad_skips_a_non_utf8_line_with_its_place(tiny_text, tmp_path, caplog):
+    case = Case(tmp_path, tiny_text, tmp_path)
+    assert main(["train", case.config({"data.train": str(_non_utf8(case)), "data.skip_bad": True,
+                                       "train.steps": 1})]) == 0
+    assert "latin1.jsonl:2: not valid UTF-8" in caplog.text
+    assert json.loads((case.run / "summary.json").read_text())["skipped_records"] == 1
+
+
+def test_off_a_terminal_progress_is_plain_lines_not_a_redrawn_bar(tiny_text, tmp_path):
+    case = Case(tmp_path, tiny_text, tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "mmopd.cli", "train", case.config({"train.progress": True})],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "\r" not in proc.stderr and "Traceback" not in proc.stderr
+    assert "step 2/2 loss" in proc.stderr
