@@ -60,6 +60,10 @@ class DataConfig:
     skip_bad: bool = False
     eval_limit: int = 0  # 0 evaluates every eval record
     judge: str = ""  # a scoring model the modality's metric needs (image_tokens: the toy's classifier directory)
+    split: str = "train"  # the split of data.train when it is a hub id or a save_to_disk folder of splits
+    eval_split: str = "test"  # the split of data.eval, likewise
+    subset: str = ""  # a hub dataset's configuration (its subset), if it has several
+    fields: dict[str, str] = field(default_factory=dict)  # record field -> the set's column, e.g. {prompt: question}
 
 
 @dataclass
@@ -208,6 +212,11 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{name} must be a list, got {value!r}")
         return [_coerce(item, v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, typing.Dict):
+        key, item = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping, got {value!r}")
+        return {_coerce(key, k, f"{name} key {k!r}"): _coerce(item, v, f"{name}.{k}") for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"{name}: union types are not supported in configs")
     if hint is bool:
@@ -277,7 +286,7 @@ def validate(config: Config) -> None:
         raise ConfigError("rollout.tis_cap corrects the sampled estimator for the engine's numerics; the full "
                           "estimator does not use behaviour log-probs. Set rollout.tis_cap=0 or objective.estimator=sampled")
     if not config.data.train:
-        raise ConfigError("data.train is required: a JSONL file of training records")
+        raise ConfigError("data.train is required: a JSONL, JSON, parquet or CSV file, a save_to_disk folder or a hub id")
     for name, value in (("student.dtype", config.student.dtype), ("teacher.dtype", config.teacher.dtype)):
         _choice(name, value, DTYPES)
     _choice("student.trainable", config.student.trainable, TRAINABLE)

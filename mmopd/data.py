@@ -1,68 +1,315 @@
-"""Reading JSONL records, with errors that name the file and line, and the deterministic batch order."""
+"""Records from where users keep them, checked with errors that name the row, and the deterministic batch order.
+
+A source is a JSONL file (read line by line, so errors name `file:line` and rows may differ in shape), or
+anything `datasets` reads: a JSON, parquet or CSV file, a `save_to_disk` folder, or a hub id. `data.fields`
+renames the set's columns onto record fields, and TRL's conversational records (`messages`, or `prompt` /
+`completion` lists of messages) become a `prompt` list of messages and an `answer`.
+
+Records stay in the source (a memory-mapped arrow table, or byte offsets into the JSONL file): loading checks
+every row once in a streaming pass and keeps only the indices of the usable rows, and `Records[i]` reads and
+checks row i again when a batch asks for it. A million rows cost their index array, not a million dicts.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+import datasets
+import numpy as np
 import torch
 
 log = logging.getLogger("mmopd")
 
+BUILDERS = {".json": "json", ".parquet": "parquet", ".csv": "csv"}  # file suffix -> the `datasets` reader
+ROLES = ("system", "user", "assistant", "tool")
+
+Check = Callable[[dict, Path], dict]
+
 
 class DataError(ValueError):
-    """Bad input data, with the file and line to fix."""
+    """Bad input data, with the file and line (or row) to fix."""
 
 
 class RecordError(ValueError):
     """One record that cannot be used; the caller adds the file and line."""
 
 
+class JsonLines:
+    """A JSONL file as rows: the byte offset and line number of every non-empty line (two int64 arrays)."""
+
+    def __init__(self, path: Path):
+        self.name, self.base_dir, self.path = str(path), path.parent, path
+        offsets, lines, position = [], [], 0
+        with path.open("rb") as f:
+            for lineno, line in enumerate(f, start=1):
+                if line.strip():
+                    offsets.append(position)
+                    lines.append(lineno)
+                position += len(line)
+        self.offsets, self.lines = np.asarray(offsets, dtype=np.int64), np.asarray(lines, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def where(self, i: int) -> str:
+        return f"{self.path}:{self.lines[i]}"
+
+    def raw(self, i: int) -> Any:
+        with self.path.open("rb") as f:
+            f.seek(int(self.offsets[i]))
+            return json.loads(f.readline())
+
+    def scan(self) -> Iterator[Any]:
+        """Every row in order, parsed lazily (a bad line raises when its turn comes)."""
+        with self.path.open("rb") as f:
+            for line in f:
+                if line.strip():
+                    yield lambda line=line: json.loads(line)
+
+
+class ArrowRows:
+    """A `datasets.Dataset` as rows, with pictures kept as encoded bytes (or paths) for the adapters to check."""
+
+    def __init__(self, table: datasets.Dataset, name: str, base_dir: Path):
+        for column, feature in table.features.items():
+            undecoded = _undecoded(feature)
+            if undecoded != feature:
+                table = table.cast_column(column, undecoded)
+        self.table, self.name, self.base_dir = table, name, base_dir
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def where(self, i: int) -> str:
+        return f"{self.name} row {i}"
+
+    def raw(self, i: int) -> Any:
+        return self.table[int(i)]
+
+    def scan(self) -> Iterator[Any]:
+        for batch in self.table.iter(batch_size=1024):
+            columns = list(batch)
+            for j in range(len(batch[columns[0]]) if columns else 0):
+                yield lambda j=j, batch=batch: {c: batch[c][j] for c in columns}
+
+
+Rows = JsonLines | ArrowRows
+
+
+def _undecoded(feature: Any) -> Any:
+    """The feature with every `Image` left undecoded ({"bytes", "path"}), so a bad picture is a checkable row."""
+    if isinstance(feature, datasets.Image):
+        return datasets.Image(decode=False)
+    if isinstance(feature, datasets.List):
+        return datasets.List(_undecoded(feature.feature), length=feature.length)
+    if isinstance(feature, list):
+        return [_undecoded(f) for f in feature]
+    if isinstance(feature, dict):
+        return {k: _undecoded(f) for k, f in feature.items()}
+    return feature
+
+
+def conversation(raw: dict) -> dict:
+    """TRL's conversational forms as `prompt` (a list of messages) and `answer`: `messages` ending in an assistant
+    turn is the prompt before it and that answer (without one, all of it is the prompt); `prompt` / `completion`
+    lists of messages likewise; a plain `completion` string is the answer. Other records pass unchanged."""
+    out = dict(raw)
+    if out.get("messages") is not None:
+        messages = _messages(out.pop("messages"), "messages")
+        if messages[-1]["role"] == "assistant":
+            if len(messages) == 1:
+                raise RecordError("'messages' holds only an assistant turn; put the prompt's turns before it")
+            messages, out["answer"] = messages[:-1], text_of(messages[-1], "the last assistant turn")
+        out["prompt"] = messages
+    elif isinstance(out.get("prompt"), list):
+        out["prompt"] = _messages(out["prompt"], "prompt")
+    completion = out.pop("completion", None)
+    if isinstance(completion, list):
+        turns = _messages(completion, "completion")
+        if turns[-1]["role"] != "assistant":
+            raise RecordError(f"'completion' must end with an assistant turn, got a {turns[-1]['role']!r} turn")
+        out["answer"] = text_of(turns[-1], "the completion")
+    elif completion is not None:
+        out["answer"] = completion
+    return out
+
+
+def _messages(value: Any, name: str) -> list[dict]:
+    """A checked list of {role, content} messages, with arrow's empty part fields (None) dropped."""
+    if not isinstance(value, list) or not value:
+        raise RecordError(f"'{name}' must be a non-empty list of {{role, content}} messages, got {value!r:.60}")
+    out = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or message.get("role") not in ROLES or "content" not in message:
+            raise RecordError(f"'{name}'[{i}] must be a {{role, content}} message with role one of "
+                              f"{', '.join(ROLES)}, got {message!r:.80}")
+        content = message["content"]
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") in ("text", "image") for p in content):
+                raise RecordError(f"'{name}'[{i}] content parts must be {{\"type\": \"text\", \"text\": ...}} or "
+                                  f"{{\"type\": \"image\"}}, got {content!r:.80}")
+            content = [{k: v for k, v in p.items() if v is not None} for p in content]
+        elif not isinstance(content, str):
+            raise RecordError(f"'{name}'[{i}] content must be a string or a list of parts, got "
+                              f"{type(content).__name__}")
+        out.append({"role": message["role"], "content": content})
+    return out
+
+
+def text_of(message: dict, what: str) -> str:
+    """A message's text (its text parts joined by newlines); a picture in it is an error."""
+    content = message["content"]
+    if isinstance(content, str):
+        return content
+    if any(p["type"] == "image" for p in content):
+        raise RecordError(f"{what} holds a picture; answers must be text")
+    return "\n".join(p.get("text", "") for p in content)
+
+
+def image_parts(messages: list[dict]) -> int:
+    """How many `{"type": "image"}` parts the messages hold."""
+    return sum(1 for m in messages if isinstance(m["content"], list) for p in m["content"] if p["type"] == "image")
+
+
+class Records(Sequence):
+    """The usable rows of a source as records, read and checked when indexed (slices give lists)."""
+
+    def __init__(self, rows: Rows, keep: np.ndarray, check: Check, fields: dict[str, str]):
+        self.rows, self.keep, self.check, self.fields = rows, keep, check, fields  # keep: [N] int64 row indices
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def __getitem__(self, i: int | slice) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        row = int(self.keep[i])
+        return record_of(self.rows.raw(row), self.rows, row, self.check, self.fields)
+
+    def __iter__(self) -> Iterator[dict]:
+        return (self[j] for j in range(len(self)))
+
+
+def record_of(raw: Any, rows: Rows, row: int, check: Check, fields: dict[str, str]) -> dict:
+    """One raw row as a checked record: columns renamed by `fields`, conversations unpacked, the adapter's check."""
+    if not isinstance(raw, dict):
+        raise RecordError(f"a record must be a JSON object, got {type(raw).__name__}")
+    if fields:
+        missing = [f"{column!r} (data.fields.{name})" for name, column in fields.items() if column not in raw]
+        if missing:
+            raise RecordError(f"no column {', '.join(missing)}; the set's columns are: {', '.join(map(str, raw))}")
+        raw = {**raw, **{name: raw[column] for name, column in fields.items()}}
+    record = check(conversation(raw), rows.base_dir)
+    record["_where"] = rows.where(row)
+    return record
+
+
 @dataclass
 class Dataset:
-    path: Path
-    records: list[dict[str, Any]]
+    path: str
+    records: Records
     skipped: int = 0
 
     def __len__(self) -> int:
         return len(self.records)
 
+    def keep_only(self, usable: np.ndarray) -> None:
+        """Keep the records where `usable` [N] (bool) is true."""
+        self.records = Records(self.records.rows, self.records.keep[usable], self.records.check, self.records.fields)
 
-def load_jsonl(path: str | Path, check: Callable[[dict, Path], dict], skip_bad: bool = False,
-               role: str = "data") -> Dataset:
-    """Parse every line of `path` and pass it through `check(record, base_dir)`.
 
-    A bad line raises DataError naming `path:line`, or with `skip_bad` is logged and counted.
+def open_rows(source: str | Path, role: str, split: str = "train", subset: str = "") -> Rows:
+    """The rows of a JSONL file, a file `datasets` reads, a save_to_disk folder, or a hub dataset's split."""
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".jsonl":
+        return JsonLines(path)
+    if path.is_file():
+        if path.suffix not in BUILDERS:
+            raise DataError(f"{role}: {path} is a {path.suffix or 'suffix-less'} file; give a .jsonl, .json, .parquet "
+                            "or .csv file, a save_to_disk folder or a hub id")
+        try:
+            table = datasets.load_dataset(BUILDERS[path.suffix], data_files=str(path), split="train")
+        except ValueError as err:  # what `datasets` says of a file with no rows
+            raise DataError(f"{role}: {path} holds no usable records ({err})") from err
+        return ArrowRows(table, str(path), path.parent)
+    if path.is_dir():
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except FileNotFoundError as err:
+            raise DataError(f"{role}: {path} is a folder but not one written by datasets' save_to_disk: {err}") from err
+        return ArrowRows(_split_of(loaded, split, f"{role}={path}", role), f"{path}[{split}]"
+                         if isinstance(loaded, datasets.DatasetDict) else str(path), path)
+    if path.suffix in (".jsonl", *BUILDERS) or str(source).startswith((".", "/", "~")):
+        raise DataError(f"{role}: file not found: {path}")
+    try:
+        loaded = datasets.load_dataset(str(source), subset or None)
+    except (ConnectionError, FileNotFoundError, ValueError, OSError) as err:
+        raise DataError(f"{role}={source!r} is not a local file or folder, and loading it as a hub dataset failed "
+                        f"({type(err).__name__}: {err}); check the id and the network (HF_HUB_OFFLINE must be "
+                        "unset), or give a local file") from err
+    name = f"{source}{'/' + subset if subset else ''}[{split}]"
+    return ArrowRows(_split_of(loaded, split, f"{role}={source}", role), name, Path.cwd())
+
+
+def _split_of(loaded: datasets.Dataset | datasets.DatasetDict, split: str, what: str, role: str) -> datasets.Dataset:
+    if not isinstance(loaded, datasets.DatasetDict):
+        return loaded
+    if split not in loaded:
+        option = "data.split" if role == "data.train" else "data.eval_split"
+        raise DataError(f"{what} has no split {split!r}; its splits are {', '.join(loaded)} (set {option})")
+    return loaded[split]
+
+
+def load_records(source: str | Path, check: Check, skip_bad: bool = False, role: str = "data",
+                 fields: dict[str, str] | None = None, split: str = "train", subset: str = "") -> Dataset:
+    """Open `source` and check every row once (`check(record, base_dir)`), keeping the usable rows' indices.
+
+    A bad row raises DataError naming its file and line (or row), or with `skip_bad` is logged and counted.
     """
+    rows = open_rows(source, role, split, subset)
+    fields = fields or {}
+    if isinstance(rows, ArrowRows) and fields:
+        missing = [f"{column!r} (data.fields.{name})" for name, column in fields.items()
+                   if column not in rows.table.column_names]
+        if missing:
+            raise DataError(f"{role}: {rows.name} has no column {', '.join(missing)}; its columns are: "
+                            f"{', '.join(rows.table.column_names)}")
+    usable = np.zeros(len(rows), dtype=bool)  # [N]
+    for i, read in enumerate(rows.scan()):
+        try:
+            record_of(read(), rows, i, check, fields)
+            usable[i] = True
+        except (UnicodeDecodeError, json.JSONDecodeError, RecordError) as err:
+            kind = "not valid UTF-8" if isinstance(err, UnicodeDecodeError) else \
+                "not valid JSON" if isinstance(err, json.JSONDecodeError) else "bad record"
+            message = f"{rows.where(i)}: {kind}: {err}"
+            if not skip_bad:
+                raise DataError(message + " (set data.skip_bad=true to skip bad records)") from err
+            log.warning("skipping %s", message)
+    skipped = int((~usable).sum())
+    if not usable.any():
+        raise DataError(f"{role}: {rows.name} holds no usable records" + (f" ({skipped} skipped)" if skipped else ""))
+    return Dataset(rows.name, Records(rows, np.flatnonzero(usable), check, fields), skipped)
+
+
+def load_jsonl(path: str | Path, check: Check, skip_bad: bool = False, role: str = "data") -> Dataset:
+    """`load_records` of a JSONL file (kept for callers that read one)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{role}: file not found: {path}")
-    records, skipped = [], 0
-    with path.open("rb") as f:
-        for lineno, data in enumerate(f, start=1):
-            if not data.strip():
-                continue
-            try:
-                raw = json.loads(data.decode("utf-8"))
-                if not isinstance(raw, dict):
-                    raise RecordError(f"a record must be a JSON object, got {type(raw).__name__}")
-                record = check(raw, path.parent)
-                record["_where"] = f"{path}:{lineno}"
-                records.append(record)
-            except (UnicodeDecodeError, json.JSONDecodeError, RecordError) as err:
-                kind = "not valid UTF-8" if isinstance(err, UnicodeDecodeError) else \
-                    "not valid JSON" if isinstance(err, json.JSONDecodeError) else "bad record"
-                message = f"{path}:{lineno}: {kind}: {err}"
-                if not skip_bad:
-                    raise DataError(message + " (set data.skip_bad=true to skip bad records)") from err
-                log.warning("skipping %s", message)
-                skipped += 1
-    if not records:
-        raise DataError(f"{role}: {path} holds no usable records" + (f" ({skipped} skipped)" if skipped else ""))
-    return Dataset(path, records, skipped)
+    return load_records(path, check, skip_bad, role)
+
+
+@functools.lru_cache(maxsize=2)
+def _permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """Epoch `epoch`'s order of the n records [n], kept for the steps that read it (a million rows: 8 MB)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
 def step_indices(n: int, step: int, batch_size: int, seed: int) -> list[int]:
@@ -72,7 +319,7 @@ def step_indices(n: int, step: int, batch_size: int, seed: int) -> list[int]:
     out: list[int] = []
     while len(out) < batch_size:
         epoch, offset = divmod(start + len(out), n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        perm = _permutation(n, seed, epoch)
         take = min(batch_size - len(out), n - offset)
         out.extend(perm[offset:offset + take].tolist())
     return out

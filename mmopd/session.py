@@ -10,13 +10,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 
 from mmopd.adapter import get_adapter
 from mmopd.compat import IncompatibleModelsError
 from mmopd.config import Config, ConfigError
-from mmopd.data import DataError, Dataset, load_jsonl
+from mmopd.data import DataError, Dataset, load_records
 from mmopd.evaluation import evaluate_policy
 from mmopd.hf import context_length
 from mmopd.objective_table import needs_answers, needs_teacher
@@ -49,12 +50,13 @@ class Session:
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.device = self.accelerator.device
         c = config
-        skip = c.data.skip_bad
-        self.train_data = None if for_eval else load_jsonl(c.data.train, self.adapter.check_record, skip, "data.train")
-        if c.data.eval:
-            self.eval_data = load_jsonl(c.data.eval, self.adapter.check_record, skip, "data.eval")
+        d, check = c.data, self.adapter.check_record
+        self.train_data = None if for_eval else load_records(d.train, check, d.skip_bad, "data.train", d.fields,
+                                                             d.split, d.subset)
+        if d.eval:
+            self.eval_data = load_records(d.eval, check, d.skip_bad, "data.eval", d.fields, d.eval_split, d.subset)
         elif for_eval:
-            raise ConfigError("data.eval is required to evaluate: a JSONL file of eval records")
+            raise ConfigError("data.eval is required to evaluate: a file, save_to_disk folder or hub id of eval records")
         else:
             self.eval_data = None
         if self.train_data is not None and needs_answers(c.objective.kind, c.objective.estimator, c.objective.lmbda,
@@ -62,7 +64,8 @@ class Session:
             missing = next((r for r in self.train_data.records if not r.get("answer")), None)
             if missing is not None:
                 raise DataError(f"{missing['_where']}: objective {c.objective.kind}"
-                                f"{' with sft_weight' if c.objective.sft_weight else ''} needs an 'answer' in every record")
+                                f"{' with sft_weight' if c.objective.sft_weight else ''} needs an 'answer' in every record"
+                                " (a conversational record: a last assistant turn)")
 
         self.student_processor = self.adapter.load_processor(c.student.path, "student")
         student_path = str(student_override) if student_override else c.student.path
@@ -91,29 +94,33 @@ class Session:
         self.pad_id = self.student_processor.pad_token_id if getattr(self.student_processor, "pad_token_id", None) \
             is not None else self.eos_ids[0]
 
-    def _drop_overlong(self, data: Dataset) -> None:
+    def _drop_overlong(self, data: Dataset, chunk: int = 1024) -> None:
         """Refuse (or with data.skip_bad, skip and count) prompts that leave no room for the response."""
-        lengths = self.adapter.prompt_lengths(data.records, self.student_processor)
         limits = [context_length(m) for m in (self.policy, self.teacher) if m is not None]
         limits = [n for n in limits if n is not None]
-        if lengths is None or not limits:
+        if not limits:
             return
         limit = min(limits)
         budget = limit - self.config.rollout.max_new_tokens
-        keep = []
-        for record, n in zip(data.records, lengths):
-            if n <= budget:
-                keep.append(record)
-                continue
-            message = (f"{record['_where']}: the prompt is {n} tokens, and with rollout.max_new_tokens="
-                       f"{self.config.rollout.max_new_tokens} it exceeds the models' context of {limit} tokens")
-            if not self.config.data.skip_bad:
-                raise DataError(message + "; shorten it, lower rollout.max_new_tokens or set data.skip_bad=true")
-            log.warning("skipping %s", message)
-            data.skipped += 1
-        if not keep:
+        usable = np.ones(len(data), dtype=bool)  # [N]
+        for start in range(0, len(data), chunk):
+            records = data.records[start:start + chunk]
+            lengths = self.adapter.prompt_lengths(records, self.student_processor)
+            if lengths is None:
+                return
+            for i, (record, n) in enumerate(zip(records, lengths), start=start):
+                if n <= budget:
+                    continue
+                message = (f"{record['_where']}: the prompt is {n} tokens, and with rollout.max_new_tokens="
+                           f"{self.config.rollout.max_new_tokens} it exceeds the models' context of {limit} tokens")
+                if not self.config.data.skip_bad:
+                    raise DataError(message + "; shorten it, lower rollout.max_new_tokens or set data.skip_bad=true")
+                log.warning("skipping %s", message)
+                usable[i] = False
+        if not usable.any():
             raise DataError(f"{data.path} holds no prompt short enough for the models' context of {limit} tokens")
-        data.records = keep
+        data.skipped += int((~usable).sum())
+        data.keep_only(usable)
 
     def models(self, student: torch.nn.Module | None = None) -> Models:
         """What objective_step needs; `student` is the (possibly DDP-wrapped) model being trained."""

@@ -18,6 +18,7 @@ with a judge (`data.judge`, a timm classifier): accuracy on the asked class and 
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -219,11 +220,20 @@ class ImageTokensAdapter(ModalityAdapter):
                 raise RecordError(f"'label' {label} ({classes[label]!r}) and 'prompt' {prompt!r} disagree")
             label = label if label is not None else named
             prompt = classes[label]
-        answer = None
-        if image is not None:
+        if isinstance(image, dict) and ("bytes" in image or "path" in image):  # a datasets Image feature
+            image = image.get("bytes") or image.get("path")
+        answer: str | bytes | None = None
+        if isinstance(image, bytes):
+            try:
+                with Image.open(io.BytesIO(image)) as picture:
+                    picture.verify()
+            except (OSError, SyntaxError, ValueError) as err:
+                raise RecordError(f"'image' holds {len(image):,} bytes that are not a picture: {err}") from err
+            answer = image
+        elif image is not None:
             if not isinstance(image, str) or not (base_dir / image).is_file():
-                raise RecordError(f"'image' must be the path of a picture relative to the JSONL file; {image!r} "
-                                  "is not a file")
+                raise RecordError(f"'image' must be the path of a picture relative to the data file (or a datasets "
+                                  f"Image); {image!r:.60} is not a file")
             answer = str((base_dir / image).resolve())
             try:
                 with Image.open(answer) as picture:
@@ -257,7 +267,8 @@ class ImageTokensAdapter(ModalityAdapter):
         if processor.family == "emu3":
             raise ConfigError("target pictures cannot be encoded into Emu3's row layout yet; use on_policy or seq_kd")
         size = processor.image_size
-        pictures = [Image.open(r["answer"]).convert("RGB").resize((size, size), Image.BILINEAR) for r in records]
+        pictures = [Image.open(io.BytesIO(r["answer"]) if isinstance(r["answer"], bytes) else r["answer"])
+                    .convert("RGB").resize((size, size), Image.BILINEAR) for r in records]
         return processor.encode_images(to_tensor(pictures)).tolist()
 
     def decode(self, tokens: Tensor, mask: Tensor, processor: Any) -> list[Any]:

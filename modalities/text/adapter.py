@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from mmopd.adapter import ModalityAdapter, ModelLoadError, load_pretrained, register_adapter
 from mmopd.batch import PromptBatch, TokenSpace
 from mmopd.compat import IncompatibleModelsError, check_embedding_rows, check_same_vocab
-from mmopd.data import RecordError
+from mmopd.data import RecordError, image_parts, text_of
 
 
 def final_answer(text: str) -> str:
@@ -29,8 +29,14 @@ def is_correct(response: str, answer: str) -> bool:
     return target != "" and final_answer(response) == target
 
 
-def prompt_text(prompt: str, tokenizer: PreTrainedTokenizerBase) -> str:
-    """The prompt as the model reads it: wrapped in the chat template when the tokenizer has one."""
+def prompt_text(prompt: str | list[dict], tokenizer: PreTrainedTokenizerBase) -> str:
+    """The prompt as the model reads it: wrapped in the chat template when the tokenizer has one; a conversation
+    (a list of messages) is rendered by the template, so it needs one."""
+    if isinstance(prompt, list):
+        if not tokenizer.chat_template:
+            raise RecordError(f"a conversational prompt needs a chat template, and the tokenizer "
+                              f"{tokenizer.name_or_path!r} has none; give plain 'prompt' strings instead")
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     if tokenizer.chat_template:
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
@@ -72,11 +78,18 @@ class TextAdapter(ModalityAdapter):
         return [processor.eos_token_id]
 
     def check_record(self, raw: dict, base_dir: Path) -> dict:
+        """`{"prompt": str, "answer": str}`, or a conversation (`data.conversation` unpacked it into a `prompt`
+        list of messages); text models read text only, so message contents become strings."""
         prompt = raw.get("prompt")
-        if not isinstance(prompt, str):
-            raise RecordError("missing 'prompt' (a string)" if prompt is None else
-                              f"'prompt' must be a string, got {type(prompt).__name__}")
-        if not prompt.strip():
+        if isinstance(prompt, list):
+            if image_parts(prompt):
+                raise RecordError("the prompt holds {\"type\": \"image\"} parts; text models read no pictures "
+                                  "(use modality vlm)")
+            prompt = [{"role": m["role"], "content": text_of(m, f"a {m['role']} turn")} for m in prompt]
+        elif not isinstance(prompt, str):
+            raise RecordError("missing 'prompt' (a string, or 'messages')" if prompt is None else
+                              f"'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
+        elif not prompt.strip():
             raise RecordError("'prompt' is empty")
         answer = raw.get("answer")
         if answer is not None and not isinstance(answer, str):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import Tensor, nn
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -25,8 +26,8 @@ from mmopd.adapter import ModalityAdapter, ModelLoadError, load_pretrained, regi
 from mmopd.batch import PromptBatch, TokenSpace
 from mmopd.compat import check_embedding_rows, check_same_vocab
 from mmopd.config import ConfigError, StudentConfig
-from mmopd.data import RecordError
-from modalities.vlm.images import check_image, load_rgb
+from mmopd.data import RecordError, image_parts
+from modalities.vlm.images import check_image, load_rgb, picture_of
 
 TOKEN_ALIGNED = ("mm_token_type_ids", "token_type_ids")  # extras with one entry per prompt token: [B, P]
 PLACEHOLDER_ATTRS = ("image_token", "video_token", "boi_token", "eoi_token", "fake_image_token",
@@ -47,7 +48,10 @@ def tokenizer_of(processor: Any) -> Any:
 
 
 def messages_of(record: dict) -> list[dict]:
-    """The user turn: one image part per image, then the prompt text."""
+    """The prompt's messages: a conversation as given (its image parts bound to `images` in order), or for a
+    plain prompt one user turn of one image part per image, then the prompt text."""
+    if isinstance(record["prompt"], list):
+        return record["prompt"]
     content = [{"type": "image"} for _ in record["images"]] + [{"type": "text", "text": record["prompt"]}]
     return [{"role": "user", "content": content}]
 
@@ -161,23 +165,34 @@ class VLMAdapter(ModalityAdapter):
 
     # --- data --------------------------------------------------------------------------------
     def check_record(self, raw: dict, base_dir: Path) -> dict:
+        """`{"prompt": str, "images": [...], "answer": str}`, or a conversation (`data.conversation` unpacked it
+        into a `prompt` list of messages) whose {"type": "image"} parts take the `images` in order. An image is a
+        path (relative to the data), a URL, picture bytes or a datasets Image; one Image may stand for a list."""
         prompt = raw.get("prompt")
-        if not isinstance(prompt, str):
-            raise RecordError("missing 'prompt' (a string)" if prompt is None else
-                              f"'prompt' must be a string, got {type(prompt).__name__}")
-        if not prompt.strip():
+        if isinstance(prompt, list):
+            prompt = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]
+                       if isinstance(m["content"], str) else m["content"]} for m in prompt]  # templates want parts
+        elif not isinstance(prompt, str):
+            raise RecordError("missing 'prompt' (a string, or 'messages')" if prompt is None else
+                              f"'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
+        elif not prompt.strip():
             raise RecordError("'prompt' is empty")
         images = raw.get("images")
-        if not isinstance(images, list) or not images or not all(isinstance(p, str) for p in images):
-            raise RecordError("'images' must be a non-empty list of image paths (relative to the JSONL file); "
-                              "use modality text for text-only records")
-        paths = [(base_dir / p).resolve() for p in images]
-        for path in paths:
-            check_image(path)
+        if isinstance(images, (dict, bytes, Image.Image)):
+            images = [images]  # one datasets Image column (e.g. data.fields.images=image)
+        if not isinstance(images, list) or not images:
+            raise RecordError("'images' must be a non-empty list of image paths (relative to the data file), URLs or "
+                              "datasets Images; use modality text for text-only records")
+        pictures = [picture_of(item, base_dir) for item in images]
+        if isinstance(prompt, list) and image_parts(prompt) != len(pictures):
+            raise RecordError(f"the messages hold {image_parts(prompt)} {{\"type\": \"image\"}} parts but the "
+                              f"record has {len(pictures)} images; give one part per image, in order")
+        for picture in pictures:
+            check_image(picture)
         answer = raw.get("answer")
         if answer is not None and not isinstance(answer, str):
             raise RecordError(f"'answer' must be a string, got {type(answer).__name__}")
-        return {"prompt": prompt, "images": [str(p) for p in paths], "answer": answer}
+        return {"prompt": prompt, "images": pictures, "answer": answer}
 
     def encode_prompts(self, records: list[dict], processor: Any) -> PromptBatch:
         texts = [prompt_text(r, processor) for r in records]

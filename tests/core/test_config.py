@@ -56,3 +56,12 @@ def test_malformed_override_and_missing_file_are_errors(tmp_path):
         load_config(None, ["train.steps"])
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_data_fields_is_a_mapping_of_strings_from_yaml_or_dotted_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("student: {path: s}\nteacher: {path: t}\ndata: {train: t.parquet, fields: {prompt: question, answer: solution}}\n")
+    config = load_config(path, ["data.fields.images=image"])
+    assert config.data.fields == {"prompt": "question", "answer": "solution", "images": "image"}
+    with pytest.raises(ConfigError, match="data.fields must be a mapping, got 'question'"):
+        load_config(None, {"student.path": "s", "teacher.path": "t", "data.train": "t", "data.fields": "question"})

@@ -51,3 +51,9 @@ def test_topk_benchmark_reports_error_against_the_exact_divergence(tiny_text):
     text = _run("benchmarks.topk", "--student", str(tiny_text["student"]), "--teacher", str(tiny_text["teacher"]),
                 "--data", str(tiny_text["eval"]), "--prompts", "4", "--new", "3", "--k", "1,4", "--kinds", "jsd")
     assert "rel. error" in text and "| jsd" in text
+
+
+def test_data_memory_benchmark_prints_peak_memory_and_the_ratio_to_the_smallest_set():
+    text = _run("benchmarks.data_memory", "--rows", "200,2000", "--steps", "20")
+    assert "peak RSS MiB" in text and "vs 200" in text and "error" not in text
+    assert len(re.findall(r"\d+\.\d+x\s+\|", text)) == 2

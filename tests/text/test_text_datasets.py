@@ -1,0 +1,164 @@
+"""Text records from every source `datasets` reads (parquet, CSV, JSON, save_to_disk folders) give the same
+records in the same step order as the JSONL, columns map through data.fields, TRL's conversations render
+through the chat template, and bad input is a one-line error naming the row."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+
+import mmopd
+from mmopd.adapter import get_adapter
+from mmopd.data import DataError, load_records, step_indices
+from mmopd.objectives import Timer, objective_step
+from mmopd.session import Session
+from modalities.text.adapter import prompt_text
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def _rows(jsonl: Path) -> list[dict]:
+    return [json.loads(line) for line in jsonl.read_text().splitlines()]
+
+
+def _columns(rows: list[dict]) -> dict[str, list]:
+    return {key: [r[key] for r in rows] for key in rows[0]}
+
+
+def _forms(jsonl: Path, root: Path) -> dict[str, Path]:
+    """The JSONL's records as a parquet, a CSV and a JSON-array file, and a save_to_disk folder."""
+    table = datasets.Dataset.from_dict(_columns(_rows(jsonl)))
+    root.mkdir(parents=True, exist_ok=True)
+    table.to_parquet(str(root / "train.parquet"))
+    table.to_csv(str(root / "train.csv"), index=False)
+    (root / "train.json").write_text(json.dumps(_rows(jsonl)))
+    table.save_to_disk(str(root / "disk"))
+    return {"parquet": root / "train.parquet", "csv": root / "train.csv", "json": root / "train.json",
+            "save_to_disk": root / "disk"}
+
+
+def _step_records(source: Path, **kwargs) -> list[tuple[str, str]]:
+    data = load_records(source, get_adapter("text").check_record, role="data.train", **kwargs)
+    return [(data.records[i]["prompt"], data.records[i]["answer"])
+            for step in range(3) for i in step_indices(len(data), step, 4, seed=7)]
+
+
+@pytest.mark.parametrize("form", ["parquet", "csv", "json", "save_to_disk"])
+def test_every_form_gives_the_jsonls_records_in_step_order(form, tiny_text, tmp_path):
+    source = _forms(tiny_text["train"], tmp_path)[form]
+    assert _step_records(source) == _step_records(tiny_text["train"])
+
+
+def test_a_save_to_disk_folder_trains_with_the_jsonls_first_step_loss(text_config, tiny_text, tmp_path):
+    folder = _forms(tiny_text["train"], tmp_path)["save_to_disk"]
+    losses = []
+    for source in (tiny_text["train"], folder):
+        config = text_config(**{"data.train": str(source)})
+        session = Session(config)
+        batch = [session.train_data.records[i] for i in step_indices(len(session.train_data), 0, 4, 0)]
+        row = objective_step(session.models(), batch, config, torch.Generator().manual_seed(0), Timer(),
+                             lambda loss: None)
+        losses.append(row["loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    assert mmopd.train(text_config(**{"data.train": str(folder)}))["steps"] == 2
+
+
+def test_data_fields_map_other_column_names_onto_the_record(tiny_text, tmp_path):
+    rows = [{"question": r["prompt"], "solution": r["answer"], "id": i} for i, r in enumerate(_rows(tiny_text["train"]))]
+    datasets.Dataset.from_dict(_columns(rows)).to_parquet(str(tmp_path / "renamed.parquet"))
+    mapped = _step_records(tmp_path / "renamed.parquet", fields={"prompt": "question", "answer": "solution"})
+    assert mapped == _step_records(tiny_text["train"])
+
+
+def test_a_missing_column_is_named_with_the_columns_the_set_has(tiny_text, tmp_path):
+    datasets.Dataset.from_dict({"question": ["1+1="], "solution": ["2"]}).to_parquet(str(tmp_path / "s.parquet"))
+    with pytest.raises(DataError, match=r"no column 'problem' \(data.fields.prompt\); its columns are: question, "
+                                        r"solution"):
+        load_records(tmp_path / "s.parquet", get_adapter("text").check_record, fields={"prompt": "problem"})
+
+
+def test_an_empty_split_is_an_error(tmp_path):
+    table = datasets.Dataset.from_dict({"prompt": ["1+1="], "answer": ["2"]}).filter(lambda row: False)
+    table.to_parquet(str(tmp_path / "empty.parquet"))
+    with pytest.raises(DataError, match=r"data.train: .*empty\.parquet holds no usable records"):
+        load_records(tmp_path / "empty.parquet", get_adapter("text").check_record, role="data.train")
+
+
+def test_a_missing_split_lists_the_splits(tmp_path):
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"prompt": ["q"]})}).save_to_disk(str(tmp_path / "d"))
+    with pytest.raises(DataError, match=r"has no split 'validation'; its splits are train \(set data.eval_split\)"):
+        load_records(tmp_path / "d", get_adapter("text").check_record, role="data.eval", split="validation")
+
+
+def test_a_bad_row_names_the_row_or_is_skipped_and_counted(tmp_path):
+    datasets.Dataset.from_dict({"prompt": ["1+1=", "   ", "2+2="], "answer": ["2", "x", "4"]}).to_parquet(
+        str(tmp_path / "bad.parquet"))
+    check = get_adapter("text").check_record
+    with pytest.raises(DataError, match=r"bad\.parquet row 1: bad record: 'prompt' is empty \(set data.skip_bad"):
+        load_records(tmp_path / "bad.parquet", check)
+    data = load_records(tmp_path / "bad.parquet", check, skip_bad=True)
+    assert data.skipped == 1 and [r["prompt"] for r in data.records] == ["1+1=", "2+2="]
+
+
+def test_a_hub_id_while_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError, match=r"data.train='someone/gsm8k-like' is not a local file or folder, and loading "
+                                        r"it as a hub dataset failed .*HF_HUB_OFFLINE must be unset"):
+        load_records("someone/gsm8k-like", get_adapter("text").check_record, role="data.train")
+
+
+def _with_template(tiny_text: dict[str, Path], root: Path) -> dict[str, Path]:
+    """The tiny teacher and student, copied with a chat template (the toy's tokenizer has none)."""
+    paths = {}
+    for role in ("teacher", "student"):
+        paths[role] = Path(shutil.copytree(tiny_text[role], root / role))
+        config = json.loads((paths[role] / "tokenizer_config.json").read_text())
+        (paths[role] / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TEMPLATE}))
+    return paths
+
+
+def _conversations(tiny_text: dict[str, Path]) -> list[dict]:
+    return [{"messages": [{"role": "system", "content": "Add."}, {"role": "user", "content": r["prompt"]},
+                          {"role": "assistant", "content": r["answer"]}]} for r in _rows(tiny_text["train"])]
+
+
+def test_messages_render_through_the_chat_template_and_train(text_config, tiny_text, tmp_path):
+    paths = _with_template(tiny_text, tmp_path)
+    conversations = _conversations(tiny_text)
+    datasets.Dataset.from_list(conversations).save_to_disk(str(tmp_path / "chat"))
+    config = text_config(**{"data.train": str(tmp_path / "chat"), "student.path": str(paths["student"]),
+                            "teacher.path": str(paths["teacher"]), "data.eval": "", "objective.kind": "sft"})
+    session = Session(config)
+    record, tokenizer = session.train_data.records[0], session.student_processor
+    expected = tokenizer.apply_chat_template(conversations[0]["messages"][:-1], tokenize=False,
+                                             add_generation_prompt=True)
+    assert prompt_text(record["prompt"], tokenizer) == expected == f"<system>Add.\n<user>{_rows(tiny_text['train'])[0]['prompt']}\n<assistant>"
+    assert record["answer"] == conversations[0]["messages"][-1]["content"]
+    assert mmopd.train(config)["steps"] == 2
+
+
+def test_prompt_completion_pairs_are_a_prompt_and_an_answer(tiny_text, tmp_path):
+    rows = [{"prompt": [{"role": "user", "content": "1+1="}], "completion": [{"role": "assistant", "content": "2"}]}]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "pc.parquet"))
+    record = load_records(tmp_path / "pc.parquet", get_adapter("text").check_record).records[0]
+    assert record["prompt"] == [{"role": "user", "content": "1+1="}] and record["answer"] == "2"
+
+
+def test_messages_without_an_assistant_turn_are_refused_where_an_answer_is_needed(text_config, tiny_text, tmp_path):
+    paths = _with_template(tiny_text, tmp_path)
+    rows = [{"messages": c["messages"][:-1]} for c in _conversations(tiny_text)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "prompts"))
+    overrides = {"data.train": str(tmp_path / "prompts"), "student.path": str(paths["student"]),
+                 "teacher.path": str(paths["teacher"]), "data.eval": ""}
+    assert Session(text_config(**overrides)).train_data.records[0]["answer"] is None  # on_policy needs none
+    with pytest.raises(DataError, match=r"prompts row 0: objective sft needs an 'answer' in every record \(a "
+                                        r"conversational record: a last assistant turn\)"):
+        Session(text_config(**overrides, **{"objective.kind": "sft"}))
