@@ -17,11 +17,14 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/mmopd demo text
 
-# two workers, one thread each (small models run fastest on one thread per process); idle workers steal tests
-test: install
+# two workers, one thread each (small models run fastest on one thread per process); idle workers steal tests.
+# The served-vLLM tests start `vllm serve` from .venv-vllm; the colocated ones run a vllm.LLM in-process, so they
+# run in that venv.
+test: install vllm-env
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist worksteal --durations=15
+	OMP_NUM_THREADS=1 $(VLLM_BIN)/python -m pytest -q -p no:xdist --durations=10 tests/engines/colocated
 
-# the quick inner loop: everything but the tests marked slow (whole demos, benchmarks, kill tests), ~2 minutes
+# the quick inner loop: everything but the tests marked slow (demos, benchmarks, kill tests, vLLM), ~2 minutes
 test-fast: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist worksteal -m "not slow"
 
@@ -34,7 +37,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_BIN = $(VLLM_VENV)/bin
 VLLM_VERSION = 0.32.0
 VLLM_TORCH = torch===2.13.0 torchvision===0.28.0
-MMOPD_RUNTIME = accelerate peft timm num2words matplotlib pyyaml tqdm pytest pytest-xdist
+MMOPD_RUNTIME = accelerate peft timm num2words matplotlib pyyaml tqdm datasets pytest pytest-xdist
 SKIP_VLLM_REQS = torch torchvision torchaudio torchcodec
 
 vllm-env: $(VLLM_VENV)/.installed

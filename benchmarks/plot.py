@@ -54,9 +54,10 @@ def plot_rollout(path: str, out: Path) -> Path:
     data = json.loads(Path(path).read_text())
     batch = [r["batch"] for r in data["rows"]]
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for name in ("generate", "ours"):
-        ax.plot(batch, [r["tokens_per_s"][name] for r in data["rows"]], marker="o",
-                label="HF generate" if name == "generate" else "mmopd rollout")
+    labels = {"generate": "HF generate", "ours": "mmopd rollout (hf engine)", "vllm": "vLLM (colocated)"}
+    for name, label in labels.items():
+        if name in data["rows"][0]["tokens_per_s"]:
+            ax.plot(batch, [r["tokens_per_s"][name] for r in data["rows"]], marker="o", label=label)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch")
     ax.set_ylabel("generated tokens / s")

@@ -1,7 +1,10 @@
-"""Rollout throughput: mmopd.engines.hf.rollout against Hugging Face `model.generate` on the same model and prompts.
+"""Rollout throughput: the rollout engines (hf: mmopd's decode loop; vllm: a colocated vllm.LLM) against Hugging
+Face `model.generate` on the same model and prompts.
 
     python -m benchmarks.rollout [--model 256,4,4,2,1024,8192] [--batch 1,4,16,64] [--prompt-len 32] [--new 32]
+                                 [--engines hf,vllm]
 
+`--engines vllm` needs vLLM in the interpreter: run it with .venv-vllm/bin/python (`make vllm-env`).
 Random-weight Qwen2.5-shaped model (--model 0.5b for the real shape), left-padded prompts of different
 lengths, sampling at temperature 1, every row generating exactly --new tokens (no EOS stop). Tokens/s is
 batch × new tokens / median wall-clock seconds; the ratio is ours / generate, measured in the same run.
@@ -11,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -19,6 +24,7 @@ from benchmarks.models import RandomPrompts, random_qwen2, random_records, shape
 from mmopd.batch import TokenSpace
 from mmopd.batch import Sampling
 from mmopd.engines.hf import rollout
+from mmopd.engines.vllm import Colocated, VLLMRollout, write_engine_checkpoint
 
 
 def main() -> None:
@@ -32,8 +38,11 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--engines", default="hf", help="hf and/or vllm, each timed against generate")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
+    engines = args.engines.split(",")
+    shown = ["ours" if e == "hf" else e for e in engines]  # "ours": the hf engine, mmopd's own decode loop
     torch.set_num_threads(args.threads)
     device = device_of(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else \
@@ -41,6 +50,11 @@ def main() -> None:
     model = random_qwen2(args.model, dtype, device).eval()
     vocab = shape_of(args.model)[5]
     adapter, space = RandomPrompts(), TokenSpace(vocab)
+    vllm = None
+    if "vllm" in engines:  # the same weights, written as vLLM loads them
+        start = write_engine_checkpoint(model, Path(tempfile.mkdtemp(prefix="bench-rollout-")) / "start", str)
+        transport = Colocated(str(start), str(dtype).removeprefix("torch."), None, 0.3, False, 0)
+        vllm = VLLMRollout(transport, space, [-1], 0, args.new, start.parent, False, str)
     print(f"# rollout benchmark on {machine(device)}; model {args.model}, {dtype}, prompts <= {args.prompt_len} "
           f"tokens, {args.new} new tokens, median of {args.reps}")
     rows, records = [], []
@@ -57,12 +71,20 @@ def main() -> None:
                                   do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=args.new,
                                   min_new_tokens=args.new, eos_token_id=None, pad_token_id=0)
 
-        assert ours().tokens.shape == (batch, args.new)
-        times = {"ours": seconds(ours, device, args.reps), "generate": seconds(generate, device, args.reps)}
+        def engine():
+            return vllm.sample(prompts, Sampling(), torch.Generator(device).manual_seed(0))
+
+        runs = {"generate": generate, **({"ours": ours} if "hf" in engines else {}), **({"vllm": engine} if vllm else {})}
+        for name in ("ours", "vllm"):
+            if name in runs:
+                assert runs[name]().tokens.shape == (batch, args.new), name
+        times = {name: seconds(run, device, args.reps) for name, run in runs.items()}
         tps = {k: batch * args.new / t for k, t in times.items()}
-        rows.append([batch, f"{tps['generate']:.0f}", f"{tps['ours']:.0f}", f"{tps['ours'] / tps['generate']:.2f}x"])
+        rows.append([batch, f"{tps['generate']:.0f}", *(f"{tps[e]:.0f}" for e in shown),
+                     *(f"{tps[e] / tps['generate']:.2f}x" for e in shown)])
         records.append({"batch": batch, "tokens_per_s": tps, "seconds": times})
-    print(table(["batch", "generate tok/s", "ours tok/s", "ours / generate"], rows))
+    print(table(["batch", "generate tok/s", *(f"{e} tok/s" for e in shown), *(f"{e} / generate" for e in shown)],
+                rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine(device), "model": args.model, "rows": records}, f, indent=1)

@@ -7,7 +7,8 @@ The issue's GPU sizes: --student 0.5b --teacher 1.5b --prompts 8 --prompt-len 12
 Random-weight Qwen2.5-shaped models; responses never stop early (no EOS), so every step generates
 prompts × new tokens. Rows: mmopd's step with objective.fused=never (logits) and =always (hidden states
 and LM heads), both reverse KL with the full estimator, and the sampled estimator; TRL's
-DistillationTrainer only where `trl` imports. Each variant runs in a fresh process; time is the median
+DistillationTrainer only where `trl` imports. `vllm_fused` samples with a colocated vllm.LLM (run the benchmark
+with .venv-vllm/bin/python), and its sync column is the weight reload after each optimizer step. Each variant runs in a fresh process; time is the median
 over --steps after one warm-up step; peak memory is measured over one step (see benchmarks/measure.py).
 """
 
@@ -30,6 +31,8 @@ VARIANTS = {
     "logits": {"objective.fused": "never"},
     "fused": {"objective.fused": "always"},
     "sampled_fused": {"objective.fused": "always", "objective.estimator": "sampled"},
+    # rollouts by a colocated vllm.LLM, weights synced after each optimizer step (run in .venv-vllm)
+    "vllm_fused": {"objective.fused": "always", "rollout.engine": "vllm"},
 }
 
 
@@ -57,6 +60,8 @@ def measure_variant(args: argparse.Namespace, overrides: dict) -> dict:
                                  lambda loss: loss.backward())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        with timer.phase("sync"):
+            models.rollout.sync(student)
         return row
 
     step(Timer())  # warm-up
@@ -83,7 +88,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default="logits,fused,sampled_fused", help=f"of {', '.join(VARIANTS)}")
     parser.add_argument("--dtype", default="auto", help="auto: student fp32 + bf16 autocast, teacher bf16 on CUDA; "
                                                          "fp32 on CPU")
     parser.add_argument("--device", default="auto")
@@ -110,12 +115,13 @@ def main() -> None:
     rows = []
     for name, r in results.items():
         if "error" in r:
-            rows.append([name, "error: " + r["error"][:80], "", "", "", "", "", ""])
+            rows.append([name, "error: " + r["error"][:80], "", "", "", "", "", "", ""])
             continue
-        rows.append([name, f"{r['seconds']:.2f}", *(f"{r['split'][k]:.2f}" for k in ("rollout", "teacher", "student")),
+        rows.append([name, f"{r['seconds']:.2f}",
+                     *(f"{r['split'][k]:.2f}" for k in ("rollout", "sync", "teacher", "student")),
                      f"{r['peak_bytes'] / scale:.2f}", f"{r['tokens'] / r['seconds']:.0f}",
                      f"{base / r['seconds']:.2f}x" if base else "-"])
-    print(table(["variant", "s/step", "rollout s", "teacher s", "student s", f"extra peak {unit}",
+    print(table(["variant", "s/step", "rollout s", "sync s", "teacher s", "student s", f"extra peak {unit}",
                  "generated tok/s", "speed vs logits"], rows))
     try:
         import trl  # noqa: F401

@@ -158,7 +158,9 @@ class Colocated:
         from vllm import LLM  # optional dependency: only the colocated engine needs vLLM in this process
 
         kwargs: dict[str, Any] = {"enforce_eager": True, "logprobs_mode": "processed_logprobs",
-                                  "gpu_memory_utilization": gpu_memory_utilization, "enable_sleep_mode": sleep}
+                                  "gpu_memory_utilization": gpu_memory_utilization, "enable_sleep_mode": sleep,
+                                  # token ids in and out: a checkpoint without tokenizer files still loads
+                                  "skip_tokenizer_init": not (Path(path) / "tokenizer_config.json").exists()}
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
         if lora_rank:
@@ -172,8 +174,8 @@ class Colocated:
 
         if self.sleep:
             self.llm.wake_up()
-        outputs = self.llm.generate(prompts, [SamplingParams(**p) for p in params], lora_request=self.lora,
-                                    use_tqdm=False)
+        outputs = self.llm.generate(prompts, [SamplingParams(**p, detokenize=False) for p in params],
+                                    lora_request=self.lora, use_tqdm=False)
         if self.sleep:
             self.llm.sleep(level=1)
         completions = []

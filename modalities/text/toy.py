@@ -33,7 +33,10 @@ ROPE_THETA = 100.0
 MODEL_SIZES: dict[str, dict[str, int]] = {
     "teacher": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 512},
     "student": {"hidden_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 384},
+    # the same width in three heads of 32: vLLM's CPU attention supports head sizes 32, 64, ... (not 24)
+    "student_hd32": {"hidden_size": 96, "num_hidden_layers": 2, "num_attention_heads": 3, "intermediate_size": 384},
 }
+FAMILIES = {"qwen3": "student", "qwen3_hd32": "student_hd32"}  # toy family -> the student's size
 
 MAX_NEW_TOKENS = 20
 TRAIN_RECORDS = 20000
@@ -243,10 +246,11 @@ def build_untrained(out_dir: str | Path) -> dict[str, Path]:
 
 def build(out_dir: Path, family: str | None, progress: bool = True) -> Path:
     """The `mmopd toy text` entry point: the toy in out_dir and its on-policy config; returns the config's path."""
-    if family not in (None, "qwen3"):
-        raise ConfigError(f"text toy family {family!r} is not available; the text toy uses qwen3")
+    if family is not None and family not in FAMILIES:
+        raise ConfigError(f"text toy family {family!r} is not available; choose one of {', '.join(FAMILIES)} "
+                          "(qwen3_hd32: a student vLLM's CPU attention can run)")
     out_dir = Path(out_dir).resolve()
-    built = build_toy(out_dir, progress=progress)
+    built = build_toy(out_dir, progress=progress, student=FAMILIES[family or "qwen3"])
     config = {
         "modality": "text",
         "student": {"path": built["paths"]["student"]},
@@ -262,7 +266,7 @@ def build(out_dir: Path, family: str | None, progress: bool = True) -> Path:
     return path
 
 
-def build_toy(out_dir: str | Path, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+def build_toy(out_dir: str | Path, seed: int = 0, progress: bool = True, student: str = "student") -> dict[str, Any]:
     """Write data, a trained teacher and a briefly trained smaller student under out_dir; return accuracies and paths."""
     out = Path(out_dir)
     paths = {
@@ -277,18 +281,19 @@ def build_toy(out_dir: str | Path, seed: int = 0, progress: bool = True) -> dict
     write_jsonl(paths["eval"], evals)
     tokenizer = build_tokenizer()
     result: dict[str, Any] = {"task": TASK_NAME, "max_new_tokens": MAX_NEW_TOKENS}
-    for size, steps, lr, offset in (("teacher", TEACHER_STEPS, TEACHER_LR, 0), ("student", STUDENT_STEPS, STUDENT_LR, 1)):
+    for role, size, steps, lr, offset in (("teacher", "teacher", TEACHER_STEPS, TEACHER_LR, 0),
+                                          ("student", student, STUDENT_STEPS, STUDENT_LR, 1)):
         torch.manual_seed(seed + offset)
         model = build_model(tokenizer, size)
         if progress:
-            print(f"[toy] {size}: {sum(p.numel() for p in model.parameters())} params, {steps} SFT steps", flush=True)
+            print(f"[toy] {role}: {sum(p.numel() for p in model.parameters())} params, {steps} SFT steps", flush=True)
         fit(model, tokenizer, train, steps, lr, BATCH_SIZE, seed + offset, progress=progress)
         accuracy = greedy_accuracy(model, tokenizer, evals, MAX_NEW_TOKENS)
-        model.save_pretrained(paths[size])
-        tokenizer.save_pretrained(paths[size])
-        result[f"{size}_accuracy"] = accuracy
+        model.save_pretrained(paths[role])
+        tokenizer.save_pretrained(paths[role])
+        result[f"{role}_accuracy"] = accuracy
         if progress:
-            print(f"[toy] {size}: greedy accuracy {accuracy:.3f} ({time.time() - t0:.0f}s)", flush=True)
+            print(f"[toy] {role}: greedy accuracy {accuracy:.3f} ({time.time() - t0:.0f}s)", flush=True)
     result["paths"] = {k: str(v) for k, v in paths.items()}
     result["seconds"] = time.time() - t0
     return result
