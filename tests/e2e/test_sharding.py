@@ -143,3 +143,14 @@ def test_uneven_rollout_lengths_across_ranks_do_not_hang(tiny_text, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 0 tokens (1, 12) kept 1" in proc.stdout
     assert "rank 1 tokens (2, 12) kept 24" in proc.stdout
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train.sharding": "fsdp", "student.trainable": "lora"}, "student.trainable=lora is not supported with train"),
+    ({"train.sharding": "fsdp", "rollout.engine": "vllm"}, "rollout.engine=vllm cannot sync from a sharded"),
+    ({"train.fsdp_cpu_offload": True}, "train.fsdp_cpu_offload offloads a sharded student"),
+    ({"teacher.sharding": "zero3"}, "teacher.sharding is 'zero3', which is not one of none, fsdp"),
+])
+def test_sharding_settings_that_cannot_run_are_refused_at_the_config(text_config, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        text_config(**overrides)
