@@ -1,7 +1,9 @@
 """Atomic checkpoints and exact resume.
 
 A checkpoint `checkpoints/step-N/` holds `model/` (the student via `save_pretrained`, with its
-processor; LoRA adapters merged in, and saved unmerged in `lora/`), `trainer_state.pt` (optimizer, scheduler, RNG states, step) and a `COMPLETE` marker. It is
+processor; LoRA adapters merged in, and saved unmerged in `lora/`), `trainer_state.pt` (optimizer, scheduler, RNG
+states, step) and a `COMPLETE` marker. A sharded student's optimizer state is not in `trainer_state.pt` but in
+`optimizer/`, each rank's shards written by `torch.distributed.checkpoint`. It is
 written to a hidden temp dir that is renamed into place only when whole, so a crash mid-write never
 leaves a directory that looks complete.
 """
@@ -13,12 +15,14 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from mmopd.lora import is_lora, merged_model
+from mmopd.sharding import full_state_dict, save_optimizer, write_full_model
 
 MARKER = "COMPLETE"
 _STEP = re.compile(r"^step-(\d+)$")
@@ -51,17 +55,46 @@ def save_checkpoint(out_dir: str | Path, step: int, model: Any, processor: Any, 
                     keep_last: int = 0, run_id: str = "") -> Path:
     """Write checkpoint `step` atomically; with keep_last > 0, delete all but the newest keep_last of run
     `run_id` (checkpoints of other runs are never deleted)."""
-    root = checkpoint_dir(out_dir)
-    final = root / f"step-{step}"
-    tmp = root / f".tmp-step-{step}-{os.getpid()}"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+    tmp = checkpoint_dir(out_dir) / f".tmp-step-{step}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    def write_model() -> None:
         if is_lora(model):
             model.save_pretrained(tmp / "lora")  # the adapters, which a resumed run loads
             merged_model(model).save_pretrained(tmp / "model")
         else:
             model.save_pretrained(tmp / "model")
+
+    return _commit(out_dir, step, tmp, write_model, processor, state, keep_last, run_id)
+
+
+def save_sharded_checkpoint(out_dir: str | Path, step: int, model: Any, optimizer: torch.optim.Optimizer,
+                            processor: Any, state: dict[str, Any], keep_last: int, run_id: str,
+                            main: bool) -> None:
+    """`save_checkpoint` for a sharded student; every rank calls it. The full weights are gathered onto rank 0,
+    which writes `model/` and the trainer state; every rank writes its optimizer shards into `optimizer/` (DCP)."""
+    weights = full_state_dict(model)
+    tmp = checkpoint_dir(out_dir) / f".tmp-step-{step}-sharded"
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    save_optimizer(model, optimizer, tmp / "optimizer")
+    if main:
+        _commit(out_dir, step, tmp, lambda: write_full_model(model, tmp / "model", weights), processor, state,
+                keep_last, run_id)
+    dist.barrier()
+
+
+def _commit(out_dir: str | Path, step: int, tmp: Path, write_model: Callable[[], None], processor: Any,
+            state: dict[str, Any], keep_last: int, run_id: str) -> Path:
+    """Write the model, processor and trainer state into `tmp`, mark it complete, fsync it and rename it to
+    step-N; then prune to keep_last."""
+    root = checkpoint_dir(out_dir)
+    final = root / f"step-{step}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        write_model()
         if processor is not None:
             processor.save_pretrained(tmp / "model")
         torch.save(state, tmp / "trainer_state.pt")

@@ -32,6 +32,7 @@ ESTIMATORS = ("full", "sampled")
 TRAINABLE = ("full", "lm_only", "lora")
 ROLLOUT_ENGINES = ("hf", "vllm")
 TEACHER_ENGINES = ("hf",)
+SHARDING = ("none", "fsdp")
 
 
 @dataclass
@@ -51,6 +52,7 @@ class TeacherConfig:
     cfg_scale: float = 1.0
     top_k: int = 0  # full estimator: keep only the teacher's top-k logits per token (0 keeps all)
     engine: str = "hf"  # who scores: hf (in-process)
+    sharding: str = "none"  # none (a full copy per process) | fsdp (sharded over the processes, FSDP2)
 
 
 @dataclass
@@ -116,6 +118,8 @@ class TrainConfig:
     resume_changes: list[str] = field(default_factory=list)  # run-defining keys a resume may change, e.g. [train.lr]
     report_to: list[str] = field(default_factory=list)
     progress: bool = True
+    sharding: str = "none"  # the student: none (data parallel, DDP) | fsdp (sharded over the processes, FSDP2)
+    fsdp_cpu_offload: bool = False  # sharding: fsdp: keep the student's shards, gradients and optimizer on the CPU
 
 
 @dataclass
@@ -294,6 +298,17 @@ def validate(config: Config) -> None:
     _positive("student.lora_alpha", config.student.lora_alpha)
     _choice("objective.divergence", config.objective.divergence, DIVERGENCES)
     _choice("train.resume", config.train.resume, ("auto", "never"))
+    _choice("train.sharding", config.train.sharding, SHARDING)
+    _choice("teacher.sharding", config.teacher.sharding, SHARDING)
+    if config.train.fsdp_cpu_offload and config.train.sharding != "fsdp":
+        raise ConfigError("train.fsdp_cpu_offload offloads a sharded student; set train.sharding=fsdp or clear it")
+    if config.train.sharding == "fsdp" and config.student.trainable == "lora":
+        raise ConfigError("student.trainable=lora is not supported with train.sharding=fsdp (peft adapters would "
+                          "need sharded merges at save); train LoRA data-parallel (train.sharding=none), or use "
+                          "student.trainable=full or lm_only with train.sharding=fsdp")
+    if config.train.sharding == "fsdp" and config.rollout.engine != "hf":
+        raise ConfigError(f"rollout.engine={config.rollout.engine} cannot sync from a sharded student yet; use "
+                          "rollout.engine=hf with train.sharding=fsdp")
     _choice("train.existing", config.train.existing, ("refuse", "move_aside"))
     if not config.train.out_dir.strip():
         raise ConfigError("train.out_dir is empty; name the run's output directory, e.g. train.out_dir=runs/x")

@@ -21,7 +21,7 @@ import torch
 from accelerate import Accelerator, DistributedType
 from tqdm.auto import tqdm
 
-from mmopd.checkpoint import rng_state, save_checkpoint, set_rng_state
+from mmopd.checkpoint import rng_state, save_checkpoint, save_sharded_checkpoint, set_rng_state
 from mmopd.config import Config, ConfigError, save_config
 from mmopd.data import step_indices
 from mmopd.lora import load_lora_weights
@@ -30,6 +30,8 @@ from mmopd.report import MetricsLog, format_table, plot_metrics, write_summary
 from mmopd.rundir import Run, apply_resume_changes, open_run, record_segment
 from mmopd.schedule import warmup_cosine
 from mmopd.session import Session
+from mmopd.sharding import (clip_grad_norm, gradient_sync, is_sharded, load_optimizer, parameter_bytes, reshard,
+                            shard)
 from mmopd.toys import write_report
 
 log = logging.getLogger("mmopd")
@@ -47,15 +49,20 @@ def _mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
 SUPPORTED_DISTRIBUTED = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
 
 
-def check_distributed(accelerator: Accelerator) -> None:
-    """Refuse sharded training (FSDP, DeepSpeed, ...) before anything loads: it would hang, not fail."""
+def check_distributed(accelerator: Accelerator, config: Config) -> None:
+    """Refuse accelerate's own sharding plugins (FSDP, DeepSpeed), and mmopd's sharding on one process, before
+    anything loads."""
     kind = accelerator.distributed_type
     if kind not in SUPPORTED_DISTRIBUTED:
-        raise ConfigError(f"accelerate is set up for {kind.value}, which mmopd does not support yet: sharded "
-                          "models need rollouts that keep every rank decoding until all ranks finish, evaluation "
-                          "on every rank and a gathered state dict at save. Use data parallelism (accelerate "
-                          "launch --multi_gpu, configs/accelerate/ddp_cpu_2proc.yaml), with "
-                          "student.trainable=lora and student.gradient_checkpointing=true for large students")
+        raise ConfigError(f"accelerate is set up for {kind.value}, which mmopd does not use: launch plain processes "
+                          "(accelerate launch --multi_gpu, or configs/accelerate/ddp_cpu_2proc.yaml) and set "
+                          "train.sharding=fsdp (and teacher.sharding=fsdp) to shard the models with PyTorch FSDP2")
+    sharded = [f"{name}=fsdp" for name, value in (("train.sharding", config.train.sharding),
+                                                  ("teacher.sharding", config.teacher.sharding)) if value == "fsdp"]
+    if sharded and accelerator.num_processes < 2:
+        raise ConfigError(f"{' and '.join(sharded)} shards over processes, but this is one process; launch several "
+                          "(accelerate launch --multi_gpu --num_processes N -m mmopd.cli train ...) or set "
+                          "train.sharding=none and teacher.sharding=none")
 
 
 def check_trackers(report_to: list[str]) -> None:
@@ -76,7 +83,7 @@ def train(config: Config) -> dict[str, Any]:
     mixed = "bf16" if cuda and torch.cuda.is_bf16_supported() and c.student.dtype == "auto" else "no"
     accelerator = Accelerator(cpu=not cuda, mixed_precision=mixed, log_with=t.report_to or None,
                               project_dir=t.out_dir)
-    check_distributed(accelerator)
+    check_distributed(accelerator, c)
     run = open_run(c, accelerator.is_main_process)  # before any model loads: lock, clean up, where to start
     # every rank listens (a scheduler's SIGTERM reaches them all); they agree on the stop step through the
     # per-step metrics reduce, so all of them finish that step, wait for the checkpoint and exit together
@@ -87,7 +94,9 @@ def train(config: Config) -> dict[str, Any]:
             log.warning("%s already did all %d steps; nothing to train (raise train.steps to continue)",
                         run.out, t.steps)
             return run.finished
-        return _train(c, accelerator, run, stop)
+        summary = _train(c, accelerator, run, stop)
+        accelerator.end_training()  # after the final evaluation, which a sharded model runs on every rank
+        return summary
     finally:
         restore_signals()
         run.close()
@@ -107,19 +116,25 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) 
     session.policy = session.adapter.prepare_trainable(session.policy, c.student)
     if lora_resume:
         load_lora_weights(session.policy, resume_from / "lora")
+    sharded = t.sharding == "fsdp"
+    _shard_models(session, c)
     policy = session.policy
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)  # sharded params: sharded state
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.warmup, t.steps))
     # the scheduler stays unprepared: accelerate would step it once per process, but ours counts optimizer steps
-    student, optimizer = accelerator.prepare(policy, optimizer)
+    # a sharded student is not wrapped in DDP: FSDP2 reduces its gradients itself
+    student, optimizer = (policy, optimizer) if sharded else accelerator.prepare(policy, optimizer)
     models = session.models(student)
 
     metrics_log = MetricsLog(out / "metrics.jsonl")
     state: dict[str, Any] = {"step": 0, "baseline": {}, "skipped_steps": 0}
     if resume_from is not None:
         state = run.state
-        optimizer.load_state_dict(state["optimizer"])
+        if sharded:
+            load_optimizer(policy, optimizer, resume_from / "optimizer")
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         apply_resume_changes(run, optimizer, scheduler, c)
         set_rng_state(state["rng"])
@@ -135,17 +150,26 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) 
         accelerator.init_trackers("mmopd", config=c.to_dict())
 
     metric = session.adapter.metric
-    evaluating = session.eval_data is not None and main
+    # a sharded model's forwards need every rank, so every rank evaluates (the same records; main logs them)
+    evaluating = session.eval_data is not None and (main or is_sharded(policy) or is_sharded(session.teacher))
     if resume_from is None and evaluating:
         if session.teacher is not None:
             state["baseline"]["teacher"] = session.evaluate(session.teacher, session.teacher_processor,
                                                             "eval teacher", live)["metrics"][metric]
         state["baseline"]["student_before"] = session.evaluate(policy, session.student_processor,
                                                                "eval student", live)["metrics"][metric]
-        metrics_log.write({"step": 0, f"eval/{metric}": state["baseline"]["student_before"]})
+        reshard(session.teacher)
+        if main:
+            metrics_log.write({"step": 0, f"eval/{metric}": state["baseline"]["student_before"]})
 
     def checkpoint(step: int) -> None:
-        if main:
+        if sharded:  # every rank gathers the weights and writes its optimizer shards
+            payload = {"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                       "baseline": state["baseline"], "skipped_steps": state["skipped_steps"], "config": c.to_dict(),
+                       "run_id": run.run_id}
+            save_sharded_checkpoint(out, step, policy, optimizer, session.student_processor, payload, t.keep_last,
+                                    run.run_id, main)
+        elif main:
             payload = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                        "rng": rng_state(), "baseline": state["baseline"], "skipped_steps": state["skipped_steps"],
                        "config": c.to_dict(), "run_id": run.run_id}
@@ -180,9 +204,10 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) 
             # seeded by global slot, so 2 processes × 1 micro-batch sample exactly what 1 × 2 does
             generator = torch.Generator(session.device).manual_seed((t.seed * 1_000_003 + step) * 1_009 + slot)
             sync = micro == t.grad_accum - 1
-            with accelerator.no_sync(student) if not sync else nullcontext():
+            with _accumulating(student, accelerator, sync):
                 rows.append(objective_step(models, micro_records, c, generator, timer,
-                                           lambda loss: accelerator.backward(loss / t.grad_accum)))
+                                           lambda loss: _backward(loss / t.grad_accum, student, accelerator)))
+            reshard(session.teacher)
         row = _mean_rows(rows)
         stopping = stop["signal"] is not None
         stop_name = signal.Signals(stop["signal"] or signal.SIGTERM).name  # a remote rank's stop reads as SIGTERM
@@ -190,8 +215,11 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) 
             values = accelerator.reduce(torch.tensor([*row.values(), float(stopping)], device=session.device),
                                         "mean").tolist()
             row, stopping = dict(zip(row, values[:-1])), values[-1] > 0
-        grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm > 0 else \
-            torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None))
+        if sharded:
+            grad_norm = clip_grad_norm(params, t.max_grad_norm)
+        else:
+            grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm > 0 else \
+                torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None))
         finite = math.isfinite(row["loss"]) and math.isfinite(float(grad_norm))
         if finite:
             optimizer.step()
@@ -229,7 +257,8 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) 
         done = step + 1
         if evaluating and t.eval_every and done % t.eval_every == 0 and done < t.steps:
             score = session.evaluate(policy, session.student_processor)["metrics"][metric]
-            metrics_log.write({"step": done, f"eval/{metric}": score})
+            if main:
+                metrics_log.write({"step": done, f"eval/{metric}": score})
         if (t.save_every and done % t.save_every == 0) or done == t.steps or stopping:
             state["step"] = done
             checkpoint(done)
@@ -238,7 +267,6 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) 
                         done)
             break
     bar.close()
-    accelerator.end_training()
 
     summary: dict[str, Any] = {"metric": metric, **state["baseline"], "steps": state["step"]}
     if stopping:
@@ -247,7 +275,8 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) 
     if evaluating:
         final = session.evaluate(policy, session.student_processor, "eval student", live)
         summary["student_after"] = final["metrics"][metric]
-        metrics_log.write({"step": t.steps, f"eval/{metric}": summary["student_after"]})
+        if main:
+            metrics_log.write({"step": t.steps, f"eval/{metric}": summary["student_after"]})
         summary["samples"] = [{"prompt": r.get("prompt"), "response": resp, "answer": r.get("answer")}
                               for r, resp in zip(session.eval_data.records[:8], final["responses"][:8])
                               if isinstance(resp, str)]
@@ -262,6 +291,33 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) 
         write_report(c.modality, out, session, summary)
         print(format_table(summary))
     return summary
+
+
+def _shard_models(session: Session, c: Config) -> None:
+    """Shard the student (train.sharding=fsdp) and the frozen teacher (teacher.sharding=fsdp) over the processes,
+    in place, and log what each rank holds."""
+    for role, model, on, trainable in (("student", session.policy, c.train.sharding == "fsdp", True),
+                                       ("teacher", session.teacher, c.teacher.sharding == "fsdp", False)):
+        if model is None or not on:
+            continue
+        shard(model, session.device, trainable, c.train.fsdp_cpu_offload and trainable)
+        local, full = parameter_bytes(model)
+        log.info("rank %d holds %.1f MB of the %s's %.1f MB of parameters (sharded)",
+                 session.accelerator.process_index, local / 2**20, role, full / 2**20)
+
+
+def _accumulating(student: torch.nn.Module, accelerator: Accelerator, sync: bool) -> Any:
+    """Where a micro-batch's backward runs: gradients reduce across ranks only on the last micro-batch."""
+    if is_sharded(student):
+        return gradient_sync(student, sync)
+    return accelerator.no_sync(student) if not sync else nullcontext()
+
+
+def _backward(loss: torch.Tensor, student: torch.nn.Module, accelerator: Accelerator) -> None:
+    if is_sharded(student):
+        loss.backward()  # FSDP2's hooks reduce-scatter the gradients
+    else:
+        accelerator.backward(loss)
 
 
 def _listen_for_stop(stop: dict[str, Any]) -> Callable[[], None]:

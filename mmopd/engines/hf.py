@@ -23,6 +23,7 @@ from mmopd.batch import PromptBatch, Rollout, Sampling, TokenSpace
 from mmopd.engines.base import DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, TeacherNeed
 from mmopd.losses import fused_topk_logits
 from mmopd.scores import Hidden, Logits, Scores, TokenLogprobs, TopK
+from mmopd.sharding import any_rank
 
 
 def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
@@ -55,7 +56,8 @@ def sample(logits: Tensor, sampling: Sampling, generator: torch.Generator | None
 def rollout(adapter: ModalityAdapter, model: nn.Module, prompts: PromptBatch, space: TokenSpace,
             eos_ids: list[int], pad_id: int, max_new_tokens: int, sampling: Sampling,
             generator: torch.Generator | None = None) -> Rollout:
-    """Sample up to `max_new_tokens` per prompt with the KV cache; stop early once every row ended."""
+    """Sample up to `max_new_tokens` per prompt with the KV cache; stop early once every row ended (for a sharded
+    model, every row on every rank: each forward needs all of them)."""
     B = prompts.input_ids.shape[0]
     device = prompts.input_ids.device
     eos = torch.tensor(eos_ids, device=device)
@@ -69,7 +71,7 @@ def rollout(adapter: ModalityAdapter, model: nn.Module, prompts: PromptBatch, sp
         tokens.append(torch.where(alive, token, torch.full_like(token, pad_id)))
         logprobs.append(torch.where(alive, lp, torch.zeros_like(lp)))
         alive = alive & ~torch.isin(token, eos)
-        if not alive.any() or t == max_new_tokens - 1:
+        if t == max_new_tokens - 1 or not any_rank(alive, model):
             break
         logits, state = adapter.step(model, tokens[-1], state)
     return Rollout(torch.stack(tokens, 1), torch.stack(masks, 1), torch.stack(logprobs, 1))

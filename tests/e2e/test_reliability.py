@@ -205,15 +205,26 @@ def test_sigterm_to_a_two_process_run_stops_every_rank_at_the_same_step_with_a_c
 
 
 @pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
-def test_sharded_training_is_refused_with_what_to_use_instead(kind):
+def test_accelerates_sharding_plugins_are_refused_pointing_to_train_sharding(kind, text_config):
     from accelerate import DistributedType
 
     class Sharded:
         distributed_type = DistributedType[kind]
+        num_processes = 8
 
-    with pytest.raises(trainer.ConfigError, match=f"{DistributedType[kind].value}.*launch --multi_gpu"):
-        trainer.check_distributed(Sharded())
-    trainer.check_distributed(type("Plain", (), {"distributed_type": DistributedType.MULTI_GPU})())
+    with pytest.raises(trainer.ConfigError, match=f"{DistributedType[kind].value}.*launch --multi_gpu.*"
+                                                  "train.sharding=fsdp"):
+        trainer.check_distributed(Sharded(), text_config())
+    plain = type("Plain", (), {"distributed_type": DistributedType.MULTI_GPU, "num_processes": 2})()
+    trainer.check_distributed(plain, text_config(**{"train.sharding": "fsdp"}))
+
+
+def test_sharding_on_one_process_is_refused(text_config):
+    from accelerate import DistributedType
+
+    alone = type("Alone", (), {"distributed_type": DistributedType.NO, "num_processes": 1})()
+    with pytest.raises(trainer.ConfigError, match="teacher.sharding=fsdp shards over processes, but this is one"):
+        trainer.check_distributed(alone, text_config(**{"teacher.sharding": "fsdp"}))
 
 
 def test_the_non_finite_abort_advice_is_a_command_that_resumes(text_config, tmp_path, monkeypatch):

@@ -1,0 +1,145 @@
+"""Sharded models with PyTorch FSDP2 (`torch.distributed.fsdp.fully_shard`), for `train.sharding: fsdp` and
+`teacher.sharding: fsdp`.
+
+Each decoder layer (the classes a model names in `_no_split_modules`) becomes one FSDP unit, then the root
+holds what is left (embeddings, final norm, LM head). Every rank keeps 1/world of each parameter as a DTensor
+shard and all-gathers a unit's full weights only around its forward (and backward). The optimizer, built over
+the sharded parameters, keeps sharded state.
+
+What sharding asks of the rest of the code, all of it here:
+- every rank takes part in every forward, so a decode loop stops only when no rank has a live row
+  (`any_rank`), and evaluation runs on every rank;
+- the root's weights stay gathered after a forward (FSDP2 keeps them for the backward that usually follows);
+  a frozen teacher has no backward, so `reshard` frees them after each step;
+- gradients reduce on every backward unless `gradient_sync(model, False)` says otherwise;
+- the gradient norm is a DTensor reduced over ranks (`clip_grad_norm`);
+- saves gather the full state dict onto rank 0 (`full_state_dict`) and write the optimizer's shards with
+  `torch.distributed.checkpoint` (`save_optimizer`, `load_optimizer`).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks, outermost first: modules whose class `_no_split_modules` names, or else the
+    children of its longest nn.ModuleList."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    found: list[nn.Module] = []
+    inside: set[int] = set()
+    for module in model.modules():
+        if type(module).__name__ in names and id(module) not in inside:
+            found.append(module)
+            inside.update(id(m) for m in module.modules())
+    if found:
+        return found
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"{type(model).__name__} names no _no_split_modules and holds no nn.ModuleList of layers "
+                         "to shard; set train.sharding=none and teacher.sharding=none")
+    return list(max(lists, key=len))
+
+
+def shard(model: nn.Module, device: torch.device, trainable: bool, cpu_offload: bool = False) -> nn.Module:
+    """Shard `model` in place over every process (one unit per decoder layer, then the root) and return it.
+    On a GPU the weights are gathered in bf16 and gradients reduced in fp32."""
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    options: dict = {"mesh": mesh}  # layers reshard after forward; the root keeps its weights for the LM head
+    if device.type == "cuda" and trainable:
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy()
+    for layer in decoder_layers(model):
+        fully_shard(layer, **options)
+    fully_shard(model, **options)
+    return model
+
+
+def is_sharded(model: nn.Module | None) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def parameter_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes of parameters this rank holds, bytes of the full parameters)."""
+    local = full = 0
+    for p in model.parameters():
+        shard_ = p.to_local() if isinstance(p, DTensor) else p
+        local += shard_.numel() * shard_.element_size()
+        full += p.numel() * p.element_size()
+    return local, full
+
+
+def reshard(model: nn.Module | None) -> None:
+    """Free the gathered root weights a forward left behind (a frozen teacher has no backward that would)."""
+    if is_sharded(model):
+        model.reshard()
+
+
+def any_rank(flag: Tensor, model: nn.Module) -> bool:
+    """Whether any element of the bool tensor `flag` is true on any rank (just this rank's, unsharded)."""
+    anywhere = flag.any()
+    if is_sharded(model):
+        anywhere = anywhere.to(torch.int32)
+        dist.all_reduce(anywhere, op=dist.ReduceOp.MAX)
+    return bool(anywhere)
+
+
+@contextmanager
+def gradient_sync(model: nn.Module, on: bool) -> Iterator[None]:
+    """Reduce gradients across ranks on this backward only if `on` (off: they accumulate locally)."""
+    model.set_requires_gradient_sync(on)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> Tensor:
+    """The global L2 norm of the sharded gradients (over every rank's shards); clipped to `max_norm` if > 0."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, 2.0)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
+def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The full, unsharded state dict on CPU on rank 0 (an empty dict on the others). Every rank must call it.
+    This is what a rollout engine that holds full weights (vLLM) loads at sync, and what checkpoints save."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Every rank writes its optimizer shards into the directory `path` (DCP; collective)."""
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(path))
+
+
+def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Load what `save_optimizer` wrote, resharded to this run's processes (collective)."""
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # the target layout, states initialised
+    dcp.load(state, checkpoint_id=str(path))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def write_full_model(model: nn.Module, path: Path, weights: dict[str, Tensor]) -> None:
+    """On rank 0: `save_pretrained` the sharded `model` with its gathered `weights` (from `full_state_dict`) as
+    one plain model that transformers (and vLLM) load by path, under its own class name."""
+    model.save_pretrained(path, state_dict=weights)
+    plain = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    model.config.architectures = [plain.__name__]  # save_pretrained wrote the FSDP subclass's name
+    model.config.save_pretrained(path)
