@@ -5,13 +5,17 @@ sync after an optimizer step (full and LoRA students), and a run that trains thr
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from mmopd import train
 from mmopd.batch import Sampling
-from mmopd.config import ConfigError, load_config
+from mmopd.cli import main
+from mmopd.config import ConfigError, load_config, save_config
 from mmopd.engines import EngineError, HFRollout, VLLMRollout
 from mmopd.engines.vllm import Served, ties_head, write_engine_checkpoint
 from mmopd.objectives import Timer, check_engine, objective_step
@@ -152,3 +156,42 @@ def test_the_served_copy_unties_the_head_and_a_tied_served_model_would_be_refuse
     Served(server.url, 5.0, 0).check_untied()  # the module's server serves the untied copy: accepted
     with pytest.raises(ConfigError, match="rollout.url is set, but rollout.engine=hf"):
         load_config(None, {"student.path": "s", "teacher.path": "t", "data.train": "d", "rollout.url": server.url})
+
+
+def _metrics(run):
+    path = run / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_a_server_killed_mid_run_stops_it_cleanly_and_the_resumed_run_matches(pair, tmp_path):
+    """A dedicated server: the run fails naming the URL with its checkpoints intact, and after a restart on the
+    same port `mmopd train` resumes to the curve of an uninterrupted run."""
+    server = start_server(pair["engine"], extra_args=("--logprobs-mode", "processed_logprobs"))
+    port = server.url.rsplit(":", 1)[1]
+    common = ["train.save_every=1", "train.steps=5", "rollout.retries=1", "rollout.timeout=5"]
+    try:
+        reference = tmp_path / "reference"
+        write = lambda run: _config(pair, server, tmp_path, **{"train.out_dir": str(run)})
+        for run in (reference, tmp_path / "killed"):
+            save_config(write(run), tmp_path / f"{run.name}.yaml")
+        assert main(["train", str(tmp_path / "reference.yaml"), *common]) == 0
+        killed = tmp_path / "killed"
+        child = subprocess.Popen([sys.executable, "-m", "mmopd.cli", "train", str(tmp_path / "killed.yaml"), *common],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 300
+        while len([r for r in _metrics(killed) if "loss" in r]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        server.stop()
+        _, err = child.communicate(timeout=120)
+        assert child.returncode == 1 and "Traceback" not in err, err
+        assert f"vLLM at http://127.0.0.1:{port} did not answer" in err and "The last checkpoint is intact" in err
+        done = sorted(p.name for p in (killed / "checkpoints").iterdir() if (p / "COMPLETE").exists())
+        assert done and all((killed / "checkpoints" / d / "trainer_state.pt").is_file() for d in done)
+        server = start_server(pair["engine"], port=int(port), extra_args=("--logprobs-mode", "processed_logprobs"))
+        assert main(["train", str(tmp_path / "killed.yaml"), *common]) == 0
+    finally:
+        server.stop()
+    losses = lambda run: {r["step"]: r["loss"] for r in _metrics(run) if "loss" in r}
+    assert losses(killed).keys() == losses(reference).keys() == set(range(1, 6))
+    for step, loss in losses(reference).items():
+        assert losses(killed)[step] == pytest.approx(loss, rel=1e-4, abs=1e-6), step
