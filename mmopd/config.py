@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from mmopd.objective_table import KINDS, TABLE, estimators_of, needs_teacher
+from mmopd.objective_table import KINDS, TABLE, estimators_of, needs_teacher, scores_teacher
 
 
 class ConfigError(ValueError):
@@ -31,7 +31,7 @@ FUSED = ("auto", "always", "never")
 ESTIMATORS = ("full", "sampled")
 TRAINABLE = ("full", "lm_only", "lora")
 ROLLOUT_ENGINES = ("hf", "vllm")
-TEACHER_ENGINES = ("hf",)
+TEACHER_ENGINES = ("hf", "vllm")
 SHARDING = ("none", "fsdp")
 
 
@@ -51,7 +51,10 @@ class TeacherConfig:
     dtype: str = "auto"
     cfg_scale: float = 1.0
     top_k: int = 0  # full estimator: keep only the teacher's top-k logits per token (0 keeps all)
-    engine: str = "hf"  # who scores: hf (in-process)
+    engine: str = "hf"  # who scores: hf (in-process) | vllm (a `vllm serve` at url: prompt_logprobs over HTTP)
+    url: str = ""  # vllm: the teacher's `vllm serve` (started without LoRA, --max-logprobs >= top_k)
+    timeout: float = 120.0  # vllm: seconds per request before a retry
+    retries: int = 3  # vllm: retries with backoff before the run stops naming the URL
     sharding: str = "none"  # none (a full copy per process) | fsdp (sharded over the processes, FSDP2)
 
 
@@ -262,6 +265,35 @@ def _positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name} must be {bound}, got {value}")
 
 
+def _check_teacher_engine(config: Config) -> None:
+    """A served teacher returns temperature-1 log-probs of given ids (or its top-k): refuse what needs more."""
+    t, obj = config.teacher, config.objective
+    if t.url and t.engine != "vllm":
+        raise ConfigError(f"teacher.url is set, but teacher.engine={t.engine} scores in-process; set "
+                          "teacher.engine=vllm to score with that server, or clear teacher.url")
+    if t.engine != "vllm" or not scores_teacher(obj.kind, obj.estimator):
+        return
+    if not t.url:
+        raise ConfigError("teacher.engine=vllm scores with a served teacher only (a colocated one is not available): "
+                          "set teacher.url=http://host:port of a `vllm serve` of teacher.path, or teacher.engine=hf")
+    if not t.url.startswith(("http://", "https://")):
+        raise ConfigError(f"teacher.url={t.url!r} must be an http(s):// URL, e.g. http://127.0.0.1:8001")
+    if TABLE[(obj.kind, obj.estimator)].teacher == "distribution" and not t.top_k:
+        raise ConfigError(f"objective.kind={obj.kind} with estimator={obj.estimator} needs the teacher's full "
+                          "distribution, which a served teacher cannot send; set teacher.top_k: K (its top-k plus "
+                          "a tail class), objective.estimator: sampled, or teacher.engine: hf")
+    if obj.temperature != 1.0:
+        raise ConfigError(f"objective.temperature={obj.temperature}, but a served teacher's log-probs are at "
+                          "temperature 1 and one log-prob (or a top-k) cannot be rescaled exactly; set "
+                          "objective.temperature=1 or teacher.engine=hf")
+    if t.cfg_scale != 1.0:
+        raise ConfigError(f"teacher.cfg_scale={t.cfg_scale}: a guided teacher mixes the full logits of its "
+                          "conditional and unconditional branches, which a served teacher cannot send; set "
+                          "teacher.cfg_scale=1 or teacher.engine=hf")
+    _positive("teacher.timeout", t.timeout)
+    _positive("teacher.retries", t.retries, allow_zero=True)
+
+
 def validate(config: Config) -> None:
     """Check values that types alone cannot: choices, ranges and required paths."""
     if not config.student.path:
@@ -281,6 +313,7 @@ def validate(config: Config) -> None:
                           "set rollout.engine=vllm to sample from that server, or clear rollout.url")
     if config.rollout.url and not config.rollout.url.startswith(("http://", "https://")):
         raise ConfigError(f"rollout.url={config.rollout.url!r} must be an http(s):// URL, e.g. http://127.0.0.1:8000")
+    _check_teacher_engine(config)
     _positive("rollout.timeout", config.rollout.timeout)
     _positive("rollout.retries", config.rollout.retries, allow_zero=True)
     _positive("rollout.tis_cap", config.rollout.tis_cap, allow_zero=True)

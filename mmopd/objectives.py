@@ -75,7 +75,7 @@ class Models:
             self.teacher_rollout = rollout_engine("hf", config, self.adapter, self.teacher, self.teacher_processor,
                                                   self.space, self.eos_ids, self.pad_id)
             self.scorer = teacher_scorer(config, self.adapter, self.teacher, self.teacher_processor, self.space,
-                                         self.fused)
+                                         self.fused, self.eos_ids)
         return self
 
 
@@ -84,6 +84,7 @@ class Timer:
     """Wall-clock seconds per phase (rollout, teacher, student), summed over a step."""
 
     seconds: dict[str, float] = field(default_factory=dict)
+    last: dict[str, float] = field(default_factory=dict)  # the latest phase's seconds, by name
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -93,7 +94,8 @@ class Timer:
         yield
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        self.last[name] = time.perf_counter() - start
+        self.seconds[name] = self.seconds.get(name, 0.0) + self.last[name]
 
 
 def sampling_of(config: Config) -> Sampling:
@@ -163,7 +165,6 @@ def objective_step(m: Models, records: list[dict], config: Config, generator: to
     t_prompts = None if m.teacher is None else m.adapter.encode_prompts(records, m.teacher_processor).to(m.device)
     engine = response_engine(m, row.responses, obj.lmbda, generator)
 
-    rollout_start = timer.seconds.get("rollout", 0.0)
     with timer.phase("rollout"):  # 1. responses
         if engine is None:
             responses = answers(m, records)
@@ -174,11 +175,12 @@ def objective_step(m: Models, records: list[dict], config: Config, generator: to
     metrics = {"on_policy": float(engine is m.rollout), "response_tokens": responses.mask.sum().item(),
                "response_len": responses.mask.sum(1).mean().item(), "fused": float(m.fused)}
     if engine is not None:
-        metrics["rollout_tokens_per_s"] = metrics["response_tokens"] / max(
-            timer.seconds["rollout"] - rollout_start, 1e-9)
+        metrics["rollout_tokens_per_s"] = metrics["response_tokens"] / max(timer.last["rollout"], 1e-9)
 
     with timer.phase("teacher"):  # 2. the teacher scores the same tokens
         t_scores = m.scorer.score(t_prompts, responses.tokens, teacher_need(config)) if row.teacher else None
+    if row.teacher:
+        metrics["teacher_tokens_per_s"] = metrics["response_tokens"] / max(timer.last["teacher"], 1e-9)
 
     with timer.phase("student"):  # 3. the per-token divergence (or NLL), 4. the update's gradients
         s_scores = model_scores(m.adapter, m.student, s_prompts, responses.tokens, m.space, m.fused)

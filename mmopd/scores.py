@@ -1,10 +1,11 @@
-"""What a model says about each response position, in one of four forms, and the losses between them.
+"""What a model says about each response position, in one of five forms, and the losses between them.
 
 | form            | holds                                   | memory  | who makes it                          |
 |-----------------|-----------------------------------------|---------|---------------------------------------|
 | `Logits`        | logits over the action space [B, T, A]   | O(N·A)  | any in-process model                  |
 | `Hidden`        | last hidden states [B, T, H] + LM head   | O(N·H)  | an in-process model with a plain head |
 | `TopK`          | the K largest logits and their actions   | O(N·K)  | a teacher asked for top-k             |
+| `TopKTail`      | K log-probs and actions, the rest a tail | O(N·K)  | a served teacher asked for top-k      |
 | `TokenLogprobs` | log p of each sampled token [B, T]       | O(N)    | any engine that returns log-probs     |
 
 A student's scores (`Logits` or `Hidden`, with gradients) answer `logprobs(actions)`, `divergence(teacher, ...)`
@@ -22,9 +23,10 @@ import torch
 from torch import Tensor
 
 from mmopd.batch import Rollout, TokenSpace
-from mmopd.losses import (fused_divergence_loss, fused_gathered_logits, fused_sampled_reverse_kl_loss,
-                          fused_token_logprobs, masked_mean, sampled_reverse_kl_loss, sampled_token_logprobs,
-                          token_divergence, topk_token_divergence)
+from mmopd.losses import (excluded_logsumexp, fused_divergence_loss, fused_excluded_logsumexp,
+                          fused_gathered_logits, fused_sampled_reverse_kl_loss, fused_token_logprobs, masked_mean,
+                          sampled_reverse_kl_loss, sampled_token_logprobs, tail_token_divergence, token_divergence,
+                          topk_token_divergence)
 
 
 class Scores:
@@ -61,6 +63,10 @@ class Logits(Scores):
             return masked_mean(token_divergence(self.values, teacher.values, **args), mask)
         if isinstance(teacher, TopK):
             return masked_mean(topk_token_divergence(self.values, teacher.logits, teacher.ids, **args), mask)
+        if isinstance(teacher, TopKTail):  # K + 1 classes: the teacher's K ids and the rest
+            student_topk = self.values.float().gather(-1, teacher.ids)  # [B, T, K]
+            rest = excluded_logsumexp(self.values, teacher.ids, teacher.kept())  # [B, T]
+            return masked_mean(tail_token_divergence(student_topk, rest, teacher.values, **args), mask)
         raise TypeError(f"a student's Logits cannot be compared with a teacher's {type(teacher).__name__}")
 
     def sampled_loss(self, teacher: "TokenLogprobs", actions: Tensor, responses: Rollout,
@@ -104,6 +110,11 @@ class Hidden(Scores):
             with self.head_precision():
                 student_topk = fused_gathered_logits(self.hidden, self.weight, teacher.ids, bias=self.bias)
             return masked_mean(token_divergence(student_topk, teacher.logits, **args), mask)
+        if isinstance(teacher, TopKTail):  # the K ids and the log-sum-exp of the rest, O(N·K) kept
+            with self.head_precision():
+                student_topk = fused_gathered_logits(self.hidden, self.weight, teacher.ids, bias=self.bias)
+                rest = fused_excluded_logsumexp(self.hidden, self.weight, teacher.ids, teacher.kept(), bias=self.bias)
+            return masked_mean(tail_token_divergence(student_topk, rest, teacher.values, **args), mask)
         raise TypeError(f"a student's Hidden scores cannot be compared with a teacher's {type(teacher).__name__}")
 
     def sampled_loss(self, teacher: "TokenLogprobs", actions: Tensor, responses: Rollout,
@@ -120,6 +131,19 @@ class TopK(Scores):
 
     logits: Tensor  # [B, T, K] float32
     ids: Tensor  # [B, T, K] long, actions (indices into the TokenSpace)
+
+
+@dataclass
+class TopKTail(Scores):
+    """A teacher's K largest log-probs per position (over its whole vocabulary, temperature 1) at their actions;
+    the rest of its mass, 1 − Σ p, is one tail class (`mmopd.losses.tail`). A slot with log-prob −inf is unused
+    (its id was outside the action space, or the position is past the response's end)."""
+
+    values: Tensor  # [B, T, K] log-probs, float32, −inf for unused slots
+    ids: Tensor  # [B, T, K] long, actions (0 for unused slots)
+
+    def kept(self) -> Tensor:
+        return self.values > float("-inf")  # [B, T, K] bool
 
 
 @dataclass

@@ -4,6 +4,7 @@ protocols and `hf` for the in-process engines."""
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +15,15 @@ from mmopd.batch import TokenSpace
 from mmopd.config import Config, ConfigError
 from mmopd.engines.base import DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, RolloutEngine, TeacherNeed, TeacherScorer
 from mmopd.engines.hf import HFRollout, HFTeacher, model_scores, rollout
-from mmopd.engines.vllm import (Colocated, EngineError, Served, VLLMRollout, default_sync_dir,
+from mmopd.engines.vllm import (Colocated, EngineError, Served, VLLMRollout, VLLMTeacher, default_sync_dir,
                                 write_engine_checkpoint)
 from mmopd.hf import context_length, text_config
 
+log = logging.getLogger("mmopd")
+
 __all__ = ["RolloutEngine", "TeacherScorer", "TeacherNeed", "DISTRIBUTION", "TOP_K", "TOKEN_LOGPROBS",
            "HFRollout", "HFTeacher", "model_scores", "rollout", "rollout_engine", "teacher_scorer",
-           "EngineError", "VLLMRollout"]
+           "EngineError", "VLLMRollout", "VLLMTeacher"]
 
 
 def rollout_engine(engine: str, config: Config, adapter: ModalityAdapter, model: nn.Module, processor: Any,
@@ -70,8 +73,19 @@ def _cpu_attention_unsupported(model: nn.Module, served: bool) -> str | None:
 
 
 def teacher_scorer(config: Config, adapter: ModalityAdapter, model: nn.Module, processor: Any, space: TokenSpace,
-                   fused: bool) -> TeacherScorer:
-    """The engine that scores responses with the teacher."""
-    if config.teacher.engine == "hf":
+                   fused: bool, eos_ids: list[int] | None = None) -> TeacherScorer:
+    """The engine that scores responses with the teacher: in-process (hf), or a `vllm serve` at teacher.url."""
+    t = config.teacher
+    if t.engine == "hf":
         return HFTeacher(adapter, model, space, fused)
-    raise ConfigError(f"teacher.engine={config.teacher.engine!r} is not available")
+    if t.engine != "vllm":
+        raise ConfigError(f"teacher.engine={t.engine!r} is not available")
+    why = adapter.vllm_unsupported(model, served=True)
+    if why is not None:
+        raise ConfigError(f"teacher.engine=vllm cannot score with this teacher: {why}; use teacher.engine=hf")
+    vocab = text_config(model).vocab_size
+    if space.size < vocab:
+        log.info("teacher.engine=vllm: the served teacher's log-probs are over its %d-token vocabulary; the "
+                 "in-process teacher renormalises over the %d actions (the same where it puts no mass outside)",
+                 vocab, space.size)
+    return VLLMTeacher(Served(t.url, t.timeout, t.retries, role="teacher"), space, eos_ids or [])

@@ -1,5 +1,5 @@
 """vLLM engines: the student samples with a real inference engine, colocated or served, and gets the trainer's
-weights after every optimizer step.
+weights after every optimizer step; a served teacher scores the responses (`VLLMTeacher`, at the end).
 
 Placements (one transport each, the same engine on top):
 - **colocated** (`rollout.url` empty): a `vllm.LLM` in the trainer's process. On a GPU it takes
@@ -42,7 +42,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmopd.batch import PromptBatch, Rollout, Sampling, TokenSpace
+from mmopd.engines.base import TOKEN_LOGPROBS, TOP_K, TeacherNeed
 from mmopd.hf import base_model
+from mmopd.scores import Scores, TokenLogprobs, TopKTail
 
 log = logging.getLogger("mmopd")
 
@@ -72,8 +74,8 @@ class Transport(Protocol):
 class Served:
     """A `vllm serve` at `url`: completions over HTTP, bounded retries with backoff, then a clear error."""
 
-    def __init__(self, url: str, timeout: float, retries: int):
-        self.url, self.timeout, self.retries = url.rstrip("/"), timeout, retries
+    def __init__(self, url: str, timeout: float, retries: int, role: str = "rollout"):
+        self.url, self.timeout, self.retries, self.role = url.rstrip("/"), timeout, retries, role
         self.model: str | None = None  # the served model's name, or the current LoRA adapter's
 
     def post(self, route: str, payload: dict[str, Any]) -> Any:
@@ -93,9 +95,9 @@ class Served:
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
                 error = err
         raise EngineError(f"vLLM at {self.url} did not answer {route} after {self.retries + 1} tries "
-                          f"({error}); check that the server is up (rollout.url / teacher.url), or raise "
-                          "rollout.timeout and rollout.retries. The last checkpoint is intact: resume once the "
-                          "server is back") from error
+                          f"({error}); check that the server is up ({self.role}.url), or raise {self.role}.timeout "
+                          f"and {self.role}.retries. The last checkpoint is intact: resume once the server is "
+                          "back") from error
 
     def check_untied(self) -> None:
         """Refuse a served model whose LM head is tied to its embeddings, where its config can be read: vLLM's
@@ -116,7 +118,7 @@ class Served:
                 return json.loads(answer.read())
         except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
             raise EngineError(f"vLLM at {self.url} did not answer {route} ({err}); check that the server is up "
-                              "(rollout.url)") from err
+                              f"({self.role}.url)") from err
 
     def served_model(self) -> str:
         if self.model is None:
@@ -303,3 +305,96 @@ class VLLMRollout:
         else:
             self.transport.reload_weights(write_engine_checkpoint(student, self.sync_dir / "weights",
                                                                   self.engine_key))
+
+
+class VLLMTeacher:
+    """Scores with a served teacher (`teacher.url`): one `POST /v1/completions` per `rows_per_request` rows, with
+    `"prompt": [[ids...], ...]` (the teacher's prompt ids, left padding removed, then the response ids up to and
+    including the first EOS), `max_tokens: 1` and `prompt_logprobs`; the requests of one step go out
+    concurrently. For a prompt of P ids, `prompt_logprobs[P + t]` scores response token t.
+
+    | TeacherNeed     | prompt_logprobs | returns                                                          |
+    |-----------------|-----------------|------------------------------------------------------------------|
+    | token_logprobs  | 0               | TokenLogprobs: log p_T of each response token (exact)             |
+    | top_k           | K               | TopKTail: the K largest log-probs, the rest one tail class        |
+    | distribution    | —               | refused: a server sends at most --max-logprobs entries a position |
+
+    The log-probs are the raw model's: temperature 1, over the teacher's whole vocabulary (the in-process teacher
+    renormalises over the TokenSpace; the two agree where the teacher puts no mass outside it). Top-k ids outside
+    the TokenSpace fall into the tail. Positions past a row's response (after EOS) get log-prob 0 (TokenLogprobs)
+    or no slots (TopKTail); the loss masks them. An answer of the wrong length, or with a NaN or +inf log-prob,
+    is an error naming the row."""
+
+    def __init__(self, served: Served, space: TokenSpace, eos_ids: list[int], rows_per_request: int = 8):
+        self.served, self.space, self.eos_ids, self.rows_per_request = served, space, eos_ids, rows_per_request
+        self.action_of = {token: action for action, token in enumerate(space.token_ids())}
+
+    def score(self, prompts: PromptBatch, tokens: torch.Tensor, need: TeacherNeed) -> Scores:
+        if need.what not in (TOKEN_LOGPROBS, TOP_K):
+            raise EngineError(f"a served teacher ({self.served.url}) cannot send its full distribution; set "
+                              "teacher.top_k: K, objective.estimator: sampled, or teacher.engine: hf")
+        if need.temperature != 1.0:
+            raise EngineError(f"a served teacher's log-probs are at temperature 1, not {need.temperature}")
+        if prompts.state.get("images"):
+            raise EngineError("a served teacher scores token-id prompts without pictures; use teacher.engine=hf")
+        ids = prompts.state.get("engine_ids") or prompts.unpadded_ids()
+        responses = [self._response(row) for row in tokens.tolist()]  # [B] lists, padding after EOS removed
+        k = need.k if need.what == TOP_K else 0
+        answers = self._prompt_logprobs([p + r for p, r in zip(ids, responses)], k)
+        B, T = tokens.shape
+        if need.what == TOKEN_LOGPROBS:
+            values = torch.zeros(B, T)  # [B, T]
+            for i, (prompt, response, answer) in enumerate(zip(ids, responses, answers)):
+                entries = self._entries(i, prompt, response, answer)
+                values[i, : len(response)] = torch.tensor([self._logprob(i, t, e, str(token))
+                                                           for t, (e, token) in enumerate(zip(entries, response))])
+            return TokenLogprobs(values.to(tokens.device))
+        logprobs, actions = torch.full((B, T, k), float("-inf")), torch.zeros(B, T, k, dtype=torch.long)
+        for i, (prompt, response, answer) in enumerate(zip(ids, responses, answers)):
+            for t, entry in enumerate(self._entries(i, prompt, response, answer)):
+                top = sorted(((self._logprob(i, t, entry, key), int(key)) for key in entry), reverse=True)[:k]
+                kept = [(lp, self.action_of[token]) for lp, token in top if token in self.action_of]
+                if kept:
+                    logprobs[i, t, : len(kept)] = torch.tensor([lp for lp, _ in kept])
+                    actions[i, t, : len(kept)] = torch.tensor([a for _, a in kept])
+        return TopKTail(logprobs.to(tokens.device), actions.to(tokens.device))
+
+    def _response(self, row: list[int]) -> list[int]:
+        """The response ids up to and including the first EOS (all of them when none ends it)."""
+        end = next((t + 1 for t, token in enumerate(row) if token in self.eos_ids), len(row))
+        return row[:end]
+
+    def _prompt_logprobs(self, sequences: list[list[int]], k: int) -> list[list[Any]]:
+        """prompt_logprobs of each sequence, batched `rows_per_request` a request, the requests concurrent."""
+        model = self.served.served_model()
+        batches = [sequences[i: i + self.rows_per_request] for i in range(0, len(sequences), self.rows_per_request)]
+
+        def one(batch: list[list[int]]) -> list[list[Any]]:
+            answer = self.served.post("/v1/completions", {"model": model, "prompt": batch, "max_tokens": 1,
+                                                          "temperature": 0.0, "prompt_logprobs": k})
+            choices = sorted(answer["choices"], key=lambda c: c["index"])
+            if len(choices) != len(batch):
+                raise EngineError(f"the teacher at {self.served.url} answered {len(batch)} sequences with "
+                                  f"{len(choices)} choices")
+            return [c.get("prompt_logprobs") or [] for c in choices]
+
+        with ThreadPoolExecutor(max_workers=min(16, len(batches))) as pool:
+            return [row for rows in pool.map(one, batches) for row in rows]
+
+    def _entries(self, row: int, prompt: list[int], response: list[int], answer: list[Any]) -> list[dict]:
+        """The answer's entries for the response tokens, refusing an answer of the wrong length."""
+        if len(answer) != len(prompt) + len(response):
+            raise EngineError(f"the teacher at {self.served.url} scored row {row} (prompt {prompt[:8]}…) with "
+                              f"{len(answer)} log-probs for {len(prompt)} prompt + {len(response)} response ids; "
+                              "it does not read the ids it was sent (another tokenizer, a truncating max-model-len?)")
+        return answer[len(prompt):]
+
+    def _logprob(self, row: int, t: int, entry: dict, key: str) -> float:
+        if key not in entry:
+            raise EngineError(f"the teacher at {self.served.url} sent no log-prob of token {key} at row {row}, "
+                              f"response position {t}")
+        value = float(entry[key]["logprob"])
+        if value != value or value == float("inf"):
+            raise EngineError(f"the teacher at {self.served.url} sent log-prob {value} at row {row}, response "
+                              f"position {t}: its numerics failed (check its dtype and weights)")
+        return value

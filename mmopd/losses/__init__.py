@@ -1,15 +1,18 @@
 """The functional layer under the objectives: per-token divergences and the sampled-token estimator, each
-as a plain function of tensors. Three modules, one per line of the math (each docstring holds its part):
+as a plain function of tensors. Four modules, one per line of the math (each docstring holds its part):
 
 - `exact`: divergences over logits ([..., V] in, [...] out), their top-k form, and `masked_mean`;
 - `sampled`: the sampled-token estimator's log-probs and policy-gradient loss over logits;
-- `fused`: the same values from last hidden states and the LM head, one chunk of rows at a time.
+- `fused`: the same values from last hidden states and the LM head, one chunk of rows at a time;
+- `tail`: a served teacher's top-k with the rest of its mass as one class (a lower bound on the exact divergence).
 """
 
 from mmopd.losses.exact import DIVERGENCES, LOGPROB_FLOOR, masked_mean, token_divergence, topk_token_divergence
-from mmopd.losses.fused import (fused_divergence_loss, fused_gathered_logits, fused_sampled_reverse_kl_loss,
-                                fused_token_divergence, fused_token_logprobs, fused_topk_logits)
+from mmopd.losses.fused import (fused_divergence_loss, fused_excluded_logsumexp, fused_gathered_logits,
+                                fused_sampled_reverse_kl_loss, fused_token_divergence, fused_token_logprobs,
+                                fused_topk_logits)
 from mmopd.losses.sampled import sampled_reverse_kl_loss, sampled_token_logprobs
+from mmopd.losses.tail import excluded_logsumexp, tail_token_divergence, teacher_tail_logprob
 
 __all__ = [
     "DIVERGENCES",
@@ -25,4 +28,8 @@ __all__ = [
     "topk_token_divergence",
     "fused_topk_logits",
     "fused_gathered_logits",
+    "fused_excluded_logsumexp",
+    "excluded_logsumexp",
+    "tail_token_divergence",
+    "teacher_tail_logprob",
 ]

@@ -313,6 +313,68 @@ def fused_gathered_logits(
     return out.view(ids.shape)
 
 
+class _FusedExcludedLogsumexp(torch.autograd.Function):
+    """logsumexp of h·Wᵀ + b over each row's vocabulary minus its excluded ids, one chunk of rows at a time;
+    backward recomputes the chunk: d lse / d z = softmax over the kept entries (0 at the excluded ones)."""
+
+    @staticmethod
+    def _chunk(hidden, head, ids, keep, chunk):
+        z = _head_logits(hidden[chunk], *head).float()  # [n, V]
+        excluded = torch.zeros_like(z).scatter_add_(1, ids[chunk], keep[chunk].float()) > 0
+        return z.masked_fill_(excluded, float("-inf"))
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, keep, rows):
+        # hidden: [N, H], weight: [V, H], bias: [V] or None, ids: [N, K] long, keep: [N, K] bool
+        ctx.dtype = _matmul_dtype(weight)
+        head = _cast_head(weight, bias, ctx.dtype)
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # [N]
+        for start in range(0, hidden.shape[0], rows):
+            chunk = slice(start, start + rows)
+            out[chunk] = torch.logsumexp(_FusedExcludedLogsumexp._chunk(hidden, head, ids, keep, chunk), dim=-1)
+        ctx.save_for_backward(hidden, weight, bias, ids, keep, out)
+        ctx.rows = rows
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        # grad_out: [N] float32
+        hidden, weight, bias, ids, keep, out = ctx.saved_tensors
+        head = _cast_head(weight, bias, ctx.dtype)
+        grads = _head_grads(ctx, hidden, weight, bias)
+        for start in range(0, hidden.shape[0], ctx.rows):
+            chunk = slice(start, start + ctx.rows)
+            z = _FusedExcludedLogsumexp._chunk(hidden, head, ids, keep, chunk)  # [n, V]
+            lse = out[chunk, None]
+            grad_z = torch.where(torch.isfinite(lse), (z - lse).exp_(), 0.0).mul_(grad_out[chunk, None])
+            _head_backward(grad_z, hidden, head[0], grads, chunk)
+            del z, grad_z
+        return (*grads, None, None, None)
+
+
+def fused_excluded_logsumexp(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ids: torch.Tensor,
+    keep: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """logsumexp of h·Wᵀ + b except at the kept ids, without materialising [N, V]:
+    [..., H], [V, H], [..., K] ids, [..., K] bool -> [...] float32 (the student's tail in ``losses.tail``)."""
+    _check_chunk_size(chunk_size)
+    _check_head("hidden", hidden, weight, bias)
+    if ids.shape[:-1] != hidden.shape[:-1] or keep.shape != ids.shape:
+        raise ValueError(f"ids and keep must be [..., K] over hidden's positions, got hidden {tuple(hidden.shape)}, "
+                         f"ids {tuple(ids.shape)} and keep {tuple(keep.shape)}")
+    flat = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
+    out = _FusedExcludedLogsumexp.apply(flat, weight, bias, ids.reshape(flat.shape[0], -1).long(),
+                                        keep.reshape(flat.shape[0], -1).bool(),
+                                        _rows_per_chunk(flat.shape[0], weight.shape[0], chunk_size))  # [N]
+    return out.view(hidden.shape[:-1])
+
+
 def _check_head(role: str, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     if weight.dim() != 2 or hidden.dim() == 0 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"{role}: hidden [..., H] and weight [V, H] must share H, got hidden "

@@ -1,0 +1,96 @@
+"""Teacher scoring throughput: the in-process hf teacher against a served vLLM teacher (`teacher.engine=vllm`)
+on the same model and the same fixed batch, in one run.
+
+    MMOPD_VLLM_PYTHON=/path/to/.venv-vllm/bin/python python -m benchmarks.teacher [--batch 16] [--prompt-len 32]
+        [--response-len 64] [--top-k 8] [--reps 3]
+
+A random Qwen3 (head_dim 32, which vLLM's CPU attention supports; 256 hidden, 4 layers, vocab 8192) is saved
+with the text toy's tokenizer; the ids sent stay inside that tokenizer. The script starts `vllm serve` on it
+(float32, eager), scores the batch's response tokens through HFTeacher and VLLMTeacher (token log-probs, and
+the top-k + tail form), and prints tokens/s (batch × response length / median seconds) and served / hf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from mmopd.adapter import get_adapter
+from mmopd.batch import PromptBatch, TokenSpace
+from mmopd.engines import TOKEN_LOGPROBS, TOP_K, HFTeacher, TeacherNeed, VLLMTeacher
+from mmopd.engines.vllm import Served
+from modalities.text import toy
+from tests.vllm_server import start_server
+
+
+def build(out: Path) -> Path:
+    torch.manual_seed(0)
+    tokenizer = toy.build_tokenizer()
+    config = transformers.Qwen3Config(vocab_size=8192, hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
+                                      num_key_value_heads=4, head_dim=32, intermediate_size=1024,
+                                      max_position_embeddings=512, tie_word_embeddings=False,
+                                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                      pad_token_id=tokenizer.pad_token_id)
+    transformers.Qwen3ForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def median_seconds(fn, reps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--response-len", type=int, default=64)
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    root = Path(tempfile.mkdtemp(prefix="mmopd-bench-teacher-"))
+    path = build(root / "teacher")
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    adapter = get_adapter("text")
+    vocab = len(toy.build_tokenizer())
+    g = torch.Generator().manual_seed(0)
+    eos = toy.build_tokenizer().eos_token_id
+    prompt_ids = torch.randint(0, vocab, (args.batch, args.prompt_len), generator=g)
+    prompt_ids[prompt_ids == eos] = 0
+    tokens = torch.randint(0, vocab, (args.batch, args.response_len), generator=g)  # [B, T]
+    tokens[tokens == eos] = 0  # every row scores all T tokens
+    prompts = PromptBatch(prompt_ids, torch.ones_like(prompt_ids))
+    space = TokenSpace(8192)
+    hf = HFTeacher(adapter, model, space, fused=False)
+    server = start_server(path, extra_args=("--max-logprobs", str(args.top_k), "--max-model-len", "512"))
+    try:
+        served = VLLMTeacher(Served(server.url, 120.0, 0, role="teacher"), space, [eos])
+        n = args.batch * args.response_len
+        rows = {}
+        for name, need in (("token_logprobs", TeacherNeed(TOKEN_LOGPROBS)), ("top_k", TeacherNeed(TOP_K, k=args.top_k))):
+            hf_s = median_seconds(lambda: hf.score(prompts, tokens, need), args.reps)
+            vllm_s = median_seconds(lambda: served.score(prompts, tokens, need), args.reps)
+            rows[name] = {"hf_tokens_per_s": n / hf_s, "vllm_tokens_per_s": n / vllm_s, "vllm_over_hf": hf_s / vllm_s}
+    finally:
+        server.stop()
+    print(json.dumps({"batch": args.batch, "prompt_len": args.prompt_len, "response_len": args.response_len,
+                      "top_k": args.top_k, "threads": args.threads, **rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
