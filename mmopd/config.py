@@ -328,6 +328,9 @@ def validate(config: Config) -> None:
         _choice(name, value, DTYPES)
     _choice("student.trainable", config.student.trainable, TRAINABLE)
     _positive("student.lora_rank", config.student.lora_rank)
+    if config.rollout.engine == "vllm" and config.student.trainable == "lora" and config.student.lora_rank > 512:
+        raise ConfigError(f"student.lora_rank={config.student.lora_rank}: vLLM serves LoRA ranks up to 512; lower it "
+                          "or set rollout.engine=hf")
     _positive("student.lora_alpha", config.student.lora_alpha)
     _choice("objective.divergence", config.objective.divergence, DIVERGENCES)
     _choice("train.resume", config.train.resume, ("auto", "never"))

@@ -152,6 +152,9 @@ class Served:
         self.model = name
 
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # LoRAConfig.max_lora_rank's choices (vLLM 0.32)
+
+
 class Colocated:
     """A `vllm.LLM` in this process (vLLM is imported here only: the main venv need not have it)."""
 
@@ -165,8 +168,8 @@ class Colocated:
                                   "skip_tokenizer_init": not (Path(path) / "tokenizer_config.json").exists()}
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
-        if lora_rank:
-            kwargs.update(enable_lora=True, max_lora_rank=lora_rank)
+        if lora_rank:  # vLLM takes these maximum ranks only; a smaller adapter fits under the next one
+            kwargs.update(enable_lora=True, max_lora_rank=next(r for r in VLLM_LORA_RANKS if r >= lora_rank))
         self.llm = LLM(model=path, dtype=dtype, **kwargs)
         self.sleep = sleep
         self.lora: Any = None
