@@ -54,7 +54,7 @@ def main() -> None:
     if "vllm" in engines:  # the same weights, written as vLLM loads them
         start = write_engine_checkpoint(model, Path(tempfile.mkdtemp(prefix="bench-rollout-")) / "start", str)
         transport = Colocated(str(start), str(dtype).removeprefix("torch."), None, 0.3, False, 0)
-        vllm = VLLMRollout(transport, space, [-1], 0, args.new, start.parent, False, str)
+        vllm = VLLMRollout(transport, space, [], 0, args.new, start.parent, False, str)  # no EOS: every row runs --new
     print(f"# rollout benchmark on {machine(device)}; model {args.model}, {dtype}, prompts <= {args.prompt_len} "
           f"tokens, {args.new} new tokens, median of {args.reps}")
     rows, records = [], []

@@ -273,7 +273,7 @@ class VLLMRollout:
         params = [{"n": 1, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
                    "max_tokens": self.max_new_tokens, "stop_token_ids": self.eos_ids, "logprobs": 0,
                    "allowed_token_ids": self.allowed, "seed": seed, "skip_special_tokens": False,
-                   "ignore_eos": False} for seed in seeds]
+                   "ignore_eos": not self.eos_ids} for seed in seeds]  # no EOS (pictures): always max_new_tokens
         completions = self.transport.generate(requests, params)
         return self._rollout(completions, prompts.input_ids.device, greedy=sampling.temperature == 0)
 
