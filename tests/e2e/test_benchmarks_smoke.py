@@ -44,7 +44,7 @@ def test_step_benchmark_splits_the_step_and_compares_with_the_logits_path(tmp_pa
                 "--json", str(tmp_path / "step.json"))
     assert "speed vs logits" in text and "error" not in text
     rows = json.loads((tmp_path / "step.json").read_text())["rows"]
-    assert rows["fused"]["tokens"] == 4 and set(rows["fused"]["split"]) == {"rollout", "teacher", "student"}
+    assert rows["fused"]["tokens"] == 4 and set(rows["fused"]["split"]) == {"rollout", "sync", "teacher", "student"}
 
 
 def test_topk_benchmark_reports_error_against_the_exact_divergence(tiny_text):
