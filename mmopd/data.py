@@ -6,12 +6,14 @@ renames the set's columns onto record fields, and TRL's conversational records (
 `completion` lists of messages) become a `prompt` list of messages and an `answer`.
 
 Records stay in the source (a memory-mapped arrow table, or byte offsets into the JSONL file): loading checks
-every row once in a streaming pass and keeps only the indices of the usable rows, and `Records[i]` reads and
-checks row i again when a batch asks for it. A million rows cost their index array, not a million dicts.
+every row once in a streaming pass and keeps only the indices of the rows it skipped, and `Records[i]` reads
+and checks its row again when a batch asks for it. A million arrow rows cost no per-row memory here (a JSONL
+file costs its offset and line-number arrays, 16 bytes a row), and the step order costs 4 bytes a row.
 """
 
 from __future__ import annotations
 
+import array
 import functools
 import json
 import logging
@@ -41,18 +43,20 @@ class RecordError(ValueError):
 
 
 class JsonLines:
-    """A JSONL file as rows: the byte offset and line number of every non-empty line (two int64 arrays)."""
+    """A JSONL file as rows: the byte offset and line number of every non-empty line (two int64 arrays, grown
+    as C arrays so a million lines never become a million Python ints)."""
 
     def __init__(self, path: Path):
         self.name, self.base_dir, self.path = str(path), path.parent, path
-        offsets, lines, position = [], [], 0
+        offsets, lines, position = array.array("q"), array.array("q"), 0
         with path.open("rb") as f:
             for lineno, line in enumerate(f, start=1):
                 if line.strip():
                     offsets.append(position)
                     lines.append(lineno)
                 position += len(line)
-        self.offsets, self.lines = np.asarray(offsets, dtype=np.int64), np.asarray(lines, dtype=np.int64)
+        self.offsets = np.frombuffer(offsets, dtype=np.int64)  # [N]
+        self.lines = np.frombuffer(lines, dtype=np.int64)  # [N]
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -178,18 +182,35 @@ def image_parts(messages: list[dict]) -> int:
 
 
 class Records(Sequence):
-    """The usable rows of a source as records, read and checked when indexed (slices give lists)."""
+    """The usable rows of a source as records, read and checked when indexed (slices give lists).
 
-    def __init__(self, rows: Rows, keep: np.ndarray, check: Check, fields: dict[str, str]):
-        self.rows, self.keep, self.check, self.fields = rows, keep, check, fields  # keep: [N] int64 row indices
+    Only the skipped rows are held (`skipped` [S], sorted row indices), so a set costs memory for its bad rows,
+    not for all of them: record i is row i plus the number of skipped rows before that row.
+    """
+
+    def __init__(self, rows: Rows, skipped: np.ndarray, check: Check, fields: dict[str, str]):
+        self.rows, self.skipped, self.check, self.fields = rows, skipped, check, fields
+        self.usable_before = skipped - np.arange(len(skipped))  # [S] usable rows before each skipped row
 
     def __len__(self) -> int:
-        return len(self.keep)
+        return len(self.rows) - len(self.skipped)
+
+    def row(self, i: int) -> int:
+        """The source row of record i."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"record {i} of {len(self)}")
+        i %= len(self)
+        return i + int(np.searchsorted(self.usable_before, i, side="right"))
+
+    def without(self, positions: list[int]) -> Records:
+        """These records with the ones at `positions` skipped as well."""
+        skipped = np.union1d(self.skipped, np.asarray([self.row(p) for p in positions], dtype=np.int64))
+        return Records(self.rows, skipped.astype(np.int64), self.check, self.fields)
 
     def __getitem__(self, i: int | slice) -> Any:
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        row = int(self.keep[i])
+        row = self.row(i)
         return record_of(self.rows.raw(row), self.rows, row, self.check, self.fields)
 
     def __iter__(self) -> Iterator[dict]:
@@ -219,9 +240,10 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.records)
 
-    def keep_only(self, usable: np.ndarray) -> None:
-        """Keep the records where `usable` [N] (bool) is true."""
-        self.records = Records(self.records.rows, self.records.keep[usable], self.records.check, self.records.fields)
+    def drop(self, positions: list[int]) -> None:
+        """Skip the records at `positions` (and count them)."""
+        self.records = self.records.without(positions)
+        self.skipped += len(positions)
 
 
 def open_rows(source: str | Path, role: str, split: str = "train", subset: str = "") -> Rows:
@@ -280,11 +302,10 @@ def load_records(source: str | Path, check: Check, skip_bad: bool = False, role:
         if missing:
             raise DataError(f"{role}: {rows.name} has no column {', '.join(missing)}; its columns are: "
                             f"{', '.join(rows.table.column_names)}")
-    usable = np.zeros(len(rows), dtype=bool)  # [N]
+    skipped = array.array("q")
     for i, read in enumerate(rows.scan()):
         try:
             record_of(read(), rows, i, check, fields)
-            usable[i] = True
         except (UnicodeDecodeError, json.JSONDecodeError, RecordError) as err:
             kind = "not valid UTF-8" if isinstance(err, UnicodeDecodeError) else \
                 "not valid JSON" if isinstance(err, json.JSONDecodeError) else "bad record"
@@ -292,10 +313,11 @@ def load_records(source: str | Path, check: Check, skip_bad: bool = False, role:
             if not skip_bad:
                 raise DataError(message + " (set data.skip_bad=true to skip bad records)") from err
             log.warning("skipping %s", message)
-    skipped = int((~usable).sum())
-    if not usable.any():
-        raise DataError(f"{role}: {rows.name} holds no usable records" + (f" ({skipped} skipped)" if skipped else ""))
-    return Dataset(rows.name, Records(rows, np.flatnonzero(usable), check, fields), skipped)
+            skipped.append(i)
+    if len(skipped) == len(rows):
+        raise DataError(f"{role}: {rows.name} holds no usable records"
+                        + (f" ({len(skipped)} skipped)" if skipped else ""))
+    return Dataset(rows.name, Records(rows, np.frombuffer(skipped, dtype=np.int64), check, fields), len(skipped))
 
 
 def load_jsonl(path: str | Path, check: Check, skip_bad: bool = False, role: str = "data") -> Dataset:
@@ -308,8 +330,10 @@ def load_jsonl(path: str | Path, check: Check, skip_bad: bool = False, role: str
 
 @functools.lru_cache(maxsize=2)
 def _permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """Epoch `epoch`'s order of the n records [n], kept for the steps that read it (a million rows: 8 MB)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    """Epoch `epoch`'s order of the n records [n], kept for the steps that read it: int32 (a million rows: 4 MB),
+    the same order as torch's int64 permutation."""
+    dtype = torch.int32 if n < 2**31 else torch.int64
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch), dtype=dtype)
 
 
 def step_indices(n: int, step: int, batch_size: int, seed: int) -> list[int]:

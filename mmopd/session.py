@@ -10,7 +10,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 
@@ -102,7 +101,7 @@ class Session:
             return
         limit = min(limits)
         budget = limit - self.config.rollout.max_new_tokens
-        usable = np.ones(len(data), dtype=bool)  # [N]
+        dropped: list[int] = []
         for start in range(0, len(data), chunk):
             records = data.records[start:start + chunk]
             lengths = self.adapter.prompt_lengths(records, self.student_processor)
@@ -116,11 +115,10 @@ class Session:
                 if not self.config.data.skip_bad:
                     raise DataError(message + "; shorten it, lower rollout.max_new_tokens or set data.skip_bad=true")
                 log.warning("skipping %s", message)
-                usable[i] = False
-        if not usable.any():
+                dropped.append(i)
+        if len(dropped) == len(data):
             raise DataError(f"{data.path} holds no prompt short enough for the models' context of {limit} tokens")
-        data.skipped += int((~usable).sum())
-        data.keep_only(usable)
+        data.drop(dropped)
 
     def models(self, student: torch.nn.Module | None = None) -> Models:
         """What objective_step needs; `student` is the (possibly DDP-wrapped) model being trained."""

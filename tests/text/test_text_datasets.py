@@ -107,6 +107,25 @@ def test_a_bad_row_names_the_row_or_is_skipped_and_counted(tmp_path):
     assert data.skipped == 1 and [r["prompt"] for r in data.records] == ["1+1=", "2+2="]
 
 
+def test_skipped_rows_are_the_only_rows_indexed_and_later_drops_keep_the_rest_in_order(tmp_path):
+    prompts = ["0=", " ", "2=", " ", " ", "5=", "6=", "7="]
+    datasets.Dataset.from_dict({"prompt": prompts, "answer": ["a"] * 8}).to_parquet(str(tmp_path / "s.parquet"))
+    data = load_records(tmp_path / "s.parquet", get_adapter("text").check_record, skip_bad=True)
+    assert data.records.skipped.tolist() == [1, 3, 4]  # the index holds the 3 bad rows, not the 5 good ones
+    assert [r["prompt"] for r in data.records] == ["0=", "2=", "5=", "6=", "7="]
+    assert data.records[-1]["_where"].endswith("row 7") and data.records[1]["_where"].endswith("row 2")
+    data.drop([0, 3])
+    assert data.skipped == 5 and [r["prompt"] for r in data.records] == ["2=", "5=", "7="]
+    with pytest.raises(IndexError):
+        data.records[3]
+
+
+def test_the_step_order_is_an_int32_permutation_equal_to_torchs_int64_one():
+    n, seed = 1000, 3
+    want = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003)).tolist()
+    assert [i for step in range(10) for i in step_indices(n, step, 100, seed)] == want
+
+
 def test_a_hub_id_while_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
