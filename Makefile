@@ -37,7 +37,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_BIN = $(VLLM_VENV)/bin
 VLLM_VERSION = 0.32.0
 VLLM_TORCH = torch===2.13.0 torchvision===0.28.0
-MMOPD_RUNTIME = accelerate peft timm num2words matplotlib pyyaml tqdm datasets pytest pytest-xdist
+MMOPD_RUNTIME = accelerate peft timm num2words matplotlib pyyaml tqdm datasets einops pytest pytest-xdist
 SKIP_VLLM_REQS = torch torchvision torchaudio torchcodec
 
 vllm-env: $(VLLM_VENV)/.installed

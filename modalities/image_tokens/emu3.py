@@ -24,6 +24,7 @@ import json
 from pathlib import Path
 
 import torch
+from einops import rearrange
 from PIL import Image
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from torch import Tensor
@@ -114,7 +115,8 @@ class Emu3ImageTokenizer:
     def decode_images(self, tokens: Tensor) -> list[Image.Image]:
         """[B, h·(w+1)+3] responses -> PIL pictures (the rows' visual tokens, end-of-lines dropped)."""
         h, w = self.height, self.width
-        rows = tokens[:, : h * (w + 1)].reshape(-1, h, w + 1)[..., :w].cpu()  # [B, h, w] token ids
+        lines = rearrange(tokens[:, : h * (w + 1)], "b (h row) -> b h row", h=h)  # [B, h, w+1]: w ids, end-of-line
+        rows = lines[..., :w].cpu()  # [B, h, w] token ids
         codes = torch.tensor([self.code_of[t] for t in rows.flatten().tolist()]).view_as(rows)
         with torch.no_grad():
             pixels = self.vq.decode(codes.to(self.vq.device))  # [B, 3, H, W]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from einops import rearrange
 from PIL import Image, ImageDraw
 
 COLOURS: dict[str, tuple[int, int, int]] = {"red": (220, 40, 40), "blue": (40, 80, 230)}
@@ -47,12 +48,13 @@ def make_images(n: int, seed: int, size: int = IMAGE_SIZE) -> tuple[list[Image.I
 def to_tensor(images: list[Image.Image]) -> torch.Tensor:
     """PIL RGB images -> [N, 3, H, W] float32 in [-1, 1]."""
     array = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])  # [N, H, W, 3]
-    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0
+    return rearrange(torch.from_numpy(array), "n h w c -> n c h w") / 127.5 - 1.0
 
 
 def to_images(pixels: torch.Tensor) -> list[Image.Image]:
     """[N, 3, H, W] in [-1, 1] -> PIL RGB images."""
-    array = ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    levels = ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte()  # [N, 3, H, W]
+    array = rearrange(levels, "n c h w -> n h w c").cpu().numpy()
     return [Image.fromarray(a) for a in array]
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
 
@@ -61,24 +62,24 @@ class VQModel(PreTrainedModel):
 
     def quantize(self, z: Tensor) -> Tensor:
         """Nearest code of each latent vector. [B, D, h, w] -> [B, h, w] indices"""
-        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # [B*h*w, D]
+        flat = rearrange(z, "b d h w -> (b h w) d")
         distances = torch.cdist(flat, self.codebook.weight)  # [B*h*w, K]
-        return distances.argmin(-1).view(z.shape[0], z.shape[2], z.shape[3])
+        return rearrange(distances.argmin(-1), "(b h w) -> b h w", b=z.shape[0], h=z.shape[2])
 
     def embed(self, codes: Tensor) -> Tensor:
         """[B, h, w] -> [B, D, h, w]"""
-        return self.codebook(codes).permute(0, 3, 1, 2)
+        return rearrange(self.codebook(codes), "b h w d -> b d h w")
 
     @torch.no_grad()
     def encode(self, pixel_values: Tensor) -> Tensor:
         """Pictures [B, 3, H, W] in [-1, 1] -> code indices [B, h*w], row-major."""
-        return self.quantize(self.encoder(pixel_values)).flatten(1)
+        return rearrange(self.quantize(self.encoder(pixel_values)), "b h w -> b (h w)")
 
     @torch.no_grad()
     def decode(self, codes: Tensor) -> Tensor:
         """Code indices [B, h*w] -> pictures [B, 3, H, W] in [-1, 1]."""
-        g = self.config.grid
-        return self.decoder(self.embed(codes.view(-1, g, g))).clamp(-1, 1)
+        grid = rearrange(codes, "b (h w) -> b h w", h=self.config.grid)
+        return self.decoder(self.embed(grid)).clamp(-1, 1)
 
     def forward(self, pixel_values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Training pass: the reconstruction [B, 3, H, W], the loss (scalar) and the codes [B, h, w]."""
@@ -97,7 +98,7 @@ class VQModel(PreTrainedModel):
         """Move codes with zero `usage` [K] onto random encoder outputs z [B, D, h, w]; return how many."""
         dead = (usage == 0).nonzero().flatten()
         if dead.numel():
-            flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+            flat = rearrange(z, "b d h w -> (b h w) d")
             pick = torch.randint(flat.shape[0], (dead.numel(),), device=z.device)
             self.codebook.weight[dead] = flat[pick]
         return dead.numel()
