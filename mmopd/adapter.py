@@ -80,6 +80,11 @@ class ModalityAdapter:
         (None where the length is only known after encoding images)."""
         return None
 
+    def unreadable_prompts(self, records: list[dict], processor: Any) -> list[str | None]:
+        """Why each prompt cannot be read by the student (None where it can), to refuse such prompts before step 1:
+        e.g. text the tokenizer knows none of."""
+        return [None] * len(records)
+
     def encode_answers(self, records: list[dict], processor: Any) -> list[list[int]]:
         """Dataset answers as response token ids, ending with EOS (for sft, supervised_kd, gkd)."""
         raise NotImplementedError

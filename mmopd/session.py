@@ -85,39 +85,39 @@ class Session:
             self.teacher = self.adapter.load_model(c.teacher.path, "teacher", t_dtype).to(self.device)
             self.teacher.eval().requires_grad_(False)
             self.adapter.check_pair(self.student_processor, self.teacher_processor, self.policy, self.teacher)
+        self.space = self.adapter.token_space(self.student_processor, self.policy)  # checks the response length
         for data in (self.train_data, self.eval_data):
             if data is not None:
-                self._drop_overlong(data)
-        self.space = self.adapter.token_space(self.student_processor, self.policy)
+                self._drop_unusable_prompts(data)
         self.eos_ids = self.adapter.eos_token_ids(self.student_processor)
         self.pad_id = self.student_processor.pad_token_id if getattr(self.student_processor, "pad_token_id", None) \
             is not None else self.eos_ids[0]
 
-    def _drop_overlong(self, data: Dataset, chunk: int = 1024) -> None:
-        """Refuse (or with data.skip_bad, skip and count) prompts that leave no room for the response."""
+    def _drop_unusable_prompts(self, data: Dataset, chunk: int = 1024) -> None:
+        """Refuse (or with data.skip_bad, skip and count) prompts that leave no room for the response, or that the
+        adapter finds the student cannot read."""
         limits = [context_length(m) for m in (self.policy, self.teacher) if m is not None]
-        limits = [n for n in limits if n is not None]
-        if not limits:
-            return
-        limit = min(limits)
-        budget = limit - self.config.rollout.max_new_tokens
+        limit = min([n for n in limits if n is not None], default=None)
+        max_new = self.config.rollout.max_new_tokens
         dropped: list[int] = []
         for start in range(0, len(data), chunk):
             records = data.records[start:start + chunk]
-            lengths = self.adapter.prompt_lengths(records, self.student_processor)
-            if lengths is None:
-                return
-            for i, (record, n) in enumerate(zip(records, lengths), start=start):
-                if n <= budget:
+            problems = self.adapter.unreadable_prompts(records, self.student_processor)
+            lengths = self.adapter.prompt_lengths(records, self.student_processor) if limit is not None else None
+            for i, record in enumerate(records):
+                problem, fix = problems[i], "use a tokenizer that does, fix the record"
+                if problem is None and lengths is not None and lengths[i] + max_new > limit:
+                    problem = (f"the prompt is {lengths[i]} tokens, and with rollout.max_new_tokens={max_new} it "
+                               f"exceeds the models' context of {limit} tokens")
+                    fix = "shorten it, lower rollout.max_new_tokens"
+                if problem is None:
                     continue
-                message = (f"{record['_where']}: the prompt is {n} tokens, and with rollout.max_new_tokens="
-                           f"{self.config.rollout.max_new_tokens} it exceeds the models' context of {limit} tokens")
                 if not self.config.data.skip_bad:
-                    raise DataError(message + "; shorten it, lower rollout.max_new_tokens or set data.skip_bad=true")
-                log.warning("skipping %s", message)
-                dropped.append(i)
+                    raise DataError(f"{record['_where']}: {problem}; {fix} or set data.skip_bad=true")
+                log.warning("skipping %s: %s", record["_where"], problem)
+                dropped.append(start + i)
         if len(dropped) == len(data):
-            raise DataError(f"{data.path} holds no prompt short enough for the models' context of {limit} tokens")
+            raise DataError(f"{data.path} holds no prompt the models can use ({len(dropped)} skipped)")
         data.drop(dropped)
 
     def models(self, student: torch.nn.Module | None = None) -> Models:

@@ -123,7 +123,7 @@ class ImageTokensAdapter(ModalityAdapter):
         class_conditional = family == "llamagen"
         self._class_names = LlamaGenTokenizer.class_names_at(config.student.path) if class_conditional else None
         self._labels = _label_lookup(self._class_names or [])
-        self._judge = None
+        self._judge = Judge.load(config.data.judge) if config.data.judge else None  # a wrong one fails now
 
     def _configured(self) -> Config:
         if self.config is None:
@@ -226,8 +226,8 @@ class ImageTokensAdapter(ModalityAdapter):
         if isinstance(image, bytes):
             try:
                 with Image.open(io.BytesIO(image)) as picture:
-                    picture.verify()
-            except (OSError, SyntaxError, ValueError) as err:
+                    picture.load()  # decodes every pixel, as for a path below
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
                 raise RecordError(f"'image' holds {len(image):,} bytes that are not a picture: {err}") from err
             answer = image
         elif image is not None:
@@ -289,14 +289,13 @@ class ImageTokensAdapter(ModalityAdapter):
         return judge.accuracy_and_fid(responses, labels)
 
     def judge(self) -> Judge:
+        """The judge `configure` loaded from data.judge, which must classify the student's classes."""
+        path = self._configured().data.judge
         if self._judge is None:
-            path = self._configured().data.judge
-            if not path:
-                raise ConfigError("data.judge is not set: scoring pictures needs the judge classifier's directory")
-            self._judge = Judge.load(path)
-            if self._class_names is not None and self._judge.class_names != self._class_names:
-                raise ConfigError(f"data.judge={path} classifies {self._judge.class_names}, but the student draws "
-                                  f"{self._class_names}; use the judge built with these models")
+            raise ConfigError("data.judge is not set: scoring pictures needs the judge classifier's directory")
+        if self._class_names is not None and self._judge.class_names != self._class_names:
+            raise ConfigError(f"data.judge={path} classifies {self._judge.class_names}, but the student draws "
+                              f"{self._class_names}; use the judge built with these models")
         return self._judge
 
     def vllm_unsupported(self, model: nn.Module, served: bool) -> str | None:

@@ -16,9 +16,11 @@ import timm
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from mmopd.config import ConfigError
 from mmopd.schedule import warmup_cosine
 from modalities.image_tokens.shapes import to_tensor
 
@@ -126,13 +128,19 @@ class Judge:
 
     @classmethod
     def load(cls, path: str | Path) -> "Judge":
+        """The judge saved in directory `path`; anything else there is a ConfigError naming data.judge."""
         path = Path(path)
+        where = f"data.judge={path}"
         if not (path / JUDGE_FILE).is_file():
-            raise FileNotFoundError(f"{path} holds no {JUDGE_FILE}; point data.judge at a directory written by "
-                                    "`mmopd toy image` (a timm classifier with its class names)")
-        meta = json.loads((path / JUDGE_FILE).read_text())
-        model = timm.create_model(meta["architecture"], pretrained=False, num_classes=len(meta["class_names"]))
-        model.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
-        reference = None if meta["reference_mean"] is None else \
-            (np.array(meta["reference_mean"]), np.array(meta["reference_cov"]))
-        return cls(model, meta["class_names"], meta["image_size"], reference)
+            raise ConfigError(f"{where} holds no {JUDGE_FILE}; point data.judge at a directory written by "
+                              "`mmopd toy image` (a timm classifier with its class names)")
+        try:
+            meta = json.loads((path / JUDGE_FILE).read_text())
+            model = timm.create_model(meta["architecture"], pretrained=False, num_classes=len(meta["class_names"]))
+            model.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
+            reference = None if meta["reference_mean"] is None else \
+                (np.array(meta["reference_mean"]), np.array(meta["reference_cov"]))
+            return cls(model, meta["class_names"], meta["image_size"], reference)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as err:  # not a judge's
+            raise ConfigError(f"{where} is not a readable judge ({type(err).__name__}: {str(err)[:200]}); point "
+                              "it at a directory written by `mmopd toy image`") from err

@@ -105,6 +105,21 @@ class TextAdapter(ModalityAdapter):
         texts = [prompt_text(r["prompt"], processor) for r in records]
         return [len(ids) for ids in processor(texts, add_special_tokens=not processor.chat_template)["input_ids"]]
 
+    def unreadable_prompts(self, records: list[dict], processor: Any) -> list[str | None]:
+        """A prompt whose text is unknown tokens only (whitespace aside) reads as nothing: the tokenizer does not
+        cover the data's script or alphabet."""
+        unk = processor.unk_token_id
+        if unk is None:  # byte-level vocabularies read any text
+            return [None] * len(records)
+        texts = [r["prompt"] if isinstance(r["prompt"], str) else "\n".join(m["content"] for m in r["prompt"])
+                 for r in records]
+        out: list[str | None] = []
+        for ids in processor(texts, add_special_tokens=False)["input_ids"]:
+            known = any(i != unk and processor.decode([i]).strip() for i in ids)
+            out.append(None if known else f"the prompt is {len(ids)} tokens, every one unknown "
+                       f"({processor.unk_token}) to the student's tokenizer, which does not cover its characters")
+        return out
+
     def encode_answers(self, records: list[dict], processor: Any) -> list[list[int]]:
         return [processor(r["answer"], add_special_tokens=False)["input_ids"] + [processor.eos_token_id]
                 for r in records]

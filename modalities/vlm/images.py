@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import os
+import struct
+import zlib
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,6 +19,9 @@ from mmopd.data import RecordError
 MAX_PIXELS = 89_478_485  # Pillow's decompression-bomb threshold (MAX_IMAGE_PIXELS); above it we refuse
 Picture = str | Path | bytes | Image.Image  # a path or URL, a picture file's bytes, or a decoded picture
 OFFLINE = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
+ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
 
 
 def picture_of(item: Any, base_dir: Path) -> Picture:
@@ -27,7 +32,10 @@ def picture_of(item: Any, base_dir: Path) -> Picture:
     if isinstance(item, str) and item.startswith(("http://", "https://")):
         return item
     if isinstance(item, (str, Path)) and str(item):
-        return str((base_dir / item).resolve())
+        try:
+            return str((base_dir / item).resolve())
+        except (RuntimeError, OSError) as err:  # a symlink loop (a RuntimeError before Python 3.13)
+            raise RecordError(f"image path {base_dir / item} cannot be resolved: {err}") from err
     if isinstance(item, (bytes, Image.Image)):
         return item
     raise RecordError(f"an image must be a path, a URL, picture bytes or a datasets Image, got {item!r:.60}")
@@ -62,7 +70,9 @@ def _open(picture: Picture) -> Image.Image:
 
 
 def check_image(picture: Picture) -> None:
-    """Raise RecordError naming the picture if it is missing, empty or not a readable image."""
+    """Raise RecordError naming the picture if it is missing, empty, too large or not a readable image. A file
+    is decoded whole (after its header passed the pixel cap), so truncated data fails here rather than being
+    read as a black picture."""
     if isinstance(picture, (str, Path)) and not str(picture).startswith(("http://", "https://")):
         path = Path(picture)
         if not path.is_file():
@@ -77,7 +87,7 @@ def check_image(picture: Picture) -> None:
         data = _fetch(picture) if isinstance(picture, str) and picture.startswith(("http://", "https://")) else picture
         try:
             with _open(data) as image:
-                image.verify()  # checks the file's structure without decoding every pixel
+                image.verify()  # the file's structure and size, from its chunks, before any decoding
                 width, height = image.size
         except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as err:
             raise RecordError(f"cannot read image {describe(picture)}: {err}") from err
@@ -86,6 +96,40 @@ def check_image(picture: Picture) -> None:
     if width * height > MAX_PIXELS:
         raise RecordError(f"image is too large ({width}x{height} = {width * height:,} pixels, limit "
                           f"{MAX_PIXELS:,}): {describe(picture)}; downscale it, processors resize to far less anyway")
+    if not isinstance(picture, Image.Image):
+        try:
+            with _open(data) as image:
+                image.load()
+            missing = png_rows_missing(data if isinstance(data, bytes) else Path(data).read_bytes())
+        except (OSError, SyntaxError, ValueError, zlib.error, struct.error) as err:
+            raise RecordError(f"cannot decode image {describe(picture)} ({width}x{height}): {err}") from err
+        if missing:
+            raise RecordError(f"image {describe(picture)} is {width}x{height}, but its data stops {missing:,} bytes "
+                              "short (a truncated PNG, which would read as black); re-export the picture")
+
+
+def png_rows_missing(raw: bytes, chunk: int = 1 << 20) -> int:
+    """How many bytes of row data a PNG's IDAT stream lacks for the size its header states (0 for other formats).
+    Pillow decodes a PNG whose compressed stream ends early as black rows without an error."""
+    if not raw.startswith(PNG_SIGNATURE):
+        return 0
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", raw[16:29])
+    bits = depth * PNG_CHANNELS.get(colour, 4)
+    passes = ADAM7 if interlace else ((0, 0, 1, 1),)
+    need = 0
+    for x0, y0, dx, dy in passes:
+        w, h = max(0, (width - x0 + dx - 1) // dx), max(0, (height - y0 + dy - 1) // dy)
+        need += h * (1 + (w * bits + 7) // 8) if w else 0  # each row: a filter byte and its samples
+    stream, got, pos = zlib.decompressobj(), 0, 8
+    while pos + 8 <= len(raw) and got < need:
+        length, kind = struct.unpack(">I4s", raw[pos:pos + 8])
+        if kind == b"IDAT":
+            data = raw[pos + 8:pos + 8 + length]
+            while data and got < need:  # decompressed a megabyte at a time, and counted, not kept
+                got += len(stream.decompress(data, chunk))
+                data = stream.unconsumed_tail
+        pos += 12 + length
+    return max(0, need - got)
 
 
 def load_rgb(picture: Picture) -> Image.Image:

@@ -11,8 +11,10 @@ import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,6 +27,7 @@ import mmopd.checkpoint as checkpoint
 from mmopd.cli import main
 from mmopd.report import read_metrics
 from mmopd.schedule import warmup_cosine
+from tests.image_tokens.helpers import GRID_TOKENS, build_llamagen_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,6 +37,27 @@ def _base(tiny: dict[str, Path], out: Path) -> dict:
             "data": {"train": str(tiny["train"])}, "rollout": {"max_new_tokens": 4},
             "train": {"steps": 2, "batch_size": 2, "save_every": 1, "warmup": 0, "out_dir": str(out),
                       "progress": False}}
+
+
+def _image_base(task: dict[str, Path], out: Path) -> dict:
+    return {"modality": "image_tokens", "student": {"path": str(task["student"])},
+            "teacher": {"path": str(task["teacher"])},
+            "data": {"train": str(task["train"]), "eval": str(task["eval"]), "judge": str(task["judge"])},
+            "rollout": {"max_new_tokens": GRID_TOKENS},
+            "train": {"steps": 2, "batch_size": 2, "eval_every": 0, "save_every": 1, "warmup": 0, "out_dir": str(out),
+                      "progress": False}}
+
+
+def _vlm_base(pair: dict[str, Path], data: Path, out: Path) -> dict:
+    return {"modality": "vlm", "student": {"path": str(pair["student"])}, "teacher": {"path": str(pair["teacher"])},
+            "data": {"train": str(data), "eval": ""}, "rollout": {"max_new_tokens": 3},
+            "train": {"steps": 2, "batch_size": 2, "save_every": 1, "warmup": 0, "out_dir": str(out),
+                      "progress": False}}
+
+
+@pytest.fixture(scope="module")
+def image_task(tmp_path_factory) -> dict[str, Path]:
+    return build_llamagen_task(tmp_path_factory.mktemp("image_task"))
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +75,16 @@ class Case:
     tmp: Path
     tiny: dict[str, Path]
     template: Path
+    image: dict[str, Path] = field(default_factory=dict)  # a tiny image-token task (random models, a judge)
+    vlm: dict[str, Path] = field(default_factory=dict)  # a tiny LLaVA pair and its shapes data ("train")
     run: Path = field(init=False)
 
     def __post_init__(self) -> None:
         self.run = self.tmp / "run"
 
-    def config(self, changes: dict | None = None, name: str = "config.yaml") -> str:
-        """The base config with dotted `changes`, written to a file; returns its path."""
-        raw = _base(self.tiny, self.run)
+    def config(self, changes: dict | None = None, name: str = "config.yaml", base: dict | None = None) -> str:
+        """The base config (the text task's unless given) with dotted `changes`, written to a file; its path."""
+        raw = base or _base(self.tiny, self.run)
         for key, value in (changes or {}).items():
             *sections, last = key.split(".")
             node = raw
@@ -68,6 +94,21 @@ class Case:
         path = self.tmp / name
         path.write_text(yaml.safe_dump(raw))
         return str(path)
+
+    def image_config(self, changes: dict) -> str:
+        return self.config(changes, base=_image_base(self.image, self.run))
+
+    def vlm_config(self, picture: Callable[[Path], None]) -> str:
+        """A VLM run on one shapes record whose picture `picture(path)` writes (the other records stay good)."""
+        lines = self.vlm["train"].read_text().splitlines()
+        first = json.loads(lines[0])
+        picture(self.tmp / "picture.png")
+        rows = [json.dumps({**first, "images": [str(self.tmp / "picture.png")]})]
+        rows += [json.dumps({**(r := json.loads(line)), "images": [str(self.vlm["train"].parent / p)
+                                                                  for p in r["images"]]}) for line in lines[1:]]
+        data = self.tmp / "vlm.jsonl"
+        data.write_text("\n".join(rows) + "\n")
+        return self.config(base=_vlm_base(self.vlm, data, self.run))
 
     def reuse(self) -> None:
         """Put the finished 2-step run in this case's run directory."""
@@ -91,6 +132,32 @@ def _snapshot(root: Path) -> dict[str, bytes]:
 def _truncate(path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
+
+
+def _unknown_prompt(case: Case) -> str:
+    path = case.tmp / "unknown.jsonl"
+    path.write_text(json.dumps({"prompt": "1+2=", "answer": "3"}) + "\n" + json.dumps({"prompt": "七 加 八"}) + "\n")
+    return str(path)
+
+
+def _png_with_four_rows(path: Path, side: int = 9000) -> None:
+    """A side x side grayscale PNG whose (valid, complete) compressed stream holds only its first 4 rows."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    rows = zlib.compress(b"".join(b"\x00" + bytes(side) for _ in range(4)))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+
+
+def _symlink_loop(path: Path) -> None:
+    path.symlink_to(path.name)
+
+
+def _image_target_loop(case: Case) -> str:
+    (case.tmp / "loop.png").symlink_to("loop.png")
+    path = case.tmp / "targets.jsonl"
+    path.write_text(json.dumps({"label": 0, "image": "loop.png"}) + "\n")
+    return str(path)
 
 
 def _non_utf8(case: Case) -> str:
@@ -135,6 +202,30 @@ CASES: dict[str, tuple[Callable[[Case], list[str]], int, str]] = {
                             r"data\.train: .* is a folder but not one written by datasets' save_to_disk"),
     "data_not_utf8": (lambda c: ["train", c.config({"data.train": str(_non_utf8(c))})], 2,
                       r"latin1\.jsonl:2: not valid UTF-8"),
+    "judge_missing": (lambda c: ["train", c.image_config({"data.judge": str(c.tmp / "no-judge")})], 2,
+                      r"data\.judge=.*no-judge holds no judge\.json"),
+    "judge_is_a_model": (lambda c: ["train", c.image_config({"data.judge": str(c.image["student"])})], 2,
+                         r"data\.judge=.*student holds no judge\.json"),
+    "judge_garbage": (lambda c: ["train", c.image_config({"data.judge": str(
+        (shutil.copytree(c.image["judge"], c.tmp / "judge"), (c.tmp / "judge" / "judge.safetensors").write_bytes(
+            b"garbage"), c.tmp / "judge")[2])})], 2, r"data\.judge=.*judge is not a readable judge"),
+    "vlm_picture_symlink_loop": (lambda c: ["train", c.vlm_config(_symlink_loop)], 2,
+                                 r"vlm\.jsonl:1: bad record: image path .*picture\.png cannot be resolved: "
+                                 r"Symlink loop"),
+    "image_target_symlink_loop": (lambda c: ["train", c.image_config({"data.train": _image_target_loop(c),
+                                                                       "objective.kind": "sft"})], 2,
+                                  r"targets\.jsonl:1: bad record: 'image' must be the path of a picture .*'loop\.png'"
+                                  r" is not a file"),
+    # data that reads as nothing
+    "prompt_all_unknown_tokens": (lambda c: ["train", c.config({"data.train": _unknown_prompt(c)})], 2,
+                                  r"unknown\.jsonl:2: the prompt is \d+ tokens, every one unknown \(<unk>\) to the "
+                                  r"student's tokenizer"),
+    "vlm_png_with_four_rows_of_data": (lambda c: ["train", c.vlm_config(_png_with_four_rows)], 2,
+                                       r"vlm\.jsonl:1: bad record: image .*picture\.png is 9000x9000, but its data "
+                                       r"stops [\d,]+ bytes short \(a truncated PNG"),
+    "image_toy_wrong_max_new_tokens": (lambda c: ["train", c.image_config({"rollout.max_new_tokens": 20})], 2,
+                                       r"rollout\.max_new_tokens=20, but every picture of this model "
+                                       rf"is .* = {GRID_TOKENS} tokens; set rollout\.max_new_tokens={GRID_TOKENS}"),
     "out_dir_under_a_file": (lambda c: ["train", c.config({"train.out_dir": str(c.tiny["train"] / "run")})], 2,
                              r"is not a writable directory"),
     # a directory reused
@@ -165,8 +256,9 @@ CASES: dict[str, tuple[Callable[[Case], list[str]], int, str]] = {
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_a_bad_input_or_reuse_is_one_line_and_loses_nothing(name, tiny_text, finished_run, tmp_path, capsys):
-    case = Case(tmp_path, tiny_text, finished_run)
+def test_a_bad_input_or_reuse_is_one_line_and_loses_nothing(name, tiny_text, finished_run, image_task, vlm_pair,
+                                                            vlm_data, tmp_path, capsys):
+    case = Case(tmp_path, tiny_text, finished_run, image_task, {**vlm_pair("llava"), "train": vlm_data["train"]})
     build, code, pattern = CASES[name]
     argv = build(case)
     before = _snapshot(case.run)
