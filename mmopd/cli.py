@@ -22,7 +22,7 @@ from mmopd.engines import EngineError
 from mmopd.engines.vllm import write_engine_checkpoint
 from mmopd.rundir import RunDirError
 from mmopd.session import evaluate, resolve_dtype
-from mmopd.toys import build_toy
+from mmopd.toys import build_toy, one_thread
 from mmopd.trainer import TrainingAborted, train
 
 TOY_MODALITIES = {"text": "text", "vlm": "vlm", "image": "image_tokens"}
@@ -129,7 +129,8 @@ def _run(args: argparse.Namespace) -> int:
     print(f"[1/2] building the toy {args.modality} task, teacher and student in {out}")
     path = build_toy(modality, out, args.family)
     print(f"[2/2] on-policy distillation ({path})")
-    summary = train(load_config(path, args.overrides))
+    with one_thread():  # as the build: the demo's numbers do not depend on the thread count
+        summary = train(load_config(path, args.overrides))
     print(f"demo finished in {time.perf_counter() - started:.0f} s; report in {summary['out_dir']} "
           "(summary.json, metrics.jsonl, plots/)")
     return 0

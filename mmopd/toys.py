@@ -4,13 +4,19 @@ A toy (`mmopd.toys` group) is `build(out_dir, family, progress) -> config path`:
 teacher and a weak student, saved with `save_pretrained`, and a ready config. A report (`mmopd.reports`
 group) is `write(out_dir, session, summary)`: what a modality shows a person at the end of a run (answer
 grids, sample pictures). Neither is model I/O, so neither is part of the ModalityAdapter.
+
+A toy builds on one thread whatever the caller's thread count: CPU kernels split reductions per thread, so
+two threads train a slightly different teacher than one, and the demos' numbers would depend on the machine.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+import torch
 
 from mmopd.config import ConfigError
 
@@ -19,13 +25,25 @@ def _entry(group: str, name: str) -> Callable[..., Any] | None:
     return next((ep.load() for ep in entry_points(group=group) if ep.name == name), None)
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch on one intra-op thread inside, the caller's count restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def build_toy(modality: str, out_dir: Path, family: str | None, progress: bool = True) -> Path:
-    """Build `modality`'s toy task in out_dir and return the path of its config."""
+    """Build `modality`'s toy task in out_dir (on one thread) and return the path of its config."""
     build = _entry("mmopd.toys", modality)
     if build is None:
         names = sorted(ep.name for ep in entry_points(group="mmopd.toys"))
         raise ConfigError(f"modality {modality!r} has no toy task; available: {', '.join(names) or 'none'}")
-    return build(Path(out_dir), family, progress)
+    with one_thread():
+        return build(Path(out_dir), family, progress)
 
 
 def write_report(modality: str, out_dir: Path, session: Any, summary: dict[str, Any]) -> None:
