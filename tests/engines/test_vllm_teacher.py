@@ -8,12 +8,18 @@ served teacher's log-probs are over its vocabulary, the in-process teacher's ren
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 import transformers
 
 from mmopd.batch import Sampling
-from mmopd.config import load_config
+from mmopd.cli import main
+from mmopd.config import load_config, save_config
 from mmopd.engines import DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, HFTeacher, TeacherNeed, VLLMTeacher
 from mmopd.objectives import Timer, objective_step
 from mmopd.scores import TokenLogprobs, TopKTail
@@ -145,3 +151,39 @@ class HFTail:
         full = self.hf.score(prompts, tokens, TeacherNeed(DISTRIBUTION)).values.float().log_softmax(-1)
         top = full.topk(need.k, dim=-1)
         return TopKTail(top.values, top.indices)
+
+
+def _losses(run):
+    path = run / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_a_teacher_server_killed_mid_run_stops_it_cleanly_and_the_resumed_run_matches(pair, server, tmp_path):
+    """The module's server is stopped while `mmopd train` scores with it: the run exits 1 naming the URL, with no
+    traceback and its checkpoints intact; after a restart on the same port it resumes to the curve of an
+    uninterrupted run. The restarted server takes the fixture's place."""
+    port = int(server.url.rsplit(":", 1)[1])
+    common = ["train.save_every=1", "train.steps=5", "teacher.retries=1", "teacher.timeout=5"]
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    for run in (reference, killed):
+        save_config(_config(pair, server, tmp_path, **{"train.out_dir": str(run)}), tmp_path / f"{run.name}.yaml")
+    assert main(["train", str(tmp_path / "reference.yaml"), *common]) == 0
+    child = subprocess.Popen([sys.executable, "-m", "mmopd.cli", "train", str(tmp_path / "killed.yaml"), *common],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while len(_losses(killed)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    server.stop()
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 1 and "Traceback" not in err, err
+    assert f"vLLM at {server.url} did not answer" in err and "(teacher.url)" in err
+    assert "The last checkpoint is intact" in err
+    done = sorted(p.name for p in (killed / "checkpoints").iterdir() if (p / "COMPLETE").exists())
+    assert done and all((killed / "checkpoints" / d / "trainer_state.pt").is_file() for d in done)
+    restarted = start_server(pair["teacher"], port=port, extra_args=("--max-logprobs", str(K)))
+    server.process, server.log_path = restarted.process, restarted.log_path  # the fixture stops it at the end
+    assert main(["train", str(tmp_path / "killed.yaml"), *common]) == 0
+    assert _losses(killed).keys() == _losses(reference).keys() == set(range(1, 6))
+    for step, loss in _losses(reference).items():
+        assert _losses(killed)[step] == pytest.approx(loss, rel=1e-4, abs=1e-6), step
