@@ -98,7 +98,8 @@ def generator(tmp_path_factory):
 def test_a_served_unguided_image_token_teacher_gives_the_hf_teachers_log_probs_over_its_codebook(generator):
     path, server = generator
     config = load_config(None, {"modality": "image_tokens", "student.path": str(path), "teacher.path": str(path),
-                                "data.train": "unused.jsonl", "objective.estimator": "sampled"})
+                                "data.train": "unused.jsonl", "objective.estimator": "sampled",
+                                "rollout.max_new_tokens": 16})
     adapter = get_adapter("image_tokens")
     adapter.configure(config)
     processor = adapter.load_processor(str(path), "teacher")
