@@ -74,6 +74,7 @@ class Models:
         if self.teacher is not None:
             self.teacher_rollout = rollout_engine("hf", config, self.adapter, self.teacher, self.teacher_processor,
                                                   self.space, self.eos_ids, self.pad_id)
+        if self.teacher is not None and scores_teacher(config.objective.kind, config.objective.estimator):
             self.scorer = teacher_scorer(config, self.adapter, self.teacher, self.teacher_processor, self.space,
                                          self.fused, self.eos_ids)
         return self

@@ -1,5 +1,6 @@
 """vLLM engines: the student samples with a real inference engine, colocated or served, and gets the trainer's
-weights after every optimizer step; a served teacher scores the responses (`VLLMTeacher`, at the end).
+weights after every optimizer step; a vLLM teacher, colocated or served, scores the responses (`VLLMTeacher`, at
+the end).
 
 Placements (one transport each, the same engine on top):
 - **colocated** (`rollout.url` empty): a `vllm.LLM` in the trainer's process. On a GPU it takes
@@ -228,7 +229,7 @@ class Colocated:
         self.llm = LLM(model=path, dtype=dtype, **kwargs)
         self.sleep = sleep
         self.lora: Any = None
-        self.url = "the colocated vLLM"  # where error messages say the engine is
+        self.url = "colocated vLLM"  # where error messages say the engine is
 
     def prompt_logprobs(self, requests: list[dict[str, Any]], k: int) -> list[Entries]:
         """Each request's log-prob of every given id (and its top k) per position, as `Served.prompt_logprobs`."""
@@ -447,7 +448,7 @@ class VLLMTeacher:
     def _entries(self, row: int, prompt: list[int], response: list[int], answer: Entries) -> Entries:
         """The answer's entries for the response tokens, refusing an answer of the wrong length."""
         if len(answer) != len(prompt) + len(response):
-            raise EngineError(f"the teacher at {self.transport.url} scored row {row} (prompt {prompt[:8]}…) with "
+            raise EngineError(f"the teacher ({self.transport.url}) scored row {row} (prompt {prompt[:8]}…) with "
                               f"{len(answer)} log-probs for {len(prompt)} prompt + {len(response)} response ids; "
                               "it does not read the ids it was sent (another tokenizer or image processor, a "
                               "truncating max-model-len?)")
@@ -455,10 +456,10 @@ class VLLMTeacher:
 
     def _logprob(self, row: int, t: int, entry: dict[int, float] | None, token: int) -> float:
         if entry is None or token not in entry:
-            raise EngineError(f"the teacher at {self.transport.url} sent no log-prob of token {token} at row {row}, "
+            raise EngineError(f"the teacher ({self.transport.url}) sent no log-prob of token {token} at row {row}, "
                               f"response position {t}")
         value = entry[token]
         if value != value or value == float("inf"):
-            raise EngineError(f"the teacher at {self.transport.url} sent log-prob {value} at row {row}, response "
+            raise EngineError(f"the teacher ({self.transport.url}) sent log-prob {value} at row {row}, response "
                               f"position {t}: its numerics failed (check its dtype and weights)")
         return value
