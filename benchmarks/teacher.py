@@ -2,12 +2,14 @@
 on the same model and the same fixed batch, in one run.
 
     MMOPD_VLLM_PYTHON=/path/to/.venv-vllm/bin/python python -m benchmarks.teacher [--batch 16] [--prompt-len 32]
-        [--response-len 64] [--top-k 8] [--reps 3]
+        [--response-len 64] [--top-k 8] [--reps 3] [--model DIR] [--device cuda --dtype bfloat16]
 
 A random Qwen3 (head_dim 32, which vLLM's CPU attention supports; 256 hidden, 4 layers, vocab 8192) is saved
 with the text toy's tokenizer; the ids sent stay inside that tokenizer. The script starts `vllm serve` on it
 (float32, eager), scores the batch's response tokens through HFTeacher and VLLMTeacher (token log-probs, and
 the top-k + tail form), and prints tokens/s (batch × response length / median seconds) and served / hf.
+`--model DIR` scores with a checkpoint of your own instead (its ids drawn below the toy tokenizer's size), and
+`--device cuda --dtype bfloat16` runs both on a GPU (`benchmarks/gpu/teacher.sh`).
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ def median_seconds(fn, reps: int) -> float:
     for _ in range(reps):
         start = time.perf_counter()
         fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -61,11 +65,15 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--model", help="a causal LM checkpoint to score with (default: a random Qwen3 built here)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="mmopd-bench-teacher-"))
-    path = build(root / "teacher")
-    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    path = Path(args.model) if args.model else build(root / "teacher")
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype))
+    model = model.to(args.device).eval()
     adapter = get_adapter("text")
     vocab = len(toy.build_tokenizer())
     g = torch.Generator().manual_seed(0)
@@ -74,10 +82,13 @@ def main() -> None:
     prompt_ids[prompt_ids == eos] = 0
     tokens = torch.randint(0, vocab, (args.batch, args.response_len), generator=g)  # [B, T]
     tokens[tokens == eos] = 0  # every row scores all T tokens
+    prompt_ids, tokens = prompt_ids.to(args.device), tokens.to(args.device)
     prompts = PromptBatch(prompt_ids, torch.ones_like(prompt_ids))
-    space = TokenSpace(8192)
+    space = TokenSpace(model.config.vocab_size)
     hf = HFTeacher(adapter, model, space, fused=False)
-    server = start_server(path, extra_args=("--max-logprobs", str(args.top_k), "--max-model-len", "512"))
+    gpu_share = ("--gpu-memory-utilization", "0.4") if args.device == "cuda" else ()  # the hf teacher needs the rest
+    server = start_server(path, extra_args=("--max-logprobs", str(args.top_k), "--max-model-len", "512",
+                                            "--dtype", args.dtype, *gpu_share))
     try:
         served = VLLMTeacher(Served(server.url, 120.0, 0, role="teacher"), space, [eos])
         n = args.batch * args.response_len
@@ -89,7 +100,8 @@ def main() -> None:
     finally:
         server.stop()
     print(json.dumps({"batch": args.batch, "prompt_len": args.prompt_len, "response_len": args.response_len,
-                      "top_k": args.top_k, "threads": args.threads, **rows}, indent=2))
+                      "top_k": args.top_k, "threads": args.threads, "device": args.device, "dtype": args.dtype,
+                      **rows}, indent=2))
 
 
 if __name__ == "__main__":

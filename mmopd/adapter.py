@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 from safetensors import SafetensorError
 from torch import Tensor, nn
+from transformers import AutoConfig
 
 from mmopd.hf import (LOGIT_TRANSFORMS, base_model, cache_arg, cache_of, check_head_reproduces, forward_params,
                       keep_last, positions, text_config)
@@ -53,8 +54,21 @@ class ModalityAdapter:
     def load_processor(self, path: str, role: str) -> Any:
         raise NotImplementedError
 
-    def load_model(self, path: str, role: str, dtype: torch.dtype) -> nn.Module:
+    def model_class(self, path: str) -> Any:
+        """The transformers class (or Auto class) that loads the model at `path`."""
         raise NotImplementedError
+
+    def load_model(self, path: str, role: str, dtype: torch.dtype) -> nn.Module:
+        return load_pretrained(self.model_class(path).from_pretrained, path, role, dtype=dtype)
+
+    def load_skeleton(self, path: str, role: str) -> nn.Module:
+        """The model at `path` built from its config alone, on the meta device: its classes, config and shapes for
+        the checks before step 1, and no weights (a vLLM teacher's engine loads those itself)."""
+        config = load_pretrained(AutoConfig.from_pretrained, path, role)
+        cls = self.model_class(path)
+        with torch.device("meta"):
+            model = cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
+        return model.eval().requires_grad_(False)
 
     def check_pair(self, student_processor: Any, teacher_processor: Any,
                    student: nn.Module, teacher: nn.Module) -> None:
@@ -212,4 +226,5 @@ def load_pretrained(loader: Callable[..., Any], path: str, role: str, **kwargs: 
         return loader(str(local) if local.is_dir() else path, **kwargs)
     except (OSError, ValueError, KeyError, SafetensorError) as err:  # SafetensorError: garbage or truncated weights
         where = "" if local.is_dir() else " (not a local directory, and loading it as a hub id failed)"
-        raise ModelLoadError(f"{role}.path={path!r}: cannot load{where}: {err}") from err
+        reason = " ".join(str(err).split())  # transformers' messages run over several lines
+        raise ModelLoadError(f"{role}.path={path!r}: cannot load{where}: {reason}") from err

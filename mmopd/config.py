@@ -51,8 +51,9 @@ class TeacherConfig:
     dtype: str = "auto"
     cfg_scale: float = 1.0
     top_k: int = 0  # full estimator: keep only the teacher's top-k logits per token (0 keeps all)
-    engine: str = "hf"  # who scores: hf (in-process) | vllm (a `vllm serve` at url: prompt_logprobs over HTTP)
-    url: str = ""  # vllm: the teacher's `vllm serve` (started without LoRA, --max-logprobs >= top_k)
+    engine: str = "hf"  # who scores: hf (in-process) | vllm (prompt_logprobs: colocated, or served at url)
+    url: str = ""  # vllm: the teacher's `vllm serve` (without LoRA, --max-logprobs >= top_k); empty: a vllm.LLM here
+    gpu_memory_utilization: float = 0.3  # vllm colocated: its share of the GPU beside the trainer
     timeout: float = 120.0  # vllm: seconds per request before a retry
     retries: int = 3  # vllm: retries with backoff before the run stops naming the URL
     sharding: str = "none"  # none (a full copy per process) | fsdp (sharded over the processes, FSDP2)
@@ -266,30 +267,33 @@ def _positive(name: str, value: float, allow_zero: bool = False) -> None:
 
 
 def _check_teacher_engine(config: Config) -> None:
-    """A served teacher returns temperature-1 log-probs of given ids (or its top-k): refuse what needs more."""
+    """A vLLM teacher (served or colocated) returns temperature-1 log-probs of given ids (or its top-k): refuse
+    what needs more."""
     t, obj = config.teacher, config.objective
     if t.url and t.engine != "vllm":
         raise ConfigError(f"teacher.url is set, but teacher.engine={t.engine} scores in-process; set "
                           "teacher.engine=vllm to score with that server, or clear teacher.url")
     if t.engine != "vllm" or not scores_teacher(obj.kind, obj.estimator):
         return
-    if not t.url:
-        raise ConfigError("teacher.engine=vllm scores with a served teacher only (a colocated one is not available): "
-                          "set teacher.url=http://host:port of a `vllm serve` of teacher.path, or teacher.engine=hf")
-    if not t.url.startswith(("http://", "https://")):
+    if t.sharding != "none":
+        raise ConfigError(f"teacher.sharding={t.sharding} shards an in-process teacher, but teacher.engine=vllm holds "
+                          "the teacher's weights in its engine; set teacher.sharding=none or teacher.engine=hf")
+    if t.url and not t.url.startswith(("http://", "https://")):
         raise ConfigError(f"teacher.url={t.url!r} must be an http(s):// URL, e.g. http://127.0.0.1:8001")
     if TABLE[(obj.kind, obj.estimator)].teacher == "distribution" and not t.top_k:
         raise ConfigError(f"objective.kind={obj.kind} with estimator={obj.estimator} needs the teacher's full "
-                          "distribution, which a served teacher cannot send; set teacher.top_k: K (its top-k plus "
+                          "distribution, which a vLLM teacher cannot send; set teacher.top_k: K (its top-k plus "
                           "a tail class), objective.estimator: sampled, or teacher.engine: hf")
     if obj.temperature != 1.0:
-        raise ConfigError(f"objective.temperature={obj.temperature}, but a served teacher's log-probs are at "
+        raise ConfigError(f"objective.temperature={obj.temperature}, but a vLLM teacher's log-probs are at "
                           "temperature 1 and one log-prob (or a top-k) cannot be rescaled exactly; set "
                           "objective.temperature=1 or teacher.engine=hf")
     if t.cfg_scale != 1.0:
         raise ConfigError(f"teacher.cfg_scale={t.cfg_scale}: a guided teacher mixes the full logits of its "
-                          "conditional and unconditional branches, which a served teacher cannot send; set "
+                          "conditional and unconditional branches, which a vLLM teacher cannot send; set "
                           "teacher.cfg_scale=1 or teacher.engine=hf")
+    if not 0.0 < t.gpu_memory_utilization <= 1.0:
+        raise ConfigError(f"teacher.gpu_memory_utilization must lie in (0, 1], got {t.gpu_memory_utilization}")
     _positive("teacher.timeout", t.timeout)
     _positive("teacher.retries", t.retries, allow_zero=True)
 

@@ -74,6 +74,7 @@ class Models:
         if self.teacher is not None:
             self.teacher_rollout = rollout_engine("hf", config, self.adapter, self.teacher, self.teacher_processor,
                                                   self.space, self.eos_ids, self.pad_id)
+        if self.teacher is not None and scores_teacher(config.objective.kind, config.objective.estimator):
             self.scorer = teacher_scorer(config, self.adapter, self.teacher, self.teacher_processor, self.space,
                                          self.fused, self.eos_ids)
         return self
@@ -116,8 +117,8 @@ def use_fused(m: Models, config: Config) -> bool:
     mode = config.objective.fused
     if mode == "never":
         return False
-    scored = scores_teacher(config.objective.kind, config.objective.estimator)
-    roles = {"student": m.student, "teacher": m.teacher if scored else None}
+    scored = scores_teacher(config.objective.kind, config.objective.estimator) and config.teacher.engine == "hf"
+    roles = {"student": m.student, "teacher": m.teacher if scored else None}  # a vLLM teacher sends log-probs
     problems = [f"{role}: {why}" for role, model in roles.items()
                 if model is not None and (why := m.adapter.fused_unsupported(model)) is not None]
     if problems and mode == "always":

@@ -13,13 +13,13 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from mmopd.adapter import get_adapter
+from mmopd.adapter import ModelLoadError, get_adapter
 from mmopd.compat import IncompatibleModelsError
 from mmopd.config import Config, ConfigError
 from mmopd.data import DataError, Dataset, load_records
 from mmopd.evaluation import evaluate_policy
 from mmopd.hf import context_length
-from mmopd.objective_table import needs_answers, needs_teacher
+from mmopd.objective_table import needs_answers, needs_teacher, scores_teacher
 from mmopd.objectives import Models
 
 log = logging.getLogger("mmopd")
@@ -79,11 +79,18 @@ class Session:
             raise IncompatibleModelsError(
                 f"teacher.cfg_scale={c.teacher.cfg_scale} asks for classifier-free guidance, but {c.modality} "
                 "models have no unconditional branch; set teacher.cfg_scale=1.0")
+        # a vLLM teacher (served or colocated) only scores: its engine holds the weights, this process its
+        # config and processor, for the prompt encoding and the pair checks
+        self.teacher_in_process = c.teacher.engine == "hf" or for_eval or not scores_teacher(c.objective.kind,
+                                                                                             c.objective.estimator)
         if want_teacher:
-            self.teacher_processor = self.adapter.load_processor(c.teacher.path, "teacher")
-            t_dtype = resolve_dtype(c.teacher.dtype, self.device, "teacher")
-            self.teacher = self.adapter.load_model(c.teacher.path, "teacher", t_dtype).to(self.device)
-            self.teacher.eval().requires_grad_(False)
+            self.teacher_processor = self._teacher_processor()
+            if self.teacher_in_process:
+                t_dtype = resolve_dtype(c.teacher.dtype, self.device, "teacher")
+                self.teacher = self.adapter.load_model(c.teacher.path, "teacher", t_dtype).to(self.device)
+                self.teacher.eval().requires_grad_(False)
+            else:
+                self.teacher = self.adapter.load_skeleton(c.teacher.path, "teacher")
             self.adapter.check_pair(self.student_processor, self.teacher_processor, self.policy, self.teacher)
         self.space = self.adapter.token_space(self.student_processor, self.policy)  # checks the response length
         for data in (self.train_data, self.eval_data):
@@ -92,6 +99,17 @@ class Session:
         self.eos_ids = self.adapter.eos_token_ids(self.student_processor)
         self.pad_id = self.student_processor.pad_token_id if getattr(self.student_processor, "pad_token_id", None) \
             is not None else self.eos_ids[0]
+
+    def _teacher_processor(self) -> Any:
+        """The teacher's tokenizer or processor; a vLLM teacher's path must hold it beside its config."""
+        try:
+            return self.adapter.load_processor(self.config.teacher.path, "teacher")
+        except ModelLoadError as err:
+            if self.teacher_in_process:
+                raise
+            raise ModelLoadError(f"{err}. teacher.engine=vllm still reads teacher.path in the trainer, for the "
+                                 "prompt encoding and the pair checks: its config and tokenizer (or processor) "
+                                 "files, not its weights") from err
 
     def _drop_unusable_prompts(self, data: Dataset, chunk: int = 1024) -> None:
         """Refuse (or with data.skip_bad, skip and count) prompts that leave no room for the response, or that the

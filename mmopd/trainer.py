@@ -153,7 +153,10 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) 
     # a sharded model's forwards need every rank, so every rank evaluates (the same records; main logs them)
     evaluating = session.eval_data is not None and (main or is_sharded(policy) or is_sharded(session.teacher))
     if resume_from is None and evaluating:
-        if session.teacher is not None:
+        if session.teacher is not None and not session.teacher_in_process:
+            log.info("teacher.engine=vllm: the teacher's eval baseline is not measured (its weights are in its "
+                     "engine, not in this process); `mmopd eval CONFIG --teacher` loads and measures it")
+        elif session.teacher is not None:
             state["baseline"]["teacher"] = session.evaluate(session.teacher, session.teacher_processor,
                                                             "eval teacher", live)["metrics"][metric]
         state["baseline"]["student_before"] = session.evaluate(policy, session.student_processor,

@@ -24,6 +24,7 @@ What vLLM needs beyond loading them (docs/vllm-cpu-facts.md has the evidence):
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -131,4 +132,14 @@ def build_llava(out_dir: str | Path, seed: int = 0) -> Path:
     built = build_family_model("llava", shapes.WORDS, LLAVA_DIMS, image_tokens=LLAVA_IMAGE_TOKENS, seed=seed)
     out = save_family_model(built, out_dir)
     to_hub_llava_layout(out)
+    return out
+
+
+def config_and_tokenizer(model_dir: str | Path, out: str | Path) -> Path:
+    """A copy of a model directory without its weights: what a trainer reads of a teacher that vLLM holds."""
+    out = Path(out)
+    out.mkdir(parents=True)
+    for file in Path(model_dir).iterdir():
+        if file.is_file() and not file.name.endswith(".safetensors"):
+            shutil.copy(file, out / file.name)
     return out

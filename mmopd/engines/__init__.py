@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from mmopd.adapter import ModalityAdapter
@@ -36,7 +37,8 @@ def rollout_engine(engine: str, config: Config, adapter: ModalityAdapter, model:
         return HFRollout(adapter, model, space, eos_ids, pad_id, r.max_new_tokens)
     if engine != "vllm":
         raise ConfigError(f"rollout.engine={engine!r} is not available")
-    why = adapter.vllm_unsupported(model, served=bool(r.url)) or _cpu_attention_unsupported(model, bool(r.url))
+    why = adapter.vllm_unsupported(model, served=bool(r.url)) or \
+        _cpu_attention_unsupported(model, bool(r.url), next(model.parameters()).is_cuda)
     if why is not None:
         raise ConfigError(f"rollout.engine=vllm cannot sample from this student: {why}; use rollout.engine=hf")
     lora = config.student.trainable == "lora"
@@ -49,8 +51,7 @@ def rollout_engine(engine: str, config: Config, adapter: ModalityAdapter, model:
             transport.check_untied()
     else:  # a full student's engine starts from an untied copy in vLLM's key layout; a LoRA one from the base
         start = path if lora else write_engine_checkpoint(model, sync_dir / "start", engine_key, processor)
-        dtype = "bfloat16" if next(model.parameters()).is_cuda and config.student.dtype == "auto" else \
-            {"auto": "float32"}.get(config.student.dtype, config.student.dtype)
+        dtype = engine_dtype(config.student.dtype, next(model.parameters()).is_cuda)
         transport = Colocated(str(start), dtype, context_length(model), r.gpu_memory_utilization, r.sleep,
                               config.student.lora_rank if lora else 0)
     return VLLMRollout(transport, space, eos_ids, pad_id, r.max_new_tokens, sync_dir, lora, engine_key, writer)
@@ -60,9 +61,9 @@ def rollout_engine(engine: str, config: Config, adapter: ModalityAdapter, model:
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
-def _cpu_attention_unsupported(model: nn.Module, served: bool) -> str | None:
+def _cpu_attention_unsupported(model: nn.Module, served: bool, cuda: bool) -> str | None:
     """vLLM on a CPU refuses other head sizes after minutes of start-up; say so before anything starts."""
-    if served or next(model.parameters()).is_cuda:
+    if served or cuda:
         return None
     config = text_config(model)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -74,18 +75,28 @@ def _cpu_attention_unsupported(model: nn.Module, served: bool) -> str | None:
 
 def teacher_scorer(config: Config, adapter: ModalityAdapter, model: nn.Module, processor: Any, space: TokenSpace,
                    fused: bool, eos_ids: list[int] | None = None) -> TeacherScorer:
-    """The engine that scores responses with the teacher: in-process (hf), or a `vllm serve` at teacher.url."""
+    """The engine that scores responses with the teacher: in-process (hf), or vLLM: a `vllm serve` at teacher.url,
+    or without a url a `vllm.LLM` in this process that loads teacher.path (`model` is then its weightless
+    skeleton, `Session.teacher`)."""
     t = config.teacher
     if t.engine == "hf":
         return HFTeacher(adapter, model, space, fused)
     if t.engine != "vllm":
         raise ConfigError(f"teacher.engine={t.engine!r} is not available")
-    why = adapter.vllm_unsupported(model, served=True)
+    cuda = torch.cuda.is_available()
+    why = adapter.vllm_unsupported(model, served=False) or _cpu_attention_unsupported(model, bool(t.url), cuda)
     if why is not None:
         raise ConfigError(f"teacher.engine=vllm cannot score with this teacher: {why}; use teacher.engine=hf")
     vocab = text_config(model).vocab_size
     if space.size < vocab:
-        log.info("teacher.engine=vllm: the served teacher's log-probs are over its %d-token vocabulary; the "
+        log.info("teacher.engine=vllm: the vLLM teacher's log-probs are over its %d-token vocabulary; the "
                  "in-process teacher renormalises over the %d actions (the same where it puts no mass outside)",
                  vocab, space.size)
-    return VLLMTeacher(Served(t.url, t.timeout, t.retries, role="teacher"), space, eos_ids or [])
+    transport: Any = Served(t.url, t.timeout, t.retries, role="teacher") if t.url else \
+        Colocated(t.path, engine_dtype(t.dtype, cuda), None, t.gpu_memory_utilization, False, 0)
+    return VLLMTeacher(transport, space, eos_ids or [])
+
+
+def engine_dtype(name: str, cuda: bool) -> str:
+    """A model's `dtype` setting as vLLM's: `auto` is bfloat16 on a GPU and float32 on the CPU, as in training."""
+    return "bfloat16" if cuda and name == "auto" else {"auto": "float32"}.get(name, name)

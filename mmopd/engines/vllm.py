@@ -1,5 +1,6 @@
 """vLLM engines: the student samples with a real inference engine, colocated or served, and gets the trainer's
-weights after every optimizer step; a served teacher scores the responses (`VLLMTeacher`, at the end).
+weights after every optimizer step; a vLLM teacher, colocated or served, scores the responses (`VLLMTeacher`, at
+the end).
 
 Placements (one transport each, the same engine on top):
 - **colocated** (`rollout.url` empty): a `vllm.LLM` in the trainer's process. On a GPU it takes
@@ -24,6 +25,8 @@ into `rollout.sync_dir` (default: a folder on /dev/shm where it exists) and relo
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import logging
 import os
@@ -142,6 +145,43 @@ class Served:
         with ThreadPoolExecutor(max_workers=min(32, len(prompts))) as pool:
             return list(pool.map(one, prompts, params))
 
+    def prompt_logprobs(self, requests: list[dict[str, Any]], k: int, rows_per_request: int = 8) -> list[Entries]:
+        """Each request's log-prob of every given id (and its top k) per position. Token-id rows go
+        `rows_per_request` a `POST /v1/completions`; rows with pictures one a `POST /inference/v1/generate` (token
+        ids plus `content_parts`: the only route of vLLM 0.32 that takes both, served with --enable-scale-out).
+        The requests go out concurrently."""
+        model = self.served_model()
+        texts = [i for i, r in enumerate(requests) if not r.get("multi_modal_data")]
+        pictures = [i for i, r in enumerate(requests) if r.get("multi_modal_data")]
+        jobs = [("text", texts[i: i + rows_per_request]) for i in range(0, len(texts), rows_per_request)]
+        jobs += [("pictures", [i]) for i in pictures]
+
+        def one(job: tuple[str, list[int]]) -> list[Entries]:
+            kind, rows = job
+            if kind == "pictures":
+                request = requests[rows[0]]
+                answer = self.post("/inference/v1/generate", {
+                    "model": model, "token_ids": request["prompt_token_ids"],
+                    "content_parts": [{"type": "image_url", "url": data_uri(image)}
+                                      for image in request["multi_modal_data"]["image"]],
+                    "sampling_params": {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": k}})
+                return [_entries_of(answer.get("prompt_logprobs"))]
+            answer = self.post("/v1/completions", {"model": model, "max_tokens": 1, "temperature": 0.0,
+                                                   "prompt": [requests[i]["prompt_token_ids"] for i in rows],
+                                                   "prompt_logprobs": k})
+            choices = sorted(answer["choices"], key=lambda c: c["index"])
+            if len(choices) != len(rows):
+                raise EngineError(f"the teacher at {self.url} answered {len(rows)} sequences with {len(choices)} "
+                                  "choices")
+            return [_entries_of(c.get("prompt_logprobs")) for c in choices]
+
+        answers: list[Entries] = [[] for _ in requests]
+        with ThreadPoolExecutor(max_workers=min(16, max(1, len(jobs)))) as pool:
+            for (_, rows), entries in zip(jobs, pool.map(one, jobs)):
+                for i, row in zip(rows, entries):
+                    answers[i] = row
+        return answers
+
     def reload_weights(self, directory: Path) -> None:
         self.post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(directory)}})
 
@@ -150,6 +190,22 @@ class Served:
         if self.model is not None and self.model.startswith("student-v"):
             self.post("/v1/unload_lora_adapter", {"lora_name": self.model})
         self.model = name
+
+
+Entries = list[dict[int, float] | None]  # per position: token id -> log-prob (None where nothing is scored)
+
+
+def _entries_of(prompt_logprobs: list[Any] | None) -> Entries:
+    """A JSON answer's `prompt_logprobs` ({"5": {"logprob": ...}} per position) as Entries."""
+    return [None if e is None else {int(key): float(v["logprob"]) for key, v in e.items()}
+            for e in prompt_logprobs or []]
+
+
+def data_uri(image: Any) -> str:
+    """A PIL picture as a PNG data URI (lossless: the server decodes the same pixels)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # LoRAConfig.max_lora_rank's choices (vLLM 0.32)
@@ -173,6 +229,16 @@ class Colocated:
         self.llm = LLM(model=path, dtype=dtype, **kwargs)
         self.sleep = sleep
         self.lora: Any = None
+        self.url = "colocated vLLM"  # where error messages say the engine is
+
+    def prompt_logprobs(self, requests: list[dict[str, Any]], k: int) -> list[Entries]:
+        """Each request's log-prob of every given id (and its top k) per position, as `Served.prompt_logprobs`."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False)
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        return [[None if e is None else {token: lp.logprob for token, lp in e.items()} for e in out.prompt_logprobs]
+                for out in outputs]
 
     def generate(self, prompts: list[dict[str, Any]], params: list[dict[str, Any]]) -> list[Completion]:
         from vllm import SamplingParams
@@ -310,11 +376,20 @@ class VLLMRollout:
                                                                   self.engine_key))
 
 
+class Scoring(Protocol):
+    url: str  # where the engine is, for error messages
+
+    def prompt_logprobs(self, requests: list[dict[str, Any]], k: int) -> list[Entries]:
+        """Each request's log-prob of every given id (and its top k) per position; entry 0 is None."""
+        ...
+
+
 class VLLMTeacher:
-    """Scores with a served teacher (`teacher.url`): one `POST /v1/completions` per `rows_per_request` rows, with
-    `"prompt": [[ids...], ...]` (the teacher's prompt ids, left padding removed, then the response ids up to and
-    including the first EOS), `max_tokens: 1` and `prompt_logprobs`; the requests of one step go out
-    concurrently. For a prompt of P ids, `prompt_logprobs[P + t]` scores response token t.
+    """Scores with a vLLM teacher, served (`teacher.url`) or colocated (a `vllm.LLM` here): one request per row,
+    `{"prompt_token_ids": the teacher's prompt ids (left padding removed, one placeholder a picture) + the
+    response ids up to and including the first EOS, "multi_modal_data": {"image": [...]}}`, scored with
+    `max_tokens: 1` and `prompt_logprobs`. The engine expands each picture's placeholder as the HF processor does,
+    so for a prompt of P expanded ids `prompt_logprobs[P + t]` scores response token t.
 
     | TeacherNeed     | prompt_logprobs | returns                                                          |
     |-----------------|-----------------|------------------------------------------------------------------|
@@ -328,34 +403,37 @@ class VLLMTeacher:
     or no slots (TopKTail); the loss masks them. An answer of the wrong length, or with a NaN or +inf log-prob,
     is an error naming the row."""
 
-    def __init__(self, served: Served, space: TokenSpace, eos_ids: list[int], rows_per_request: int = 8):
-        self.served, self.space, self.eos_ids, self.rows_per_request = served, space, eos_ids, rows_per_request
+    def __init__(self, transport: Scoring, space: TokenSpace, eos_ids: list[int]):
+        self.transport, self.space, self.eos_ids = transport, space, eos_ids
         self.action_of = {token: action for action, token in enumerate(space.token_ids())}
 
     def score(self, prompts: PromptBatch, tokens: torch.Tensor, need: TeacherNeed) -> Scores:
+        where = self.transport.url
         if need.what not in (TOKEN_LOGPROBS, TOP_K):
-            raise EngineError(f"a served teacher ({self.served.url}) cannot send its full distribution; set "
-                              "teacher.top_k: K, objective.estimator: sampled, or teacher.engine: hf")
+            raise EngineError(f"a vLLM teacher ({where}) cannot send its full distribution; set teacher.top_k: K, "
+                              "objective.estimator: sampled, or teacher.engine: hf")
         if need.temperature != 1.0:
-            raise EngineError(f"a served teacher's log-probs are at temperature 1, not {need.temperature}")
-        if prompts.state.get("images"):
-            raise EngineError("a served teacher scores token-id prompts without pictures; use teacher.engine=hf")
-        ids = prompts.state.get("engine_ids") or prompts.unpadded_ids()
+            raise EngineError(f"a vLLM teacher's log-probs are at temperature 1, not {need.temperature}")
+        expanded = prompts.unpadded_ids()  # [B] lists: the prompt as the model reads it, pictures expanded
+        ids = prompts.state.get("engine_ids") or expanded  # as the engine takes it: one placeholder a picture
+        images = prompts.state.get("images") or [[] for _ in ids]
         responses = [self._response(row) for row in tokens.tolist()]  # [B] lists, padding after EOS removed
         k = need.k if need.what == TOP_K else 0
-        answers = self._prompt_logprobs([p + r for p, r in zip(ids, responses)], k)
+        requests = [{"prompt_token_ids": p + r, **({"multi_modal_data": {"image": pics}} if pics else {})}
+                    for p, r, pics in zip(ids, responses, images)]
+        answers = self.transport.prompt_logprobs(requests, k)
         B, T = tokens.shape
         if need.what == TOKEN_LOGPROBS:
             values = torch.zeros(B, T)  # [B, T]
-            for i, (prompt, response, answer) in enumerate(zip(ids, responses, answers)):
+            for i, (prompt, response, answer) in enumerate(zip(expanded, responses, answers)):
                 entries = self._entries(i, prompt, response, answer)
-                values[i, : len(response)] = torch.tensor([self._logprob(i, t, e, str(token))
+                values[i, : len(response)] = torch.tensor([self._logprob(i, t, e, token)
                                                            for t, (e, token) in enumerate(zip(entries, response))])
             return TokenLogprobs(values.to(tokens.device))
         logprobs, actions = torch.full((B, T, k), float("-inf")), torch.zeros(B, T, k, dtype=torch.long)
-        for i, (prompt, response, answer) in enumerate(zip(ids, responses, answers)):
+        for i, (prompt, response, answer) in enumerate(zip(expanded, responses, answers)):
             for t, entry in enumerate(self._entries(i, prompt, response, answer)):
-                top = sorted(((self._logprob(i, t, entry, key), int(key)) for key in entry), reverse=True)[:k]
+                top = sorted(((self._logprob(i, t, entry, key), key) for key in entry), reverse=True)[:k]
                 kept = [(lp, self.action_of[token]) for lp, token in top if token in self.action_of]
                 if kept:
                     logprobs[i, t, : len(kept)] = torch.tensor([lp for lp, _ in kept])
@@ -367,37 +445,21 @@ class VLLMTeacher:
         end = next((t + 1 for t, token in enumerate(row) if token in self.eos_ids), len(row))
         return row[:end]
 
-    def _prompt_logprobs(self, sequences: list[list[int]], k: int) -> list[list[Any]]:
-        """prompt_logprobs of each sequence, batched `rows_per_request` a request, the requests concurrent."""
-        model = self.served.served_model()
-        batches = [sequences[i: i + self.rows_per_request] for i in range(0, len(sequences), self.rows_per_request)]
-
-        def one(batch: list[list[int]]) -> list[list[Any]]:
-            answer = self.served.post("/v1/completions", {"model": model, "prompt": batch, "max_tokens": 1,
-                                                          "temperature": 0.0, "prompt_logprobs": k})
-            choices = sorted(answer["choices"], key=lambda c: c["index"])
-            if len(choices) != len(batch):
-                raise EngineError(f"the teacher at {self.served.url} answered {len(batch)} sequences with "
-                                  f"{len(choices)} choices")
-            return [c.get("prompt_logprobs") or [] for c in choices]
-
-        with ThreadPoolExecutor(max_workers=min(16, len(batches))) as pool:
-            return [row for rows in pool.map(one, batches) for row in rows]
-
-    def _entries(self, row: int, prompt: list[int], response: list[int], answer: list[Any]) -> list[dict]:
+    def _entries(self, row: int, prompt: list[int], response: list[int], answer: Entries) -> Entries:
         """The answer's entries for the response tokens, refusing an answer of the wrong length."""
         if len(answer) != len(prompt) + len(response):
-            raise EngineError(f"the teacher at {self.served.url} scored row {row} (prompt {prompt[:8]}…) with "
+            raise EngineError(f"the teacher ({self.transport.url}) scored row {row} (prompt {prompt[:8]}…) with "
                               f"{len(answer)} log-probs for {len(prompt)} prompt + {len(response)} response ids; "
-                              "it does not read the ids it was sent (another tokenizer, a truncating max-model-len?)")
+                              "it does not read the ids it was sent (another tokenizer or image processor, a "
+                              "truncating max-model-len?)")
         return answer[len(prompt):]
 
-    def _logprob(self, row: int, t: int, entry: dict, key: str) -> float:
-        if key not in entry:
-            raise EngineError(f"the teacher at {self.served.url} sent no log-prob of token {key} at row {row}, "
+    def _logprob(self, row: int, t: int, entry: dict[int, float] | None, token: int) -> float:
+        if entry is None or token not in entry:
+            raise EngineError(f"the teacher ({self.transport.url}) sent no log-prob of token {token} at row {row}, "
                               f"response position {t}")
-        value = float(entry[key]["logprob"])
+        value = entry[token]
         if value != value or value == float("inf"):
-            raise EngineError(f"the teacher at {self.served.url} sent log-prob {value} at row {row}, response "
+            raise EngineError(f"the teacher ({self.transport.url}) sent log-prob {value} at row {row}, response "
                               f"position {t}: its numerics failed (check its dtype and weights)")
         return value

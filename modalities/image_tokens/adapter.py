@@ -139,10 +139,9 @@ class ImageTokensAdapter(ModalityAdapter):
             processor.cfg_scale = self._configured().teacher.cfg_scale
         return processor
 
-    def load_model(self, path: str, role: str, dtype: torch.dtype) -> nn.Module:
+    def model_class(self, path: str) -> Any:
         family = family_of(path)
-        loader = AutoModelForCausalLM if family == "llamagen" else TRANSFORMERS_FAMILIES[family][1]
-        return load_pretrained(loader.from_pretrained, path, role, dtype=dtype)
+        return AutoModelForCausalLM if family == "llamagen" else TRANSFORMERS_FAMILIES[family][1]
 
     def check_pair(self, student_processor: Any, teacher_processor: Any, student: nn.Module,
                    teacher: nn.Module) -> None:

@@ -56,8 +56,8 @@ class TextAdapter(ModalityAdapter):
         tokenizer.padding_side = "left"
         return tokenizer
 
-    def load_model(self, path: str, role: str, dtype: torch.dtype) -> nn.Module:
-        return load_pretrained(AutoModelForCausalLM.from_pretrained, path, role, dtype=dtype)
+    def model_class(self, path: str) -> Any:
+        return AutoModelForCausalLM
 
     def check_pair(self, student_processor: Any, teacher_processor: Any, student: nn.Module,
                    teacher: nn.Module) -> None:

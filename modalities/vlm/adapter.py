@@ -109,8 +109,8 @@ class VLMAdapter(ModalityAdapter):
         tok.padding_side = "left"
         return processor
 
-    def load_model(self, path: str, role: str, dtype: torch.dtype) -> nn.Module:
-        return load_pretrained(AutoModelForImageTextToText.from_pretrained, path, role, dtype=dtype)
+    def model_class(self, path: str) -> Any:
+        return AutoModelForImageTextToText
 
     def check_pair(self, student_processor: Any, teacher_processor: Any, student: nn.Module,
                    teacher: nn.Module) -> None:

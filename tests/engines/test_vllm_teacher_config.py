@@ -3,13 +3,19 @@ and a teacher URL that is down is a clear error naming it."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+from mmopd.adapter import ModelLoadError
 from mmopd.batch import PromptBatch, TokenSpace
+from mmopd.compat import IncompatibleModelsError
 from mmopd.config import ConfigError, load_config
 from mmopd.engines import TOKEN_LOGPROBS, EngineError, TeacherNeed, VLLMTeacher
 from mmopd.engines.vllm import Served
+from mmopd.session import Session
+from tests.vllm_models import build_text_pair, config_and_tokenizer
 
 URL = "http://127.0.0.1:9"
 
@@ -30,10 +36,17 @@ def test_a_served_teacher_accepts_top_k_and_the_sampled_estimator():
     assert _load(**{"objective.estimator": "sampled"}).teacher.engine == "vllm"
 
 
+def test_a_vllm_teacher_without_a_url_is_colocated_and_refuses_the_same_as_a_served_one():
+    assert _load(**{"teacher.top_k": 8, "teacher.url": ""}).teacher.url == ""
+    with pytest.raises(ConfigError, match="teacher.top_k: K"):
+        _load(**{"teacher.url": ""})
+
+
 @pytest.mark.parametrize("overrides, match", [
     ({"objective.estimator": "sampled", "objective.temperature": 2.0}, "temperature 1"),
     ({"teacher.top_k": 8, "teacher.cfg_scale": 3.0}, "conditional and unconditional"),
-    ({"teacher.top_k": 8, "teacher.url": ""}, "teacher.url=http://host:port"),
+    ({"teacher.top_k": 8, "teacher.sharding": "fsdp"}, "teacher.sharding=fsdp shards an in-process teacher"),
+    ({"teacher.top_k": 8, "teacher.url": "", "teacher.gpu_memory_utilization": 0.0}, r"must lie in \(0, 1\]"),
     ({"teacher.top_k": 8, "teacher.url": "127.0.0.1:8000"}, "must be an http"),
     ({"teacher.top_k": 8, "teacher.engine": "hf"}, "teacher.url is set, but teacher.engine=hf"),
 ])
@@ -47,3 +60,42 @@ def test_a_teacher_that_is_down_is_a_clear_error_naming_its_url_and_settings():
     prompts = PromptBatch(torch.tensor([[0, 3, 4]]), torch.tensor([[0, 1, 1]]))
     with pytest.raises(EngineError, match=rf"vLLM at {URL} did not answer .*\(teacher.url\)"):
         teacher.score(prompts, torch.tensor([[5, 1, 0]]), TeacherNeed(TOKEN_LOGPROBS))
+
+
+@pytest.fixture(scope="module")
+def text_pair(tmp_path_factory):
+    return build_text_pair(tmp_path_factory.mktemp("weightless_teacher"))
+
+
+def _session(text_pair, teacher_path, **overrides):
+    return Session(_load(**{"modality": "text", "student.path": str(text_pair["student"]),
+                            "teacher.path": str(teacher_path), "data.train": str(text_pair["train"]),
+                            "rollout.max_new_tokens": 8, "objective.estimator": "sampled", **overrides}))
+
+
+def test_a_vllm_teacher_loads_only_its_config_and_tokenizer_in_the_trainer(text_pair, tmp_path):
+    weightless = config_and_tokenizer(text_pair["teacher"], tmp_path / "teacher")
+    session = _session(text_pair, weightless)
+    assert not session.teacher_in_process
+    assert all(p.is_meta for p in session.teacher.parameters())  # shapes and config only: no weight in memory
+    m = session.models()
+    assert isinstance(m.scorer, VLLMTeacher)
+    assert _session(text_pair, text_pair["teacher"], **{"teacher.engine": "hf", "teacher.url": ""}).teacher_in_process
+
+
+def test_a_vllm_teacher_still_checks_the_pair_from_its_config(text_pair, tmp_path):
+    weightless = config_and_tokenizer(text_pair["teacher"], tmp_path / "teacher")
+    config = json.loads((weightless / "config.json").read_text())
+    (weightless / "config.json").write_text(json.dumps({**config, "vocab_size": 8}))
+    with pytest.raises(IncompatibleModelsError, match="teacher's LM head has 8 rows"):
+        _session(text_pair, weightless)
+
+
+@pytest.mark.parametrize("where", ["an empty directory", "no directory"])
+def test_a_vllm_teacher_path_without_its_tokenizer_is_one_clear_error(text_pair, tmp_path, where):
+    teacher = tmp_path / "teacher"
+    if where == "an empty directory":
+        teacher.mkdir()
+    with pytest.raises(ModelLoadError, match=r"teacher.path=.*cannot load.*config and tokenizer") as err:
+        _session(text_pair, teacher)
+    assert "\n" not in str(err.value)
