@@ -20,7 +20,7 @@ import transformers
 from mmopd.batch import Sampling
 from mmopd.cli import main
 from mmopd.config import load_config, save_config
-from mmopd.engines import DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, HFTeacher, TeacherNeed, VLLMTeacher
+from mmopd.engines import DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, EngineError, HFTeacher, TeacherNeed, VLLMTeacher
 from mmopd.objectives import Timer, objective_step
 from mmopd.scores import TokenLogprobs, TopKTail
 from mmopd.session import Session
@@ -139,6 +139,48 @@ def test_the_first_steps_with_a_served_teacher_equal_those_with_the_hf_teacher(p
     assert abs(served[0]["loss"] - local[0]["loss"]) < 1e-4, (served[0]["loss"], local[0]["loss"])
     for a, b in zip(served, local):
         assert abs(a["loss"] - b["loss"]) < 1e-3, (a["loss"], b["loss"])
+
+
+class Corrupting:
+    """The real served transport, with one answer corrupted after the engine sent it: what a misbehaving server
+    (another tokenizer, broken numerics) would send."""
+
+    def __init__(self, transport, corrupt):
+        self.transport, self.corrupt, self.url = transport, corrupt, transport.url
+
+    def prompt_logprobs(self, requests, k):
+        answers = self.transport.prompt_logprobs(requests, k)
+        self.corrupt(answers)
+        return answers
+
+
+def _drop_last(answers):
+    answers[3].pop()
+
+
+def _poison(value):
+    def corrupt(answers):
+        entry = answers[2][-1]
+        entry.update(dict.fromkeys(entry, value))
+    return corrupt
+
+
+def _forget_token(answers):
+    answers[5][-1].clear()
+
+
+@pytest.mark.parametrize("corrupt, row, says", [(_drop_last, 3, "log-probs for"), (_poison(float("nan")), 2, "nan"),
+                                                (_poison(float("inf")), 2, "inf"), (_forget_token, 5, "no log-prob")],
+                         ids=["short_answer", "nan", "plus_inf", "missing_token"])
+def test_a_misaligned_or_non_finite_teacher_answer_is_refused_naming_the_row(pair, server, tmp_path, corrupt, row,
+                                                                             says):
+    session = Session(_config(pair, server, tmp_path))
+    m = session.models()
+    prompts, rollout = responses_of_different_lengths(m, session.train_data.records[:8])
+    m.scorer.transport = Corrupting(m.scorer.transport, corrupt)
+    with pytest.raises(EngineError, match=f"row {row}") as err:
+        m.scorer.score(prompts, rollout.tokens, TeacherNeed(TOKEN_LOGPROBS))
+    assert says in str(err.value) and server.url in str(err.value)
 
 
 class HFTail:
