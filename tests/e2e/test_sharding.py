@@ -112,6 +112,12 @@ def test_a_sigkilled_sharded_run_resumes_to_the_uninterrupted_curve(text_config,
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7), a["step"]
 
 
+def _back_to_step_2(out: Path) -> None:
+    """A finished 4-step run as if it had stopped after its step-2 checkpoint (the same schedule either way)."""
+    shutil.rmtree(out / "checkpoints/step-4")
+    (out / "summary.json").unlink()
+
+
 @pytest.mark.slow
 def test_a_sharded_run_resumes_on_one_process_and_an_unsharded_one_on_two_at_the_same_global_batch(text_config,
                                                                                                   tmp_path):
@@ -119,17 +125,17 @@ def test_a_sharded_run_resumes_on_one_process_and_an_unsharded_one_on_two_at_the
     one_process = {"train.grad_accum": 2, "train.sharding": "none", "teacher.sharding": "none"}
     reference = tmp_path / "reference"
     train(text_config(**settings, **one_process, **{"train.steps": 4, "train.out_dir": str(reference)}))
-    # 2 -> 1: two sharded processes train steps 1-2; one unsharded process resumes from their DCP optimizer shards
-    two = _write(text_config(**settings, **SHARDED, **{"train.steps": 2, "train.out_dir": str(tmp_path / "2to1")}),
+    # 2 -> 1: two sharded processes train; one unsharded process resumes from their step-2 DCP optimizer shards
+    two = _write(text_config(**settings, **SHARDED, **{"train.steps": 4, "train.out_dir": str(tmp_path / "2to1")}),
                  tmp_path / "two.yaml")
     proc = subprocess.run(_launch("-m", "mmopd.cli", "train", str(two)), cwd=ROOT, capture_output=True, text=True,
                           env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    _back_to_step_2(tmp_path / "2to1")
     train(text_config(**settings, **one_process, **{"train.steps": 4, "train.out_dir": str(tmp_path / "2to1")}))
     # 1 -> 2: the reference's step-2 checkpoint (its optimizer whole in trainer_state.pt) resumes sharded
     shutil.copytree(reference, tmp_path / "1to2")
-    shutil.rmtree(tmp_path / "1to2/checkpoints/step-4")
-    (tmp_path / "1to2/summary.json").unlink()
+    _back_to_step_2(tmp_path / "1to2")
     path = _write(text_config(**settings, **SHARDED, **{"train.steps": 4, "train.out_dir": str(tmp_path / "1to2")}),
                   tmp_path / "1to2.yaml")
     proc = subprocess.run(_launch("-m", "mmopd.cli", "train", str(path)), cwd=ROOT, capture_output=True, text=True,
