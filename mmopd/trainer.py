@@ -12,6 +12,7 @@ import logging
 import math
 import signal
 import sys
+import tempfile
 import threading
 import time
 from contextlib import nullcontext
@@ -31,8 +32,8 @@ from mmopd.report import MetricsLog, format_table, plot_metrics, write_summary
 from mmopd.rundir import Run, apply_resume_changes, open_run, record_segment
 from mmopd.schedule import warmup_cosine
 from mmopd.session import Session
-from mmopd.sharding import (clip_grad_norm, gradient_sync, is_sharded, load_full_optimizer, load_optimizer,
-                            parameter_bytes, reshard, shard)
+from mmopd.sharding import (clip_grad_norm, decoder_layers, gradient_sync, is_sharded, load_full_optimizer,
+                            load_optimizer, parameter_bytes, reshard, shard)
 from mmopd.toys import write_report
 
 log = logging.getLogger("mmopd")
@@ -58,6 +59,9 @@ def check_distributed(accelerator: Accelerator, config: Config) -> None:
         raise ConfigError(f"accelerate is set up for {kind.value}, which mmopd does not use: launch plain processes "
                           "(accelerate launch --multi_gpu, or configs/accelerate/ddp_cpu_2proc.yaml) and set "
                           "train.sharding=fsdp (and teacher.sharding=fsdp) to shard the models with PyTorch FSDP2")
+    if config.train.fsdp_cpu_offload and accelerator.device.type != "cuda":
+        raise ConfigError("train.fsdp_cpu_offload keeps a sharded GPU student's weights, gradients and optimizer "
+                          "state in CPU memory; this run is on the CPU, where they are already: clear it")
     sharded = [f"{name}=fsdp" for name, value in (("train.sharding", config.train.sharding),
                                                   ("teacher.sharding", config.teacher.sharding)) if value == "fsdp"]
     if sharded and accelerator.num_processes < 2:
@@ -118,6 +122,9 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) 
                       accelerator=accelerator)
     if c.student.gradient_checkpointing:
         session.policy.gradient_checkpointing_enable()
+        layers = decoder_layers(session.policy)
+        log.info("student: activation checkpointing in %d of its %d decoder layers",
+                 sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers), len(layers))
     session.policy = session.adapter.prepare_trainable(session.policy, c.student)
     if lora_resume:
         load_lora_weights(session.policy, resume_from / "lora")
@@ -288,7 +295,11 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) 
     if main:
         write_summary(out, summary)
         plot_metrics(out, metric, summary.get("teacher"))
-        write_report(c.modality, out, session, summary)
+    if main or is_sharded(policy) or is_sharded(session.teacher):  # sampling sharded models needs every rank
+        # (each writes the same report; rank 0's is kept)
+        with tempfile.TemporaryDirectory() as scratch:
+            write_report(c.modality, out if main else Path(scratch), session, summary)
+    if main:
         print(format_table(summary))
     return summary
 

@@ -3,8 +3,9 @@
     torchrun --nproc_per_node N benchmarks/gpu/fsdp_oom.py --layout ddp    # CUDA out of memory
     torchrun --nproc_per_node N benchmarks/gpu/fsdp_oom.py --layout fsdp   # trains: loss and memory per rank
 
-(`benchmarks/gpu/fsdp_oom.sh` runs both and checks the outcomes.) N >= 2 GPUs, each capped at --budget-gb (80 GB)
-with torch.cuda.set_per_process_memory_fraction, so a larger GPU behaves like an 80 GB one.
+(`benchmarks/gpu/fsdp_oom.sh` runs both and checks the outcomes; `--cpu-offload` tries train.fsdp_cpu_offload.)
+N >= 2 GPUs, each capped at --budget-gb (80 GB) with torch.cuda.set_per_process_memory_fraction, so a larger GPU
+behaves like an 80 GB one.
 
 The student is Qwen2.5-7B-shaped (7.6e9 parameters, random weights), trained as `mmopd train` trains it: fp32
 weights, bf16 compute, AdamW. Weights, gradients and AdamW's two moments take 16 bytes a parameter, 122 GB; DDP
@@ -41,6 +42,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layout", choices=("ddp", "fsdp"), required=True)
     parser.add_argument("--budget-gb", type=float, default=80.0)
+    parser.add_argument("--cpu-offload", action="store_true", help="fsdp: shards, gradients and AdamW state in CPU "
+                        "memory (train.fsdp_cpu_offload)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=512)
@@ -54,8 +57,10 @@ def main() -> int:
     torch.manual_seed(0)
     with torch.device(device):
         student = Qwen2ForCausalLM(Qwen2Config(**QWEN25_7B)).train()
-    trained = (load_sharding().shard(student, device, trainable=True) if args.layout == "fsdp"
-               else DistributedDataParallel(student))
+    if args.layout == "fsdp":
+        trained = load_sharding().shard(student, device, trainable=True, cpu_offload=args.cpu_offload)
+    else:
+        trained = DistributedDataParallel(student)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-6)
     ids = torch.randint(0, QWEN25_7B["vocab_size"], (args.batch, args.seq), device=device,
                         generator=torch.Generator(device).manual_seed(rank))

@@ -51,12 +51,16 @@ def _train_rows(out: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["supervised_kd", "on_policy"])
-def test_two_process_fsdp_run_matches_one_unsharded_process_at_the_same_global_batch(text_config, tmp_path, kind):
+@pytest.mark.parametrize("kind, options", [("supervised_kd", {}), ("on_policy", {}),
+                                           ("supervised_kd", {"student.gradient_checkpointing": True})],
+                         ids=["supervised_kd", "on_policy", "activation_checkpointing_per_layer"])
+def test_two_process_fsdp_run_matches_one_unsharded_process_at_the_same_global_batch(text_config, tmp_path, kind,
+                                                                                    options):
     settings = {"train.steps": 3, "train.batch_size": 2, "objective.kind": kind, "train.lr": 1e-3,
                 "rollout.max_new_tokens": 8}
     train(text_config(**settings, **{"train.grad_accum": 2, "train.out_dir": str(tmp_path / "one")}))
-    sharded = text_config(**settings, **SHARDED, **{"train.grad_accum": 1, "train.out_dir": str(tmp_path / "two")})
+    sharded = text_config(**settings, **SHARDED, **options,
+                          **{"train.grad_accum": 1, "train.out_dir": str(tmp_path / "two")})
     proc = subprocess.run(_launch("-m", "mmopd.cli", "train", str(_write(sharded, tmp_path / "two.yaml"))),
                           cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -68,6 +72,8 @@ def test_two_process_fsdp_run_matches_one_unsharded_process_at_the_same_global_b
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3), a["step"]  # the global norm
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=0.2), a["step"]
+    if options:  # each decoder layer recomputes its activations in backward (HF's checkpointing, inside FSDP)
+        assert "activation checkpointing in 2 of its 2 decoder layers" in proc.stderr
     # each rank holds about half of each model's parameter bytes
     held = re.findall(r"rank (\d) holds ([\d.]+) MB of the (\w+)'s ([\d.]+) MB", proc.stderr)
     assert sorted((rank, role) for rank, _, role, _ in held) == [("0", "student"), ("0", "teacher"),
@@ -215,10 +221,18 @@ def test_uneven_rollout_lengths_across_ranks_do_not_hang(tiny_text, tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     ({"train.sharding": "fsdp", "student.trainable": "lora"}, "student.trainable=lora is not supported with train"),
-    ({"train.sharding": "fsdp", "rollout.engine": "vllm"}, "rollout.engine=vllm with train.sharding=fsdp samples from a served"),
+    ({"train.sharding": "fsdp", "rollout.engine": "vllm"}, "rollout.engine=vllm with train.sharding=fsdp samples "
+                                                           "from a served engine only: set rollout.url"),
     ({"train.fsdp_cpu_offload": True}, "train.fsdp_cpu_offload offloads a sharded student"),
     ({"teacher.sharding": "zero3"}, "teacher.sharding is 'zero3', which is not one of none, fsdp"),
 ])
+def test_cpu_offload_is_refused_on_a_machine_without_a_gpu(text_config):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: offload runs there")
+    with pytest.raises(ConfigError, match="train.fsdp_cpu_offload keeps a sharded GPU student's .* clear it"):
+        train(text_config(**{"train.sharding": "fsdp", "train.fsdp_cpu_offload": True}))
+
+
 def test_sharding_settings_that_cannot_run_are_refused_at_the_config(text_config, overrides, message):
     with pytest.raises(ValueError, match=message):
         text_config(**overrides)
