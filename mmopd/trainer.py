@@ -125,6 +125,9 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) 
         layers = decoder_layers(session.policy)
         log.info("student: activation checkpointing in %d of its %d decoder layers",
                  sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers), len(layers))
+    # what prepare_trainable initialises (LoRA's A) follows train.seed: the same on every rank, as sharding needs
+    # (each rank keeps its own slice of it), and in every run
+    torch.manual_seed(t.seed)
     session.policy = session.adapter.prepare_trainable(session.policy, c.student)
     if lora_resume:
         load_lora_weights(session.policy, resume_from / "lora")

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from mmopd import ConfigError, train
@@ -118,6 +119,33 @@ def test_a_sigkilled_sharded_run_resumes_to_the_uninterrupted_curve(text_config,
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7), a["step"]
 
 
+@pytest.mark.slow
+def test_a_lora_student_sharded_on_two_processes_matches_one_process_and_saves_merged_weights(text_config,
+                                                                                              tmp_path):
+    settings = {"train.steps": 3, "train.batch_size": 2, "objective.kind": "supervised_kd", "train.lr": 1e-2,
+                "student.trainable": "lora", "student.lora_rank": 4}
+    train(text_config(**settings, **{"train.grad_accum": 2, "train.out_dir": str(tmp_path / "one")}))
+    sharded = text_config(**settings, **SHARDED, **{"train.grad_accum": 1, "train.out_dir": str(tmp_path / "two")})
+    proc = subprocess.run(_launch("-m", "mmopd.cli", "train", str(_write(sharded, tmp_path / "two.yaml"))),
+                          cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = _train_rows(tmp_path / "one"), _train_rows(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), a["step"]
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3), a["step"]
+    # model/ is the merged student (plain, loads by path), lora/ the adapters, as an unsharded LoRA run saves them
+    for part, load in (("model", lambda d: AutoModelForCausalLM.from_pretrained(d).state_dict()),
+                       ("lora", lambda d: load_file(str(d / "adapter_model.safetensors")))):
+        want, got = (load(tmp_path / run / "checkpoints/step-3" / part) for run in ("one", "two"))
+        assert want.keys() == got.keys() and want, part
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=f"{part}: {name}")
+    base = AutoModelForCausalLM.from_pretrained(sharded.student.path).state_dict()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "two/checkpoints/step-3/model").state_dict()
+    assert any(not torch.equal(merged[name], base[name]) for name in base)  # the adapters are folded in
+
+
 def _back_to_step_2(out: Path) -> None:
     """A finished 4-step run as if it had stopped after its step-2 checkpoint (the same schedule either way)."""
     shutil.rmtree(out / "checkpoints/step-4")
@@ -219,13 +247,6 @@ def test_uneven_rollout_lengths_across_ranks_do_not_hang(tiny_text, tmp_path):
     assert "rank 1 tokens (2, 12) kept 24" in proc.stdout
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"train.sharding": "fsdp", "student.trainable": "lora"}, "student.trainable=lora is not supported with train"),
-    ({"train.sharding": "fsdp", "rollout.engine": "vllm"}, "rollout.engine=vllm with train.sharding=fsdp samples "
-                                                           "from a served engine only: set rollout.url"),
-    ({"train.fsdp_cpu_offload": True}, "train.fsdp_cpu_offload offloads a sharded student"),
-    ({"teacher.sharding": "zero3"}, "teacher.sharding is 'zero3', which is not one of none, fsdp"),
-])
 def test_cpu_offload_is_refused_on_a_machine_without_a_gpu(text_config):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: offload runs there")
@@ -233,6 +254,14 @@ def test_cpu_offload_is_refused_on_a_machine_without_a_gpu(text_config):
         train(text_config(**{"train.sharding": "fsdp", "train.fsdp_cpu_offload": True}))
 
 
+@pytest.mark.parametrize("overrides, message", [
+    ({"train.sharding": "fsdp", "student.trainable": "lora", "rollout.engine": "vllm"},
+     "student.trainable=lora with train.sharding=fsdp samples with rollout.engine=hf only"),
+    ({"train.sharding": "fsdp", "rollout.engine": "vllm"}, "rollout.engine=vllm with train.sharding=fsdp samples "
+                                                           "from a served engine only: set rollout.url"),
+    ({"train.fsdp_cpu_offload": True}, "train.fsdp_cpu_offload offloads a sharded student"),
+    ({"teacher.sharding": "zero3"}, "teacher.sharding is 'zero3', which is not one of none, fsdp"),
+])
 def test_sharding_settings_that_cannot_run_are_refused_at_the_config(text_config, overrides, message):
     with pytest.raises(ValueError, match=message):
         text_config(**overrides)
