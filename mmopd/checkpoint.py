@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mmopd.lora import is_lora, merged_model
+from mmopd.lora import is_lora, merged_model, merged_weights
 from mmopd.sharding import full_state_dict, save_optimizer, write_full_model
 
 MARKER = "COMPLETE"
@@ -72,7 +72,8 @@ def save_sharded_checkpoint(out_dir: str | Path, step: int, model: Any, optimize
                             processor: Any, state: dict[str, Any], keep_last: int, run_id: str,
                             main: bool) -> None:
     """`save_checkpoint` for a sharded student; every rank calls it. The full weights are gathered onto rank 0,
-    which writes `model/` and the trainer state; every rank writes its optimizer shards into `optimizer/` (DCP)."""
+    which writes `model/` (a LoRA student's merged, its adapters in `lora/`) and the trainer state; every rank
+    writes its optimizer shards into `optimizer/` (DCP)."""
     weights = full_state_dict(model)
     tmp = checkpoint_dir(out_dir) / f".tmp-step-{step}-sharded"
     if main:
@@ -81,9 +82,18 @@ def save_sharded_checkpoint(out_dir: str | Path, step: int, model: Any, optimize
     dist.barrier()
     save_optimizer(model, optimizer, tmp / "optimizer")
     if main:
-        _commit(out_dir, step, tmp, lambda: write_full_model(model, tmp / "model", weights), processor, state,
-                keep_last, run_id)
+        _commit(out_dir, step, tmp, lambda: _write_gathered(model, tmp, weights), processor, state, keep_last,
+                run_id)
     dist.barrier()
+
+
+def _write_gathered(model: Any, tmp: Path, weights: dict[str, torch.Tensor]) -> None:
+    """A sharded student's `model/` (and a LoRA one's `lora/`) from its gathered full `weights`."""
+    if is_lora(model):
+        model.save_pretrained(tmp / "lora", state_dict=weights)  # peft keeps the adapters' entries
+        write_full_model(model.get_base_model(), tmp / "model", merged_weights(model, weights))
+    else:
+        write_full_model(model, tmp / "model", weights)
 
 
 def _commit(out_dir: str | Path, step: int, tmp: Path, write_model: Callable[[], None], processor: Any,

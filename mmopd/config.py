@@ -342,13 +342,14 @@ def validate(config: Config) -> None:
     _choice("teacher.sharding", config.teacher.sharding, SHARDING)
     if config.train.fsdp_cpu_offload and config.train.sharding != "fsdp":
         raise ConfigError("train.fsdp_cpu_offload offloads a sharded student; set train.sharding=fsdp or clear it")
-    if config.train.sharding == "fsdp" and config.student.trainable == "lora":
-        raise ConfigError("student.trainable=lora is not supported with train.sharding=fsdp (peft adapters would "
-                          "need sharded merges at save); train LoRA data-parallel (train.sharding=none), or use "
-                          "student.trainable=full or lm_only with train.sharding=fsdp")
-    if config.train.sharding == "fsdp" and config.rollout.engine != "hf":
-        raise ConfigError(f"rollout.engine={config.rollout.engine} cannot sync from a sharded student yet; use "
-                          "rollout.engine=hf with train.sharding=fsdp")
+    if config.train.sharding == "fsdp" and config.student.trainable == "lora" and config.rollout.engine == "vllm":
+        raise ConfigError("student.trainable=lora with train.sharding=fsdp samples with rollout.engine=hf only (the "
+                          "vLLM adapter sync does not gather sharded adapters); use rollout.engine=hf, or "
+                          "train.sharding=none for LoRA through vLLM")
+    if config.train.sharding == "fsdp" and config.rollout.engine == "vllm" and not config.rollout.url:
+        raise ConfigError("rollout.engine=vllm with train.sharding=fsdp samples from a served engine only: set "
+                          "rollout.url (a colocated engine on every rank would need the full weights on every "
+                          "rank, which the sharded sync gathers onto rank 0), or use rollout.engine=hf")
     _choice("train.existing", config.train.existing, ("refuse", "move_aside"))
     if not config.train.out_dir.strip():
         raise ConfigError("train.out_dir is empty; name the run's output directory, e.g. train.out_dir=runs/x")

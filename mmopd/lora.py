@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from torch import nn
+from torch import Tensor, nn
 
 
 def is_lora(model: nn.Module) -> bool:
@@ -39,6 +39,24 @@ def add_lora(model: nn.Module, targets: list[str], rank: int, alpha: float) -> n
 def merged_model(model: nn.Module) -> nn.Module:
     """A plain copy of a LoRA model with the adapters folded into the weights (the original is untouched)."""
     return copy.deepcopy(model).merge_and_unload()
+
+
+def merged_weights(model: nn.Module, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The plain model's state dict with the adapters folded in, from a LoRA model's full `weights` (a sharded
+    student's, gathered): W + scaling · B A for every adapted linear layer, under the base model's key names."""
+    scalings = {name: module.scaling["default"] for name, module in model.named_modules()
+                if hasattr(module, "lora_A") and hasattr(module, "scaling")}
+    merged = {}
+    for key, value in weights.items():
+        if ".lora_" in key:
+            continue
+        layer, _, kind = key.rpartition(".")
+        if layer.endswith(".base_layer") and kind == "weight":
+            name = layer.removesuffix(".base_layer")
+            a, b = weights[f"{name}.lora_A.default.weight"], weights[f"{name}.lora_B.default.weight"]
+            value = (value.float() + scalings[name] * (b.float() @ a.float())).to(value.dtype)
+        merged[key.replace(".base_layer.", ".").removeprefix("base_model.model.")] = value
+    return merged
 
 
 def load_lora_weights(model: nn.Module, path: str | Path) -> None:

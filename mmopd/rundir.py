@@ -38,6 +38,11 @@ SAFE_TO_CHANGE = frozenset({
     "train.steps", "train.save_every", "train.keep_last", "train.eval_every", "train.eval_batch_size",
     "train.log_every", "train.progress", "train.report_to", "train.out_dir", "train.resume", "train.existing",
     "train.resume_changes", "data.eval", "data.eval_limit", "data.judge"})
+# how the global batch is laid out over processes and micro-batches, and how the models are placed: a resumed run
+# may change these (for another number of processes) when the trainer can check that the global batch stays
+# (checkpoints record it as "global_batch")
+LAYOUT = frozenset({"train.batch_size", "train.grad_accum", "train.sharding", "teacher.sharding",
+                    "train.fsdp_cpu_offload"})
 # keys the checkpoint's weights decide: a resumed run cannot change them even when asked
 FIXED = frozenset({"modality", "student.path", "student.trainable", "student.lora_rank", "student.lora_alpha"})
 
@@ -88,7 +93,7 @@ def open_run(config: Config, main: bool = True) -> Run:
             return run
         run.resume_from, run.state = found
         old = run.state.get("config") or _saved_config(out)
-        run.changes = _check_same_run(old, config)
+        run.changes = _check_same_run(old, config, LAYOUT if "global_batch" in run.state else frozenset())
         run.run_id = run.state.get("run_id", run.run_id)
         done = run.state["step"]
         if t.steps < done:
@@ -208,8 +213,10 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _check_same_run(old: dict[str, Any] | None, config: Config) -> dict[str, tuple[Any, Any]]:
-    """The keys that differ from the saved run's config; refuses run-defining ones not in resume_changes."""
+def _check_same_run(old: dict[str, Any] | None, config: Config,
+                    layout: frozenset[str] = frozenset()) -> dict[str, tuple[Any, Any]]:
+    """The keys that differ from the saved run's config; refuses run-defining ones not in resume_changes
+    (`layout` keys are not run-defining: the trainer checks the global batch they make)."""
     if old is None:
         return {}
     before = _flatten(config_from_dict(old).to_dict())  # defaults filled in, as the new config has them
@@ -217,7 +224,7 @@ def _check_same_run(old: dict[str, Any] | None, config: Config) -> dict[str, tup
     changed = {k: (before.get(k), v) for k, v in after.items() if before.get(k) != v}
     accepted = set(config.train.resume_changes)
     fixed = [k for k in changed if k in FIXED]
-    refused = [k for k in changed if k not in SAFE_TO_CHANGE and (k not in accepted or k in FIXED)]
+    refused = [k for k in changed if k not in SAFE_TO_CHANGE | layout and (k not in accepted or k in FIXED)]
     if refused:
         listed = ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in refused)
         fix = f"{', '.join(fixed)} cannot change on resume (the checkpoint's weights decide them); " if fixed else ""

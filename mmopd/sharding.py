@@ -82,6 +82,11 @@ def parameter_bytes(model: nn.Module) -> tuple[int, int]:
     return local, full
 
 
+def same_parameter(a: Tensor, b: Tensor) -> bool:
+    """Whether two parameters are one (a tied LM head): the same object, or plain tensors on the same storage."""
+    return a is b or not isinstance(a, DTensor) and not isinstance(b, DTensor) and a.data_ptr() == b.data_ptr()
+
+
 def reshard(model: nn.Module | None) -> None:
     """Free the gathered root weights a forward left behind (a frozen teacher has no backward that would)."""
     if is_sharded(model):
@@ -130,10 +135,21 @@ def save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Pat
 
 
 def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
-    """Load what `save_optimizer` wrote, resharded to this run's processes (collective)."""
+    """Load what `save_optimizer` wrote, resharded to this run's layout: a sharded student on any number of
+    processes, or an unsharded one (DDP, or one process) that takes the whole state (collective when several)."""
     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # the target layout, states initialised
     dcp.load(state, checkpoint_id=str(path))
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def load_full_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Load an unsharded run's `optimizer.state_dict()` (its parameters by index, the trainable ones in order)
+    into the optimizer of the sharded `model`; every rank passes the whole dict and keeps its shards."""
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    by_name = {"state": {names[i]: state for i, state in saved["state"].items()},
+               "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                                for group in saved["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
 
 def write_full_model(model: nn.Module, path: Path, weights: dict[str, Tensor]) -> None:

@@ -12,9 +12,11 @@ import logging
 import math
 import signal
 import sys
+import tempfile
 import threading
 import time
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -30,8 +32,8 @@ from mmopd.report import MetricsLog, format_table, plot_metrics, write_summary
 from mmopd.rundir import Run, apply_resume_changes, open_run, record_segment
 from mmopd.schedule import warmup_cosine
 from mmopd.session import Session
-from mmopd.sharding import (clip_grad_norm, gradient_sync, is_sharded, load_optimizer, parameter_bytes, reshard,
-                            shard)
+from mmopd.sharding import (clip_grad_norm, decoder_layers, gradient_sync, is_sharded, load_full_optimizer,
+                            load_optimizer, parameter_bytes, reshard, shard)
 from mmopd.toys import write_report
 
 log = logging.getLogger("mmopd")
@@ -57,6 +59,9 @@ def check_distributed(accelerator: Accelerator, config: Config) -> None:
         raise ConfigError(f"accelerate is set up for {kind.value}, which mmopd does not use: launch plain processes "
                           "(accelerate launch --multi_gpu, or configs/accelerate/ddp_cpu_2proc.yaml) and set "
                           "train.sharding=fsdp (and teacher.sharding=fsdp) to shard the models with PyTorch FSDP2")
+    if config.train.fsdp_cpu_offload and accelerator.device.type != "cuda":
+        raise ConfigError("train.fsdp_cpu_offload keeps a sharded GPU student's weights, gradients and optimizer "
+                          "state in CPU memory; this run is on the CPU, where they are already: clear it")
     sharded = [f"{name}=fsdp" for name, value in (("train.sharding", config.train.sharding),
                                                   ("teacher.sharding", config.teacher.sharding)) if value == "fsdp"]
     if sharded and accelerator.num_processes < 2:
@@ -107,12 +112,22 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) 
     out = run.out
     main = accelerator.is_main_process
     resume_from = run.resume_from
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_step = t.batch_size * t.grad_accum * world
+    if resume_from is not None:
+        check_global_batch(run.state.get("global_batch"), per_step, world, t.batch_size, t.grad_accum, resume_from)
     live = t.progress and sys.stderr.isatty()  # off a terminal, plain log lines instead of a redrawn bar
     lora_resume = resume_from is not None and c.student.trainable == "lora"  # adapters go on the original student
     session = Session(c, student_override=resume_from / "model" if resume_from and not lora_resume else None,
                       accelerator=accelerator)
     if c.student.gradient_checkpointing:
         session.policy.gradient_checkpointing_enable()
+        layers = decoder_layers(session.policy)
+        log.info("student: activation checkpointing in %d of its %d decoder layers",
+                 sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers), len(layers))
+    # what prepare_trainable initialises (LoRA's A) follows train.seed: the same on every rank, as sharding needs
+    # (each rank keeps its own slice of it), and in every run
+    torch.manual_seed(t.seed)
     session.policy = session.adapter.prepare_trainable(session.policy, c.student)
     if lora_resume:
         load_lora_weights(session.policy, resume_from / "lora")
@@ -120,7 +135,7 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) 
     _shard_models(session, c)
     policy = session.policy
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)  # sharded params: sharded state
+    adamw = optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)  # sharded params: sharded state
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.warmup, t.steps))
     # the scheduler stays unprepared: accelerate would step it once per process, but ours counts optimizer steps
     # a sharded student is not wrapped in DDP: FSDP2 reduces its gradients itself
@@ -131,10 +146,7 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) 
     state: dict[str, Any] = {"step": 0, "baseline": {}, "skipped_steps": 0}
     if resume_from is not None:
         state = run.state
-        if sharded:
-            load_optimizer(policy, optimizer, resume_from / "optimizer")
-        else:
-            optimizer.load_state_dict(state["optimizer"])
+        _resume_optimizer(policy, adamw, resume_from, state)
         scheduler.load_state_dict(state["scheduler"])
         apply_resume_changes(run, optimizer, scheduler, c)
         set_rng_state(state["rng"])
@@ -169,13 +181,13 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) 
         if sharded:  # every rank gathers the weights and writes its optimizer shards
             payload = {"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(),
                        "baseline": state["baseline"], "skipped_steps": state["skipped_steps"], "config": c.to_dict(),
-                       "run_id": run.run_id}
+                       "run_id": run.run_id, "global_batch": per_step}
             save_sharded_checkpoint(out, step, policy, optimizer, session.student_processor, payload, t.keep_last,
                                     run.run_id, main)
         elif main:
             payload = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                        "rng": rng_state(), "baseline": state["baseline"], "skipped_steps": state["skipped_steps"],
-                       "config": c.to_dict(), "run_id": run.run_id}
+                       "config": c.to_dict(), "run_id": run.run_id, "global_batch": per_step}
             save_checkpoint(out, step, accelerator.unwrap_model(student), session.student_processor, payload,
                             t.keep_last, run.run_id)
         accelerator.wait_for_everyone()
@@ -189,8 +201,6 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) 
         sync_engine()  # the engine loaded the student's path; a resumed or LoRA student differs from it
         check_engine(models, session.train_data.records[:4], c)
 
-    world, rank = accelerator.num_processes, accelerator.process_index
-    per_step = t.batch_size * t.grad_accum * world
     records = session.train_data.records
     bar = tqdm(total=t.steps, initial=state["step"], desc="distil", disable=not (main and live))
     plain_every = max(1, t.steps // 20) if main and t.progress and not live else 0
@@ -291,9 +301,37 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) 
     if main:
         write_summary(out, summary)
         plot_metrics(out, metric, summary.get("teacher"))
-        write_report(c.modality, out, session, summary)
+    if main or is_sharded(policy) or is_sharded(session.teacher):  # sampling sharded models needs every rank
+        # (each writes the same report; rank 0's is kept)
+        with tempfile.TemporaryDirectory() as scratch:
+            write_report(c.modality, out if main else Path(scratch), session, summary)
+    if main:
         print(format_table(summary))
     return summary
+
+
+def check_global_batch(saved: int | None, per_step: int, world: int, batch_size: int, grad_accum: int,
+                       checkpoint: Path) -> None:
+    """A resumed run keeps the records per optimizer step (which records form each step follow from it), however
+    it lays them out over processes and micro-batches."""
+    if saved is None or saved == per_step:
+        return
+    fit = (f"on {world} processes, set train.batch_size × train.grad_accum to {saved // world}" if saved % world == 0
+           else f"{saved} does not split over {world} processes; resume on a number of processes that divides it")
+    raise ConfigError(f"{checkpoint} was trained with a global batch of {saved} records a step, and this run's is "
+                      f"{per_step} (train.batch_size {batch_size} × train.grad_accum {grad_accum} × {world} "
+                      f"processes); a resumed run keeps the global batch: {fit}")
+
+
+def _resume_optimizer(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint: Path,
+                      state: dict[str, Any]) -> None:
+    """The checkpoint's optimizer state into this run's, whichever layout wrote it and whichever this run has."""
+    if (checkpoint / "optimizer").is_dir():  # a sharded run's DCP shards: they reshard to this layout
+        load_optimizer(policy, optimizer, checkpoint / "optimizer")
+    elif is_sharded(policy):
+        load_full_optimizer(policy, optimizer, state["optimizer"])
+    else:
+        optimizer.load_state_dict(state["optimizer"])
 
 
 def _shard_models(session: Session, c: Config) -> None:

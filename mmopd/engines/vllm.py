@@ -48,6 +48,7 @@ from mmopd.batch import PromptBatch, Rollout, Sampling, TokenSpace
 from mmopd.engines.base import TOKEN_LOGPROBS, TOP_K, TeacherNeed
 from mmopd.hf import base_model
 from mmopd.scores import Scores, TokenLogprobs, TopKTail
+from mmopd.sharding import full_state_dict, is_sharded, same_parameter, write_full_model
 
 log = logging.getLogger("mmopd")
 
@@ -267,18 +268,22 @@ class Colocated:
 
 
 def write_engine_checkpoint(model: nn.Module, directory: Path, engine_key: Callable[[str], str],
-                            processor: Any = None) -> Path:
+                            processor: Any = None, weights: dict[str, torch.Tensor] | None = None) -> Path:
     """`model` as vLLM loads it, in `directory`: `save_pretrained` (safetensors), with the LM head untied (vLLM's
     `reload_weights` never refreshes a tied head, so a tied engine would keep sampling from the start's head)
-    and every key in the layout vLLM's loader reads (`engine_key`, the adapter's)."""
+    and every key in the layout vLLM's loader reads (`engine_key`, the adapter's). A sharded model's full
+    `weights` come gathered (`sharding.full_state_dict`)."""
     base = base_model(model)
     if directory.exists():
         shutil.rmtree(directory)
-    base.save_pretrained(directory, safe_serialization=True)
+    if weights is None:
+        base.save_pretrained(directory, safe_serialization=True)
+    else:
+        write_full_model(base, directory, weights)
     if processor is not None:
         processor.save_pretrained(directory)
     head, embed = base.get_output_embeddings(), base.get_input_embeddings()
-    tied = head is not None and embed is not None and head.weight.data_ptr() == embed.weight.data_ptr()
+    tied = head is not None and embed is not None and same_parameter(head.weight, embed.weight)
     head_key = next(name for name, module in base.named_modules() if module is head) + ".weight" if tied else None
     files = sorted(directory.glob("*.safetensors"))
     index_path = directory / "model.safetensors.index.json"
@@ -286,7 +291,8 @@ def write_engine_checkpoint(model: nn.Module, directory: Path, engine_key: Calla
     for i, file in enumerate(files):
         state = {engine_key(k): v for k, v in load_file(file).items()}
         if head_key is not None and i == 0:
-            state[engine_key(head_key)] = head.weight.detach().to(next(iter(state.values())).dtype).cpu().clone()
+            head_weight = head.weight.detach() if weights is None else weights[head_key]
+            state[engine_key(head_key)] = head_weight.to(next(iter(state.values())).dtype).cpu().clone()
             if index is not None:
                 index["weight_map"][engine_key(head_key)] = file.name
         save_file(state, file, metadata={"format": "pt"})
@@ -360,7 +366,9 @@ class VLLMRollout:
         return Rollout(tokens.to(device), mask.to(device), logprobs.to(device))
 
     def sync(self, student: nn.Module) -> None:
-        """Write the student's weights (or a new LoRA version) and have the engine load them in place."""
+        """Write the student's weights (or a new LoRA version) and have the engine load them in place. A sharded
+        student's weights are gathered first, on every rank (collective); the writer writes them."""
+        weights = full_state_dict(student) if is_sharded(student) else None
         if not self.writer:
             return
         self.version += 1
@@ -373,7 +381,7 @@ class VLLMRollout:
                 shutil.rmtree(previous)
         else:
             self.transport.reload_weights(write_engine_checkpoint(student, self.sync_dir / "weights",
-                                                                  self.engine_key))
+                                                                  self.engine_key, weights=weights))
 
 
 class Scoring(Protocol):

@@ -16,10 +16,10 @@ pytestmark = pytest.mark.slow  # each test runs a whole demo or benchmark: minut
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(module: str, *args: str) -> str:
+def _run(module: str, *args: str, timeout: float = 240) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=240)
+                         timeout=timeout)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
 
@@ -45,6 +45,18 @@ def test_step_benchmark_splits_the_step_and_compares_with_the_logits_path(tmp_pa
     assert "speed vs logits" in text and "error" not in text
     rows = json.loads((tmp_path / "step.json").read_text())["rows"]
     assert rows["fused"]["tokens"] == 4 and set(rows["fused"]["split"]) == {"rollout", "sync", "teacher", "student"}
+
+
+def test_step_benchmark_sharded_column_compares_fsdp_with_ddp_on_two_processes(tmp_path):
+    text = _run("benchmarks.step", "--student", "16,1,2,1,32,64", "--teacher", "24,1,2,1,48,64", "--prompts", "2",
+                "--prompt-len", "4", "--new", "2", "--steps", "1", "--variants", "", "--sharded", "2",
+                "--json", str(tmp_path / "step.json"), timeout=480)
+    assert "peak vs ddp" in text and "error" not in text
+    assert len(re.findall(r"\| (ddp|fsdp) +\| \d+\.\d+ +\|", text)) == 2
+    sharded = json.loads((tmp_path / "step.json").read_text())["sharded"]
+    for layout in ("ddp", "fsdp"):  # both ranks report their memory; rank 0 its time
+        assert len(sharded[layout]["ranks"]) == 2 and sharded[layout]["seconds"] > 0
+        assert all(rank["peak"] > 0 for rank in sharded[layout]["ranks"])
 
 
 def test_topk_benchmark_reports_error_against_the_exact_divergence(tiny_text):

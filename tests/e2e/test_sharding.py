@@ -15,11 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from mmopd import train
+from mmopd import ConfigError, train
 from mmopd.checkpoint import complete_checkpoints
 from mmopd.report import read_metrics
+from modalities.image_tokens import toy as image_toy
+from modalities.vlm import toy as vlm_toy
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARDED = {"train.sharding": "fsdp", "teacher.sharding": "fsdp"}
@@ -49,12 +52,16 @@ def _train_rows(out: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["supervised_kd", "on_policy"])
-def test_two_process_fsdp_run_matches_one_unsharded_process_at_the_same_global_batch(text_config, tmp_path, kind):
+@pytest.mark.parametrize("kind, options", [("supervised_kd", {}), ("on_policy", {}),
+                                           ("supervised_kd", {"student.gradient_checkpointing": True})],
+                         ids=["supervised_kd", "on_policy", "activation_checkpointing_per_layer"])
+def test_two_process_fsdp_run_matches_one_unsharded_process_at_the_same_global_batch(text_config, tmp_path, kind,
+                                                                                    options):
     settings = {"train.steps": 3, "train.batch_size": 2, "objective.kind": kind, "train.lr": 1e-3,
                 "rollout.max_new_tokens": 8}
     train(text_config(**settings, **{"train.grad_accum": 2, "train.out_dir": str(tmp_path / "one")}))
-    sharded = text_config(**settings, **SHARDED, **{"train.grad_accum": 1, "train.out_dir": str(tmp_path / "two")})
+    sharded = text_config(**settings, **SHARDED, **options,
+                          **{"train.grad_accum": 1, "train.out_dir": str(tmp_path / "two")})
     proc = subprocess.run(_launch("-m", "mmopd.cli", "train", str(_write(sharded, tmp_path / "two.yaml"))),
                           cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -66,6 +73,8 @@ def test_two_process_fsdp_run_matches_one_unsharded_process_at_the_same_global_b
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3), a["step"]  # the global norm
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=0.2), a["step"]
+    if options:  # each decoder layer recomputes its activations in backward (HF's checkpointing, inside FSDP)
+        assert "activation checkpointing in 2 of its 2 decoder layers" in proc.stderr
     # each rank holds about half of each model's parameter bytes
     held = re.findall(r"rank (\d) holds ([\d.]+) MB of the (\w+)'s ([\d.]+) MB", proc.stderr)
     assert sorted((rank, role) for rank, _, role, _ in held) == [("0", "student"), ("0", "teacher"),
@@ -110,6 +119,99 @@ def test_a_sigkilled_sharded_run_resumes_to_the_uninterrupted_curve(text_config,
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7), a["step"]
 
 
+@pytest.mark.slow
+def test_a_lora_student_sharded_on_two_processes_matches_one_process_and_saves_merged_weights(text_config,
+                                                                                              tmp_path):
+    settings = {"train.steps": 3, "train.batch_size": 2, "objective.kind": "supervised_kd", "train.lr": 1e-2,
+                "student.trainable": "lora", "student.lora_rank": 4}
+    train(text_config(**settings, **{"train.grad_accum": 2, "train.out_dir": str(tmp_path / "one")}))
+    sharded = text_config(**settings, **SHARDED, **{"train.grad_accum": 1, "train.out_dir": str(tmp_path / "two")})
+    proc = subprocess.run(_launch("-m", "mmopd.cli", "train", str(_write(sharded, tmp_path / "two.yaml"))),
+                          cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = _train_rows(tmp_path / "one"), _train_rows(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), a["step"]
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3), a["step"]
+    # model/ is the merged student (plain, loads by path), lora/ the adapters, as an unsharded LoRA run saves them
+    for part, load in (("model", lambda d: AutoModelForCausalLM.from_pretrained(d).state_dict()),
+                       ("lora", lambda d: load_file(str(d / "adapter_model.safetensors")))):
+        want, got = (load(tmp_path / run / "checkpoints/step-3" / part) for run in ("one", "two"))
+        assert want.keys() == got.keys() and want, part
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=f"{part}: {name}")
+    base = AutoModelForCausalLM.from_pretrained(sharded.student.path).state_dict()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "two/checkpoints/step-3/model").state_dict()
+    assert any(not torch.equal(merged[name], base[name]) for name in base)  # the adapters are folded in
+
+
+def _back_to_step_2(out: Path) -> None:
+    """A finished 4-step run as if it had stopped after its step-2 checkpoint (the same schedule either way)."""
+    shutil.rmtree(out / "checkpoints/step-4")
+    (out / "summary.json").unlink()
+
+
+@pytest.mark.slow
+def test_a_sharded_run_resumes_on_one_process_and_an_unsharded_one_on_two_at_the_same_global_batch(text_config,
+                                                                                                  tmp_path):
+    settings = {"train.batch_size": 2, "objective.kind": "supervised_kd", "train.lr": 1e-3, "train.save_every": 2}
+    one_process = {"train.grad_accum": 2, "train.sharding": "none", "teacher.sharding": "none"}
+    reference = tmp_path / "reference"
+    train(text_config(**settings, **one_process, **{"train.steps": 4, "train.out_dir": str(reference)}))
+    # 2 -> 1: two sharded processes train; one unsharded process resumes from their step-2 DCP optimizer shards
+    two = _write(text_config(**settings, **SHARDED, **{"train.steps": 4, "train.out_dir": str(tmp_path / "2to1")}),
+                 tmp_path / "two.yaml")
+    proc = subprocess.run(_launch("-m", "mmopd.cli", "train", str(two)), cwd=ROOT, capture_output=True, text=True,
+                          env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _back_to_step_2(tmp_path / "2to1")
+    train(text_config(**settings, **one_process, **{"train.steps": 4, "train.out_dir": str(tmp_path / "2to1")}))
+    # 1 -> 2: the reference's step-2 checkpoint (its optimizer whole in trainer_state.pt) resumes sharded
+    shutil.copytree(reference, tmp_path / "1to2")
+    _back_to_step_2(tmp_path / "1to2")
+    path = _write(text_config(**settings, **SHARDED, **{"train.steps": 4, "train.out_dir": str(tmp_path / "1to2")}),
+                  tmp_path / "1to2.yaml")
+    proc = subprocess.run(_launch("-m", "mmopd.cli", "train", str(path)), cwd=ROOT, capture_output=True, text=True,
+                          env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want = _train_rows(reference)
+    for resumed in ("2to1", "1to2"):
+        got = _train_rows(tmp_path / resumed)
+        assert [r["step"] for r in got] == [1, 2, 3, 4], resumed
+        for a, b in zip(want, got):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (resumed, a["step"])
+            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3), (resumed, a["step"])
+
+
+def test_a_resume_that_changes_the_global_batch_is_refused(text_config, tmp_path):
+    settings = {"train.save_every": 1, "train.out_dir": str(tmp_path / "run"), "rollout.max_new_tokens": 2}
+    train(text_config(**settings, **{"train.steps": 1, "train.batch_size": 2}))
+    with pytest.raises(ConfigError, match=r"global batch of 2 records a step, and this run's is 4 \(train.batch_size "
+                                          r"4 × train.grad_accum 1 × 1 processes\).*train.batch_size × "
+                                          r"train.grad_accum to 2"):
+        train(text_config(**settings, **{"train.steps": 2, "train.batch_size": 4}))
+
+
+TOYS = {"vlm": lambda out: vlm_toy.build_toy(out, progress=False, size=vlm_toy.TINY),
+        "image_tokens": lambda out: image_toy.build_toy(out, progress=False, size=image_toy.TINY)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("modality", sorted(TOYS))
+def test_the_vlm_and_image_token_toys_train_sharded_on_two_processes(tmp_path, modality):
+    path = TOYS[modality](tmp_path / "toy")
+    out = tmp_path / "run"
+    overrides = [f"{k}={v}" for k, v in SHARDED.items()] + [
+        "train.steps=2", "train.batch_size=2", "train.eval_every=0", "train.save_every=0", f"train.out_dir={out}"]
+    proc = subprocess.run(_launch("-m", "mmopd.cli", "train", str(path), *overrides), cwd=ROOT, capture_output=True,
+                          text=True, env=ENV, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["step"] for r in _train_rows(out)] == [1, 2]
+    assert len(re.findall(r"rank \d holds [\d.]+ MB of the (?:student|teacher)'s", proc.stderr)) == 4
+    assert (out / "checkpoints/step-2/model/config.json").is_file()
+
+
 UNEVEN = """
 import sys
 import torch
@@ -145,9 +247,18 @@ def test_uneven_rollout_lengths_across_ranks_do_not_hang(tiny_text, tmp_path):
     assert "rank 1 tokens (2, 12) kept 24" in proc.stdout
 
 
+def test_cpu_offload_is_refused_on_a_machine_without_a_gpu(text_config):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: offload runs there")
+    with pytest.raises(ConfigError, match="train.fsdp_cpu_offload keeps a sharded GPU student's .* clear it"):
+        train(text_config(**{"train.sharding": "fsdp", "train.fsdp_cpu_offload": True}))
+
+
 @pytest.mark.parametrize("overrides, message", [
-    ({"train.sharding": "fsdp", "student.trainable": "lora"}, "student.trainable=lora is not supported with train"),
-    ({"train.sharding": "fsdp", "rollout.engine": "vllm"}, "rollout.engine=vllm cannot sync from a sharded"),
+    ({"train.sharding": "fsdp", "student.trainable": "lora", "rollout.engine": "vllm"},
+     "student.trainable=lora with train.sharding=fsdp samples with rollout.engine=hf only"),
+    ({"train.sharding": "fsdp", "rollout.engine": "vllm"}, "rollout.engine=vllm with train.sharding=fsdp samples "
+                                                           "from a served engine only: set rollout.url"),
     ({"train.fsdp_cpu_offload": True}, "train.fsdp_cpu_offload offloads a sharded student"),
     ({"teacher.sharding": "zero3"}, "teacher.sharding is 'zero3', which is not one of none, fsdp"),
 ])

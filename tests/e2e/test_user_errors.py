@@ -233,7 +233,10 @@ CASES: dict[str, tuple[Callable[[Case], list[str]], int, str]] = {
                            r"different config: train\.lr 0\.0001 -> 0\.001.*train\.resume_changes=\[train\.lr\]"),
     "resume_with_new_batch_and_objective": (
         lambda c: (c.reuse(), ["train", c.config({"train.batch_size": 4, "objective.kind": "supervised_kd"})])[1], 2,
-        r"objective\.kind 'on_policy' -> 'supervised_kd', train\.batch_size 2 -> 4"),
+        r"different config: objective\.kind 'on_policy' -> 'supervised_kd'\. "),  # the batch layout may change
+    "resume_with_a_new_global_batch": (
+        lambda c: (c.reuse(), ["train", c.config({"train.batch_size": 4, "train.steps": 3})])[1], 2,
+        r"global batch of 2 records a step, and this run's is 4 .* a resumed run keeps the global batch"),
     "resume_with_new_student_even_if_asked": (
         lambda c: (c.reuse(), ["train", c.config({"student.path": str(c.tiny["teacher"]),
                                                   "train.resume_changes": ["student.path"]})])[1], 2,

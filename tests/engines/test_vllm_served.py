@@ -199,6 +199,15 @@ def test_a_server_killed_mid_run_stops_it_cleanly_and_the_resumed_run_matches(pa
         assert losses(killed)[step] == pytest.approx(loss, rel=1e-4, abs=1e-6), step
 
 
+def _train_on_two_processes(config_path):
+    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    proc = subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                           "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend",
+                           "no", "-m", "mmopd.cli", "train", str(config_path)],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_two_ranks_sampling_from_one_served_engine_match_one_process_at_the_same_global_batch(pair, server,
                                                                                               tmp_path):
     """Each rank samples its share from the one server; rank 0 syncs the weights behind a barrier."""
@@ -207,12 +216,7 @@ def test_two_ranks_sampling_from_one_served_engine_match_one_process_at_the_same
     train(single)
     double = _config(pair, server, tmp_path, **settings, **{"train.grad_accum": 1, "train.out_dir": str(tmp_path / "two")})
     save_config(double, tmp_path / "two.yaml")
-    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable))
-    proc = subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                           "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend",
-                           "no", "-m", "mmopd.cli", "train", str(tmp_path / "two.yaml")],
-                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _train_on_two_processes(tmp_path / "two.yaml")
     one, two = ([r for r in _metrics(tmp_path / run) if "loss" in r] for run in ("one", "two"))
     assert len(one) == len(two) == 3
     assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-4)  # the same samples from the same seeds
@@ -220,3 +224,19 @@ def test_two_ranks_sampling_from_one_served_engine_match_one_process_at_the_same
     for a, b in zip(one, two):  # later samples may flip on float noise once the weights differ in the last bits
         assert b["loss"] == pytest.approx(a["loss"], rel=0.2), a["step"]
         assert b["rollout/logprob_mismatch"] < 1e-3  # every rank sampled from synced weights
+
+
+def test_two_sharded_ranks_gather_the_student_at_sync_and_the_served_engine_samples_from_the_new_weights(
+        pair, server, tmp_path):
+    """train.sharding=fsdp: at every sync both ranks gather the full weights, rank 0 writes them and reloads the
+    engine behind a barrier; the engine's log-probs then match the trained student's."""
+    settings = {"train.steps": 3, "train.batch_size": 4, "objective.kind": "on_policy", "train.lr": 1e-2,
+                "train.sharding": "fsdp", "teacher.sharding": "fsdp", "train.out_dir": str(tmp_path / "two")}
+    save_config(_config(pair, server, tmp_path, **settings), tmp_path / "two.yaml")
+    _train_on_two_processes(tmp_path / "two.yaml")
+    rows = [r for r in _metrics(tmp_path / "two") if "loss" in r]
+    assert len(rows) == 3
+    for row in rows:  # lr 1e-2 moves the weights far each step: a stale engine would show a large mismatch
+        assert row["rollout/logprob_mismatch"] < 1e-3, row["step"]
+    assert len(list((tmp_path / "sync").glob("weights/*.safetensors"))) >= 1
+
