@@ -16,8 +16,9 @@ from accelerate import Accelerator
 
 from mmopd.adapter import get_adapter
 from mmopd.compat import IncompatibleModelsError
-from mmopd.config import Config, ConfigError
+from mmopd.config import Config, ConfigError, TeacherConfig
 from mmopd.data import DataError, Dataset, load_records
+from mmopd.engines.routed import check_same_vocabulary, routing_check
 from mmopd.evaluation import evaluate_policy
 from mmopd.hf import context_length
 from mmopd.objective_table import needs_answers, needs_teacher
@@ -51,8 +52,9 @@ class Session:
         self.device = self.accelerator.device
         c = config
         d, check = c.data, self.adapter.check_record
-        self.train_data = None if for_eval else load_records(d.train, check, d.skip_bad, "data.train", d.fields,
-                                                             d.split, d.subset)
+        train_check = routing_check(check, d.teacher_field, [t.name for t in c.teachers]) if c.teachers else check
+        self.train_data = None if for_eval else load_records(d.train, train_check, d.skip_bad, "data.train",
+                                                             d.fields, d.split, d.subset)
         if d.eval:
             self.eval_data = load_records(d.eval, check, d.skip_bad, "data.eval", d.fields, d.eval_split, d.subset)
         elif for_eval:
@@ -76,16 +78,19 @@ class Session:
         self.policy = self.adapter.load_model(student_path, "student", s_dtype).to(self.device)
         want_teacher = needs_teacher(c.objective.kind, c.objective.estimator) if need_teacher is None else need_teacher
         self.teacher, self.teacher_processor = None, None
+        self.teachers: dict[str, tuple[torch.nn.Module, Any]] = {}  # several teachers: name -> (model, processor)
         if want_teacher and c.teacher.cfg_scale != 1.0 and not self.adapter.supports_cfg:
             raise IncompatibleModelsError(
                 f"teacher.cfg_scale={c.teacher.cfg_scale} asks for classifier-free guidance, but {c.modality} "
                 "models have no unconditional branch; set teacher.cfg_scale=1.0")
         if want_teacher:
-            self.teacher_processor = self.adapter.load_processor(c.teacher.path, "teacher")
-            t_dtype = resolve_dtype(c.teacher.dtype, self.device, "teacher")
-            self.teacher = self.adapter.load_model(c.teacher.path, "teacher", t_dtype).to(self.device)
-            self.teacher.eval().requires_grad_(False)
-            self.adapter.check_pair(self.student_processor, self.teacher_processor, self.policy, self.teacher)
+            loaded = {t.name: self._load_teacher(t) for t in c.teachers or [c.teacher]}
+            if c.teachers:
+                check_same_vocabulary({name: processor for name, (_, processor) in loaded.items()})
+                self.teachers = loaded
+            for model, processor in loaded.values():
+                self.adapter.check_pair(self.student_processor, processor, self.policy, model)
+            self.teacher, self.teacher_processor = next(iter(loaded.values()))
         for data in (self.train_data, self.eval_data):
             if data is not None:
                 self._drop_overlong(data)
@@ -94,9 +99,16 @@ class Session:
         self.pad_id = self.student_processor.pad_token_id if getattr(self.student_processor, "pad_token_id", None) \
             is not None else self.eos_ids[0]
 
+    def _load_teacher(self, t: TeacherConfig) -> tuple[torch.nn.Module, Any]:
+        """One teacher's frozen model and its processor."""
+        processor = self.adapter.load_processor(t.path, "teacher")
+        model = self.adapter.load_model(t.path, "teacher", resolve_dtype(t.dtype, self.device, "teacher"))
+        return model.to(self.device).eval().requires_grad_(False), processor
+
     def _drop_overlong(self, data: Dataset, chunk: int = 1024) -> None:
         """Refuse (or with data.skip_bad, skip and count) prompts that leave no room for the response."""
-        limits = [context_length(m) for m in (self.policy, self.teacher) if m is not None]
+        teachers = [model for model, _ in self.teachers.values()] or [self.teacher]
+        limits = [context_length(m) for m in (self.policy, *teachers) if m is not None]
         limits = [n for n in limits if n is not None]
         if not limits:
             return
@@ -127,7 +139,7 @@ class Session:
         return Models(self.adapter, student if student is not None else self.policy, self.policy,
                       self.student_processor, self.teacher, self.teacher_processor, self.space, self.eos_ids,
                       self.pad_id, self.device, student_path=self.student_path,
-                      writer=self.accelerator.is_main_process).with_engines(self.config)
+                      writer=self.accelerator.is_main_process, teachers=self.teachers).with_engines(self.config)
 
     def evaluate(self, model: torch.nn.Module, processor: Any, desc: str = "eval",
                  progress: bool = False) -> dict[str, Any]:

@@ -1,0 +1,112 @@
+"""Top-k + tail against the exact teacher, on the text, VLM and image-token toys.
+
+    python -m experiments estimator_tail [--out DIR] [--size tiny|full] [--publish]
+
+What a served teacher gives for `estimator: full` is its top K log-probs per position, with the rest of its mass
+as one tail class (`mmopd/losses/tail.py`). This runs that signal in-process (`teacher.top_k: K`, `teacher.tail:
+true`: the hf teacher hands over exactly those K + 1 classes, which the served tests show equal the served
+teacher's) against the exact teacher (`on_policy_full`, all V logits), from each toy's student start, with each
+toy's on_policy budget and settings (compute_matched's: text 200 steps of 64 prompts, VLM 500, image 200), 3
+seeds. The exact runs are compute_matched's own (reused when --out is shared), and on the text toy the
+renormalised top-K without a tail (estimator's `on_policy_top4`) runs beside them, so the table says whether the
+tail fixes top-k.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from experiments.compute_matched import MODALITIES, method_runs, seed_runs  # noqa: E402
+from experiments.compute_matched import NAME as MATCHED  # noqa: E402
+from experiments.estimator import EXTRA  # noqa: E402
+from experiments.modality_task import build_modality_task  # noqa: E402
+from experiments.text_task import SIZES, mean_std, save_results  # noqa: E402
+
+NAME = "estimator_tail"
+K = 4
+TAIL = f"on_policy_top{K}_tail"
+TAIL_OVERRIDES = {"objective.kind": "on_policy", "objective.estimator": "full", "teacher.top_k": K,
+                  "teacher.tail": True}
+TOYS = ("text", "image", "vlm")  # the slowest last
+LABELS = {"on_policy_full": "exact teacher (all V logits)", f"on_policy_top{K}": f"top-{K} teacher (renormalised)",
+          TAIL: f"top-{K} + tail class (a served teacher's)"}
+
+
+def toy_runs(out: Path, size: str, toy: str) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """The exact and the top-K + tail runs (text: also top-K without a tail) of one toy, every seed."""
+    if toy == "text":
+        return method_runs(out, size, ["on_policy_full", f"on_policy_top{K}", TAIL],
+                           {**EXTRA, TAIL: (TAIL_OVERRIDES, 200)})
+    task = build_modality_task(out / f"{toy}_toy", size, toy)
+    base = {**task["base"], "train.save_every": 0}
+    if size == "tiny":
+        base = {**base, "data.eval_limit": 6, "train.batch_size": 4}
+    steps = MODALITIES[toy]["budget_steps"] if size == "full" else 2
+    methods = {"on_policy_full": {"objective.kind": "on_policy", "objective.estimator": "full"},
+               TAIL: TAIL_OVERRIDES}
+    return task, seed_runs(out / f"{MATCHED}_{toy}" / "runs", SIZES[size]["seeds"], methods,
+                           {name: steps for name in methods}, base, task)
+
+
+def run(out: Path, size: str, root: Path | None) -> dict[str, Any]:
+    """Run (or reuse) every toy's runs; write results_estimator_tail.png, .json and .md."""
+    toys = {}
+    for toy in TOYS:
+        task, curves = toy_runs(out, size, toy)
+        toys[toy] = {"metric": task.get("metric", "accuracy"), "teacher": curves["on_policy_full"][0]["teacher"],
+                     "student_before": curves["on_policy_full"][0]["student_before"],
+                     "steps": curves["on_policy_full"][0]["steps"][-1],
+                     "methods": {name: {"accuracy_final": [c["accuracy"][-1] for c in cs],
+                                        "accuracy_best": [max(c["accuracy"]) for c in cs],
+                                        "teacher_seconds_per_step": [c["teacher_seconds_per_step"] for c in cs]}
+                                 for name, cs in curves.items()},
+                     "curves": curves}
+    result = {"top_k": K, "seeds": len(SIZES[size]["seeds"]), "toys": toys}
+    out.mkdir(parents=True, exist_ok=True)
+    plot(result, out / f"results_{NAME}.png")
+    save_results(out, NAME, result, table(result), root)
+    return result
+
+
+def table(result: dict[str, Any]) -> str:
+    """Markdown: per toy and teacher signal, the final and best eval metric and the teacher's seconds per step."""
+    lines = ["| toy (metric, steps) | teacher signal | final | best eval | teacher s/step |", "|---|---|---|---|---|"]
+    for toy, r in result["toys"].items():
+        where = f"{toy} ({r['metric']}, {r['steps']} steps; start {r['student_before']:.3f}, teacher {r['teacher']:.3f})"
+        for name, m in r["methods"].items():
+            lines.append(f"| {where} | {LABELS[name]} | {mean_std(m['accuracy_final'])} | "
+                         f"{mean_std(m['accuracy_best'])} | {np.median(m['teacher_seconds_per_step']):.4f} |")
+    lines.append(f"\nK = {result['top_k']}; mean ± std over {result['seeds']} seeds; teacher s/step: the median "
+                 "measured teacher phase of a step on one shared CPU thread (CPU, 2 cores, shared).")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Per toy, the eval metric against steps (mean ± std band) for each teacher signal."""
+    toys = result["toys"]
+    fig, axes = plt.subplots(1, len(toys), figsize=(5 * len(toys), 4.2))
+    for ax, (toy, r) in zip(np.atleast_1d(axes), toys.items()):
+        for name, cs in r["curves"].items():
+            steps = np.linspace(0, min(c["steps"][-1] for c in cs), 40)
+            ys = np.array([np.interp(steps, c["steps"], c["accuracy"]) for c in cs])
+            line, = ax.plot(steps, ys.mean(0), label=LABELS[name])
+            ax.fill_between(steps, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), color=line.get_color(), alpha=0.2)
+        ax.axhline(r["teacher"], color="black", linestyle="--", label="teacher")
+        ax.set_title(f"{toy} toy")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(f"eval {r['metric']}")
+        ax.set_ylim(-0.02, 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Top-{result['top_k']} + tail class against the exact teacher; mean ± std over {result['seeds']} "
+                 "seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
