@@ -7,9 +7,8 @@ as one tail class (`mmopd/losses/tail.py`). This runs that signal in-process (`t
 true`: the hf teacher hands over exactly those K + 1 classes, which the served tests show equal the served
 teacher's) against the exact teacher (`on_policy_full`, all V logits), from each toy's student start, with each
 toy's on_policy budget and settings (compute_matched's: text 200 steps of 64 prompts, VLM 500, image 200), 3
-seeds. The exact runs are compute_matched's own (reused when --out is shared), and on the text toy the
-renormalised top-K without a tail (estimator's `on_policy_top4`) runs beside them, so the table says whether the
-tail fixes top-k.
+seeds. The exact runs are compute_matched's own (reused when --out is shared). Top-K without a tail, renormalised
+over the K ids, is the estimator experiment's `on_policy_top4` on the text toy (the same runs but for the tail).
 """
 
 from __future__ import annotations
@@ -23,11 +22,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from experiments.compute_matched import MODALITIES, method_runs, seed_runs  # noqa: E402
+from experiments.compute_matched import METHODS, MODALITIES, seed_runs  # noqa: E402
 from experiments.compute_matched import NAME as MATCHED  # noqa: E402
-from experiments.estimator import EXTRA  # noqa: E402
 from experiments.modality_task import build_modality_task  # noqa: E402
-from experiments.text_task import SIZES, mean_std, save_results  # noqa: E402
+from experiments.text_task import SIZES, base_overrides, build_task, mean_std, save_results  # noqa: E402
 
 NAME = "estimator_tail"
 K = 4
@@ -35,31 +33,44 @@ TAIL = f"on_policy_top{K}_tail"
 TAIL_OVERRIDES = {"objective.kind": "on_policy", "objective.estimator": "full", "teacher.top_k": K,
                   "teacher.tail": True}
 TOYS = ("text", "image", "vlm")  # the slowest last
-LABELS = {"on_policy_full": "exact teacher (all V logits)", f"on_policy_top{K}": f"top-{K} teacher (renormalised)",
-          TAIL: f"top-{K} + tail class (a served teacher's)"}
+LABELS = {"on_policy_full": "exact teacher (all V logits)", TAIL: f"top-{K} + tail class (a served teacher's)"}
 
 
-def toy_runs(out: Path, size: str, toy: str) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
-    """The exact and the top-K + tail runs (text: also top-K without a tail) of one toy, every seed."""
+def toy_runs(out: Path, size: str, toy: str, seeds: tuple[int, ...]
+             ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """The exact and the top-K + tail runs of one toy, for these seeds, in compute_matched's run folders."""
+    methods = {"on_policy_full": METHODS["on_policy_full"][0], TAIL: TAIL_OVERRIDES}
     if toy == "text":
-        return method_runs(out, size, ["on_policy_full", f"on_policy_top{K}", TAIL],
-                           {**EXTRA, TAIL: (TAIL_OVERRIDES, 200)})
-    task = build_modality_task(out / f"{toy}_toy", size, toy)
-    base = {**task["base"], "train.save_every": 0}
-    if size == "tiny":
-        base = {**base, "data.eval_limit": 6, "train.batch_size": 4}
-    steps = MODALITIES[toy]["budget_steps"] if size == "full" else 2
-    methods = {"on_policy_full": {"objective.kind": "on_policy", "objective.estimator": "full"},
-               TAIL: TAIL_OVERRIDES}
-    return task, seed_runs(out / f"{MATCHED}_{toy}" / "runs", SIZES[size]["seeds"], methods,
-                           {name: steps for name in methods}, base, task)
+        task = build_task(out, size)
+        base, runs = base_overrides(task, size), out / "runs"
+        steps = max(int(METHODS["on_policy_full"][1] * SIZES[size]["scale"]), 2)
+    else:
+        task = build_modality_task(out / f"{toy}_toy", size, toy)
+        base, runs = {**task["base"], "train.save_every": 0}, out / f"{MATCHED}_{toy}" / "runs"
+        if size == "tiny":
+            base = {**base, "data.eval_limit": 6, "train.batch_size": 4}
+        steps = MODALITIES[toy]["budget_steps"] if size == "full" else 2
+    return task, seed_runs(runs, seeds, methods, {name: steps for name in methods}, base, task)
 
 
 def run(out: Path, size: str, root: Path | None) -> dict[str, Any]:
-    """Run (or reuse) every toy's runs; write results_estimator_tail.png, .json and .md."""
+    """Run (or reuse) every toy's runs, one seed on every toy before the next; after each seed, write
+    results_estimator_tail.png, .json and .md over the seeds done so far (a cut-short run still has whole seeds)."""
+    seeds = SIZES[size]["seeds"]
+    for done in range(1, len(seeds) + 1):
+        for toy in TOYS:
+            toy_runs(out, size, toy, seeds[done - 1:done])
+        result = results(out, size, seeds[:done])
+        plot(result, out / f"results_{NAME}.png")
+        save_results(out, NAME, result, table(result), root)
+    return result
+
+
+def results(out: Path, size: str, seeds: tuple[int, ...]) -> dict[str, Any]:
+    """Each toy's final and best metric and teacher seconds per step, per method over `seeds` (finished runs)."""
     toys = {}
     for toy in TOYS:
-        task, curves = toy_runs(out, size, toy)
+        task, curves = toy_runs(out, size, toy, seeds)
         toys[toy] = {"metric": task.get("metric", "accuracy"), "teacher": curves["on_policy_full"][0]["teacher"],
                      "student_before": curves["on_policy_full"][0]["student_before"],
                      "steps": curves["on_policy_full"][0]["steps"][-1],
@@ -68,11 +79,7 @@ def run(out: Path, size: str, root: Path | None) -> dict[str, Any]:
                                         "teacher_seconds_per_step": [c["teacher_seconds_per_step"] for c in cs]}
                                  for name, cs in curves.items()},
                      "curves": curves}
-    result = {"top_k": K, "seeds": len(SIZES[size]["seeds"]), "toys": toys}
-    out.mkdir(parents=True, exist_ok=True)
-    plot(result, out / f"results_{NAME}.png")
-    save_results(out, NAME, result, table(result), root)
-    return result
+    return {"top_k": K, "seeds": len(seeds), "toys": toys}
 
 
 def table(result: dict[str, Any]) -> str:

@@ -7,6 +7,8 @@ served teacher's log-probs are over its vocabulary, the in-process teacher's ren
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers
@@ -101,10 +103,10 @@ def test_the_first_steps_with_a_served_teacher_equal_those_with_the_hf_teacher(p
     runs = []
     for engine in ("vllm", "hf"):
         extra = {"teacher.engine": engine, "teacher.url": server.url if engine == "vllm" else ""}
+        if engine == "hf" and overrides.get("teacher.top_k"):  # the hf side: the same K + 1 classes, in process
+            extra["teacher.tail"] = True
         session = Session(_config(pair, server, tmp_path / engine, **overrides, **extra))
         m = session.models()
-        if engine == "hf" and overrides.get("teacher.top_k"):  # the hf side: the same K + 1 classes, in process
-            m.scorer = _HFTail(m)
         records = records or session.train_data.records[:8]
         optimizer = torch.optim.SGD(m.student.parameters(), lr=1e-2)
         steps = []
@@ -123,13 +125,25 @@ def test_the_first_steps_with_a_served_teacher_equal_those_with_the_hf_teacher(p
         assert abs(a["loss"] - b["loss"]) < 1e-3, (a["loss"], b["loss"])
 
 
-class _HFTail:
-    """The in-process teacher's top-K log-probs as a TopKTail: what the served teacher should send."""
-
-    def __init__(self, m):
-        self.hf = HFTeacher(m.adapter, m.teacher, m.space, fused=False)
-
-    def score(self, prompts, tokens, need):
-        full = self.hf.score(prompts, tokens, TeacherNeed(DISTRIBUTION)).values.float().log_softmax(-1)
-        top = full.topk(need.k, dim=-1)
-        return TopKTail(top.values, top.indices)
+def test_routed_rows_reach_a_served_teacher_and_an_hf_teacher(pair, server, tmp_path):
+    """Several teachers, one served and one in-process (the student checkpoint as a second teacher): each row's
+    scores are its own teacher's, the served rows equal to the hf teacher's to tolerance."""
+    records = [json.loads(line) for line in pair["train"].read_text().splitlines()]
+    routed = tmp_path / "routed.jsonl"
+    routed.write_text("".join(json.dumps({**r, "teacher": ("served", "local")[i % 2]}) + "\n"
+                              for i, r in enumerate(records)))
+    teachers = [{"name": "served", "path": str(pair["teacher"]), "engine": "vllm", "url": server.url},
+                {"name": "local", "path": str(pair["student"])}]
+    session = Session(_config(pair, server, tmp_path, teacher=teachers, **{"data.train": str(routed)}))
+    m = session.models()
+    batch = [session.train_data.records[i] for i in range(8)]
+    prompts, rollout = _responses(m, batch)
+    prompts.state["records"] = batch
+    got = m.scorer.score(prompts, rollout.tokens, TeacherNeed(TOKEN_LOGPROBS))
+    for name, model in (("served", session.teachers["served"][0]), ("local", session.teachers["local"][0])):
+        rows = torch.tensor([i for i, r in enumerate(batch) if r["_teacher"] == name])
+        sub = session.adapter.encode_prompts([batch[i] for i in rows], session.teachers[name][1])
+        hf = HFTeacher(m.adapter, model, m.space, fused=False).score(sub, rollout.tokens[rows],
+                                                                     TeacherNeed(TOKEN_LOGPROBS))
+        mask = rollout.mask[rows]
+        torch.testing.assert_close(got.values[rows] * mask, hf.values * mask, atol=1e-4, rtol=0)
