@@ -153,6 +153,8 @@ class Session:
 
 def evaluate(config: Config, checkpoint: str | Path | None = None, which: str = "student") -> dict[str, float]:
     """Evaluate the student (or `which="teacher"`, or a checkpoint's student) on `data.eval`."""
+    if which == "teacher" and config.teachers:
+        raise ConfigError("several teachers: evaluate one at a time, with a config whose teacher is that one mapping")
     session = Session(config, for_eval=True, student_override=checkpoint, need_teacher=which == "teacher")
     model, processor = (session.teacher, session.teacher_processor) if which == "teacher" \
         else (session.policy, session.student_processor)

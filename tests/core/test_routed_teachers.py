@@ -21,7 +21,7 @@ from mmopd.engines import DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, HFTeacher, Teache
 from mmopd.engines.routed import RoutedTeacher
 from mmopd.losses import masked_mean
 from mmopd.objectives import Timer, model_scores, objective_step
-from mmopd.session import Session
+from mmopd.session import Session, evaluate
 from modalities.text import toy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -234,3 +234,8 @@ def test_a_two_teacher_run_trains_end_to_end_through_mmopd_train_and_resumes(two
     assert main(["train", str(path), "train.steps=5"]) == 0  # the saved config (a teacher list) resumes
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5]
+
+
+def test_evaluating_the_teacher_of_several_is_refused(two_teachers, tmp_path):
+    with pytest.raises(ConfigError, match="several teachers: evaluate one at a time"):
+        evaluate(_config(two_teachers, tmp_path), which="teacher")
