@@ -369,6 +369,9 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{where}path is required for objective.kind={config.objective.kind}")
         _choice(f"{where}engine", t.engine, TEACHER_ENGINES)
         _choice(f"{where}dtype", t.dtype, DTYPES)
+        if t.tail and not t.top_k:
+            raise ConfigError(f"{where}tail adds a tail class to the teacher's top-k; set {where}top_k: K as well, "
+                              f"or {where}tail: false for the full distribution")
     if config.teachers:
         _check_teachers(config)
     _choice("rollout.engine", config.rollout.engine, ROLLOUT_ENGINES)
@@ -421,9 +424,6 @@ def validate(config: Config) -> None:
             raise ConfigError(f"train.resume_changes names {key!r}, which is no config key{hint}")
     _choice("objective.fused", config.objective.fused, FUSED)
     _positive("teacher.top_k", config.teacher.top_k, allow_zero=True)
-    if config.teacher.tail and not config.teacher.top_k:
-        raise ConfigError("teacher.tail adds a tail class to the teacher's top-k; set teacher.top_k: K as well, or "
-                          "teacher.tail: false for the full distribution")
     if config.teacher.top_k and config.objective.estimator == "sampled":
         raise ConfigError("teacher.top_k keeps the teacher's top-k logits for objective.estimator=full; the sampled "
                           "estimator needs only each sampled token's log-prob. Set teacher.top_k=0")

@@ -181,7 +181,8 @@ def test_teachers_with_different_vocabularies_are_refused(two_teachers, tmp_path
      "disagree on the tail class"),
     ([], "teacher is an empty list"),
     ([{"name": "a", "path": "x", "dtype": "f32"}], "teacher 'a': dtype is 'f32'"),
-], ids=["duplicate", "unnamed", "bad-name", "top-k", "no-path", "tail", "empty", "dtype"])
+    ([{"name": "a", "path": "x"}, {"name": "b", "path": "y", "tail": True}], "teacher 'b': tail adds a tail class"),
+], ids=["duplicate", "unnamed", "bad-name", "top-k", "no-path", "tail", "empty", "dtype", "tail-without-top-k"])
 def test_teacher_lists_that_cannot_route_are_refused(teachers, message):
     raw = {"student": {"path": "s"}, "teacher": teachers, "data": {"train": "d.jsonl"}}
     with pytest.raises(ConfigError, match=message):

@@ -71,7 +71,7 @@ def test_top_k_with_tail_is_the_k_largest_log_probs_over_the_actions(text_config
 
 
 def test_teacher_tail_needs_top_k_and_follows_it_into_the_need(text_config):
-    with pytest.raises(ConfigError, match="teacher.tail adds a tail class"):
+    with pytest.raises(ConfigError, match="teacher.tail adds a tail class to the teacher.s top-k; set teacher.top_k"):
         text_config(**{"teacher.tail": True})
     assert teacher_need(text_config(**{"teacher.top_k": 3, "teacher.tail": True})) == TeacherNeed(TOP_K, 3, True)
     assert teacher_need(text_config(**{"teacher.top_k": 3})) == TeacherNeed(TOP_K, 3, False)
