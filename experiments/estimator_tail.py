@@ -115,7 +115,7 @@ def table(result: dict[str, Any]) -> str:
 def plot(result: dict[str, Any], path: Path) -> None:
     """Per toy, the eval metric against steps (mean ± std band) for each teacher signal."""
     toys = result["toys"]
-    fig, axes = plt.subplots(1, max(len(toys), 1), figsize=(5 * max(len(toys), 1), 4.2))
+    fig, axes = plt.subplots(1, max(len(toys), 1), figsize=(max(5 * len(toys), 7), 4.2))
     for ax, (toy, r) in zip(np.atleast_1d(axes), toys.items()):
         for name, cs in r["curves"].items():
             steps = np.linspace(0, min(c["steps"][-1] for c in cs), 40)
@@ -129,7 +129,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_ylim(-0.02, 1.05)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"Top-{result['top_k']} + tail class against the exact teacher; mean ± std over seeds")
+    fig.suptitle(f"Top-{result['top_k']} + tail against the exact teacher (mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
