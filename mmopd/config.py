@@ -47,10 +47,12 @@ class StudentConfig:
 
 @dataclass
 class TeacherConfig:
+    name: str = ""  # several teachers (`teacher:` a list): what records name in their data.teacher_field
     path: str = ""
     dtype: str = "auto"
     cfg_scale: float = 1.0
     top_k: int = 0  # full estimator: keep only the teacher's top-k logits per token (0 keeps all)
+    tail: bool = False  # top_k: the rest of the teacher's mass as one more class (a vLLM teacher always sends it)
     engine: str = "hf"  # who scores: hf (in-process) | vllm (prompt_logprobs: colocated, or served at url)
     url: str = ""  # vllm: the teacher's `vllm serve` (without LoRA, --max-logprobs >= top_k); empty: a vllm.LLM here
     gpu_memory_utilization: float = 0.3  # vllm colocated: its share of the GPU beside the trainer
@@ -70,6 +72,7 @@ class DataConfig:
     eval_split: str = "test"  # the split of data.eval, likewise
     subset: str = ""  # a hub dataset's configuration (its subset), if it has several
     fields: dict[str, str] = field(default_factory=dict)  # record field -> the set's column, e.g. {prompt: question}
+    teacher_field: str = "teacher"  # several teachers: the record field naming each record's teacher
 
 
 @dataclass
@@ -135,9 +138,15 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    teachers: list[TeacherConfig] = field(default_factory=list)  # `teacher:` a list; `teacher` is then the first
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as YAML writes it: `teacher` a list when there are several teachers."""
+        raw = dataclasses.asdict(self)
+        teachers = raw.pop("teachers")
+        if teachers:
+            raw["teacher"] = teachers
+        return raw
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
@@ -166,20 +175,35 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
             if not sep or not key:
                 raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.steps=50")
             _set_dotted(raw, key, yaml.safe_load(value) if value.strip() else "")
-    config = _build(Config, raw, "")
+    config = _build_config(raw)
     validate(config)
     return config
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Build and validate a Config from a plain nested dict (e.g. a saved config.yaml)."""
-    config = _build(Config, raw, "")
+    config = _build_config(raw)
     validate(config)
     return config
 
 
 def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def _build_config(raw: dict[str, Any]) -> Config:
+    """A Config from raw sections; `teacher:` may be a list of teachers (each a mapping with a name)."""
+    if "teachers" in raw:
+        raise ConfigError("unknown config key 'teachers'; several teachers go under 'teacher' as a list")
+    teachers = raw.get("teacher")
+    if not isinstance(teachers, list):
+        return _build(Config, raw, "")
+    if not teachers:
+        raise ConfigError("teacher is an empty list; give one teacher mapping, or a list of named teachers")
+    built = [_build(TeacherConfig, t, f"teacher[{i}]") for i, t in enumerate(teachers)]
+    config = _build(Config, {k: v for k, v in raw.items() if k != "teacher"}, "")
+    config.teacher, config.teachers = built[0], built
+    return config
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
@@ -266,10 +290,10 @@ def _positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name} must be {bound}, got {value}")
 
 
-def _check_teacher_engine(config: Config) -> None:
+def _check_teacher_engine(config: Config, t: TeacherConfig) -> None:
     """A vLLM teacher (served or colocated) returns temperature-1 log-probs of given ids (or its top-k): refuse
     what needs more."""
-    t, obj = config.teacher, config.objective
+    obj = config.objective
     if t.url and t.engine != "vllm":
         raise ConfigError(f"teacher.url is set, but teacher.engine={t.engine} scores in-process; set "
                           "teacher.engine=vllm to score with that server, or clear teacher.url")
@@ -298,6 +322,40 @@ def _check_teacher_engine(config: Config) -> None:
     _positive("teacher.retries", t.retries, allow_zero=True)
 
 
+NAME_CHARACTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+AGREE = ("cfg_scale", "top_k", "sharding")  # what one step's teacher scores share: per-teacher values would differ
+
+
+def _check_teachers(config: Config) -> None:
+    """Several teachers by route: named uniquely, each valid as a single one, handing over one kind of score."""
+    teachers = config.teachers
+    for i, t in enumerate(teachers):
+        if not t.name:
+            raise ConfigError(f"teacher[{i}] has no name; with several teachers each needs one (records pick theirs "
+                              f"by data.teacher_field: {config.data.teacher_field})")
+        if not set(t.name) <= NAME_CHARACTERS:
+            raise ConfigError(f"teacher[{i}].name={t.name!r} may hold letters, digits, '_', '.' and '-' only "
+                              "(it names the teacher's metrics)")
+    names = [t.name for t in teachers]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"teacher names must differ; {', '.join(map(repr, duplicates))} appears more than once")
+    first = teachers[0]
+    for t in teachers[1:]:
+        for key in AGREE:
+            if getattr(t, key) != getattr(first, key):
+                raise ConfigError(f"teacher {t.name!r} has {key}={getattr(t, key)} and teacher {first.name!r} "
+                                  f"{key}={getattr(first, key)}; several teachers must agree on {', '.join(AGREE)}")
+        if (t.tail or t.engine == "vllm") != (first.tail or first.engine == "vllm") and first.top_k:
+            raise ConfigError(f"teachers {first.name!r} and {t.name!r} disagree on the tail class: a served teacher "
+                              "always sends one, so set tail: true on every in-process teacher beside it")
+    if config.objective.kind == "seq_kd":
+        raise ConfigError("objective.kind=seq_kd samples its responses from one teacher; several teachers route "
+                          "the scoring of responses only. Give one teacher, or another objective.kind")
+    if first.sharding != "none":
+        raise ConfigError("teacher.sharding=fsdp shards one teacher; with several teachers set sharding: none")
+
+
 def validate(config: Config) -> None:
     """Check values that types alone cannot: choices, ranges and required paths."""
     if not config.student.path:
@@ -308,16 +366,26 @@ def validate(config: Config) -> None:
     if (obj.kind, obj.estimator) not in TABLE:
         raise ConfigError(f"objective.estimator={obj.estimator} does not apply to objective.kind={obj.kind}; use "
                           f"{' or '.join(estimators_of(obj.kind))} (the sampled estimator is for on_policy only)")
-    if needs_teacher(obj.kind, obj.estimator) and not config.teacher.path:
-        raise ConfigError(f"teacher.path is required for objective.kind={config.objective.kind}")
+    teachers = config.teachers or [config.teacher]
+    for t in teachers:
+        where = f"teacher {t.name!r}: " if config.teachers else "teacher."
+        if needs_teacher(obj.kind, obj.estimator) and not t.path:
+            raise ConfigError(f"{where}path is required for objective.kind={config.objective.kind}")
+        _choice(f"{where}engine", t.engine, TEACHER_ENGINES)
+        _choice(f"{where}dtype", t.dtype, DTYPES)
+        if t.tail and not t.top_k:
+            raise ConfigError(f"{where}tail adds a tail class to the teacher's top-k; set {where}top_k: K as well, "
+                              f"or {where}tail: false for the full distribution")
+    if config.teachers:
+        _check_teachers(config)
     _choice("rollout.engine", config.rollout.engine, ROLLOUT_ENGINES)
-    _choice("teacher.engine", config.teacher.engine, TEACHER_ENGINES)
     if config.rollout.url and config.rollout.engine != "vllm":
         raise ConfigError(f"rollout.url is set, but rollout.engine={config.rollout.engine} samples in-process; "
                           "set rollout.engine=vllm to sample from that server, or clear rollout.url")
     if config.rollout.url and not config.rollout.url.startswith(("http://", "https://")):
         raise ConfigError(f"rollout.url={config.rollout.url!r} must be an http(s):// URL, e.g. http://127.0.0.1:8000")
-    _check_teacher_engine(config)
+    for t in teachers:
+        _check_teacher_engine(config, t)
     _positive("rollout.timeout", config.rollout.timeout)
     _positive("rollout.retries", config.rollout.retries, allow_zero=True)
     _positive("rollout.tis_cap", config.rollout.tis_cap, allow_zero=True)
@@ -328,8 +396,7 @@ def validate(config: Config) -> None:
                           "estimator does not use behaviour log-probs. Set rollout.tis_cap=0 or objective.estimator=sampled")
     if not config.data.train:
         raise ConfigError("data.train is required: a JSONL, JSON, parquet or CSV file, a save_to_disk folder or a hub id")
-    for name, value in (("student.dtype", config.student.dtype), ("teacher.dtype", config.teacher.dtype)):
-        _choice(name, value, DTYPES)
+    _choice("student.dtype", config.student.dtype, DTYPES)
     _choice("student.trainable", config.student.trainable, TRAINABLE)
     _positive("student.lora_rank", config.student.lora_rank)
     if config.rollout.engine == "vllm" and config.student.trainable == "lora" and config.student.lora_rank > 512:

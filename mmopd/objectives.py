@@ -32,10 +32,11 @@ import torch
 from torch import Tensor, nn
 
 from mmopd.adapter import ModalityAdapter
-from mmopd.batch import Rollout, Sampling, TokenSpace, answers_rollout
+from mmopd.batch import PromptBatch, Rollout, Sampling, TokenSpace, answers_rollout
 from mmopd.config import Config, ConfigError, ObjectiveConfig, RolloutConfig
 from mmopd.engines import (DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, EngineError, RolloutEngine, TeacherNeed,
                            TeacherScorer, model_scores, rollout_engine, teacher_scorer)
+from mmopd.engines.routed import RECORDS, RoutedTeacher
 from mmopd.losses import masked_mean
 from mmopd.objective_table import (ANSWERS, DIVERGENCE, NLL, SAMPLED, STUDENT_OR_ANSWERS, TEACHER, row_of,
                                    scores_teacher)
@@ -64,6 +65,7 @@ class Models:
     rollout: RolloutEngine | None = None  # samples from the student
     teacher_rollout: RolloutEngine | None = None  # samples from the teacher (seq_kd)
     scorer: TeacherScorer | None = None  # scores responses with the teacher
+    teachers: dict[str, tuple[nn.Module, Any]] = field(default_factory=dict)  # several: name -> (model, processor)
 
     def with_engines(self, config: Config) -> "Models":
         """These models with the fusing policy decided and the configured engines built."""
@@ -77,7 +79,26 @@ class Models:
         if self.teacher is not None and scores_teacher(config.objective.kind, config.objective.estimator):
             self.scorer = teacher_scorer(config, self.adapter, self.teacher, self.teacher_processor, self.space,
                                          self.fused, self.eos_ids)
+        if self.teachers:
+            self.scorer = RoutedTeacher(self.adapter, {
+                t.name: teacher_scorer(replace(config, teacher=t), self.adapter, *self.teachers[t.name], self.space,
+                                       self.fused, self.eos_ids) for t in config.teachers},
+                {name: processor for name, (_, processor) in self.teachers.items()})
         return self
+
+    def teacher_prompts(self, records: list[dict]) -> PromptBatch | None:
+        """The prompts as the teacher reads them; several teachers each encode their own rows, from the records."""
+        if self.teacher is None:
+            return None
+        prompts = self.adapter.encode_prompts(records, self.teacher_processor).to(self.device)
+        if self.teachers:
+            prompts.state[RECORDS] = records
+        return prompts
+
+    def teacher_divergences(self, records: list[dict], loss: Callable[[Rollout], tuple[Tensor, dict[str, float]]],
+                            responses: Rollout) -> dict[str, float]:
+        """Several teachers: `divergence/<name>`, the loss's divergence over each teacher's rows; else nothing."""
+        return self.scorer.divergences(records, loss, responses) if self.teachers else {}
 
 
 @dataclass
@@ -109,7 +130,10 @@ def teacher_need(config: Config) -> TeacherNeed:
     obj = config.objective
     if row_of(obj.kind, obj.estimator).teacher == TOKEN_LOGPROBS:
         return TeacherNeed(TOKEN_LOGPROBS, temperature=obj.temperature)
-    return TeacherNeed(TOP_K, k=config.teacher.top_k) if config.teacher.top_k else TeacherNeed(DISTRIBUTION)
+    t = config.teacher
+    if not t.top_k:
+        return TeacherNeed(DISTRIBUTION)
+    return TeacherNeed(TOP_K, k=t.top_k, tail=t.tail or t.engine == "vllm")
 
 
 def use_fused(m: Models, config: Config) -> bool:
@@ -121,6 +145,8 @@ def use_fused(m: Models, config: Config) -> bool:
     roles = {"student": m.student, "teacher": m.teacher if scored else None}  # a vLLM teacher sends log-probs
     problems = [f"{role}: {why}" for role, model in roles.items()
                 if model is not None and (why := m.adapter.fused_unsupported(model)) is not None]
+    if m.teachers and scored and teacher_need(config).what == DISTRIBUTION:
+        problems.append("several teachers: their full distributions are stacked as logits, each with its own head")
     if problems and mode == "always":
         raise ConfigError(f"objective.fused=always, but {'; '.join(problems)}. Set objective.fused=auto (falls "
                           "back to logits where fusing is unsupported) or never")
@@ -163,7 +189,7 @@ def objective_step(m: Models, records: list[dict], config: Config, generator: to
     if row.responses != ANSWERS:
         records = [r for r in records for _ in range(config.rollout.samples_per_prompt)]
     s_prompts = m.adapter.encode_prompts(records, m.student_processor).to(m.device)
-    t_prompts = None if m.teacher is None else m.adapter.encode_prompts(records, m.teacher_processor).to(m.device)
+    t_prompts = m.teacher_prompts(records)
     engine = response_engine(m, row.responses, obj.lmbda, generator)
 
     with timer.phase("rollout"):  # 1. responses
@@ -189,6 +215,8 @@ def objective_step(m: Models, records: list[dict], config: Config, generator: to
             responses = against_trainer(s_scores, actions, responses, config.rollout, metrics)
         loss, values = LOSSES[row.loss](s_scores, t_scores, actions, responses, obj)
         metrics.update(values)
+        metrics.update(m.teacher_divergences(records, functools.partial(LOSSES[row.loss], s_scores, t_scores,
+                                                                        actions, obj=obj), responses))
         if obj.sft_weight > 0:
             targets = answers(m, records)
             a_scores = model_scores(m.adapter, m.student, s_prompts, targets.tokens, m.space, m.fused)

@@ -45,6 +45,18 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+TEACHER_KEY = "divergence/"  # several teachers: divergence/<name>, each teacher's rows' divergence
+LAST = 10
+
+
+def teacher_divergences(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Each teacher's divergence, the mean of its last LAST logged values."""
+    names = sorted({k[len(TEACHER_KEY):] for r in rows for k in r if k.startswith(TEACHER_KEY)})
+    values = {name: [r[TEACHER_KEY + name] for r in rows if _finite(r.get(TEACHER_KEY + name))][-LAST:]
+              for name in names}
+    return {name: sum(v) / len(v) for name, v in values.items() if v}
+
+
 def write_summary(out_dir: str | Path, summary: dict[str, Any]) -> Path:
     path = Path(out_dir) / "summary.json"
     path.write_text(json.dumps(summary, indent=2) + "\n")
@@ -67,7 +79,7 @@ def plot_metrics(out_dir: str | Path, metric: str, teacher_score: float | None =
     train = [r for r in rows if "loss" in r]
     if train:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for key in ("loss", "divergence"):
+        for key in ("loss", "divergence", *sorted({k for r in train for k in r if k.startswith(TEACHER_KEY)})):
             pts = [(r["step"], r[key]) for r in train if _finite(r.get(key))]
             if pts:
                 ax.plot(*zip(*pts), label=key, marker="." if len(pts) < 30 else None)
@@ -109,6 +121,10 @@ def format_table(summary: dict[str, Any]) -> str:
     for name, value in rows:
         if value is not None:
             lines.append(f"{name:<{width}}  {value:.3f}")
+    by_teacher = summary.get("divergence_by_teacher")
+    if by_teacher:
+        lines.append(f"divergence by teacher (mean of the last {LAST} steps): " +
+                     ", ".join(f"{name} {value:.4f}" for name, value in by_teacher.items()))
     gap = summary.get("gap_closed")
     if gap is not None:
         lines.append(f"gap closed: {100 * gap:.0f}% of the teacher-student gap")

@@ -15,8 +15,9 @@ from accelerate import Accelerator
 
 from mmopd.adapter import ModelLoadError, get_adapter
 from mmopd.compat import IncompatibleModelsError
-from mmopd.config import Config, ConfigError
+from mmopd.config import Config, ConfigError, TeacherConfig
 from mmopd.data import DataError, Dataset, load_records
+from mmopd.engines.routed import check_same_vocabulary, routing_check
 from mmopd.evaluation import evaluate_policy
 from mmopd.hf import context_length
 from mmopd.objective_table import needs_answers, needs_teacher, scores_teacher
@@ -50,8 +51,9 @@ class Session:
         self.device = self.accelerator.device
         c = config
         d, check = c.data, self.adapter.check_record
-        self.train_data = None if for_eval else load_records(d.train, check, d.skip_bad, "data.train", d.fields,
-                                                             d.split, d.subset)
+        train_check = routing_check(check, d.teacher_field, [t.name for t in c.teachers]) if c.teachers else check
+        self.train_data = None if for_eval else load_records(d.train, train_check, d.skip_bad, "data.train",
+                                                             d.fields, d.split, d.subset)
         if d.eval:
             self.eval_data = load_records(d.eval, check, d.skip_bad, "data.eval", d.fields, d.eval_split, d.subset)
         elif for_eval:
@@ -75,23 +77,23 @@ class Session:
         self.policy = self.adapter.load_model(student_path, "student", s_dtype).to(self.device)
         want_teacher = needs_teacher(c.objective.kind, c.objective.estimator) if need_teacher is None else need_teacher
         self.teacher, self.teacher_processor = None, None
+        self.teachers: dict[str, tuple[torch.nn.Module, Any]] = {}  # several teachers: name -> (model, processor)
         if want_teacher and c.teacher.cfg_scale != 1.0 and not self.adapter.supports_cfg:
             raise IncompatibleModelsError(
                 f"teacher.cfg_scale={c.teacher.cfg_scale} asks for classifier-free guidance, but {c.modality} "
                 "models have no unconditional branch; set teacher.cfg_scale=1.0")
         # a vLLM teacher (served or colocated) only scores: its engine holds the weights, this process its
         # config and processor, for the prompt encoding and the pair checks
-        self.teacher_in_process = c.teacher.engine == "hf" or for_eval or not scores_teacher(c.objective.kind,
-                                                                                             c.objective.estimator)
+        self.scored = not for_eval and scores_teacher(c.objective.kind, c.objective.estimator)
+        self.teacher_in_process = self._in_process(c.teacher)
         if want_teacher:
-            self.teacher_processor = self._teacher_processor()
-            if self.teacher_in_process:
-                t_dtype = resolve_dtype(c.teacher.dtype, self.device, "teacher")
-                self.teacher = self.adapter.load_model(c.teacher.path, "teacher", t_dtype).to(self.device)
-                self.teacher.eval().requires_grad_(False)
-            else:
-                self.teacher = self.adapter.load_skeleton(c.teacher.path, "teacher")
-            self.adapter.check_pair(self.student_processor, self.teacher_processor, self.policy, self.teacher)
+            loaded = {t.name: self._load_teacher(t) for t in c.teachers or [c.teacher]}
+            if c.teachers:
+                check_same_vocabulary({name: processor for name, (_, processor) in loaded.items()})
+                self.teachers = loaded
+            for model, processor in loaded.values():
+                self.adapter.check_pair(self.student_processor, processor, self.policy, model)
+            self.teacher, self.teacher_processor = next(iter(loaded.values()))
         self.space = self.adapter.token_space(self.student_processor, self.policy)  # checks the response length
         for data in (self.train_data, self.eval_data):
             if data is not None:
@@ -100,12 +102,24 @@ class Session:
         self.pad_id = self.student_processor.pad_token_id if getattr(self.student_processor, "pad_token_id", None) \
             is not None else self.eos_ids[0]
 
-    def _teacher_processor(self) -> Any:
+    def _in_process(self, t: TeacherConfig) -> bool:
+        """Whether teacher `t`'s weights load here: not for a vLLM teacher that scores (its engine holds them)."""
+        return t.engine == "hf" or not self.scored
+
+    def _load_teacher(self, t: TeacherConfig) -> tuple[torch.nn.Module, Any]:
+        """One teacher's frozen model (for a vLLM teacher a weightless skeleton from its config) and processor."""
+        processor = self._teacher_processor(t)
+        if not self._in_process(t):
+            return self.adapter.load_skeleton(t.path, "teacher"), processor
+        model = self.adapter.load_model(t.path, "teacher", resolve_dtype(t.dtype, self.device, "teacher"))
+        return model.to(self.device).eval().requires_grad_(False), processor
+
+    def _teacher_processor(self, t: TeacherConfig) -> Any:
         """The teacher's tokenizer or processor; a vLLM teacher's path must hold it beside its config."""
         try:
-            return self.adapter.load_processor(self.config.teacher.path, "teacher")
+            return self.adapter.load_processor(t.path, "teacher")
         except ModelLoadError as err:
-            if self.teacher_in_process:
+            if self._in_process(t):
                 raise
             raise ModelLoadError(f"{err}. teacher.engine=vllm still reads teacher.path in the trainer, for the "
                                  "prompt encoding and the pair checks: its config and tokenizer (or processor) "
@@ -114,7 +128,8 @@ class Session:
     def _drop_unusable_prompts(self, data: Dataset, chunk: int = 1024) -> None:
         """Refuse (or with data.skip_bad, skip and count) prompts that leave no room for the response, or that the
         adapter finds the student cannot read."""
-        limits = [context_length(m) for m in (self.policy, self.teacher) if m is not None]
+        teachers = [model for model, _ in self.teachers.values()] or [self.teacher]
+        limits = [context_length(m) for m in (self.policy, *teachers) if m is not None]
         limit = min([n for n in limits if n is not None], default=None)
         max_new = self.config.rollout.max_new_tokens
         dropped: list[int] = []
@@ -143,7 +158,7 @@ class Session:
         return Models(self.adapter, student if student is not None else self.policy, self.policy,
                       self.student_processor, self.teacher, self.teacher_processor, self.space, self.eos_ids,
                       self.pad_id, self.device, student_path=self.student_path,
-                      writer=self.accelerator.is_main_process).with_engines(self.config)
+                      writer=self.accelerator.is_main_process, teachers=self.teachers).with_engines(self.config)
 
     def evaluate(self, model: torch.nn.Module, processor: Any, desc: str = "eval",
                  progress: bool = False) -> dict[str, Any]:
@@ -157,6 +172,8 @@ class Session:
 
 def evaluate(config: Config, checkpoint: str | Path | None = None, which: str = "student") -> dict[str, float]:
     """Evaluate the student (or `which="teacher"`, or a checkpoint's student) on `data.eval`."""
+    if which == "teacher" and config.teachers:
+        raise ConfigError("several teachers: evaluate one at a time, with a config whose teacher is that one mapping")
     session = Session(config, for_eval=True, student_override=checkpoint, need_teacher=which == "teacher")
     model, processor = (session.teacher, session.teacher_processor) if which == "teacher" \
         else (session.policy, session.student_processor)

@@ -28,7 +28,7 @@ from mmopd.config import Config, ConfigError, save_config
 from mmopd.data import step_indices
 from mmopd.lora import load_lora_weights
 from mmopd.objectives import Timer, check_engine, objective_step
-from mmopd.report import MetricsLog, format_table, plot_metrics, write_summary
+from mmopd.report import MetricsLog, format_table, plot_metrics, read_metrics, teacher_divergences, write_summary
 from mmopd.rundir import Run, apply_resume_changes, open_run, record_segment
 from mmopd.schedule import warmup_cosine
 from mmopd.session import Session
@@ -64,6 +64,9 @@ def check_distributed(accelerator: Accelerator, config: Config) -> None:
                           "state in CPU memory; this run is on the CPU, where they are already: clear it")
     sharded = [f"{name}=fsdp" for name, value in (("train.sharding", config.train.sharding),
                                                   ("teacher.sharding", config.teacher.sharding)) if value == "fsdp"]
+    if config.teachers and accelerator.num_processes > 1:
+        raise ConfigError("several teachers train on one process for now (each rank would log other teachers' "
+                          "divergences); launch one process, or give one teacher")
     if sharded and accelerator.num_processes < 2:
         raise ConfigError(f"{' and '.join(sharded)} shards over processes, but this is one process; launch several "
                           "(accelerate launch --multi_gpu --num_processes N -m mmopd.cli train ...) or set "
@@ -168,7 +171,7 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) 
         if session.teacher is not None and not session.teacher_in_process:
             log.info("teacher.engine=vllm: the teacher's eval baseline is not measured (its weights are in its "
                      "engine, not in this process); `mmopd eval CONFIG --teacher` loads and measures it")
-        elif session.teacher is not None:
+        elif session.teacher is not None and not session.teachers:  # several: no one teacher answers every prompt
             state["baseline"]["teacher"] = session.evaluate(session.teacher, session.teacher_processor,
                                                             "eval teacher", live)["metrics"][metric]
         state["baseline"]["student_before"] = session.evaluate(policy, session.student_processor,
@@ -296,6 +299,8 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) 
         teacher, before = summary.get("teacher"), summary.get("student_before")
         if teacher is not None and before is not None and teacher > before:
             summary["gap_closed"] = (summary["student_after"] - before) / (teacher - before)
+    if session.teachers:
+        summary["divergence_by_teacher"] = teacher_divergences(read_metrics(out / "metrics.jsonl"))
     summary.update(objective=c.objective.kind, skipped_records=session.train_data.skipped,
                    skipped_steps=state["skipped_steps"], out_dir=str(out))
     if main:

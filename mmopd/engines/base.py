@@ -30,6 +30,7 @@ class TeacherNeed:
 
     what: str  # DISTRIBUTION (full: Logits or Hidden) | TOP_K (TopK) | TOKEN_LOGPROBS (TokenLogprobs)
     k: int = 0  # TOP_K: how many
+    tail: bool = False  # TOP_K: also the rest of the mass as one class (TopKTail), not a renormalised TopK
     temperature: float = 1.0  # TOKEN_LOGPROBS: the log-probs are of softmax(logits / temperature)
 
 

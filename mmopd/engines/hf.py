@@ -10,6 +10,7 @@ and its log-probs are the sampled tokens' under the sampling distribution (tempe
 |-----------------|---------------------------|-------------------------------|-------------|
 | distribution    | Logits [B, T, A]          | Hidden [B, T, H] + LM head    | O(N·A), O(N·H) |
 | top_k           | TopK from the logits      | TopK one chunk of rows at a time | O(N·K)   |
+| top_k, tail     | TopKTail: top-k log-probs | TopKTail, chunked log-sum-exp | O(N·K)      |
 | token_logprobs  | TokenLogprobs             | TokenLogprobs, chunked        | O(N)        |
 """
 
@@ -21,8 +22,8 @@ from torch import Tensor, nn
 from mmopd.adapter import ModalityAdapter
 from mmopd.batch import PromptBatch, Rollout, Sampling, TokenSpace
 from mmopd.engines.base import DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, TeacherNeed
-from mmopd.losses import fused_topk_logits
-from mmopd.scores import Hidden, Logits, Scores, TokenLogprobs, TopK
+from mmopd.losses import fused_excluded_logsumexp, fused_topk_logits
+from mmopd.scores import Hidden, Logits, Scores, TokenLogprobs, TopK, TopKTail
 from mmopd.sharding import any_rank
 
 
@@ -124,7 +125,7 @@ class HFTeacher:
             if need.what == TOKEN_LOGPROBS:
                 kept = TokenLogprobs(scores.logprobs(self.space.to_actions(tokens), need.temperature))
             elif need.what == TOP_K:
-                kept = _top_k(scores, need.k)
+                kept = _top_k(scores, need.k, need.tail)
             elif need.what != DISTRIBUTION:
                 raise ValueError(f"unknown teacher need {need.what!r}")
         # clones are ordinary tensors, so autograd may save them for the student's backward
@@ -132,14 +133,25 @@ class HFTeacher:
             return Hidden(out.hidden.clone(), out.weight, out.bias, out.logits_dtype).restrict(self.space)
         if need.what == DISTRIBUTION:
             return Logits(scores.values.clone())
+        if need.what == TOP_K and need.tail:
+            return TopKTail(kept.values.clone(), kept.ids.clone())
         if need.what == TOP_K:
             return TopK(kept.logits.clone(), kept.ids.clone())
         return TokenLogprobs(kept.values.clone())
 
 
-def _top_k(scores: Logits | Hidden, k: int) -> TopK:
-    """The K largest logits over the action space and their actions. -> [B, T, K] twice"""
+def _top_k(scores: Logits | Hidden, k: int, tail: bool) -> TopK | TopKTail:
+    """The K largest logits over the action space and their actions, or (`tail`) their log-probs over the
+    action space, the rest of the mass left to one tail class as a served teacher sends it. -> [B, T, K] twice"""
     if isinstance(scores, Hidden):
-        return TopK(*fused_topk_logits(scores.hidden, scores.weight, k, bias=scores.bias))
-    values, ids = scores.values.float().topk(min(k, scores.values.shape[-1]), dim=-1)
+        top = TopK(*fused_topk_logits(scores.hidden, scores.weight, k, bias=scores.bias))
+        if not tail:
+            return top
+        nothing = torch.zeros_like(top.ids, dtype=torch.bool)  # exclude no id: the log-sum-exp of every action
+        lse = fused_excluded_logsumexp(scores.hidden, scores.weight, top.ids, nothing, bias=scores.bias)  # [B, T]
+        return TopKTail(top.logits - lse[..., None], top.ids)
+    logits = scores.values.float()  # [B, T, A]
+    values, ids = logits.topk(min(k, logits.shape[-1]), dim=-1)
+    if tail:
+        return TopKTail(values - logits.logsumexp(-1, keepdim=True), ids)
     return TopK(values, ids)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
-from experiments import cfg_distill, compute_matched, estimator, forgetting, mode_seeking
+from experiments import cfg_distill, compute_matched, estimator, estimator_tail, forgetting, mode_seeking
 from experiments.text_task import step_flops
 
 
@@ -83,6 +84,19 @@ def test_estimator_reuses_the_on_policy_runs_and_adds_top_k(out):
     assert set(result["methods"]) == {"on_policy_full", "on_policy_sampled", *estimator.EXTRA}
     assert result["methods"]["on_policy_sampled"]["teacher_numbers_per_token"] == 1
     assert (out / "results_estimator.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_estimator_tail_runs_top_k_with_a_tail_beside_the_exact_teacher_on_the_three_toys(out):
+    result = estimator_tail.run(out, "tiny", None)
+    assert list(result["toys"]) == list(estimator_tail.TOYS)
+    for toy, r in result["toys"].items():
+        assert set(r["methods"]) == {"on_policy_full", estimator_tail.TAIL}, toy
+    run_dir = out / "compute_matched_image" / "runs" / estimator_tail.TAIL / "seed0"  # compute_matched's folders
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["teacher"]["top_k"] == estimator_tail.K and config["teacher"]["tail"] is True
+    assert (out / "results_estimator_tail.png").stat().st_size > 0
+    assert (out / "estimator_tail.md").read_text().count("\n| ") == 2 * len(estimator_tail.TOYS)
 
 
 def test_mode_seeking_reports_probabilities_that_sum_to_one(out):
