@@ -8,8 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-EXPERIMENTS = ("compute_matched", "compute_matched_vlm", "compute_matched_image", "estimator", "mode_seeking",
-               "forgetting", "cfg_distill")
+EXPERIMENTS = ("compute_matched", "compute_matched_vlm", "compute_matched_image", "estimator", "sampled_estimator",
+               "mode_seeking", "forgetting", "cfg_distill")
 ROOT = Path(__file__).resolve().parents[1]
 
 

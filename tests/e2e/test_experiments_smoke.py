@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from experiments import cfg_distill, compute_matched, estimator, forgetting, mode_seeking
+from experiments import cfg_distill, compute_matched, estimator, forgetting, mode_seeking, sampled_estimator
 from experiments.text_task import step_flops
 
 
@@ -83,6 +83,14 @@ def test_estimator_reuses_the_on_policy_runs_and_adds_top_k(out):
     assert set(result["methods"]) == {"on_policy_full", "on_policy_sampled", *estimator.EXTRA}
     assert result["methods"]["on_policy_sampled"]["teacher_numbers_per_token"] == 1
     assert (out / "results_estimator.png").stat().st_size > 0
+
+
+def test_sampled_estimator_runs_every_remedy_and_names_the_winners(out):
+    result = sampled_estimator.run(out, "tiny", None)
+    assert set(result["methods"]) == {"on_policy_full", "on_policy_sampled", *sampled_estimator.VARIANTS}
+    assert set(result["winners"]) <= set(result["methods"]) - {"on_policy_full"}
+    assert all(r["tflops_total"][0] > 0 for r in result["methods"].values())
+    assert (out / "sampled_estimator.md").read_text().count("\n| ") == len(result["methods"])  # one row each
 
 
 def test_mode_seeking_reports_probabilities_that_sum_to_one(out):
