@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from experiments import cfg_distill, compute_matched, estimator, forgetting, mode_seeking, sampled_estimator
+from experiments import (cfg_distill, compute_matched, estimator, forgetting, mode_seeking, sampled_estimator,
+                         self_distill)
 from experiments.text_task import step_flops
 
 
@@ -91,6 +92,15 @@ def test_sampled_estimator_runs_every_remedy_and_names_the_winners(out):
     assert set(result["winners"]) <= set(result["methods"]) - {"on_policy_full"}
     assert all(r["tflops_total"][0] > 0 for r in result["methods"].values())
     assert (out / "sampled_estimator.md").read_text().count("\n| ") == len(result["methods"])  # one row each
+
+
+def test_self_distill_tracks_kl_to_the_original_from_zero(out):
+    result = self_distill.run(out, "tiny", None)
+    assert set(result["methods"]) == set(self_distill.METHODS)
+    for cs in result["curves"].values():
+        assert all(c["kl"][0] == 0.0 and len(c["kl"]) == len(c["accuracy"]) >= 2 for c in cs)
+        assert all(kl >= -1e-6 for c in cs for kl in c["kl"])
+    assert (out / "results_self_distill.png").stat().st_size > 0
 
 
 def test_mode_seeking_reports_probabilities_that_sum_to_one(out):
