@@ -28,7 +28,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 OBJECTIVES = KINDS
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "tvd")
 SAMPLED_KLS = ("k1", "k3")  # objective.sampled_kl (mmopd.losses.sampled.Shaping)
-BASELINES = ("none", "loo")
+BASELINES = ("none", "loo", "batch")
 FUSED = ("auto", "always", "never")
 ESTIMATORS = ("full", "sampled")
 TRAINABLE = ("full", "lm_only", "lora")
@@ -84,7 +84,8 @@ class ObjectiveConfig:
     temperature: float = 1.0  # divides both models' logits inside the divergence
     fused: str = "auto"  # divergences from hidden states and LM heads: auto | always | never
     sampled_kl: str = "k1"  # sampled: k1 (log p_S − log p_T) | k3 (verl's low_var_kl; the forward KL's gradient)
-    baseline: str = "none"  # sampled, k1: none | loo (leave-one-out mean over the prompt's samples, unbiased)
+    # sampled, k1: a per-position leave-one-out mean of k, unbiased: none | loo (the prompt's samples) | batch (all rows)
+    baseline: str = "none"
     advantage_clip: float = 0.0  # sampled, k1: clip the log-ratio to ±C (biased; 0: no clip)
 
 

@@ -24,6 +24,8 @@ Shaped variants (``shaped_sampled_loss``: loss = ρ·c with a detached coefficie
 
     baseline "loo":   c = k − b,  b = mean of k at the same position over the prompt's other samples
                       (independent of x, so E[(k − b)·∇log p_S(x)] = ∇KL(S‖T): unbiased)
+    baseline "batch": the same over every other row of the batch (other prompts' samples, drawn
+                      independently: unbiased too), which needs no more than one sample a prompt
     clip C:           c = clamp(k, −C, C)   (biased: tokens with |k| > C count as |k| = C)
     kl "k3":          verl's low_var_kl, differentiated: loss = ρ·k3,  r = p_T(x) / p_S(x),
                       k3 = r − 1 − log r  (log r clamped to ±20, k3 to ±10 as verl does)
@@ -173,7 +175,7 @@ def shaped_sampled_loss(
     behaviour_logprobs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """sampled_reverse_kl_loss with its coefficient shaped (module docstring): a leave-one-out baseline over
-    groups of `shaping.group` rows, a clip of the log-ratio at ±`shaping.clip` (0: none), or verl's k3 in
+    groups of `shaping.group` rows or over the batch, a clip of the log-ratio at ±`shaping.clip` (0: none), or verl's k3 in
     place of k.
     [B, T] each -> ([B, T] per-token loss, [B, T] reverse-KL estimate k), float32."""
     student = student_logprobs.float()  # [B, T]
@@ -185,8 +187,9 @@ def shaped_sampled_loss(
         k3 = (log_ratio.exp() - log_ratio - 1).clamp(-10.0, 10.0)
         return torch.exp(student - behaviour).detach() * k3, kl_estimate
     coefficient = kl_estimate
-    if shaping.baseline == "loo":
-        coefficient = coefficient - leave_one_out_mean(kl_estimate, mask, shaping.group)
+    if shaping.baseline != "none":  # loo: over the prompt's samples; batch: over every row of the batch
+        group = shaping.group if shaping.baseline == "loo" else kl_estimate.shape[0]
+        coefficient = coefficient - leave_one_out_mean(kl_estimate, mask, group)
     if shaping.clip > 0:
         coefficient = coefficient.clamp(-shaping.clip, shaping.clip)
     return torch.exp(student - behaviour.detach()) * coefficient, kl_estimate

@@ -59,6 +59,22 @@ def test_leave_one_out_baseline_keeps_the_reverse_kl_gradient_unbiased(group):
     torch.testing.assert_close(got, exact_gradient(student, teacher, "reverse"))
 
 
+def test_batch_baseline_over_rows_of_other_prompts_keeps_the_gradient_unbiased():
+    (s1, t1), (s2, t2) = models(7), models(8)  # two prompts: each row its own student and teacher
+    z = torch.stack([s1, s2]).requires_grad_(True)  # [2, V]
+    log_s, log_t = torch.log_softmax(z, -1), torch.log_softmax(torch.stack([t1, t2]), -1)
+    draws = torch.tensor(list(itertools.product(range(V), repeat=2)))  # [D, 2]: a token for each row
+    rows = torch.arange(2).expand_as(draws)
+    student_lp, teacher_lp = log_s[rows, draws].reshape(-1, 1), log_t[rows, draws].reshape(-1, 1)  # [2D, 1]
+    loss = torch.stack([shaped_sampled_loss(student_lp[2 * d:2 * d + 2], teacher_lp[2 * d:2 * d + 2],
+                                            torch.ones(2, 1), Shaping(baseline="batch"))[0].sum()
+                        for d in range(len(draws))])  # [D]: each draw its own batch of two rows
+    probability = log_s.detach()[rows, draws].sum(1).exp()  # [D]
+    (probability * loss).sum().backward()
+    torch.testing.assert_close(z.grad, torch.stack([exact_gradient(s1, t1, "reverse"), exact_gradient(s2, t2, "reverse")]),
+                               rtol=1e-5, atol=1e-6)  # the losses are float32
+
+
 def gradient_variance(student, teacher, shaping, group):
     """Σ_v Var of the mean gradient over a group of `group` draws, by enumerating every group."""
     draws = torch.tensor(list(itertools.product(range(V), repeat=group)))  # [D, G]
