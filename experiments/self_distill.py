@@ -126,19 +126,23 @@ def run(out: Path, size: str, root: Path | None) -> dict[str, Any]:
     prompts = [json.loads(line)["prompt"] for line in Path(p["eval"]).read_text().splitlines()[:KL_PROMPTS[size]]]
     held_out = (prompts, sample(original, tokenizer, prompts, SIZES[size]["max_new_tokens"], seed=1))
     curves: dict[str, list[dict[str, Any]]] = {name: [] for name in METHODS}
-    for seed in SIZES[size]["seeds"]:
+    for seed in SIZES[size]["seeds"]:  # the results are written after every seed: a cut-short run keeps its seeds
         for name, overrides in METHODS.items():
             extra = {"data.train": str(data)} if name == "sft_fixed" else {}
             curves[name].append(drift_run(out / NAME / "runs" / name / f"seed{seed}",
                                           {**base, **overrides, **extra, "train.seed": seed}, task, size, held_out))
-    result = {"original_accuracy": curves["on_policy"][0]["accuracy"][0], "steps": STEPS[size],
-              "seeds": len(SIZES[size]["seeds"]), "curves": curves,
-              "methods": {name: {"kl_final": [c["kl"][-1] for c in cs], "kl_max": [max(c["kl"]) for c in cs],
-                                 "accuracy_final": [c["accuracy"][-1] for c in cs]} for name, cs in curves.items()}}
-    (out / NAME).mkdir(parents=True, exist_ok=True)
-    plot(result, out / f"results_{NAME}.png")
-    save_results(out, NAME, result, table(result), root)
+        result = summarize(curves, size)
+        plot(result, out / f"results_{NAME}.png")
+        save_results(out, NAME, result, table(result), root)
     return result
+
+
+def summarize(curves: dict[str, list[dict[str, Any]]], size: str) -> dict[str, Any]:
+    """Per method: KL to M0 at the end and at most, and the final accuracy, over the seeds run so far."""
+    return {"original_accuracy": curves["on_policy"][0]["accuracy"][0], "steps": STEPS[size],
+            "seeds": len(curves["on_policy"]), "curves": curves,
+            "methods": {name: {"kl_final": [c["kl"][-1] for c in cs], "kl_max": [max(c["kl"]) for c in cs],
+                               "accuracy_final": [c["accuracy"][-1] for c in cs]} for name, cs in curves.items()}}
 
 
 def table(result: dict[str, Any]) -> str:
