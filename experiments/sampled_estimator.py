@@ -87,7 +87,8 @@ def gradient_agreement(task: dict[str, Any], size: str) -> dict[str, list[float]
     for batch in range(AGREEMENT_BATCHES[size]):
         for name, overrides in names.items():
             shaping = shaping_of(overrides)
-            prompts = [p for p in records[batch * 64:batch * 64 + 64 // shaping.group] for _ in range(shaping.group)]
+            prompts = [records[(batch * 64 + i) % len(records)] for i in range(64 // shaping.group)
+                       for _ in range(shaping.group)]  # 64 sequences; a small (tiny) train set wraps round
             ids, length, mask = rollouts(student, tokenizer, prompts, SIZES[size]["max_new_tokens"], batch)
             tokens = ids[:, length:]  # [B, T]
             with torch.no_grad():

@@ -91,7 +91,9 @@ def test_sampled_estimator_runs_every_remedy_and_names_the_winners(out):
     assert set(result["methods"]) == {"on_policy_full", "on_policy_sampled", *sampled_estimator.VARIANTS}
     assert set(result["winners"]) <= set(result["methods"]) - {"on_policy_full"}
     assert all(r["tflops_total"][0] > 0 for r in result["methods"].values())
-    assert (out / "sampled_estimator.md").read_text().count("\n| ") == len(result["methods"])  # one row each
+    rows = len(result["methods"]) + 1 + len(result["agreement"])  # one row each, then the cosines' table
+    assert (out / "sampled_estimator.md").read_text().count("\n| ") == rows
+    assert all(-1 <= c <= 1 for values in result["agreement"].values() for c in values)
 
 
 def test_self_distill_tracks_kl_to_the_original_from_zero(out):
