@@ -58,15 +58,16 @@ MODALITIES: dict[str, dict[str, Any]] = {
 }
 
 
-def method_runs(out: Path, size: str, names: list[str], extra: dict[str, dict[str, Any]] | None = None
-                ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
-    """Train (or reuse) every named method for every seed on the text toy; return the task and the curves."""
+def method_runs(out: Path, size: str, names: list[str], extra: dict[str, dict[str, Any]] | None = None,
+                seeds: tuple[int, ...] | None = None) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """Train (or reuse) every named method for every seed (the size's, or these) on the text toy; return the
+    task and the curves."""
     task = build_task(out, size)
     s = SIZES[size]
     methods = {**METHODS, **(extra or {})}
     steps = {n: max(int(methods[n][1] * s["scale"]), 2) for n in names}
-    return task, seed_runs(out / "runs", s["seeds"], {n: methods[n][0] for n in names}, steps,
-                           base_overrides(task, size), task)
+    return task, seed_runs(out / "runs", s["seeds"] if seeds is None else seeds, {n: methods[n][0] for n in names},
+                           steps, base_overrides(task, size), task)
 
 
 def seed_runs(runs: Path, seeds: tuple[int, ...], methods: dict[str, dict[str, Any]], steps: dict[str, int],

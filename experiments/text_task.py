@@ -105,12 +105,13 @@ def step_flops(row: dict[str, Any], kind: str, task: dict[str, Any], batch_size:
 def curve(run_dir: Path, task: dict[str, Any]) -> dict[str, Any]:
     """A run's eval accuracy against steps, cumulative FLOPs and cumulative training seconds (eval excluded)."""
     config = load_config(run_dir / "config.yaml")
+    sequences = config.train.batch_size * (1 if config.objective.kind in ("sft", "supervised_kd")
+                                           else config.rollout.samples_per_prompt)  # each sample reads its prompt
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     flops, seconds, teacher_s = {0: 0.0}, {0: 0.0}, []
     for row in rows:
         if "loss" in row:
-            flops[row["step"]] = flops[row["step"] - 1] + step_flops(row, config.objective.kind, task,
-                                                                      config.train.batch_size)
+            flops[row["step"]] = flops[row["step"] - 1] + step_flops(row, config.objective.kind, task, sequences)
             seconds[row["step"]] = seconds[row["step"] - 1] + row["time/step"]
             teacher_s.append(row.get("time/teacher", 0.0))
     metric = f"eval/{task.get('metric', 'accuracy')}"

@@ -27,6 +27,8 @@ class ConfigError(ValueError):
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OBJECTIVES = KINDS
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "tvd")
+SAMPLED_KLS = ("k1", "k3")  # objective.sampled_kl (mmopd.losses.sampled.Shaping)
+BASELINES = ("none", "loo", "batch")
 FUSED = ("auto", "always", "never")
 ESTIMATORS = ("full", "sampled")
 TRAINABLE = ("full", "lm_only", "lora")
@@ -85,6 +87,10 @@ class ObjectiveConfig:
     sft_weight: float = 0.0
     temperature: float = 1.0  # divides both models' logits inside the divergence
     fused: str = "auto"  # divergences from hidden states and LM heads: auto | always | never
+    sampled_kl: str = "k1"  # sampled: k1 (log p_S − log p_T) | k3 (verl's low_var_kl; the forward KL's gradient)
+    # sampled, k1: a per-position leave-one-out mean of k, unbiased: none | loo (the prompt's samples) | batch (all rows)
+    baseline: str = "none"
+    advantage_clip: float = 0.0  # sampled, k1: clip the log-ratio to ±C (biased; 0: no clip)
 
 
 @dataclass
@@ -356,6 +362,25 @@ def _check_teachers(config: Config) -> None:
         raise ConfigError("teacher.sharding=fsdp shards one teacher; with several teachers set sharding: none")
 
 
+def _check_shaping(config: Config) -> None:
+    """objective.sampled_kl, .baseline and .advantage_clip shape the sampled estimator only, one way at a time."""
+    obj = config.objective
+    _choice("objective.sampled_kl", obj.sampled_kl, SAMPLED_KLS)
+    _choice("objective.baseline", obj.baseline, BASELINES)
+    _positive("objective.advantage_clip", obj.advantage_clip, allow_zero=True)
+    shaped = [f"{name}={value}" for name, value, plain in (("sampled_kl", obj.sampled_kl, "k1"),
+              ("baseline", obj.baseline, "none"), ("advantage_clip", obj.advantage_clip, 0.0)) if value != plain]
+    if shaped and obj.estimator != "sampled":
+        raise ConfigError(f"objective.{shaped[0]} shapes the sampled estimator's coefficient; set "
+                          "objective.estimator=sampled or leave it at its default")
+    if obj.sampled_kl == "k3" and len(shaped) > 1:
+        raise ConfigError("objective.sampled_kl=k3 is a loss differentiated as it stands (verl's low_var_kl); "
+                          "objective.baseline and objective.advantage_clip shape k1's coefficient. Use one or the other")
+    if obj.baseline == "loo" and config.rollout.samples_per_prompt < 2:
+        raise ConfigError("objective.baseline=loo averages a prompt's other samples; set rollout.samples_per_prompt "
+                          f">= 2 (got {config.rollout.samples_per_prompt})")
+
+
 def validate(config: Config) -> None:
     """Check values that types alone cannot: choices, ranges and required paths."""
     if not config.student.path:
@@ -432,6 +457,7 @@ def validate(config: Config) -> None:
     if config.teacher.top_k and config.objective.estimator == "sampled":
         raise ConfigError("teacher.top_k keeps the teacher's top-k logits for objective.estimator=full; the sampled "
                           "estimator needs only each sampled token's log-prob. Set teacher.top_k=0")
+    _check_shaping(config)
     if config.objective.estimator == "sampled" and config.objective.divergence != "reverse_kl":
         raise ConfigError(
             "objective.estimator=sampled estimates the reverse KL only; "

@@ -33,11 +33,11 @@ from torch import Tensor, nn
 
 from mmopd.adapter import ModalityAdapter
 from mmopd.batch import PromptBatch, Rollout, Sampling, TokenSpace, answers_rollout
-from mmopd.config import Config, ConfigError, ObjectiveConfig, RolloutConfig
+from mmopd.config import Config, ConfigError, RolloutConfig
 from mmopd.engines import (DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, EngineError, RolloutEngine, TeacherNeed,
                            TeacherScorer, model_scores, rollout_engine, teacher_scorer)
 from mmopd.engines.routed import RECORDS, RoutedTeacher
-from mmopd.losses import masked_mean
+from mmopd.losses import Shaping, masked_mean
 from mmopd.objective_table import (ANSWERS, DIVERGENCE, NLL, SAMPLED, STUDENT_OR_ANSWERS, TEACHER, row_of,
                                    scores_teacher)
 from mmopd.scores import Scores
@@ -161,19 +161,22 @@ def _log_once(message: str) -> None:
 
 
 def divergence_loss(student: Scores, teacher: Scores, actions: Tensor, responses: Rollout,
-                    obj: ObjectiveConfig) -> tuple[Tensor, dict[str, float]]:
+                    config: Config) -> tuple[Tensor, dict[str, float]]:
+    obj = config.objective
     loss = student.divergence(teacher, responses.mask, obj.divergence, obj.beta, obj.temperature)
     return loss, {"divergence": loss.item()}
 
 
 def sampled_loss(student: Scores, teacher: Scores, actions: Tensor, responses: Rollout,
-                 obj: ObjectiveConfig) -> tuple[Tensor, dict[str, float]]:
-    loss, kl_estimate = student.sampled_loss(teacher, actions, responses, obj.temperature)
+                 config: Config) -> tuple[Tensor, dict[str, float]]:
+    obj = config.objective
+    shaping = Shaping(obj.sampled_kl, obj.baseline, config.rollout.samples_per_prompt, obj.advantage_clip)
+    loss, kl_estimate = student.sampled_loss(teacher, actions, responses, obj.temperature, shaping)
     return loss, {"divergence": masked_mean(kl_estimate, responses.mask).item()}
 
 
 def nll_loss(student: Scores, teacher: None, actions: Tensor, responses: Rollout,
-             obj: ObjectiveConfig) -> tuple[Tensor, dict[str, float]]:
+             config: Config) -> tuple[Tensor, dict[str, float]]:
     loss = student.nll(actions, responses.mask)
     return loss, {"nll": loss.item()}
 
@@ -213,7 +216,7 @@ def objective_step(m: Models, records: list[dict], config: Config, generator: to
         s_scores = model_scores(m.adapter, m.student, s_prompts, responses.tokens, m.space, m.fused)
         if engine is not None and not engine.exact:  # another program sampled: measure, correct if asked
             responses = against_trainer(s_scores, actions, responses, config.rollout, metrics)
-        loss, values = LOSSES[row.loss](s_scores, t_scores, actions, responses, obj)
+        loss, values = LOSSES[row.loss](s_scores, t_scores, actions, responses, config)
         metrics.update(values)
         metrics.update(m.teacher_divergences(records, functools.partial(LOSSES[row.loss], s_scores, t_scores,
                                                                         actions, obj=obj), responses))

@@ -25,8 +25,8 @@ from torch import Tensor
 from mmopd.batch import Rollout, TokenSpace
 from mmopd.losses import (excluded_logsumexp, fused_divergence_loss, fused_excluded_logsumexp,
                           fused_gathered_logits, fused_sampled_reverse_kl_loss, fused_token_logprobs, masked_mean,
-                          sampled_reverse_kl_loss, sampled_token_logprobs, tail_token_divergence, token_divergence,
-                          topk_token_divergence)
+                          Shaping, sampled_token_logprobs, shaped_sampled_loss, tail_token_divergence,
+                          token_divergence, topk_token_divergence)
 
 
 class Scores:
@@ -41,9 +41,11 @@ class Scores:
         raise TypeError(f"{type(self).__name__} scores cannot be a student's side of a divergence")
 
     def sampled_loss(self, teacher: "TokenLogprobs", actions: Tensor, responses: Rollout,
-                     temperature: float) -> tuple[Tensor, Tensor]:
+                     temperature: float, shaping: Shaping = Shaping()) -> tuple[Tensor, Tensor]:
         """The sampled-token estimator's loss (masked mean) and its per-token reverse-KL estimate. -> [], [B, T]"""
-        raise TypeError(f"{type(self).__name__} scores cannot be a student's side of the sampled estimator")
+        per_token, kl_estimate = shaped_sampled_loss(self.logprobs(actions, temperature), teacher.values,
+                                                     responses.mask, shaping, responses.logprobs)
+        return masked_mean(per_token, responses.mask), kl_estimate
 
     def nll(self, actions: Tensor, mask: Tensor) -> Tensor:
         """The masked mean negative log-likelihood of `actions`. -> []"""
@@ -68,12 +70,6 @@ class Logits(Scores):
             rest = excluded_logsumexp(self.values, teacher.ids, teacher.kept())  # [B, T]
             return masked_mean(tail_token_divergence(student_topk, rest, teacher.values, **args), mask)
         raise TypeError(f"a student's Logits cannot be compared with a teacher's {type(teacher).__name__}")
-
-    def sampled_loss(self, teacher: "TokenLogprobs", actions: Tensor, responses: Rollout,
-                     temperature: float) -> tuple[Tensor, Tensor]:
-        per_token, kl_estimate = sampled_reverse_kl_loss(self.logprobs(actions, temperature), teacher.values,
-                                                         responses.logprobs)
-        return masked_mean(per_token, responses.mask), kl_estimate
 
 
 @dataclass
@@ -118,7 +114,9 @@ class Hidden(Scores):
         raise TypeError(f"a student's Hidden scores cannot be compared with a teacher's {type(teacher).__name__}")
 
     def sampled_loss(self, teacher: "TokenLogprobs", actions: Tensor, responses: Rollout,
-                     temperature: float) -> tuple[Tensor, Tensor]:
+                     temperature: float, shaping: Shaping = Shaping()) -> tuple[Tensor, Tensor]:
+        if not shaping.plain:  # the shaped coefficient needs every k first: log-probs, then the loss
+            return super().sampled_loss(teacher, actions, responses, temperature, shaping)
         weights = responses.mask / responses.mask.sum().clamp(min=1)  # [B, T]
         with self.head_precision():  # gradients computed with the values: no logits recomputed
             return fused_sampled_reverse_kl_loss(self.hidden, self.weight, actions, teacher.values, weights,

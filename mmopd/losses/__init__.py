@@ -11,7 +11,8 @@ from mmopd.losses.exact import DIVERGENCES, LOGPROB_FLOOR, masked_mean, token_di
 from mmopd.losses.fused import (fused_divergence_loss, fused_excluded_logsumexp, fused_gathered_logits,
                                 fused_sampled_reverse_kl_loss, fused_token_divergence, fused_token_logprobs,
                                 fused_topk_logits)
-from mmopd.losses.sampled import sampled_reverse_kl_loss, sampled_token_logprobs
+from mmopd.losses.sampled import (Shaping, leave_one_out_mean, sampled_reverse_kl_loss,
+                                  sampled_token_logprobs, shaped_sampled_loss)
 from mmopd.losses.tail import excluded_logsumexp, tail_token_divergence, teacher_tail_logprob
 
 __all__ = [
@@ -20,6 +21,9 @@ __all__ = [
     "token_divergence",
     "sampled_token_logprobs",
     "sampled_reverse_kl_loss",
+    "shaped_sampled_loss",
+    "leave_one_out_mean",
+    "Shaping",
     "masked_mean",
     "fused_token_divergence",
     "fused_divergence_loss",

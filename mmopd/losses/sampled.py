@@ -19,9 +19,24 @@ Sampled-token estimator. For tokens ``x`` drawn from a behaviour policy π_b
 
 The last step uses E_{p_S}[∇log p_S] = Σ ∇p_S = 0. Both log-probabilities in
 k are clamped at ``LOGPROB_FLOOR`` as above.
+
+Shaped variants (``shaped_sampled_loss``: loss = ρ·c with a detached coefficient c in place of k)::
+
+    baseline "loo":   c = k − b,  b = mean of k at the same position over the prompt's other samples
+                      (independent of x, so E[(k − b)·∇log p_S(x)] = ∇KL(S‖T): unbiased)
+    baseline "batch": the same over every other row of the batch (other prompts' samples, drawn
+                      independently: unbiased too), which needs no more than one sample a prompt
+    clip C:           c = clamp(k, −C, C)   (biased: tokens with |k| > C count as |k| = C)
+    kl "k3":          verl's low_var_kl, differentiated: loss = ρ·k3,  r = p_T(x) / p_S(x),
+                      k3 = r − 1 − log r  (log r clamped to ±20, k3 to ±10 as verl does)
+                      ∇k3 = (1 − r)·∇log p_S(x),  E_{p_S}[(1 − r)·∇log p_S] = −Σ p_T·∇log p_S
+                                                                         = ∇KL(T‖S)
+                      (the forward KL's gradient, not the reverse KL's, where no clamp binds)
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -124,3 +139,57 @@ def sampled_reverse_kl_loss(
     ratio = torch.exp(student - behaviour.detach())  # [...]
     loss = -ratio * advantage
     return loss, kl_estimate
+
+
+
+@dataclass(frozen=True)
+class Shaping:
+    """How shaped_sampled_loss shapes the coefficient (objective.sampled_kl, .baseline, .advantage_clip)."""
+
+    kl: str = "k1"
+    baseline: str = "none"
+    group: int = 1  # rollout.samples_per_prompt: consecutive rows that share a prompt
+    clip: float = 0.0
+
+    @property
+    def plain(self) -> bool:
+        """Whether this is the unshaped estimator, sampled_reverse_kl_loss."""
+        return self.kl == "k1" and self.baseline == "none" and self.clip == 0
+
+
+def leave_one_out_mean(values: torch.Tensor, mask: torch.Tensor, group: int) -> torch.Tensor:
+    """Per position, the mean of `values` over the other rows of its group (consecutive rows of `group`
+    samples of one prompt) that reach that position; 0 where none does. [B, T], [B, T] -> [B, T]"""
+    rows, length = values.shape
+    v = (values * mask).view(rows // group, group, length)  # [P, G, T]
+    m = mask.to(values.dtype).view(rows // group, group, length)  # [P, G, T]
+    others = (v.sum(1, keepdim=True) - v) / (m.sum(1, keepdim=True) - m).clamp(min=1)  # [P, G, T]
+    return others.reshape(rows, length)
+
+
+def shaped_sampled_loss(
+    student_logprobs: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    shaping: Shaping,
+    behaviour_logprobs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """sampled_reverse_kl_loss with its coefficient shaped (module docstring): a leave-one-out baseline over
+    groups of `shaping.group` rows or over the batch, a clip of the log-ratio at ±`shaping.clip` (0: none), or verl's k3 in
+    place of k.
+    [B, T] each -> ([B, T] per-token loss, [B, T] reverse-KL estimate k), float32."""
+    student = student_logprobs.float()  # [B, T]
+    behaviour = student if behaviour_logprobs is None else behaviour_logprobs.float()  # [B, T]
+    teacher = teacher_logprobs.detach().float().clamp(min=LOGPROB_FLOOR)  # [B, T]
+    kl_estimate = student.detach().clamp(min=LOGPROB_FLOOR) - teacher  # [B, T]
+    if shaping.kl == "k3":  # the pathwise gradient of verl's low_var_kl
+        log_ratio = (teacher - student.clamp(min=LOGPROB_FLOOR)).clamp(-20.0, 20.0)  # log r, with gradient
+        k3 = (log_ratio.exp() - log_ratio - 1).clamp(-10.0, 10.0)
+        return torch.exp(student - behaviour).detach() * k3, kl_estimate
+    coefficient = kl_estimate
+    if shaping.baseline != "none":  # loo: over the prompt's samples; batch: over every row of the batch
+        group = shaping.group if shaping.baseline == "loo" else kl_estimate.shape[0]
+        coefficient = coefficient - leave_one_out_mean(kl_estimate, mask, group)
+    if shaping.clip > 0:
+        coefficient = coefficient.clamp(-shaping.clip, shaping.clip)
+    return torch.exp(student - behaviour.detach()) * coefficient, kl_estimate

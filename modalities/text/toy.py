@@ -35,8 +35,11 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     "student": {"hidden_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 384},
     # the same width in three heads of 32: vLLM's CPU attention supports head sizes 32, 64, ... (not 24)
     "student_hd32": {"hidden_size": 96, "num_hidden_layers": 2, "num_attention_heads": 3, "intermediate_size": 384},
+    # a mixture of experts (Qwen3-MoE): 4 experts of a quarter of the dense MLP each, 2 routed a token
+    "student_moe": {"hidden_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 384,
+                    "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 192},
 }
-FAMILIES = {"qwen3": "student", "qwen3_hd32": "student_hd32"}  # toy family -> the student's size
+FAMILIES = {"qwen3": "student", "qwen3_hd32": "student_hd32", "qwen3_moe": "student_moe"}  # family -> student size
 
 MAX_NEW_TOKENS = 20
 TRAIN_RECORDS = 20000
@@ -102,11 +105,13 @@ def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
 
 
 def build_model(tokenizer: transformers.PreTrainedTokenizerFast, size: str) -> transformers.PreTrainedModel:
-    """Tiny randomly initialised Qwen3 causal LM; vocab padded up to a multiple of 8."""
+    """Tiny randomly initialised Qwen3 causal LM (Qwen3-MoE where the size has experts); vocab padded up to a
+    multiple of 8."""
     if size not in MODEL_SIZES:
         raise ValueError(f"size must be one of {sorted(MODEL_SIZES)}, got {size!r}")
     dims = MODEL_SIZES[size]
-    config = transformers.Qwen3Config(
+    moe = "num_experts" in dims
+    config = (transformers.Qwen3MoeConfig if moe else transformers.Qwen3Config)(
         vocab_size=8 * math.ceil(len(tokenizer) / 8),
         head_dim=dims["hidden_size"] // dims["num_attention_heads"],
         num_key_value_heads=dims["num_attention_heads"],
@@ -118,7 +123,7 @@ def build_model(tokenizer: transformers.PreTrainedTokenizerFast, size: str) -> t
         pad_token_id=tokenizer.pad_token_id,
         **dims,
     )
-    model = transformers.Qwen3ForCausalLM(config)
+    model = (transformers.Qwen3MoeForCausalLM if moe else transformers.Qwen3ForCausalLM)(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
@@ -226,15 +231,15 @@ def split_records(seed: int) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
-def build_untrained(out_dir: str | Path) -> dict[str, Path]:
-    """Random (untrained) teacher and student with the tokenizer, 32 train and 8 eval records, under out_dir:
-    the plumbing of a text run without the minutes of training (tests and smoke runs)."""
+def build_untrained(out_dir: str | Path, student: str = "student") -> dict[str, Path]:
+    """Random (untrained) teacher and student (of size `student`) with the tokenizer, 32 train and 8 eval
+    records, under out_dir: the plumbing of a text run without the minutes of training (tests and smoke runs)."""
     out = Path(out_dir)
     torch.manual_seed(0)
     tokenizer = build_tokenizer()
     paths = {}
-    for role in ("teacher", "student"):
-        model = build_model(tokenizer, role)
+    for role, size in (("teacher", "teacher"), ("student", student)):
+        model = build_model(tokenizer, size)
         model.save_pretrained(out / role)
         tokenizer.save_pretrained(out / role)
         paths[role] = out / role

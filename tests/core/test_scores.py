@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mmopd.batch import Rollout
-from mmopd.losses import masked_mean, token_divergence, topk_token_divergence
+from mmopd.losses import Shaping, masked_mean, token_divergence, topk_token_divergence
 from mmopd.scores import Hidden, Logits, TokenLogprobs, TopK
 
 
@@ -31,6 +31,24 @@ def test_hidden_and_logits_give_the_same_divergence_logprobs_and_sampled_loss():
     for got, want in zip(fused.sampled_loss(teacher, actions, responses, 1.0),
                          plain.sampled_loss(teacher, actions, responses, 1.0)):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("shaping", [Shaping(baseline="loo", group=2), Shaping(baseline="batch"), Shaping(clip=0.5),
+                                     Shaping(kl="k3")])
+def test_hidden_and_logits_give_the_same_shaped_sampled_loss_and_gradient(shaping):
+    hidden, weight, t_hidden, t_weight = _pair()
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    actions = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    teacher = TokenLogprobs(Logits(t_hidden @ t_weight.T).logprobs(actions))
+    grads = []
+    for form in (lambda h: Hidden(h, weight, None), lambda h: Logits(h @ weight.T)):
+        h = hidden.clone().requires_grad_(True)
+        scores = form(h)
+        responses = Rollout(actions, mask, scores.logprobs(actions).detach())
+        loss, _ = scores.sampled_loss(teacher, actions, responses, 1.0, shaping)
+        loss.backward()
+        grads.append((loss.detach(), h.grad))
+    torch.testing.assert_close(grads[0], grads[1])
 
 
 def test_a_topk_teacher_is_compared_over_its_k_ids_from_logits_and_from_hidden_states():

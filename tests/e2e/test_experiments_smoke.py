@@ -7,7 +7,8 @@ import json
 import pytest
 import yaml
 
-from experiments import cfg_distill, compute_matched, estimator, estimator_tail, forgetting, mode_seeking
+from experiments import (cfg_distill, compute_matched, estimator, estimator_tail, forgetting, mode_seeking,
+                         sampled_estimator, self_distill)
 from experiments.text_task import step_flops
 
 
@@ -97,6 +98,25 @@ def test_estimator_tail_runs_top_k_with_a_tail_beside_the_exact_teacher_on_the_t
     assert config["teacher"]["top_k"] == estimator_tail.K and config["teacher"]["tail"] is True
     assert (out / "results_estimator_tail.png").stat().st_size > 0
     assert (out / "estimator_tail.md").read_text().count("\n| ") == 2 * len(estimator_tail.TOYS)
+
+
+def test_sampled_estimator_runs_every_remedy_and_names_the_winners(out):
+    result = sampled_estimator.run(out, "tiny", None)
+    assert set(result["methods"]) == {"on_policy_full", "on_policy_sampled", *sampled_estimator.VARIANTS}
+    assert set(result["winners"]) <= set(result["methods"]) - {"on_policy_full"}
+    assert all(r["tflops_total"][0] > 0 for r in result["methods"].values())
+    rows = len(result["methods"]) + 1 + len(result["agreement"])  # one row each, then the cosines' table
+    assert (out / "sampled_estimator.md").read_text().count("\n| ") == rows
+    assert all(-1 <= c <= 1 for values in result["agreement"].values() for c in values)
+
+
+def test_self_distill_tracks_kl_to_the_original_from_zero(out):
+    result = self_distill.run(out, "tiny", None)
+    assert set(result["methods"]) == set(self_distill.METHODS)
+    for cs in result["curves"].values():
+        assert all(c["kl"][0] == 0.0 and len(c["kl"]) == len(c["accuracy"]) >= 2 for c in cs)
+        assert all(kl >= -1e-6 for c in cs for kl in c["kl"])
+    assert (out / "results_self_distill.png").stat().st_size > 0
 
 
 def test_mode_seeking_reports_probabilities_that_sum_to_one(out):
