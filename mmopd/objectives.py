@@ -219,7 +219,7 @@ def objective_step(m: Models, records: list[dict], config: Config, generator: to
         loss, values = LOSSES[row.loss](s_scores, t_scores, actions, responses, config)
         metrics.update(values)
         metrics.update(m.teacher_divergences(records, functools.partial(LOSSES[row.loss], s_scores, t_scores,
-                                                                        actions, obj=obj), responses))
+                                                                        actions, config=config), responses))
         if obj.sft_weight > 0:
             targets = answers(m, records)
             a_scores = model_scores(m.adapter, m.student, s_prompts, targets.tokens, m.space, m.fused)
