@@ -19,11 +19,13 @@ from tests.vllm_models import build_llava
 
 pytestmark = pytest.mark.slow  # each engine starts in 30-60 s
 K = 5
+MEMORY = 0.1  # on a CPU, the share of RAM each engine takes; two of the module's engines live at once
 
 
 def _sessions(overrides):
     """The run with the colocated vLLM teacher, its models, and the hf teacher's models of the same run."""
-    vllm = Session(load_config(None, {**overrides, "teacher.engine": "vllm", "teacher.top_k": K}))
+    vllm = Session(load_config(None, {**overrides, "teacher.engine": "vllm", "teacher.top_k": K,
+                                      "teacher.gpu_memory_utilization": MEMORY}))
     hf = Session(load_config(None, {**overrides, "teacher.engine": "hf", "teacher.top_k": K})).models()
     hf.scorer = HFTeacher(hf.adapter, hf.teacher, hf.space, fused=False)  # logits, not hidden states
     return vllm, vllm.models(), hf
