@@ -76,14 +76,15 @@ class Models:
         if self.teacher is not None:
             self.teacher_rollout = rollout_engine("hf", config, self.adapter, self.teacher, self.teacher_processor,
                                                   self.space, self.eos_ids, self.pad_id)
-        if self.teacher is not None and scores_teacher(config.objective.kind, config.objective.estimator):
-            self.scorer = teacher_scorer(config, self.adapter, self.teacher, self.teacher_processor, self.space,
-                                         self.fused, self.eos_ids)
-        if self.teachers:
+        scored = self.teacher is not None and scores_teacher(config.objective.kind, config.objective.estimator)
+        if scored and self.teachers:  # one scorer per teacher (a colocated vLLM teacher's engine starts once)
             self.scorer = RoutedTeacher(self.adapter, {
                 t.name: teacher_scorer(replace(config, teacher=t), self.adapter, *self.teachers[t.name], self.space,
                                        self.fused, self.eos_ids) for t in config.teachers},
                 {name: processor for name, (_, processor) in self.teachers.items()})
+        elif scored:
+            self.scorer = teacher_scorer(config, self.adapter, self.teacher, self.teacher_processor, self.space,
+                                         self.fused, self.eos_ids)
         return self
 
     def teacher_prompts(self, records: list[dict]) -> PromptBatch | None:
