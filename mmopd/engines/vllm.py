@@ -92,7 +92,10 @@ class Served:
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as answer:
                     text = answer.read().decode()
-                return json.loads(text) if text.strip().startswith(("{", "[")) else text
+                parsed = json.loads(text) if text.strip().startswith(("{", "[")) else text
+                if _aborted(parsed):  # a server shutting down aborts what it holds: partial answers, retried
+                    raise ConnectionAbortedError(f"the server aborted the request to {route}")
+                return parsed
             except urllib.error.HTTPError as err:  # the server answered: retrying will not change its mind
                 detail = err.read().decode(errors="replace")[:300]
                 raise EngineError(f"vLLM at {self.url} refused {route}: HTTP {err.code}: {detail}") from err
@@ -191,6 +194,13 @@ class Served:
         if self.model is not None and self.model.startswith("student-v"):
             self.post("/v1/unload_lora_adapter", {"lora_name": self.model})
         self.model = name
+
+
+def _aborted(answer: Any) -> bool:
+    """Whether vLLM finished any of the answer's choices by aborting it (it does so to every request it holds when
+    it shuts down), leaving its tokens and log-probs cut short."""
+    choices = answer.get("choices") if isinstance(answer, dict) else None
+    return any(isinstance(c, dict) and c.get("finish_reason") == "abort" for c in choices or ())
 
 
 Entries = list[dict[int, float] | None]  # per position: token id -> log-prob (None where nothing is scored)

@@ -184,6 +184,32 @@ def test_a_misaligned_or_non_finite_teacher_answer_is_refused_naming_the_row(pai
     assert says in str(err.value) and server.url in str(err.value)
 
 
+def test_routed_rows_reach_a_served_teacher_and_an_hf_teacher(pair, server, tmp_path):
+    """Several teachers, one served (its path without weights) and one in-process (the student checkpoint as a
+    second teacher): each row's scores are its own teacher's, the served rows equal to the hf teacher's."""
+    records = [json.loads(line) for line in pair["train"].read_text().splitlines()]
+    routed = tmp_path / "routed.jsonl"
+    routed.write_text("".join(json.dumps({**r, "teacher": ("served", "local")[i % 2]}) + "\n"
+                              for i, r in enumerate(records)))
+    teachers = [{"name": "served", "path": str(pair["teacher_config"]), "engine": "vllm", "url": server.url},
+                {"name": "local", "path": str(pair["student"])}]
+    session = Session(_config(pair, server, tmp_path, teacher=teachers, **{"data.train": str(routed)}))
+    m = session.models()
+    batch = [session.train_data.records[i] for i in range(8)]
+    prompts, rollout = responses_of_different_lengths(m, batch)
+    prompts.state["records"] = batch
+    got = m.scorer.score(prompts, rollout.tokens, TeacherNeed(TOKEN_LOGPROBS))
+    full = {"served": transformers.AutoModelForCausalLM.from_pretrained(pair["teacher"]),
+            "local": session.teachers["local"][0]}
+    for name, model in full.items():
+        rows = torch.tensor([i for i, r in enumerate(batch) if r["_teacher"] == name])
+        sub = session.adapter.encode_prompts([batch[i] for i in rows], session.teachers[name][1])
+        hf = HFTeacher(m.adapter, model, m.space, fused=False).score(sub, rollout.tokens[rows],
+                                                                     TeacherNeed(TOKEN_LOGPROBS))
+        mask = rollout.mask[rows]
+        torch.testing.assert_close(got.values[rows] * mask, hf.values * mask, atol=1e-4, rtol=0)
+
+
 def _losses(run):
     path = run / "metrics.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -218,29 +244,3 @@ def test_a_teacher_server_killed_mid_run_stops_it_cleanly_and_the_resumed_run_ma
     assert _losses(killed).keys() == _losses(reference).keys() == set(range(1, 31))
     for step, loss in _losses(reference).items():
         assert _losses(killed)[step] == pytest.approx(loss, rel=1e-4, abs=1e-6), step
-
-
-def test_routed_rows_reach_a_served_teacher_and_an_hf_teacher(pair, server, tmp_path):
-    """Several teachers, one served (its path without weights) and one in-process (the student checkpoint as a
-    second teacher): each row's scores are its own teacher's, the served rows equal to the hf teacher's."""
-    records = [json.loads(line) for line in pair["train"].read_text().splitlines()]
-    routed = tmp_path / "routed.jsonl"
-    routed.write_text("".join(json.dumps({**r, "teacher": ("served", "local")[i % 2]}) + "\n"
-                              for i, r in enumerate(records)))
-    teachers = [{"name": "served", "path": str(pair["teacher_config"]), "engine": "vllm", "url": server.url},
-                {"name": "local", "path": str(pair["student"])}]
-    session = Session(_config(pair, server, tmp_path, teacher=teachers, **{"data.train": str(routed)}))
-    m = session.models()
-    batch = [session.train_data.records[i] for i in range(8)]
-    prompts, rollout = responses_of_different_lengths(m, batch)
-    prompts.state["records"] = batch
-    got = m.scorer.score(prompts, rollout.tokens, TeacherNeed(TOKEN_LOGPROBS))
-    full = {"served": transformers.AutoModelForCausalLM.from_pretrained(pair["teacher"]),
-            "local": session.teachers["local"][0]}
-    for name, model in full.items():
-        rows = torch.tensor([i for i, r in enumerate(batch) if r["_teacher"] == name])
-        sub = session.adapter.encode_prompts([batch[i] for i in rows], session.teachers[name][1])
-        hf = HFTeacher(m.adapter, model, m.space, fused=False).score(sub, rollout.tokens[rows],
-                                                                     TeacherNeed(TOKEN_LOGPROBS))
-        mask = rollout.mask[rows]
-        torch.testing.assert_close(got.values[rows] * mask, hf.values * mask, atol=1e-4, rtol=0)
