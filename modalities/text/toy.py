@@ -38,6 +38,9 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     # a mixture of experts (Qwen3-MoE): 4 experts of a quarter of the dense MLP each, 2 routed a token
     "student_moe": {"hidden_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 384,
                     "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 192},
+    # the teacher's width as a mixture of experts: 4 experts of half the dense MLP, 2 routed a token
+    "teacher_moe": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 512,
+                    "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 256},
 }
 FAMILIES = {"qwen3": "student", "qwen3_hd32": "student_hd32", "qwen3_moe": "student_moe"}  # family -> student size
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 
 from experiments import (cfg_distill, compute_matched, estimator, estimator_tail, forgetting, mode_seeking,
-                         sampled_estimator, self_distill)
+                         moe_routing, sampled_estimator, self_distill)
 from experiments.text_task import step_flops
 
 
@@ -117,6 +118,35 @@ def test_self_distill_tracks_kl_to_the_original_from_zero(out):
         assert all(c["kl"][0] == 0.0 and len(c["kl"]) == len(c["accuracy"]) >= 2 for c in cs)
         assert all(kl >= -1e-6 for c in cs for kl in c["kl"])
     assert (out / "results_self_distill.png").stat().st_size > 0
+
+
+def test_moe_routing_tracks_the_moe_students_routing_from_its_start(out):
+    result = moe_routing.run(out, "tiny", None)
+    assert set(result["moe_runs"]) == set(moe_routing.MOE_METHODS)
+    assert set(result["dense_runs"]) == {"moe_teacher", "dense_teacher"}
+    for role in ("student", "teacher"):
+        model = result["models"][role]
+        assert model["active_params"] < model["params"]
+        assert all(abs(sum(layer) - 1) < 1e-5 for layer in model["load"])
+    for runs in result["moe_runs"].values():
+        for r in runs:
+            routing = r["routing"]
+            assert routing["steps"] == [0, 2, 4] and routing["topk_changed"][0] == routing["tv"][0] == 0.0
+            assert all(0 <= x <= 1 for key in ("topk_changed", "tv", "load_tv") for x in routing[key])
+            assert all(abs(sum(layer) - 1) < 1e-5 for layer in routing["load"]) and r["flops"][-1] > 0
+    assert (out / "results_moe_routing.png").stat().st_size > 0
+    assert (out / "moe_routing.md").read_text().count("\n| ") == 1 + len(moe_routing.MOE_METHODS) + 2
+
+
+def test_routing_change_counts_changed_top_k_sets_total_variation_and_load():
+    before = torch.tensor([[[0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4]]])  # [layers, tokens, experts]
+    after = torch.tensor([[[0.4, 0.3, 0.2, 0.1], [0.4, 0.3, 0.2, 0.1]]])
+    assert moe_routing.expert_load(before, 2) == [[0.25] * 4]
+    assert moe_routing.expert_load(after, 2) == [[0.5, 0.5, 0.0, 0.0]]
+    change = moe_routing.routing_change(before, after, 2)
+    assert change["topk_changed"] == 0.5  # the second token's top-2 moved from {2, 3} to {0, 1}
+    assert abs(change["tv"] - 0.2) < 1e-6 and abs(change["load_tv"] - 0.5) < 1e-6
+    assert moe_routing.routing_change(before, before, 2) == {"topk_changed": 0.0, "tv": 0.0, "load_tv": 0.0}
 
 
 def test_mode_seeking_reports_probabilities_that_sum_to_one(out):

@@ -1,0 +1,254 @@
+"""MoE routing under distillation: does on-policy distillation keep an MoE student's routing that SFT moves?
+
+    python -m experiments moe_routing [--out DIR] [--size tiny|full] [--publish]
+
+Two MoE models of the text toy's family `qwen3_moe` (Qwen3MoeForCausalLM, 4 experts, 2 routed a token) are
+built once per out dir with the toy's own SFT recipe: a student of the toy student's size (150 steps) and a
+teacher of the toy teacher's width (400 steps). Then, at the toy's batch, lr and schedule, equal steps:
+- the MoE student from the dense text teacher, by OPD (full reverse KL) and by SFT on the dataset answers;
+  every EVERY steps its routing on held-out sequences (eval prompts with their dataset answers,
+  teacher-forced, so every checkpoint routes the same tokens) is compared with the start's;
+- the dense toy student by OPD from the MoE teacher and, as the reference, from the dense teacher.
+Routing measures: each expert's load (its fraction of the routed token slots, per layer), the fraction of
+(token, layer) pairs whose set of top-k experts changed, and the mean total variation between the router's
+distributions over experts before and after.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import mmopd  # noqa: E402
+from experiments.text_task import SIZES, base_overrides, build_task, curve, mean_std, run_config, save_results  # noqa: E402
+from mmopd.config import load_config  # noqa: E402
+from modalities.text import toy  # noqa: E402
+
+NAME = "moe_routing"
+STEPS = {"full": 200, "tiny": 4}
+EVERY = {"full": 50, "tiny": 2}
+ROUTING_RECORDS = {"full": 200, "tiny": 4}
+# (toy size, SFT steps at full size, lr, seed): the toy's own recipe for its student and its teacher
+BUILDS = {"student": ("student_moe", toy.STUDENT_STEPS, toy.STUDENT_LR, 1),
+          "teacher": ("teacher_moe", toy.TEACHER_STEPS, toy.TEACHER_LR, 0)}
+TINY_BUILD = {"steps": 2, "batch_size": 8}
+MOE_METHODS: dict[str, dict[str, Any]] = {
+    "on_policy": {"objective.kind": "on_policy", "objective.estimator": "full"},
+    "sft": {"objective.kind": "sft"},
+}
+LABELS = {"on_policy": "OPD (full reverse KL) from the dense teacher", "sft": "SFT on the dataset answers",
+          "moe_teacher": "OPD from the MoE teacher", "dense_teacher": "OPD from the dense teacher"}
+
+
+def read_records(path: str, limit: int | None = None) -> list[dict[str, Any]]:
+    """The first `limit` records of a JSONL file (all of them without a limit)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines()[:limit]]
+
+
+def active_params(model: Any) -> int:
+    """Parameters one token uses: all of them, less the experts it is not routed to."""
+    config = model.config
+    experts = sum(p.numel() for name, p in model.named_parameters() if ".mlp.experts." in name)
+    unused = experts * (config.num_experts - config.num_experts_per_tok) // config.num_experts
+    return sum(p.numel() for p in model.parameters()) - unused
+
+
+def build_models(out_dir: Path, task: dict[str, Any], size: str) -> dict[str, Any]:
+    """The MoE student and MoE teacher, SFT-trained on the toy's data and saved under out_dir; built once."""
+    info_path = out_dir / "models.json"
+    if info_path.exists():
+        return json.loads(info_path.read_text())
+    p = task["paths"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(p["student"])
+    train, evals = read_records(p["train"]), read_records(p["eval"], SIZES[size]["eval_limit"])
+    info = {}
+    for role, (dims, steps, lr, seed) in BUILDS.items():
+        torch.manual_seed(seed)
+        model = toy.build_model(tokenizer, dims)
+        start = time.time()
+        toy.fit(model, tokenizer, train, steps if size == "full" else TINY_BUILD["steps"], lr,
+                toy.BATCH_SIZE if size == "full" else TINY_BUILD["batch_size"], seed)
+        model.save_pretrained(out_dir / role)
+        tokenizer.save_pretrained(out_dir / role)
+        info[role] = {"path": str(out_dir / role), "sft_steps": steps if size == "full" else TINY_BUILD["steps"],
+                      "seconds": time.time() - start, "params": sum(q.numel() for q in model.parameters()),
+                      "active_params": active_params(model),
+                      "accuracy": toy.greedy_accuracy(model, tokenizer, evals, SIZES[size]["max_new_tokens"])}
+    info_path.write_text(json.dumps(info, indent=1))
+    return info
+
+
+@torch.no_grad()
+def router_probs(model: Any, tokenizer: Any, records: list[dict[str, Any]]) -> torch.Tensor:
+    """The router's distribution over experts at every token of each record's prompt + answer + EOS
+    (teacher-forced): [layers, tokens, experts]."""
+    ids, mask, _ = toy.encode_sft(tokenizer, records)  # [N, T]
+    out = model.eval()(input_ids=ids, attention_mask=mask, output_router_logits=True)
+    keep = mask.flatten().bool()  # router_logits are [N·T, experts] per layer
+    return torch.stack([torch.softmax(logits.float()[keep], -1) for logits in out.router_logits])
+
+
+def top_k(probs: torch.Tensor, k: int) -> torch.Tensor:
+    """The sorted indices of each token's k most likely experts: [layers, tokens, k]."""
+    return probs.topk(k, -1).indices.sort(-1).values
+
+
+def expert_load(probs: torch.Tensor, k: int) -> list[list[float]]:
+    """Each expert's fraction of the routed token slots, per layer: [layers][experts]."""
+    chosen = torch.nn.functional.one_hot(top_k(probs, k), probs.shape[-1]).sum(2).float()  # [layers, tokens, E]
+    return (chosen.mean(1) / k).tolist()
+
+
+def routing_change(before: torch.Tensor, after: torch.Tensor, k: int) -> dict[str, float]:
+    """Fraction of (layer, token) pairs whose top-k expert set changed; mean total variation between the
+    router's distributions; mean over layers of the total variation between the expert loads."""
+    changed = (top_k(before, k) != top_k(after, k)).any(-1).float().mean()
+    tv = 0.5 * (before - after).abs().sum(-1).mean()
+    loads = 0.5 * np.abs(np.array(expert_load(before, k)) - np.array(expert_load(after, k))).sum(-1).mean()
+    return {"topk_changed": float(changed), "tv": float(tv), "load_tv": float(loads)}
+
+
+def routed_run(out_dir: Path, overrides: dict[str, Any], size: str, start: torch.Tensor, tokenizer: Any,
+               records: list[dict[str, Any]], k: int) -> dict[str, Any]:
+    """Train with a checkpoint every EVERY steps, compare each one's routing with the start's, keep only the
+    routing curve, the final loads and the run's logs (cached)."""
+    path = out_dir / "routing.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    every = EVERY[size]
+    summary = mmopd.train(load_config(None, {**overrides, "train.out_dir": str(out_dir), "train.resume": "never",
+                                             "train.save_every": every, "train.eval_every": every}))
+    steps, changes = [0], [routing_change(start, start, k)]
+    for step in range(every, summary["steps"] + 1, every):
+        model = transformers.AutoModelForCausalLM.from_pretrained(out_dir / "checkpoints" / f"step-{step}" / "model")
+        probs = router_probs(model, tokenizer, records)
+        steps.append(step)
+        changes.append(routing_change(start, probs, k))
+    routing = {"steps": steps, **{key: [c[key] for c in changes] for key in changes[0]},
+               "load": expert_load(probs, k)}
+    shutil.rmtree(out_dir / "checkpoints")
+    path.write_text(json.dumps(routing))
+    return routing
+
+
+def run(out: Path, size: str, root: Path | None) -> dict[str, Any]:
+    """Every run for every seed; write results_moe_routing.png, .json and .md."""
+    task = build_task(out, size)
+    models = build_models(out / NAME / "models", task, size)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(models["student"]["path"])
+    records = read_records(task["paths"]["eval"], ROUTING_RECORDS[size])
+    student = transformers.AutoModelForCausalLM.from_pretrained(models["student"]["path"])
+    teacher = transformers.AutoModelForCausalLM.from_pretrained(models["teacher"]["path"])
+    k = student.config.num_experts_per_tok
+    start = router_probs(student, tokenizer, records)
+    models["student"]["load"] = expert_load(start, k)
+    models["teacher"]["load"] = expert_load(router_probs(teacher, tokenizer, records), teacher.config.num_experts_per_tok)
+    base = {**base_overrides(task, size), "train.steps": STEPS[size]}
+    moe_flops = {**task, "params": {**task["params"], "student": models["student"]["active_params"]}}
+    dense_flops = {"moe_teacher": {**task, "params": {**task["params"], "teacher": models["teacher"]["active_params"]}},
+                   "dense_teacher": task}
+    teachers = {"moe_teacher": models["teacher"]["path"], "dense_teacher": task["paths"]["teacher"]}
+    moe_runs: dict[str, list[dict[str, Any]]] = {name: [] for name in MOE_METHODS}
+    dense_runs: dict[str, list[dict[str, Any]]] = {name: [] for name in teachers}
+    for seed in SIZES[size]["seeds"]:  # the results are written after every seed: a cut-short run keeps its seeds
+        for name, overrides in MOE_METHODS.items():
+            run_dir = out / NAME / "runs" / "moe_student" / name / f"seed{seed}"
+            routing = routed_run(run_dir, {**base, **overrides, "student.path": models["student"]["path"],
+                                           "train.seed": seed}, size, start, tokenizer, records, k)
+            moe_runs[name].append({**curve(run_dir, moe_flops), "routing": routing})
+        for name, path in teachers.items():
+            run_dir = run_config(out / NAME / "runs" / "dense_student" / name / f"seed{seed}",
+                                 {**base, **MOE_METHODS["on_policy"], "teacher.path": path, "train.seed": seed,
+                                  "train.eval_every": EVERY[size]})
+            dense_runs[name].append(curve(run_dir, dense_flops[name]))
+        result = {"steps": STEPS[size], "seeds": len(moe_runs["sft"]), "routing_records": len(records),
+                  "routing_tokens": int(start.shape[1]), "models": models,
+                  "dense_teacher_accuracy": dense_runs["dense_teacher"][0]["teacher"],
+                  "dense_student_accuracy": dense_runs["dense_teacher"][0]["student_before"],
+                  "moe_runs": moe_runs, "dense_runs": dense_runs}
+        plot(result, out / f"results_{NAME}.png")
+        save_results(out, NAME, result, table(result), root)
+    return result
+
+
+def loads_text(load: list[list[float]]) -> str:
+    """'L0 0.31/0.19/0.25/0.25; L1 ...' for a per-layer list of expert loads."""
+    return "; ".join(f"L{i} " + "/".join(f"{x:.2f}" for x in layer) for i, layer in enumerate(load))
+
+
+def table(result: dict[str, Any]) -> str:
+    """Markdown: the MoE student's routing and accuracy per method, then the dense student per teacher."""
+    s, t = result["models"]["student"], result["models"]["teacher"]
+    lines = [f"| MoE student ({s['active_params']:,} of {s['params']:,} parameters active) | steps | TFLOPs | "
+             "final accuracy | top-2 set changed (fraction of token·layers) | router TV | expert load TV | "
+             "expert load (mean over seeds) |", "|---|---|---|---|---|---|---|---|",
+             f"| start ({s['sft_steps']} SFT steps) | 0 | 0 | {s['accuracy']:.3f} | 0 | 0 | 0 | {loads_text(s['load'])} |"]
+    for name, runs in result["moe_runs"].items():
+        last = {key: [r["routing"][key][-1] for r in runs] for key in ("topk_changed", "tv", "load_tv")}
+        load = np.mean([r["routing"]["load"] for r in runs], 0).tolist()
+        lines.append(f"| {LABELS[name]} | {result['steps']} | {runs[0]['flops'][-1] / 1e12:.3g} | "
+                     f"{mean_std([r['accuracy'][-1] for r in runs])} | {mean_std(last['topk_changed'])} | "
+                     f"{mean_std(last['tv'])} | {mean_std(last['load_tv'])} | {loads_text(load)} |")
+    lines += ["", f"| dense toy student (start {result['dense_student_accuracy']:.3f}) | teacher accuracy | steps | "
+              "TFLOPs | final accuracy |",
+              "|---|---|---|---|---|"]
+    teacher_accuracy = {"moe_teacher": t["accuracy"], "dense_teacher": result["dense_teacher_accuracy"]}
+    for name, runs in result["dense_runs"].items():
+        lines.append(f"| {LABELS[name]} | {teacher_accuracy[name]:.3f} | {result['steps']} | "
+                     f"{runs[0]['flops'][-1] / 1e12:.3g} | {mean_std([r['accuracy'][-1] for r in runs])} |")
+    lines.append(f"\nMoE teacher: {t['active_params']:,} of {t['params']:,} parameters active, {t['sft_steps']} SFT "
+                 f"steps, accuracy {t['accuracy']:.3f}, expert load {loads_text(t['load'])}. Routing on "
+                 f"{result['routing_records']} held-out prompts with their dataset answers "
+                 f"({result['routing_tokens']} tokens); accuracy: greedy exact match on the eval prompts; "
+                 f"mean ± std over {result['seeds']} seeds.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Routing change and accuracy against steps (mean ± std band), and the expert loads before and after."""
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    for name, runs in result["moe_runs"].items():
+        steps = np.array(runs[0]["routing"]["steps"])
+        ys = np.array([r["routing"]["topk_changed"] for r in runs])
+        line, = axes[0].plot(steps, ys.mean(0), label=f"MoE student: {LABELS[name]}")
+        axes[0].fill_between(steps, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), color=line.get_color(), alpha=0.2)
+    for group, runs_by in (("MoE student", result["moe_runs"]), ("dense student", result["dense_runs"])):
+        for name, runs in runs_by.items():
+            steps = np.array(runs[0]["steps"])
+            ys = np.array([r["accuracy"] for r in runs])
+            line, = axes[1].plot(steps, ys.mean(0), label=f"{group}: {LABELS[name]}")
+            axes[1].fill_between(steps, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), color=line.get_color(),
+                                 alpha=0.2)
+    bars = {"start": np.array(result["models"]["student"]["load"]),
+            **{LABELS[name]: np.mean([r["routing"]["load"] for r in runs], 0) for name, runs in result["moe_runs"].items()}}
+    layers, experts = bars["start"].shape
+    x = np.arange(layers * experts)
+    for i, (label, load) in enumerate(bars.items()):
+        axes[2].bar(x + (i - 1) * 0.27, load.flatten(), width=0.27, label=label)
+    axes[2].set_xticks(x, [f"L{l}E{e}" for l in range(layers) for e in range(experts)])
+    axes[2].axhline(1 / experts, color="grey", lw=0.8, ls="--")
+    axes[0].set_ylabel("fraction of token·layers whose top-2 experts changed")
+    axes[1].set_ylabel("eval accuracy (exact match, greedy)")
+    axes[2].set_ylabel("expert load (fraction of routed slots)")
+    for ax in axes[:2]:
+        ax.set_xlabel("training step (64 prompts each)")
+        ax.grid(alpha=0.3)
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.suptitle(f"MoE routing under OPD and SFT, text toy; mean ± std over {result['seeds']} seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
