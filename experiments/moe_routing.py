@@ -3,8 +3,9 @@
     python -m experiments moe_routing [--out DIR] [--size tiny|full] [--publish]
 
 Two MoE models of the text toy's family `qwen3_moe` (Qwen3MoeForCausalLM, 4 experts, 2 routed a token) are
-built once per out dir with the toy's own SFT recipe: a student of the toy student's size (150 steps) and a
-teacher of the toy teacher's width (400 steps). Then, at the toy's batch, lr and schedule, equal steps:
+built once per out dir with the toy's SFT recipe: a student of the toy student's size (150 steps, as the toy
+student) and a teacher of the toy teacher's width (200 steps, half the toy teacher's, to keep it short).
+Then, at the toy's batch, lr and schedule, equal steps:
 - the MoE student from the dense text teacher, by OPD (full reverse KL) and by SFT on the dataset answers;
   every EVERY steps its routing on held-out sequences (eval prompts with their dataset answers,
   teacher-forced, so every checkpoint routes the same tokens) is compared with the start's;
@@ -39,9 +40,9 @@ NAME = "moe_routing"
 STEPS = {"full": 200, "tiny": 4}
 EVERY = {"full": 50, "tiny": 2}
 ROUTING_RECORDS = {"full": 200, "tiny": 4}
-# (toy size, SFT steps at full size, lr, seed): the toy's own recipe for its student and its teacher
+# (toy size, SFT steps at full size, lr, seed): the toy's recipe for its student and, shorter, its teacher
 BUILDS = {"student": ("student_moe", toy.STUDENT_STEPS, toy.STUDENT_LR, 1),
-          "teacher": ("teacher_moe", toy.TEACHER_STEPS, toy.TEACHER_LR, 0)}
+          "teacher": ("teacher_moe", toy.TEACHER_STEPS // 2, toy.TEACHER_LR, 0)}
 TINY_BUILD = {"steps": 2, "batch_size": 8}
 MOE_METHODS: dict[str, dict[str, Any]] = {
     "on_policy": {"objective.kind": "on_policy", "objective.estimator": "full"},
@@ -64,27 +65,28 @@ def active_params(model: Any) -> int:
     return sum(p.numel() for p in model.parameters()) - unused
 
 
-def build_models(out_dir: Path, task: dict[str, Any], size: str) -> dict[str, Any]:
-    """The MoE student and MoE teacher, SFT-trained on the toy's data and saved under out_dir; built once."""
-    info_path = out_dir / "models.json"
+def build_moe(out_dir: Path, role: str, task: dict[str, Any], size: str) -> dict[str, Any]:
+    """The MoE student or teacher, SFT-trained on the toy's data and saved in out_dir/role; built once."""
+    info_path = out_dir / role / "build.json"
     if info_path.exists():
         return json.loads(info_path.read_text())
     p = task["paths"]
     tokenizer = transformers.AutoTokenizer.from_pretrained(p["student"])
     train, evals = read_records(p["train"]), read_records(p["eval"], SIZES[size]["eval_limit"])
-    info = {}
-    for role, (dims, steps, lr, seed) in BUILDS.items():
-        torch.manual_seed(seed)
-        model = toy.build_model(tokenizer, dims)
-        start = time.time()
-        toy.fit(model, tokenizer, train, steps if size == "full" else TINY_BUILD["steps"], lr,
-                toy.BATCH_SIZE if size == "full" else TINY_BUILD["batch_size"], seed)
-        model.save_pretrained(out_dir / role)
-        tokenizer.save_pretrained(out_dir / role)
-        info[role] = {"path": str(out_dir / role), "sft_steps": steps if size == "full" else TINY_BUILD["steps"],
-                      "seconds": time.time() - start, "params": sum(q.numel() for q in model.parameters()),
-                      "active_params": active_params(model),
-                      "accuracy": toy.greedy_accuracy(model, tokenizer, evals, SIZES[size]["max_new_tokens"])}
+    dims, steps, lr, seed = BUILDS[role]
+    steps, batch_size = (steps, toy.BATCH_SIZE) if size == "full" else (TINY_BUILD["steps"], TINY_BUILD["batch_size"])
+    torch.manual_seed(seed)
+    model = toy.build_model(tokenizer, dims)
+    start = time.time()
+    toy.fit(model, tokenizer, train, steps, lr, batch_size, seed)
+    seconds = time.time() - start
+    model.save_pretrained(out_dir / role)
+    tokenizer.save_pretrained(out_dir / role)
+    info = {"path": str(out_dir / role), "sft_steps": steps, "seconds": seconds, "active_params": active_params(model),
+            "params": sum(q.numel() for q in model.parameters()),
+            "accuracy": toy.greedy_accuracy(model, tokenizer, evals, SIZES[size]["max_new_tokens"]),
+            "load": expert_load(router_probs(model, tokenizer, read_records(p["eval"], ROUTING_RECORDS[size])),
+                                model.config.num_experts_per_tok)}
     info_path.write_text(json.dumps(info, indent=1))
     return info
 
@@ -145,43 +147,45 @@ def routed_run(out_dir: Path, overrides: dict[str, Any], size: str, start: torch
 
 
 def run(out: Path, size: str, root: Path | None) -> dict[str, Any]:
-    """Every run for every seed; write results_moe_routing.png, .json and .md."""
+    """Every run for every seed, the MoE student's first; write results_moe_routing.png, .json and .md after
+    each seed, so that a cut-short run keeps what finished."""
     task = build_task(out, size)
-    models = build_models(out / NAME / "models", task, size)
+    models = {"student": build_moe(out / NAME / "models", "student", task, size)}
     tokenizer = transformers.AutoTokenizer.from_pretrained(models["student"]["path"])
     records = read_records(task["paths"]["eval"], ROUTING_RECORDS[size])
     student = transformers.AutoModelForCausalLM.from_pretrained(models["student"]["path"])
-    teacher = transformers.AutoModelForCausalLM.from_pretrained(models["teacher"]["path"])
     k = student.config.num_experts_per_tok
     start = router_probs(student, tokenizer, records)
-    models["student"]["load"] = expert_load(start, k)
-    models["teacher"]["load"] = expert_load(router_probs(teacher, tokenizer, records), teacher.config.num_experts_per_tok)
-    base = {**base_overrides(task, size), "train.steps": STEPS[size]}
+    base = {**base_overrides(task, size), "train.steps": STEPS[size], "train.eval_every": EVERY[size]}
     moe_flops = {**task, "params": {**task["params"], "student": models["student"]["active_params"]}}
-    dense_flops = {"moe_teacher": {**task, "params": {**task["params"], "teacher": models["teacher"]["active_params"]}},
-                   "dense_teacher": task}
-    teachers = {"moe_teacher": models["teacher"]["path"], "dense_teacher": task["paths"]["teacher"]}
     moe_runs: dict[str, list[dict[str, Any]]] = {name: [] for name in MOE_METHODS}
-    dense_runs: dict[str, list[dict[str, Any]]] = {name: [] for name in teachers}
-    for seed in SIZES[size]["seeds"]:  # the results are written after every seed: a cut-short run keeps its seeds
+    dense_runs: dict[str, list[dict[str, Any]]] = {"moe_teacher": [], "dense_teacher": []}
+    result = {"steps": STEPS[size], "routing_records": len(records), "routing_tokens": int(start.shape[1]),
+              "models": models, "moe_runs": moe_runs, "dense_runs": dense_runs}
+    for seed in SIZES[size]["seeds"]:
         for name, overrides in MOE_METHODS.items():
             run_dir = out / NAME / "runs" / "moe_student" / name / f"seed{seed}"
             routing = routed_run(run_dir, {**base, **overrides, "student.path": models["student"]["path"],
                                            "train.seed": seed}, size, start, tokenizer, records, k)
             moe_runs[name].append({**curve(run_dir, moe_flops), "routing": routing})
+        publish(out, result, root)
+    models["teacher"] = build_moe(out / NAME / "models", "teacher", task, size)
+    teachers = {"moe_teacher": models["teacher"]["path"], "dense_teacher": task["paths"]["teacher"]}
+    flops = {"moe_teacher": {**task, "params": {**task["params"], "teacher": models["teacher"]["active_params"]}},
+             "dense_teacher": task}
+    for seed in SIZES[size]["seeds"]:
         for name, path in teachers.items():
             run_dir = run_config(out / NAME / "runs" / "dense_student" / name / f"seed{seed}",
-                                 {**base, **MOE_METHODS["on_policy"], "teacher.path": path, "train.seed": seed,
-                                  "train.eval_every": EVERY[size]})
-            dense_runs[name].append(curve(run_dir, dense_flops[name]))
-        result = {"steps": STEPS[size], "seeds": len(moe_runs["sft"]), "routing_records": len(records),
-                  "routing_tokens": int(start.shape[1]), "models": models,
-                  "dense_teacher_accuracy": dense_runs["dense_teacher"][0]["teacher"],
-                  "dense_student_accuracy": dense_runs["dense_teacher"][0]["student_before"],
-                  "moe_runs": moe_runs, "dense_runs": dense_runs}
-        plot(result, out / f"results_{NAME}.png")
-        save_results(out, NAME, result, table(result), root)
+                                 {**base, **MOE_METHODS["on_policy"], "teacher.path": path, "train.seed": seed})
+            dense_runs[name].append(curve(run_dir, flops[name]))
+        publish(out, result, root)
     return result
+
+
+def publish(out: Path, result: dict[str, Any], root: Path | None) -> None:
+    """The plot, the JSON and the table of what has run so far."""
+    plot(result, out / f"results_{NAME}.png")
+    save_results(out, NAME, result, table(result), root)
 
 
 def loads_text(load: list[list[float]]) -> str:
@@ -190,30 +194,36 @@ def loads_text(load: list[list[float]]) -> str:
 
 
 def table(result: dict[str, Any]) -> str:
-    """Markdown: the MoE student's routing and accuracy per method, then the dense student per teacher."""
-    s, t = result["models"]["student"], result["models"]["teacher"]
-    lines = [f"| MoE student ({s['active_params']:,} of {s['params']:,} parameters active) | steps | TFLOPs | "
+    """Markdown: the MoE student's routing and accuracy per method, then the dense student per teacher (once run)."""
+    s = result["models"]["student"]
+    lines = [f"| MoE student ({s['active_params']:,} of {s['params']:,} parameters active) | seeds | steps | TFLOPs | "
              "final accuracy | top-2 set changed (fraction of token·layers) | router TV | expert load TV | "
-             "expert load (mean over seeds) |", "|---|---|---|---|---|---|---|---|",
-             f"| start ({s['sft_steps']} SFT steps) | 0 | 0 | {s['accuracy']:.3f} | 0 | 0 | 0 | {loads_text(s['load'])} |"]
+             "expert load (mean over seeds) |", "|---|---|---|---|---|---|---|---|---|",
+             f"| start ({s['sft_steps']} SFT steps) | – | 0 | 0 | {s['accuracy']:.3f} | 0 | 0 | 0 | "
+             f"{loads_text(s['load'])} |"]
     for name, runs in result["moe_runs"].items():
         last = {key: [r["routing"][key][-1] for r in runs] for key in ("topk_changed", "tv", "load_tv")}
         load = np.mean([r["routing"]["load"] for r in runs], 0).tolist()
-        lines.append(f"| {LABELS[name]} | {result['steps']} | {runs[0]['flops'][-1] / 1e12:.3g} | "
+        lines.append(f"| {LABELS[name]} | {len(runs)} | {result['steps']} | {runs[0]['flops'][-1] / 1e12:.3g} | "
                      f"{mean_std([r['accuracy'][-1] for r in runs])} | {mean_std(last['topk_changed'])} | "
                      f"{mean_std(last['tv'])} | {mean_std(last['load_tv'])} | {loads_text(load)} |")
-    lines += ["", f"| dense toy student (start {result['dense_student_accuracy']:.3f}) | teacher accuracy | steps | "
-              "TFLOPs | final accuracy |",
-              "|---|---|---|---|---|"]
-    teacher_accuracy = {"moe_teacher": t["accuracy"], "dense_teacher": result["dense_teacher_accuracy"]}
-    for name, runs in result["dense_runs"].items():
-        lines.append(f"| {LABELS[name]} | {teacher_accuracy[name]:.3f} | {result['steps']} | "
+    teacher_accuracy = result["moe_runs"]["on_policy"][0]["teacher"]
+    lines.append(f"\nDense teacher accuracy {teacher_accuracy:.3f}. Routing on {result['routing_records']} held-out "
+                 f"prompts with their dataset answers ({result['routing_tokens']} tokens, teacher-forced); accuracy: "
+                 "greedy exact match on the eval prompts; mean ± std over the seeds.\n")
+    dense = {name: runs for name, runs in result["dense_runs"].items() if runs}
+    if not dense:
+        return "\n".join(lines) + "\n"
+    t = result["models"]["teacher"]
+    start = next(iter(dense.values()))[0]["student_before"]
+    lines += [f"| dense toy student (start {start:.3f}) | teacher accuracy | seeds | steps | TFLOPs | final accuracy |",
+              "|---|---|---|---|---|---|"]
+    accuracy = {"moe_teacher": t["accuracy"], "dense_teacher": teacher_accuracy}
+    for name, runs in dense.items():
+        lines.append(f"| {LABELS[name]} | {accuracy[name]:.3f} | {len(runs)} | {result['steps']} | "
                      f"{runs[0]['flops'][-1] / 1e12:.3g} | {mean_std([r['accuracy'][-1] for r in runs])} |")
     lines.append(f"\nMoE teacher: {t['active_params']:,} of {t['params']:,} parameters active, {t['sft_steps']} SFT "
-                 f"steps, accuracy {t['accuracy']:.3f}, expert load {loads_text(t['load'])}. Routing on "
-                 f"{result['routing_records']} held-out prompts with their dataset answers "
-                 f"({result['routing_tokens']} tokens); accuracy: greedy exact match on the eval prompts; "
-                 f"mean ± std over {result['seeds']} seeds.")
+                 f"steps ({t['seconds']:.0f} s), accuracy {t['accuracy']:.3f}, expert load {loads_text(t['load'])}.")
     return "\n".join(lines) + "\n"
 
 
@@ -226,14 +236,15 @@ def plot(result: dict[str, Any], path: Path) -> None:
         line, = axes[0].plot(steps, ys.mean(0), label=f"MoE student: {LABELS[name]}")
         axes[0].fill_between(steps, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), color=line.get_color(), alpha=0.2)
     for group, runs_by in (("MoE student", result["moe_runs"]), ("dense student", result["dense_runs"])):
-        for name, runs in runs_by.items():
+        for name, runs in ((n, r) for n, r in runs_by.items() if r):
             steps = np.array(runs[0]["steps"])
             ys = np.array([r["accuracy"] for r in runs])
             line, = axes[1].plot(steps, ys.mean(0), label=f"{group}: {LABELS[name]}")
             axes[1].fill_between(steps, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), color=line.get_color(),
                                  alpha=0.2)
     bars = {"start": np.array(result["models"]["student"]["load"]),
-            **{LABELS[name]: np.mean([r["routing"]["load"] for r in runs], 0) for name, runs in result["moe_runs"].items()}}
+            **{LABELS[name]: np.mean([r["routing"]["load"] for r in runs], 0)
+               for name, runs in result["moe_runs"].items()}}
     layers, experts = bars["start"].shape
     x = np.arange(layers * experts)
     for i, (label, load) in enumerate(bars.items()):
@@ -248,7 +259,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3)
     for ax in axes:
         ax.legend(fontsize=7)
-    fig.suptitle(f"MoE routing under OPD and SFT, text toy; mean ± std over {result['seeds']} seeds")
+    fig.suptitle(f"MoE routing under OPD and SFT, text toy; mean ± std over {len(result['moe_runs']['sft'])} seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
