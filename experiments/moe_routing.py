@@ -10,6 +10,8 @@ Then, at the toy's batch, lr and schedule, equal steps:
   every EVERY steps its routing on held-out sequences (eval prompts with their dataset answers,
   teacher-forced, so every checkpoint routes the same tokens) is compared with the start's;
 - the dense toy student by OPD from the MoE teacher and, as the reference, from the dense teacher.
+The routing is also measured on the start student's own samples for the same prompts (temperature 1, one each,
+teacher-forced likewise): the tokens OPD trains on, where SFT's answers are the dataset's.
 Routing measures: each expert's load (its fraction of the routed token slots, per layer), the fraction of
 (token, layer) pairs whose set of top-k experts changed, and the mean total variation between the router's
 distributions over experts before and after.
@@ -32,6 +34,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import mmopd  # noqa: E402
+from experiments.self_distill import sample  # noqa: E402
 from experiments.text_task import SIZES, base_overrides, build_task, curve, mean_std, run_config, save_results  # noqa: E402
 from mmopd.config import load_config  # noqa: E402
 from modalities.text import toy  # noqa: E402
@@ -121,10 +124,10 @@ def routing_change(before: torch.Tensor, after: torch.Tensor, k: int) -> dict[st
     return {"topk_changed": float(changed), "tv": float(tv), "load_tv": float(loads)}
 
 
-def routed_run(out_dir: Path, overrides: dict[str, Any], size: str, start: torch.Tensor, tokenizer: Any,
-               records: list[dict[str, Any]], k: int) -> dict[str, Any]:
-    """Train with a checkpoint every EVERY steps, compare each one's routing with the start's, keep only the
-    routing curve, the final loads and the run's logs (cached)."""
+def routed_run(out_dir: Path, overrides: dict[str, Any], size: str, start: dict[str, torch.Tensor], tokenizer: Any,
+               token_sets: dict[str, list[dict[str, Any]]], k: int) -> dict[str, Any]:
+    """Train with a checkpoint every EVERY steps, compare each one's routing on each token set with the start's,
+    keep only the routing curves, the final loads and the run's logs (cached)."""
     path = out_dir / "routing.json"
     if path.exists():
         return json.loads(path.read_text())
@@ -133,14 +136,16 @@ def routed_run(out_dir: Path, overrides: dict[str, Any], size: str, start: torch
     every = EVERY[size]
     summary = mmopd.train(load_config(None, {**overrides, "train.out_dir": str(out_dir), "train.resume": "never",
                                              "train.save_every": every, "train.eval_every": every}))
-    steps, changes = [0], [routing_change(start, start, k)]
+    steps, probs = [0], [dict(start)]
     for step in range(every, summary["steps"] + 1, every):
         model = transformers.AutoModelForCausalLM.from_pretrained(out_dir / "checkpoints" / f"step-{step}" / "model")
-        probs = router_probs(model, tokenizer, records)
         steps.append(step)
-        changes.append(routing_change(start, probs, k))
-    routing = {"steps": steps, **{key: [c[key] for c in changes] for key in changes[0]},
-               "load": expert_load(probs, k)}
+        probs.append({name: router_probs(model, tokenizer, records) for name, records in token_sets.items()})
+    routing: dict[str, Any] = {"steps": steps}
+    for name in token_sets:
+        changes = [routing_change(start[name], p[name], k) for p in probs]
+        routing[name] = {**{key: [c[key] for c in changes] for key in changes[0]},
+                         "load": expert_load(probs[-1][name], k)}
     shutil.rmtree(out_dir / "checkpoints")
     path.write_text(json.dumps(routing))
     return routing
@@ -153,20 +158,24 @@ def run(out: Path, size: str, root: Path | None) -> dict[str, Any]:
     models = {"student": build_moe(out / NAME / "models", "student", task, size)}
     tokenizer = transformers.AutoTokenizer.from_pretrained(models["student"]["path"])
     records = read_records(task["paths"]["eval"], ROUTING_RECORDS[size])
-    student = transformers.AutoModelForCausalLM.from_pretrained(models["student"]["path"])
+    student = transformers.AutoModelForCausalLM.from_pretrained(models["student"]["path"]).eval()
     k = student.config.num_experts_per_tok
-    start = router_probs(student, tokenizer, records)
+    own = sample(student, tokenizer, [r["prompt"] for r in records], SIZES[size]["max_new_tokens"], seed=1)
+    token_sets = {"answers": records, "samples": [{"prompt": r["prompt"], "answer": tokenizer.decode(
+        ids, skip_special_tokens=True)} for r, ids in zip(records, own)]}
+    start = {name: router_probs(student, tokenizer, recs) for name, recs in token_sets.items()}
     base = {**base_overrides(task, size), "train.steps": STEPS[size], "train.eval_every": EVERY[size]}
     moe_flops = {**task, "params": {**task["params"], "student": models["student"]["active_params"]}}
     moe_runs: dict[str, list[dict[str, Any]]] = {name: [] for name in MOE_METHODS}
     dense_runs: dict[str, list[dict[str, Any]]] = {"moe_teacher": [], "dense_teacher": []}
-    result = {"steps": STEPS[size], "routing_records": len(records), "routing_tokens": int(start.shape[1]),
+    result = {"steps": STEPS[size], "routing_records": len(records),
+              "routing_tokens": {name: int(probs.shape[1]) for name, probs in start.items()},
               "models": models, "moe_runs": moe_runs, "dense_runs": dense_runs}
     for seed in SIZES[size]["seeds"]:
         for name, overrides in MOE_METHODS.items():
             run_dir = out / NAME / "runs" / "moe_student" / name / f"seed{seed}"
             routing = routed_run(run_dir, {**base, **overrides, "student.path": models["student"]["path"],
-                                           "train.seed": seed}, size, start, tokenizer, records, k)
+                                           "train.seed": seed}, size, start, tokenizer, token_sets, k)
             moe_runs[name].append({**curve(run_dir, moe_flops), "routing": routing})
         publish(out, result, root)
     models["teacher"] = build_moe(out / NAME / "models", "teacher", task, size)
@@ -197,20 +206,27 @@ def table(result: dict[str, Any]) -> str:
     """Markdown: the MoE student's routing and accuracy per method, then the dense student per teacher (once run)."""
     s = result["models"]["student"]
     lines = [f"| MoE student ({s['active_params']:,} of {s['params']:,} parameters active) | seeds | steps | TFLOPs | "
-             "final accuracy | top-2 set changed (fraction of token·layers) | router TV | expert load TV | "
-             "expert load (mean over seeds) |", "|---|---|---|---|---|---|---|---|---|",
-             f"| start ({s['sft_steps']} SFT steps) | – | 0 | 0 | {s['accuracy']:.3f} | 0 | 0 | 0 | "
+             "final accuracy | top-2 set changed, answers | top-2 set changed, own samples | router TV, answers | "
+             "router TV, own samples | expert load TV, answers | expert load on answers (mean over seeds) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|",
+             f"| start ({s['sft_steps']} SFT steps) | – | 0 | 0 | {s['accuracy']:.3f} | 0 | 0 | 0 | 0 | 0 | "
              f"{loads_text(s['load'])} |"]
     for name, runs in result["moe_runs"].items():
-        last = {key: [r["routing"][key][-1] for r in runs] for key in ("topk_changed", "tv", "load_tv")}
-        load = np.mean([r["routing"]["load"] for r in runs], 0).tolist()
+        last = {(tokens, key): [r["routing"][tokens][key][-1] for r in runs] for tokens in ("answers", "samples")
+                for key in ("topk_changed", "tv", "load_tv")}
+        load = np.mean([r["routing"]["answers"]["load"] for r in runs], 0).tolist()
         lines.append(f"| {LABELS[name]} | {len(runs)} | {result['steps']} | {runs[0]['flops'][-1] / 1e12:.3g} | "
-                     f"{mean_std([r['accuracy'][-1] for r in runs])} | {mean_std(last['topk_changed'])} | "
-                     f"{mean_std(last['tv'])} | {mean_std(last['load_tv'])} | {loads_text(load)} |")
+                     f"{mean_std([r['accuracy'][-1] for r in runs])} | "
+                     + " | ".join(mean_std(last[(tokens, key)]) for key in ("topk_changed", "tv")
+                                  for tokens in ("answers", "samples"))
+                     + f" | {mean_std(last[('answers', 'load_tv')])} | {loads_text(load)} |")
     teacher_accuracy = result["moe_runs"]["on_policy"][0]["teacher"]
+    tokens = result["routing_tokens"]
     lines.append(f"\nDense teacher accuracy {teacher_accuracy:.3f}. Routing on {result['routing_records']} held-out "
-                 f"prompts with their dataset answers ({result['routing_tokens']} tokens, teacher-forced); accuracy: "
-                 "greedy exact match on the eval prompts; mean ± std over the seeds.\n")
+                 f"prompts, teacher-forced, with their dataset answers ({tokens['answers']} tokens) and with one "
+                 f"sample each of the start student ({tokens['samples']} tokens); a change is the fraction of "
+                 "token·layer pairs; TV: total variation. Accuracy: greedy exact match on the eval prompts; mean ± "
+                 "std over the seeds.\n")
     dense = {name: runs for name, runs in result["dense_runs"].items() if runs}
     if not dense:
         return "\n".join(lines) + "\n"
@@ -232,9 +248,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
     for name, runs in result["moe_runs"].items():
         steps = np.array(runs[0]["routing"]["steps"])
-        ys = np.array([r["routing"]["topk_changed"] for r in runs])
-        line, = axes[0].plot(steps, ys.mean(0), label=f"MoE student: {LABELS[name]}")
-        axes[0].fill_between(steps, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), color=line.get_color(), alpha=0.2)
+        for tokens, style in (("answers", "-"), ("samples", ":")):
+            ys = np.array([r["routing"][tokens]["topk_changed"] for r in runs])
+            line, = axes[0].plot(steps, ys.mean(0), style, label=f"{LABELS[name]}, on {tokens}")
+            axes[0].fill_between(steps, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), color=line.get_color(),
+                                 alpha=0.2)
     for group, runs_by in (("MoE student", result["moe_runs"]), ("dense student", result["dense_runs"])):
         for name, runs in ((n, r) for n, r in runs_by.items() if r):
             steps = np.array(runs[0]["steps"])
@@ -243,7 +261,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
             axes[1].fill_between(steps, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), color=line.get_color(),
                                  alpha=0.2)
     bars = {"start": np.array(result["models"]["student"]["load"]),
-            **{LABELS[name]: np.mean([r["routing"]["load"] for r in runs], 0)
+            **{LABELS[name]: np.mean([r["routing"]["answers"]["load"] for r in runs], 0)
                for name, runs in result["moe_runs"].items()}}
     layers, experts = bars["start"].shape
     x = np.arange(layers * experts)
@@ -251,9 +269,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
         axes[2].bar(x + (i - 1) * 0.27, load.flatten(), width=0.27, label=label)
     axes[2].set_xticks(x, [f"L{l}E{e}" for l in range(layers) for e in range(experts)])
     axes[2].axhline(1 / experts, color="grey", lw=0.8, ls="--")
-    axes[0].set_ylabel("fraction of token·layers whose top-2 experts changed")
+    axes[0].set_ylabel("MoE student: fraction of token·layers whose top-2 changed")
     axes[1].set_ylabel("eval accuracy (exact match, greedy)")
-    axes[2].set_ylabel("expert load (fraction of routed slots)")
+    axes[2].set_ylabel("MoE student: expert load on answers (fraction of slots)")
     for ax in axes[:2]:
         ax.set_xlabel("training step (64 prompts each)")
         ax.grid(alpha=0.3)

@@ -130,10 +130,12 @@ def test_moe_routing_tracks_the_moe_students_routing_from_its_start(out):
         assert all(abs(sum(layer) - 1) < 1e-5 for layer in model["load"])
     for runs in result["moe_runs"].values():
         for r in runs:
-            routing = r["routing"]
-            assert routing["steps"] == [0, 2, 4] and routing["topk_changed"][0] == routing["tv"][0] == 0.0
-            assert all(0 <= x <= 1 for key in ("topk_changed", "tv", "load_tv") for x in routing[key])
-            assert all(abs(sum(layer) - 1) < 1e-5 for layer in routing["load"]) and r["flops"][-1] > 0
+            assert r["routing"]["steps"] == [0, 2, 4] and r["flops"][-1] > 0
+            for tokens in ("answers", "samples"):
+                routing = r["routing"][tokens]
+                assert routing["topk_changed"][0] == routing["tv"][0] == 0.0
+                assert all(0 <= x <= 1 for key in ("topk_changed", "tv", "load_tv") for x in routing[key])
+                assert all(abs(sum(layer) - 1) < 1e-5 for layer in routing["load"])
     assert (out / "results_moe_routing.png").stat().st_size > 0
     rows = 1 + len(moe_routing.MOE_METHODS) + 1 + 2  # the start, each method; the dense table's header, 2 teachers
     assert (out / "moe_routing.md").read_text().count("\n| ") == rows
