@@ -246,18 +246,18 @@ def table(result: dict[str, Any]) -> str:
 def plot(result: dict[str, Any], path: Path) -> None:
     """Routing change and accuracy against steps (mean ± std band), and the expert loads before and after."""
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
-    for name, runs in result["moe_runs"].items():
+    for color, (name, runs) in zip(("C0", "C1"), result["moe_runs"].items()):
         steps = np.array(runs[0]["routing"]["steps"])
         for tokens, style in (("answers", "-"), ("samples", ":")):
             ys = np.array([r["routing"][tokens]["topk_changed"] for r in runs])
-            line, = axes[0].plot(steps, ys.mean(0), style, label=f"{LABELS[name]}, on {tokens}")
-            axes[0].fill_between(steps, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), color=line.get_color(),
-                                 alpha=0.2)
-    for group, runs_by in (("MoE student", result["moe_runs"]), ("dense student", result["dense_runs"])):
+            axes[0].plot(steps, ys.mean(0), style, color=color, label=f"{LABELS[name]}, on {tokens}")
+            axes[0].fill_between(steps, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), color=color, alpha=0.2)
+    for group, style, runs_by in (("MoE student", "-", result["moe_runs"]), ("dense student", "--",
+                                                                             result["dense_runs"])):
         for name, runs in ((n, r) for n, r in runs_by.items() if r):
             steps = np.array(runs[0]["steps"])
             ys = np.array([r["accuracy"] for r in runs])
-            line, = axes[1].plot(steps, ys.mean(0), label=f"{group}: {LABELS[name]}")
+            line, = axes[1].plot(steps, ys.mean(0), style, label=f"{group}: {LABELS[name]}")
             axes[1].fill_between(steps, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), color=line.get_color(),
                                  alpha=0.2)
     bars = {"start": np.array(result["models"]["student"]["load"]),
@@ -265,8 +265,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
                for name, runs in result["moe_runs"].items()}}
     layers, experts = bars["start"].shape
     x = np.arange(layers * experts)
-    for i, (label, load) in enumerate(bars.items()):
-        axes[2].bar(x + (i - 1) * 0.27, load.flatten(), width=0.27, label=label)
+    for i, (color, (label, load)) in enumerate(zip(("grey", "C0", "C1"), bars.items())):
+        axes[2].bar(x + (i - 1) * 0.27, load.flatten(), width=0.27, color=color, label=label)
     axes[2].set_xticks(x, [f"L{l}E{e}" for l in range(layers) for e in range(experts)])
     axes[2].axhline(1 / experts, color="grey", lw=0.8, ls="--")
     axes[0].set_ylabel("MoE student: fraction of token·layers whose top-2 changed")
