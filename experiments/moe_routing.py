@@ -6,7 +6,8 @@ Two MoE models of the text toy's family `qwen3_moe` (Qwen3MoeForCausalLM, 4 expe
 built once per out dir with the toy's SFT recipe: a student of the toy student's size (150 steps, as the toy
 student) and a teacher of the toy teacher's width (200 steps, half the toy teacher's, to keep it short).
 Then, at the toy's batch, lr and schedule, equal steps:
-- the MoE student from the dense text teacher, by OPD (full reverse KL) and by SFT on the dataset answers;
+- the MoE student from the dense text teacher, by OPD (full reverse KL) and by SFT on the dataset answers
+  (then SFT again for as many steps as spend OPD's FLOPs, rounded up to EVERY);
   every EVERY steps its routing on held-out sequences (eval prompts with their dataset answers,
   teacher-forced, so every checkpoint routes the same tokens) is compared with the start's;
 - the dense toy student by OPD from the MoE teacher and, as the reference, from the dense teacher.
@@ -20,6 +21,7 @@ distributions over experts before and after.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -52,6 +54,7 @@ MOE_METHODS: dict[str, dict[str, Any]] = {
     "sft": {"objective.kind": "sft"},
 }
 LABELS = {"on_policy": "OPD (full reverse KL) from the dense teacher", "sft": "SFT on the dataset answers",
+          "sft_flops": "SFT on the dataset answers, OPD's FLOPs",
           "moe_teacher": "OPD from the MoE teacher", "dense_teacher": "OPD from the dense teacher"}
 
 
@@ -166,7 +169,7 @@ def run(out: Path, size: str, root: Path | None) -> dict[str, Any]:
     start = {name: router_probs(student, tokenizer, recs) for name, recs in token_sets.items()}
     base = {**base_overrides(task, size), "train.steps": STEPS[size], "train.eval_every": EVERY[size]}
     moe_flops = {**task, "params": {**task["params"], "student": models["student"]["active_params"]}}
-    moe_runs: dict[str, list[dict[str, Any]]] = {name: [] for name in MOE_METHODS}
+    moe_runs: dict[str, list[dict[str, Any]]] = {name: [] for name in (*MOE_METHODS, "sft_flops")}
     dense_runs: dict[str, list[dict[str, Any]]] = {"moe_teacher": [], "dense_teacher": []}
     result = {"steps": STEPS[size], "routing_records": len(records),
               "routing_tokens": {name: int(probs.shape[1]) for name, probs in start.items()},
@@ -177,6 +180,13 @@ def run(out: Path, size: str, root: Path | None) -> dict[str, Any]:
             routing = routed_run(run_dir, {**base, **overrides, "student.path": models["student"]["path"],
                                            "train.seed": seed}, size, start, tokenizer, token_sets, k)
             moe_runs[name].append({**curve(run_dir, moe_flops), "routing": routing})
+        publish(out, result, root)
+    steps = flops_matched_steps(moe_runs["on_policy"][0], moe_runs["sft"][0], STEPS[size], EVERY[size])
+    for seed in SIZES[size]["seeds"]:
+        run_dir = out / NAME / "runs" / "moe_student" / "sft_flops" / f"seed{seed}"
+        routing = routed_run(run_dir, {**base, **MOE_METHODS["sft"], "student.path": models["student"]["path"],
+                                       "train.seed": seed, "train.steps": steps}, size, start, tokenizer, token_sets, k)
+        moe_runs["sft_flops"].append({**curve(run_dir, moe_flops), "routing": routing})
         publish(out, result, root)
     models["teacher"] = build_moe(out / NAME / "models", "teacher", task, size)
     teachers = {"moe_teacher": models["teacher"]["path"], "dense_teacher": task["paths"]["teacher"]}
@@ -189,6 +199,11 @@ def run(out: Path, size: str, root: Path | None) -> dict[str, Any]:
             dense_runs[name].append(curve(run_dir, flops[name]))
         publish(out, result, root)
     return result
+
+
+def flops_matched_steps(on_policy: dict[str, Any], sft: dict[str, Any], steps: int, every: int) -> int:
+    """SFT steps that spend at least the on-policy run's FLOPs, rounded up to a multiple of `every`."""
+    return every * math.ceil(on_policy["flops"][-1] / (sft["flops"][-1] / steps) / every)
 
 
 def publish(out: Path, result: dict[str, Any], root: Path | None) -> None:
@@ -211,12 +226,12 @@ def table(result: dict[str, Any]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|",
              f"| start ({s['sft_steps']} SFT steps) | – | 0 | 0 | {s['accuracy']:.3f} | 0 | 0 | 0 | 0 | 0 | "
              f"{loads_text(s['load'])} |"]
-    for name, runs in result["moe_runs"].items():
+    for name, runs in ((n, r) for n, r in result["moe_runs"].items() if r):
         last = {(tokens, key): [r["routing"][tokens][key][-1] for r in runs] for tokens in ("answers", "samples")
                 for key in ("topk_changed", "tv", "load_tv")}
         load = np.mean([r["routing"]["answers"]["load"] for r in runs], 0).tolist()
-        lines.append(f"| {LABELS[name]} | {len(runs)} | {result['steps']} | {runs[0]['flops'][-1] / 1e12:.3g} | "
-                     f"{mean_std([r['accuracy'][-1] for r in runs])} | "
+        lines.append(f"| {LABELS[name]} | {len(runs)} | {runs[0]['routing']['steps'][-1]} | "
+                     f"{runs[0]['flops'][-1] / 1e12:.3g} | {mean_std([r['accuracy'][-1] for r in runs])} | "
                      + " | ".join(mean_std(last[(tokens, key)]) for key in ("topk_changed", "tv")
                                   for tokens in ("answers", "samples"))
                      + f" | {mean_std(last[('answers', 'load_tv')])} | {loads_text(load)} |")
@@ -246,7 +261,7 @@ def table(result: dict[str, Any]) -> str:
 def plot(result: dict[str, Any], path: Path) -> None:
     """Routing change and accuracy against steps (mean ± std band), and the expert loads before and after."""
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
-    for color, (name, runs) in zip(("C0", "C1"), result["moe_runs"].items()):
+    for color, (name, runs) in zip(("C0", "C1", "C2"), ((n, r) for n, r in result["moe_runs"].items() if r)):
         steps = np.array(runs[0]["routing"]["steps"])
         for tokens, style in (("answers", "-"), ("samples", ":")):
             ys = np.array([r["routing"][tokens]["topk_changed"] for r in runs])
@@ -262,11 +277,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
                                  alpha=0.2)
     bars = {"start": np.array(result["models"]["student"]["load"]),
             **{LABELS[name]: np.mean([r["routing"]["answers"]["load"] for r in runs], 0)
-               for name, runs in result["moe_runs"].items()}}
+               for name, runs in result["moe_runs"].items() if runs}}
     layers, experts = bars["start"].shape
     x = np.arange(layers * experts)
-    for i, (color, (label, load)) in enumerate(zip(("grey", "C0", "C1"), bars.items())):
-        axes[2].bar(x + (i - 1) * 0.27, load.flatten(), width=0.27, color=color, label=label)
+    width = 0.8 / len(bars)
+    for i, (color, (label, load)) in enumerate(zip(("grey", "C0", "C1", "C2"), bars.items())):
+        axes[2].bar(x + (i - (len(bars) - 1) / 2) * width, load.flatten(), width=width, color=color, label=label)
     axes[2].set_xticks(x, [f"L{l}E{e}" for l in range(layers) for e in range(experts)])
     axes[2].axhline(1 / experts, color="grey", lw=0.8, ls="--")
     axes[0].set_ylabel("MoE student: fraction of token·layers whose top-2 changed")
