@@ -247,15 +247,23 @@ def table(result: dict[str, Any]) -> str:
         return "\n".join(lines) + "\n"
     t = result["models"]["teacher"]
     start = next(iter(dense.values()))[0]["student_before"]
-    lines += [f"| dense toy student (start {start:.3f}) | teacher accuracy | seeds | steps | TFLOPs | final accuracy |",
-              "|---|---|---|---|---|---|"]
+    lines += [f"| dense toy student (start {start:.3f}) | teacher accuracy | seeds | steps | TFLOPs | final accuracy | "
+              "share of the gap to the teacher closed |", "|---|---|---|---|---|---|---|"]
     accuracy = {"moe_teacher": t["accuracy"], "dense_teacher": teacher_accuracy}
     for name, runs in dense.items():
         lines.append(f"| {LABELS[name]} | {accuracy[name]:.3f} | {len(runs)} | {result['steps']} | "
-                     f"{runs[0]['flops'][-1] / 1e12:.3g} | {mean_std([r['accuracy'][-1] for r in runs])} |")
+                     f"{runs[0]['flops'][-1] / 1e12:.3g} | {mean_std([r['accuracy'][-1] for r in runs])} | "
+                     f"{gap_closed([r['accuracy'][-1] for r in runs], start, accuracy[name])} |")
     lines.append(f"\nMoE teacher: {t['active_params']:,} of {t['params']:,} parameters active, {t['sft_steps']} SFT "
                  f"steps ({t['seconds']:.0f} s), accuracy {t['accuracy']:.3f}, expert load {loads_text(t['load'])}.")
     return "\n".join(lines) + "\n"
+
+
+def gap_closed(finals: list[float], start: float, teacher: float) -> str:
+    """(final − start) / (teacher − start) over seeds, or '–' where the teacher is no better than the start."""
+    if teacher <= start:
+        return "–"
+    return mean_std([(final - start) / (teacher - start) for final in finals], ".2f")
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
