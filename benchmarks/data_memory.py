@@ -28,7 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from benchmarks.measure import MIB, _rss_kib, run_child, table
-from mmopd.data import load_records, step_indices
+from mmopd.data import load_records
+from mmopd.step_order import step_indices
 from modalities.text.adapter import TextAdapter
 
 

@@ -1,4 +1,4 @@
-"""Records from where users keep them, checked with errors that name the row, and the deterministic batch order.
+"""Records from where users keep them, checked with errors that name the row.
 
 A source is a JSONL file (read line by line, so errors name `file:line` and rows may differ in shape), or
 anything `datasets` reads: a JSON, parquet or CSV file, a `save_to_disk` folder, or a hub id. `data.fields`
@@ -8,13 +8,13 @@ renames the set's columns onto record fields, and TRL's conversational records (
 Records stay in the source (a memory-mapped arrow table, or byte offsets into the JSONL file): loading checks
 every row once in a streaming pass and keeps only the indices of the rows it skipped, and `Records[i]` reads
 and checks its row again when a batch asks for it. A million arrow rows cost no per-row memory here (a JSONL
-file costs its offset and line-number arrays, 16 bytes a row), and the step order costs 4 bytes a row.
+file costs its offset and line-number arrays, 16 bytes a row); the step order (`mmopd.step_order`) is computed,
+not stored.
 """
 
 from __future__ import annotations
 
 import array
-import functools
 import json
 import logging
 from collections.abc import Sequence
@@ -24,7 +24,6 @@ from typing import Any, Callable, Iterator
 
 import datasets
 import numpy as np
-import torch
 
 log = logging.getLogger("mmopd")
 
@@ -326,24 +325,3 @@ def load_jsonl(path: str | Path, check: Check, skip_bad: bool = False, role: str
     if not path.is_file():
         raise DataError(f"{role}: file not found: {path}")
     return load_records(path, check, skip_bad, role)
-
-
-@functools.lru_cache(maxsize=2)
-def _permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """Epoch `epoch`'s order of the n records [n], kept for the steps that read it: int32 (a million rows: 4 MB),
-    the same order as torch's int64 permutation."""
-    dtype = torch.int32 if n < 2**31 else torch.int64
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch), dtype=dtype)
-
-
-def step_indices(n: int, step: int, batch_size: int, seed: int) -> list[int]:
-    """The record indices of global batch `step` (0-based): epochs of seeded permutations, so any step
-    can be reproduced without replaying the ones before it (exact resume)."""
-    start = step * batch_size
-    out: list[int] = []
-    while len(out) < batch_size:
-        epoch, offset = divmod(start + len(out), n)
-        perm = _permutation(n, seed, epoch)
-        take = min(batch_size - len(out), n - offset)
-        out.extend(perm[offset:offset + take].tolist())
-    return out

@@ -14,9 +14,10 @@ import torch
 
 import mmopd
 from mmopd.adapter import get_adapter
-from mmopd.data import DataError, load_records, step_indices
+from mmopd.data import DataError, load_records
 from mmopd.objectives import Timer, objective_step
 from mmopd.session import Session
+from mmopd.step_order import step_indices
 from modalities.text.adapter import prompt_text
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -118,12 +119,6 @@ def test_skipped_rows_are_the_only_rows_indexed_and_later_drops_keep_the_rest_in
     assert data.skipped == 5 and [r["prompt"] for r in data.records] == ["2=", "5=", "7="]
     with pytest.raises(IndexError):
         data.records[3]
-
-
-def test_the_step_order_is_an_int32_permutation_equal_to_torchs_int64_one():
-    n, seed = 1000, 3
-    want = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003)).tolist()
-    assert [i for step in range(10) for i in step_indices(n, step, 100, seed)] == want
 
 
 def test_a_hub_id_while_offline_is_a_clear_error(monkeypatch):
