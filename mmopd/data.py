@@ -24,9 +24,14 @@ from typing import Any, Callable, Iterator
 
 import datasets
 import numpy as np
+import pyarrow as pa
 
 log = logging.getLogger("mmopd")
 
+# rows per record batch of the arrow cache `datasets` writes when it converts a set: an open table holds about 2 KB
+# of metadata per batch (datasets' default of 1,000 rows a batch made that 2 bytes a row), and a batch is
+# memory-mapped, so its size costs no memory. It never merges the batches the reader yields (a parquet row group).
+WRITER_BATCH_ROWS = 100_000
 BUILDERS = {".json": "json", ".parquet": "parquet", ".csv": "csv"}  # file suffix -> the `datasets` reader
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -255,7 +260,7 @@ def open_rows(source: str | Path, role: str, split: str = "train", subset: str =
             raise DataError(f"{role}: {path} is a {path.suffix or 'suffix-less'} file; give a .jsonl, .json, .parquet "
                             "or .csv file, a save_to_disk folder or a hub id")
         try:
-            table = datasets.load_dataset(BUILDERS[path.suffix], data_files=str(path), split="train")
+            table = _converted(BUILDERS[path.suffix], data_files=str(path), split="train")
         except ValueError as err:  # what `datasets` says of a file with no rows
             raise DataError(f"{role}: {path} holds no usable records ({err})") from err
         return ArrowRows(table, str(path), path.parent)
@@ -269,13 +274,21 @@ def open_rows(source: str | Path, role: str, split: str = "train", subset: str =
     if path.suffix in (".jsonl", *BUILDERS) or str(source).startswith((".", "/", "~")):
         raise DataError(f"{role}: file not found: {path}")
     try:
-        loaded = datasets.load_dataset(str(source), subset or None)
+        loaded = _converted(str(source), subset or None)
     except (ConnectionError, FileNotFoundError, ValueError, OSError) as err:
         raise DataError(f"{role}={source!r} is not a local file or folder, and loading it as a hub dataset failed "
                         f"({type(err).__name__}: {err}); check the id and the network (HF_HUB_OFFLINE must be "
                         "unset), or give a local file") from err
     name = f"{source}{'/' + subset if subset else ''}[{split}]"
     return ArrowRows(_split_of(loaded, split, f"{role}={source}", role), name, Path.cwd())
+
+
+def _converted(*args: Any, **kwargs: Any) -> datasets.Dataset | datasets.DatasetDict:
+    """`datasets.load_dataset`, its arrow cache written in `WRITER_BATCH_ROWS` batches; the arrow memory a first
+    load's conversion freed goes back to the system (pyarrow's allocator keeps it otherwise, for the whole run)."""
+    loaded = datasets.load_dataset(*args, **kwargs, writer_batch_size=WRITER_BATCH_ROWS)
+    pa.default_memory_pool().release_unused()
+    return loaded
 
 
 def _split_of(loaded: datasets.Dataset | datasets.DatasetDict, split: str, what: str, role: str) -> datasets.Dataset:

@@ -65,8 +65,8 @@ def test_topk_benchmark_reports_error_against_the_exact_divergence(tiny_text):
     assert "rel. error" in text and "| jsd" in text
 
 
-def test_data_memory_benchmark_prints_peak_and_anonymous_memory_and_their_ratios_to_the_smallest_set():
+def test_data_memory_benchmark_prints_peak_and_owned_memory_and_their_ratios_to_the_smallest_set():
     text = _run("benchmarks.data_memory", "--rows", "200,2000", "--steps", "20")
-    assert "peak RSS MiB" in text and "anonymous vs 200" in text and "error" not in text
-    assert "| first " in text and "| cached " in text
-    assert len(re.findall(r"\d+\.\d+x\s+\|", text)) == 8  # 2 sizes x 2 runs x (peak, anonymous)
+    assert "peak RSS MiB" in text and "peak owned vs 200" in text and "end owned vs 200" in text
+    assert "| first " in text and "| cached " in text and "error" not in text
+    assert len(re.findall(r"\d+\.\d+x\s+\|", text)) == 12  # 2 sizes x 2 runs x (peak RSS, peak owned, end owned)

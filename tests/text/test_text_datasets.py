@@ -121,6 +121,14 @@ def test_skipped_rows_are_the_only_rows_indexed_and_later_drops_keep_the_rest_in
         data.records[3]
 
 
+def test_a_converted_set_is_cached_in_large_record_batches_so_its_open_table_holds_few(tmp_path):
+    rows = 2500  # datasets' default would cache 3 batches of at most 1,000 rows; each costs metadata while open
+    datasets.Dataset.from_dict({"prompt": [f"{i}=" for i in range(rows)], "answer": ["a"] * rows}).to_parquet(
+        str(tmp_path / "s.parquet"))
+    data = load_records(tmp_path / "s.parquet", get_adapter("text").check_record)
+    assert len(data) == rows and len(data.records.rows.table.data.to_batches()) == 1
+
+
 def test_a_hub_id_while_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
