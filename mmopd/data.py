@@ -283,10 +283,17 @@ def open_rows(source: str | Path, role: str, split: str = "train", subset: str =
     return ArrowRows(_split_of(loaded, split, f"{role}={source}", role), name, Path.cwd())
 
 
-def _converted(*args: Any, **kwargs: Any) -> datasets.Dataset | datasets.DatasetDict:
-    """`datasets.load_dataset`, its arrow cache written in `WRITER_BATCH_ROWS` batches; the arrow memory a first
-    load's conversion freed goes back to the system (pyarrow's allocator keeps it otherwise, for the whole run)."""
-    loaded = datasets.load_dataset(*args, **kwargs, writer_batch_size=WRITER_BATCH_ROWS)
+def _converted(path: str, name: str | None = None, split: str | None = None,
+               **kwargs: Any) -> datasets.Dataset | datasets.DatasetDict:
+    """`datasets.load_dataset`, with an arrow-based builder's cache (parquet, JSON, CSV) written in
+    `WRITER_BATCH_ROWS` batches; a builder that yields examples one at a time (imagefolder) keeps its own batch
+    size, as it holds a batch of examples in memory before writing it. The arrow memory a first load's conversion
+    freed goes back to the system (pyarrow's allocator keeps it otherwise, for the whole run)."""
+    builder = datasets.load_dataset_builder(path, name, **kwargs)
+    if isinstance(builder, datasets.ArrowBasedBuilder):
+        builder = datasets.load_dataset_builder(path, name, writer_batch_size=WRITER_BATCH_ROWS, **kwargs)
+    builder.download_and_prepare()
+    loaded = builder.as_dataset(split=split)
     pa.default_memory_pool().release_unused()
     return loaded
 

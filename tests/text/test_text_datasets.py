@@ -11,10 +11,11 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from PIL import Image
 
 import mmopd
 from mmopd.adapter import get_adapter
-from mmopd.data import DataError, load_records
+from mmopd.data import WRITER_BATCH_ROWS, DataError, _converted, load_records
 from mmopd.objectives import Timer, objective_step
 from mmopd.session import Session
 from mmopd.step_order import step_indices
@@ -127,6 +128,19 @@ def test_a_converted_set_is_cached_in_large_record_batches_so_its_open_table_hol
         str(tmp_path / "s.parquet"))
     data = load_records(tmp_path / "s.parquet", get_adapter("text").check_record)
     assert len(data) == rows and len(data.records.rows.table.data.to_batches()) == 1
+
+
+def test_a_builder_that_buffers_examples_keeps_its_own_writer_batch_size(tmp_path, monkeypatch):
+    (tmp_path / "pictures").mkdir()
+    for i in range(2):
+        Image.new("RGB", (4, 4), (i, 0, 0)).save(tmp_path / "pictures" / f"{i}.png")
+    asked = []
+    real = datasets.load_dataset_builder
+    monkeypatch.setattr(datasets, "load_dataset_builder", lambda *a, **k: (asked.append(k), real(*a, **k))[1])
+    assert len(_converted("imagefolder", data_dir=str(tmp_path / "pictures"), split="train")) == 2  # as a hub id
+    datasets.Dataset.from_dict({"prompt": ["1="], "answer": ["1"]}).to_parquet(str(tmp_path / "s.parquet"))
+    load_records(tmp_path / "s.parquet", get_adapter("text").check_record)
+    assert [k.get("writer_batch_size") for k in asked] == [None, None, WRITER_BATCH_ROWS]
 
 
 def test_a_hub_id_while_offline_is_a_clear_error(monkeypatch):
