@@ -94,7 +94,6 @@ def open_run(config: Config, main: bool = True) -> Run:
                 _check_same_run(_saved_config(out), config)
             return run
         run.resume_from, run.state = found
-        _check_step_order(run.state.get("step_order"), run.resume_from)
         old = run.state.get("config") or _saved_config(out)
         run.changes = _check_same_run(old, config, LAYOUT if "global_batch" in run.state else frozenset())
         run.run_id = run.state.get("run_id", run.run_id)
@@ -106,6 +105,8 @@ def open_run(config: Config, main: bool = True) -> Run:
         summary = out / "summary.json"
         if t.steps == done and summary.is_file():
             run.finished = json.loads(summary.read_text())
+        else:
+            _check_step_order(run.state.get("step_order"), run.resume_from)
         return run
     except BaseException:
         run.close()
@@ -113,7 +114,7 @@ def open_run(config: Config, main: bool = True) -> Run:
 
 
 def _check_step_order(saved: str | None, path: Path) -> None:
-    """Refuse a checkpoint whose run read its batches in another order: resuming it would not be exact."""
+    """Refuse to continue a checkpoint whose run read its batches in another order: it would not be exact."""
     if saved != STEP_ORDER:
         written = f"the step order {saved!r}" if saved else "the stored torch.randperm step order of earlier mmopd"
         raise RunDirError(f"{path} was written with {written}, and this mmopd reads batches in the order "

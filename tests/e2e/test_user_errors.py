@@ -327,6 +327,13 @@ def test_the_same_steps_again_trains_nothing_says_so_and_exits_zero(tiny_text, f
     assert _snapshot(case.run) == before
 
 
+def test_a_finished_run_of_the_stored_step_order_still_says_it_is_done(tiny_text, finished_run, tmp_path, caplog):
+    case = Case(tmp_path, tiny_text, finished_run)
+    _written_with_the_stored_order(case)  # no batch is read again, so the order does not matter
+    assert main(["train", case.config()]) == 0
+    assert "already did all 2 steps; nothing to train" in caplog.text
+
+
 def test_move_aside_keeps_the_old_run_whole_and_starts_a_new_one(tiny_text, finished_run, tmp_path):
     case = Case(tmp_path, tiny_text, finished_run)
     case.reuse()
