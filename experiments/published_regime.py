@@ -1,0 +1,201 @@
+"""The published regime: on-policy distillation against continued SFT on teacher samples, from an SFT plateau.
+
+    python -m experiments published_regime [--out DIR] [--size tiny|full] [--publish]
+
+Stage 1 (the plateau): SFT the text toy's student on a data generator's samples, one seed, evaluating
+every EVERY steps, and take the checkpoint where the greedy accuracy stops improving: the best eval so far
+that no eval in the next PATIENCE gains more than TOL on. Two data generators:
+- `teacher`: the toy's teacher itself (`seq_kd`: NLL on teacher samples drawn afresh every step), which is
+  off-policy distillation, as the published student had;
+- `carry_blind`: a program that drops the carry into the last column (`964+494=` → `08;15;13;#1358`, wrong
+  wherever the tens column carries), so the teacher (the toy's, right on every eval prompt) knows more
+  than the data.
+Stage 2, from each plateau that leaves at least MIN_ROOM below the teacher: `on_policy` (full reverse KL to
+the teacher) against `seq_kd` (continued SFT on more teacher samples), matched by estimated FLOPs
+(`compute_matched.matched_steps`), 3 seeds. The target is halfway from the plateau to the teacher; the
+result is each method's FLOPs to reach it and their ratio (published: 9–30× less for on-policy).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+import mmopd  # noqa: E402
+from experiments.compute_matched import LABELS, METHODS, matched_steps, seed_runs, summarize  # noqa: E402
+from experiments.compute_matched import table as compare_table  # noqa: E402
+from experiments.text_task import SIZES, band, base_overrides, build_task, mean_std, save_results  # noqa: E402
+from mmopd.config import load_config  # noqa: E402
+from modalities.text.toy import FINAL_MARKER, STEP_SEP  # noqa: E402
+
+NAME = "published_regime"
+PLATEAU_STEPS = {"full": 400, "tiny": 4}
+EVERY = {"full": 25, "tiny": 1}
+PATIENCE = 4  # evals without a gain of more than TOL: a plateau
+TOL = 0.01
+MIN_ROOM = {"full": 0.05, "tiny": -1.0}  # tiny: random models leave no room; stage 2 runs to test the plumbing
+BUDGET_STEPS = {"full": 200, "tiny": 2}  # on_policy's steps in stage 2; seq_kd's follow from the FLOPs
+COMPARED = ("on_policy_full", "seq_kd")
+GENERATORS: dict[str, dict[str, str]] = {
+    "teacher": {"kind": "seq_kd", "label": "the teacher's samples (seq_kd)"},
+    "carry_blind": {"kind": "sft", "label": "a carry-blind program's answers (sft)"},
+}
+
+
+def carry_blind_answer(a: int, b: int) -> str:
+    """The toy's answer format computed without the carry into the last column (right when there is none)."""
+    xs, ys = str(a)[::-1], str(b)[::-1]
+    sums, carry = [], 0
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        total = int(x) + int(y) + (carry if i < len(xs) - 1 else 0)
+        sums.append(total)
+        carry = total // 10
+    value = sum(t % 10 * 10 ** i for i, t in enumerate(sums)) + carry * 10 ** len(sums)
+    return "".join(f"{t:02d}{STEP_SEP}" for t in sums) + FINAL_MARKER + str(value)
+
+
+def carry_blind_data(train: Path, path: Path) -> Path:
+    """The toy's training prompts with carry-blind answers, written once."""
+    if not path.exists():
+        records = [json.loads(line) for line in train.read_text().splitlines()]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"prompt": r["prompt"], "answer": carry_blind_answer(
+            *map(int, r["prompt"].rstrip("=").split("+")))}) + "\n" for r in records))
+    return path
+
+
+def plateau_at(steps: list[int], accuracy: list[float]) -> int | None:
+    """Index of the first best-so-far eval that none of the next PATIENCE evals beats by more than TOL."""
+    for i in range(len(steps) - PATIENCE):
+        if accuracy[i] >= max(accuracy[:i + 1]) and max(accuracy[i + 1:i + 1 + PATIENCE]) <= accuracy[i] + TOL:
+            return i
+    return None
+
+
+def plateau_run(out_dir: Path, overrides: dict[str, Any], size: str) -> dict[str, Any]:
+    """Stage 1: train with a checkpoint at every eval, keep the plateau's student as out_dir/plateau (cached)."""
+    info_path = out_dir / "plateau.json"
+    if info_path.exists():
+        return json.loads(info_path.read_text())
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    every = EVERY[size]
+    mmopd.train(load_config(None, {**overrides, "train.out_dir": str(out_dir), "train.resume": "never",
+                                   "train.steps": PLATEAU_STEPS[size], "train.save_every": every,
+                                   "train.eval_every": every}))
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["eval/accuracy"] for r in rows if "eval/accuracy" in r}
+    steps = sorted(evals)
+    accuracy = [evals[s] for s in steps]
+    found = plateau_at(steps, accuracy)
+    index = found if found is not None else len(steps) - 1
+    if steps[index] == 0:
+        shutil.copytree(overrides["student.path"], out_dir / "plateau")
+    else:
+        shutil.move(out_dir / "checkpoints" / f"step-{steps[index]}" / "model", out_dir / "plateau")
+    shutil.rmtree(out_dir / "checkpoints")
+    info = {"steps": steps, "accuracy": accuracy, "plateau_step": steps[index], "plateau": accuracy[index],
+            "found": found is not None, "path": str(out_dir / "plateau")}
+    info_path.write_text(json.dumps(info, indent=1))
+    return info
+
+
+def run(out: Path, size: str, root: Path | None) -> dict[str, Any]:
+    """Stage 1 for each generator, stage 2 from each plateau with room; results_published_regime.png, .json, .md."""
+    task = build_task(out, size)
+    base = base_overrides(task, size)
+    here = out / NAME
+    data = {"teacher": task["paths"]["train"],
+            "carry_blind": str(carry_blind_data(Path(task["paths"]["train"]), here / "carry_blind" / "train.jsonl"))}
+    plateaus = {name: plateau_run(here / "plateau" / name, {**base, "objective.kind": g["kind"],
+                                                            "data.train": data[name], "train.seed": 0}, size)
+                for name, g in GENERATORS.items()}
+    teacher = mmopd.evaluate(load_config(None, base), which="teacher")["accuracy"]
+    response_tokens = float(np.mean([len(json.loads(line)["answer"]) + 1  # characters, and EOS
+                                     for line in Path(task["paths"]["eval"]).read_text().splitlines()]))
+    steps = matched_steps(task, BUDGET_STEPS[size], base["train.batch_size"], response_tokens)
+    steps = {name: steps[name] if size == "full" else 2 for name in COMPARED}
+    methods = {name: METHODS[name][0] for name in COMPARED}
+    result: dict[str, Any] = {"teacher": teacher, "plateaus": plateaus, "room": MIN_ROOM[size], "compared": {}}
+    write(out, result, root)
+    for name, info in plateaus.items():
+        if teacher - info["plateau"] < MIN_ROOM[size]:
+            continue
+        start = {**base, "student.path": info["path"]}
+        curves: dict[str, list[dict[str, Any]]] = {n: [] for n in COMPARED}
+        for seed in SIZES[size]["seeds"]:  # results written after every seed: a cut-short run keeps its seeds
+            for n, cs in seed_runs(here / name / "runs", (seed,), methods, steps, start, task).items():
+                curves[n] += cs
+            target = round(info["plateau"] + 0.5 * (teacher - info["plateau"]), 3)
+            result["compared"][name] = with_ratio(summarize(task, curves, target))
+            write(out, result, root)
+    return result
+
+
+def with_ratio(summary: dict[str, Any]) -> dict[str, Any]:
+    """Add seq_kd's FLOPs to the target over on_policy's, from the seed means (None where a seed missed it)."""
+    reach = {n: summary["methods"][n]["tflops_to_reach"] for n in COMPARED}
+    hit = all(v is not None for values in reach.values() for v in values) and np.mean(reach["on_policy_full"]) > 0
+    summary["ratio"] = float(np.mean(reach["seq_kd"]) / np.mean(reach["on_policy_full"])) if hit else None
+    return summary
+
+
+def write(out: Path, result: dict[str, Any], root: Path | None) -> None:
+    plot(result, out / f"results_{NAME}.png")
+    save_results(out, NAME, result, table(result), root)
+
+
+def table(result: dict[str, Any]) -> str:
+    """Markdown: each plateau, then for each plateau with room the FLOP-matched comparison and the ratio."""
+    lines = ["| SFT data (stage 1) | plateau step | plateau accuracy | teacher | room above the plateau |",
+             "|---|---|---|---|---|"]
+    for name, info in result["plateaus"].items():
+        step = f"{info['plateau_step']}" + ("" if info["found"] else " (no plateau: the last eval)")
+        lines.append(f"| {GENERATORS[name]['label']} | {step} | {info['plateau']:.3f} | {result['teacher']:.3f} | "
+                     f"{result['teacher'] - info['plateau']:.3f} |")
+    lines.append(f"\nPlateau: the first best-so-far eval (every {EVERY['full']} steps) that none of the next "
+                 f"{PATIENCE} evals beats by more than {TOL}; one seed. Stage 2 runs where the room is at least "
+                 f"{MIN_ROOM['full']}.\n")
+    for name, summary in result["compared"].items():
+        ratio = summary["ratio"]
+        lines.append(f"From the plateau on {GENERATORS[name]['label']} (target {summary['threshold']:.3f}, halfway "
+                     f"to the teacher):\n")
+        lines.append(compare_table(summary))
+        lines.append("seq_kd's TFLOPs to the target over on_policy's: " +
+                     (f"**{ratio:.2f}×**" if ratio is not None else "not defined (a seed missed the target, or on_policy needed none)") +
+                     " (published: 9–30× in on-policy's favour).\n")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Stage 1's curves with their plateaus; stage 2's accuracy against FLOPs (mean ± std over seeds)."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, (name, info) in enumerate(result["plateaus"].items()):
+        axes[0].plot(info["steps"], info["accuracy"], color=f"C{i}", label=f"SFT on {GENERATORS[name]['label']}")
+        axes[0].plot([info["plateau_step"]], [info["plateau"]], "o", color=f"C{i}")
+    for j, (name, summary) in enumerate(result["compared"].items()):
+        for k, method in enumerate(COMPARED):
+            grid, mean, std = band(summary["curves"][method], "flops")
+            line, = axes[1].plot(grid / 1e12, mean, color=f"C{2 + 2 * j + k}",
+                                 label=f"{LABELS[method]}, from the {name} plateau")
+            axes[1].fill_between(grid / 1e12, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        axes[1].axhline(summary["threshold"], color=f"C{2 + 2 * j}", linestyle=":", label=f"target ({name})")
+    for ax, xlabel in zip(axes, ("stage 1: SFT step (64 prompts each)", "stage 2: training compute (TFLOPs, estimated)")):
+        ax.axhline(result["teacher"], color="black", linestyle="--", label="teacher")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("eval accuracy (exact match, greedy)")
+        ax.set_ylim(-0.02, 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle("OPD against continued SFT on teacher samples, from an SFT plateau (text toy)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
