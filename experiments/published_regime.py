@@ -3,8 +3,8 @@
     python -m experiments published_regime [--out DIR] [--size tiny|full] [--publish]
 
 Stage 1 (the plateau): SFT the text toy's student on a data generator's samples, one seed, evaluating
-every EVERY steps, and take the checkpoint where the greedy accuracy stops improving: the best eval so far
-that no eval in the next PATIENCE gains more than TOL on. Two data generators:
+every EVERY steps, and take the checkpoint where the greedy accuracy stops improving: the first eval
+within TOL of the run's best, with at least PATIENCE evals after it (none of which gains more than TOL on it). Two data generators:
 - `teacher`: the toy's teacher itself (`seq_kd`: NLL on teacher samples drawn afresh every step), which is
   off-policy distillation, as the published student had;
 - `carry_blind`: a program that drops the carry into the last column (`964+494=` → `08;15;13;#1358`, wrong
@@ -72,12 +72,11 @@ def carry_blind_data(train: Path, path: Path) -> Path:
     return path
 
 
-def plateau_at(steps: list[int], accuracy: list[float]) -> int | None:
-    """Index of the first best-so-far eval that none of the next PATIENCE evals beats by more than TOL."""
-    for i in range(len(steps) - PATIENCE):
-        if accuracy[i] >= max(accuracy[:i + 1]) and max(accuracy[i + 1:i + 1 + PATIENCE]) <= accuracy[i] + TOL:
-            return i
-    return None
+def plateau_at(accuracy: list[float]) -> int | None:
+    """Index of the first eval within TOL of the run's best, if at least PATIENCE evals follow it (none of which
+    can then gain more than TOL on it): the plateau's start. An early dip does not count as one."""
+    first = next(i for i, a in enumerate(accuracy) if a >= max(accuracy) - TOL)
+    return first if first + PATIENCE < len(accuracy) else None
 
 
 def plateau_run(out_dir: Path, overrides: dict[str, Any], size: str) -> dict[str, Any]:
@@ -95,7 +94,7 @@ def plateau_run(out_dir: Path, overrides: dict[str, Any], size: str) -> dict[str
     evals = {r["step"]: r["eval/accuracy"] for r in rows if "eval/accuracy" in r}
     steps = sorted(evals)
     accuracy = [evals[s] for s in steps]
-    found = plateau_at(steps, accuracy)
+    found = plateau_at(accuracy)
     index = found if found is not None else len(steps) - 1
     if steps[index] == 0:
         shutil.copytree(overrides["student.path"], out_dir / "plateau")
@@ -161,8 +160,8 @@ def table(result: dict[str, Any]) -> str:
         step = f"{info['plateau_step']}" + ("" if info["found"] else " (no plateau: the last eval)")
         lines.append(f"| {GENERATORS[name]['label']} | {step} | {info['plateau']:.3f} | {result['teacher']:.3f} | "
                      f"{result['teacher'] - info['plateau']:.3f} |")
-    lines.append(f"\nPlateau: the first best-so-far eval (every {EVERY['full']} steps) that none of the next "
-                 f"{PATIENCE} evals beats by more than {TOL}; one seed. Stage 2 runs where the room is at least "
+    lines.append(f"\nPlateau: the first eval (every {EVERY['full']} steps) within {TOL} of the run's best, with at "
+                 f"least {PATIENCE} evals after it; one seed. Stage 2 runs where the room is at least "
                  f"{MIN_ROOM['full']}.\n")
     for name, summary in result["compared"].items():
         ratio = summary["ratio"]
