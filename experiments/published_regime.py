@@ -12,8 +12,9 @@ within TOL of the run's best, with at least PATIENCE evals after it (none of whi
   than the data.
 Stage 2, from each plateau that leaves at least MIN_ROOM below the teacher: `on_policy` (full reverse KL to
 the teacher) against `seq_kd` (continued SFT on more teacher samples), matched by estimated FLOPs
-(`compute_matched.matched_steps`), 3 seeds. The target is halfway from the plateau to the teacher; the
-result is each method's FLOPs to reach it and their ratio (published: 9–30× less for on-policy).
+(`compute_matched.matched_steps`), 3 seeds, at the toy's lr and at a lower one (SETTINGS). The target is
+halfway from the plateau to the teacher; the result is each method's FLOPs to first reach it and to stay
+at or above it, and their ratios (published: 9–30× less for on-policy).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import numpy as np  # noqa: E402
 import mmopd  # noqa: E402
 from experiments.compute_matched import LABELS, METHODS, matched_steps, seed_runs, summarize  # noqa: E402
 from experiments.compute_matched import table as compare_table  # noqa: E402
-from experiments.text_task import SIZES, band, base_overrides, build_task, mean_std, save_results  # noqa: E402
+from experiments.text_task import (SIZES, band, base_overrides, build_task, checkpointed_run,  # noqa: E402
+                                   mean_std, save_results)
 from mmopd.config import load_config  # noqa: E402
 from modalities.text.toy import FINAL_MARKER, STEP_SEP  # noqa: E402
 
@@ -44,6 +46,12 @@ TOL = 0.01
 MIN_ROOM = {"full": 0.05, "tiny": -1.0}  # tiny: random models leave no room; stage 2 runs to test the plumbing
 BUDGET_STEPS = {"full": 200, "tiny": 2}  # on_policy's steps in stage 2; seq_kd's follow from the FLOPs
 COMPARED = ("on_policy_full", "seq_kd")
+# stage 2's learning rates: the toy's (as section 1), and a gentler continuation, with evals more often
+SETTINGS: dict[str, dict[str, Any]] = {
+    "toy_lr": {"label": "lr 2e-3, warmup 50 (the toy's)", "overrides": {}, "evals": 8, "dir": "runs"},
+    "low_lr": {"label": "lr 5e-4, warmup 10", "overrides": {"train.lr": 5e-4, "train.warmup": 10}, "evals": 20,
+               "dir": "runs_low_lr"},
+}
 GENERATORS: dict[str, dict[str, str]] = {
     "teacher": {"kind": "seq_kd", "label": "the teacher's samples (seq_kd)"},
     "carry_blind": {"kind": "sft", "label": "a carry-blind program's answers (sft)"},
@@ -84,14 +92,7 @@ def plateau_run(out_dir: Path, overrides: dict[str, Any], size: str) -> dict[str
     info_path = out_dir / "plateau.json"
     if info_path.exists():
         return json.loads(info_path.read_text())
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    every = EVERY[size]
-    mmopd.train(load_config(None, {**overrides, "train.out_dir": str(out_dir), "train.resume": "never",
-                                   "train.steps": PLATEAU_STEPS[size], "train.save_every": every,
-                                   "train.eval_every": every}))
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    evals = {r["step"]: r["eval/accuracy"] for r in rows if "eval/accuracy" in r}
+    _, evals = checkpointed_run(out_dir, {**overrides, "train.steps": PLATEAU_STEPS[size]}, EVERY[size])
     steps = sorted(evals)
     accuracy = [evals[s] for s in steps]
     found = plateau_at(accuracy)
@@ -128,22 +129,39 @@ def run(out: Path, size: str, root: Path | None) -> dict[str, Any]:
     for name, info in plateaus.items():
         if teacher - info["plateau"] < MIN_ROOM[size]:
             continue
-        start = {**base, "student.path": info["path"]}
-        curves: dict[str, list[dict[str, Any]]] = {n: [] for n in COMPARED}
-        for seed in SIZES[size]["seeds"]:  # results written after every seed: a cut-short run keeps its seeds
-            for n, cs in seed_runs(here / name / "runs", (seed,), methods, steps, start, task).items():
-                curves[n] += cs
-            target = round(info["plateau"] + 0.5 * (teacher - info["plateau"]), 3)
-            result["compared"][name] = with_ratio(summarize(task, curves, target))
-            write(out, result, root)
+        target = round(info["plateau"] + 0.5 * (teacher - info["plateau"]), 3)
+        result["compared"][name] = {}
+        for setting, spec in SETTINGS.items():
+            start = {**base, **spec["overrides"], "student.path": info["path"]}
+            curves: dict[str, list[dict[str, Any]]] = {n: [] for n in COMPARED}
+            for seed in SIZES[size]["seeds"]:  # results written after every seed: a cut-short run keeps its seeds
+                for n, cs in seed_runs(here / name / spec["dir"], (seed,), methods, steps, start, task,
+                                       spec["evals"]).items():
+                    curves[n] += cs
+                result["compared"][name][setting] = with_ratios(summarize(task, curves, target))
+                write(out, result, root)
     return result
 
 
-def with_ratio(summary: dict[str, Any]) -> dict[str, Any]:
-    """Add seq_kd's FLOPs to the target over on_policy's, from the seed means (None where a seed missed it)."""
-    reach = {n: summary["methods"][n]["tflops_to_reach"] for n in COMPARED}
-    hit = all(v is not None for values in reach.values() for v in values) and np.mean(reach["on_policy_full"]) > 0
-    summary["ratio"] = float(np.mean(reach["seq_kd"]) / np.mean(reach["on_policy_full"])) if hit else None
+def stays_from(c: dict[str, Any], threshold: float) -> float | None:
+    """FLOPs at the first eval from which every later eval is at or above threshold, or None."""
+    for i in range(len(c["accuracy"])):
+        if min(c["accuracy"][i:]) >= threshold:
+            return c["flops"][i]
+    return None
+
+
+def with_ratios(summary: dict[str, Any]) -> dict[str, Any]:
+    """Add each method's FLOPs to stay above the target, and seq_kd's FLOPs over on_policy's to first reach the
+    target and to stay above it, from the seed means (None where a seed never got there)."""
+    for n in COMPARED:
+        summary["methods"][n]["tflops_to_stay"] = [
+            None if (f := stays_from(c, summary["threshold"])) is None else f / 1e12 for c in summary["curves"][n]]
+    for key in ("tflops_to_reach", "tflops_to_stay"):
+        values = {n: summary["methods"][n][key] for n in COMPARED}
+        hit = all(v is not None for vs in values.values() for v in vs) and np.mean(values["on_policy_full"]) > 0
+        summary[f"ratio_{key.removeprefix('tflops_to_')}"] = \
+            float(np.mean(values["seq_kd"]) / np.mean(values["on_policy_full"])) if hit else None
     return summary
 
 
@@ -163,33 +181,56 @@ def table(result: dict[str, Any]) -> str:
     lines.append(f"\nPlateau: the first eval (every {EVERY['full']} steps) within {TOL} of the run's best, with at "
                  f"least {PATIENCE} evals after it; one seed. Stage 2 runs where the room is at least "
                  f"{MIN_ROOM['full']}.\n")
-    for name, summary in result["compared"].items():
-        ratio = summary["ratio"]
-        lines.append(f"From the plateau on {GENERATORS[name]['label']} (target {summary['threshold']:.3f}, halfway "
-                     f"to the teacher):\n")
-        lines.append(compare_table(summary))
-        lines.append("seq_kd's TFLOPs to the target over on_policy's: " +
-                     (f"**{ratio:.2f}×**" if ratio is not None else "not defined (a seed missed the target, or on_policy needed none)") +
-                     " (published: 9–30× in on-policy's favour).\n")
+    for name, settings in result["compared"].items():
+        for setting, summary in settings.items():
+            lines.append(f"From the plateau on {GENERATORS[name]['label']}, {SETTINGS[setting]['label']} (target "
+                         f"{summary['threshold']:.3f}, halfway to the teacher):\n")
+            lines.append(compare_table(summary))
+            lines += [f"| method | TFLOPs to first reach {summary['threshold']:.3f} | TFLOPs to stay at or above it |",
+                      "|---|---|---|"]
+            for n in COMPARED:
+                r = summary["methods"][n]
+                lines.append(f"| {LABELS[n]} | {reach_text(r['tflops_to_reach'])} | {reach_text(r['tflops_to_stay'])} |")
+            lines.append(f"| **seq_kd / on_policy** | {ratio_text(summary['ratio_reach'])} | "
+                         f"{ratio_text(summary['ratio_stay'])} |\n")
+    lines.append("Ratios above 1 mean on_policy needs less compute (published: 9–30×); mean ± std over seeds.\n")
     return "\n".join(lines)
 
 
+def reach_text(values: list[float | None]) -> str:
+    hits = [v for v in values if v is not None]
+    if len(hits) < len(values):
+        return f"not reached ({len(values) - len(hits)}/{len(values)} seeds)"
+    return mean_std(hits, ".3g")
+
+
+def ratio_text(ratio: float | None) -> str:
+    return "not defined (a seed never got there)" if ratio is None else f"**{ratio:.2f}×**"
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
-    """Stage 1's curves with their plateaus; stage 2's accuracy against FLOPs (mean ± std over seeds)."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    """Stage 1's curves with their plateaus; stage 2's accuracy against FLOPs per setting (mean ± std over seeds)."""
+    fig, axes = plt.subplots(1, 1 + len(SETTINGS), figsize=(6 * (1 + len(SETTINGS)), 4.5))
     for i, (name, info) in enumerate(result["plateaus"].items()):
         axes[0].plot(info["steps"], info["accuracy"], color=f"C{i}", label=f"SFT on {GENERATORS[name]['label']}")
         axes[0].plot([info["plateau_step"]], [info["plateau"]], "o", color=f"C{i}")
-    for j, (name, summary) in enumerate(result["compared"].items()):
-        for k, method in enumerate(COMPARED):
-            grid, mean, std = band(summary["curves"][method], "flops")
-            line, = axes[1].plot(grid / 1e12, mean, color=f"C{2 + 2 * j + k}",
-                                 label=f"{LABELS[method]}, from the {name} plateau")
-            axes[1].fill_between(grid / 1e12, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-        axes[1].axhline(summary["threshold"], color=f"C{2 + 2 * j}", linestyle=":", label=f"target ({name})")
-    for ax, xlabel in zip(axes, ("stage 1: SFT step (64 prompts each)", "stage 2: training compute (TFLOPs, estimated)")):
+    axes[0].set_xlabel("stage 1: SFT step (64 prompts each)")
+    axes[0].set_title("stage 1: to the plateau (dot)", fontsize=9)
+    for ax, (setting, spec) in zip(axes[1:], SETTINGS.items()):
+        for j, (name, settings) in enumerate(result["compared"].items()):
+            if setting not in settings:
+                continue
+            summary = settings[setting]
+            for k, method in enumerate(COMPARED):
+                grid, mean, std = band(summary["curves"][method], "flops")
+                line, = ax.plot(grid / 1e12, mean, color=f"C{2 + 2 * j + k}",
+                                label=f"{LABELS[method]}, from the {name} plateau")
+                ax.fill_between(grid / 1e12, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+            ax.axhline(summary["threshold"], color="grey", linestyle=":", label=f"target ({name})")
+        ax.set_xlabel("stage 2: training compute (TFLOPs, estimated)")
+        ax.set_title(f"stage 2, {spec['label']}", fontsize=9)
+    for ax in axes:
         ax.axhline(result["teacher"], color="black", linestyle="--", label="teacher")
-        ax.set_xlabel(xlabel)
         ax.set_ylabel("eval accuracy (exact match, greedy)")
         ax.set_ylim(-0.02, 1.05)
         ax.grid(alpha=0.3)

@@ -119,15 +119,19 @@ def test_self_distill_tracks_kl_to_the_original_from_zero(out):
     assert (out / "results_self_distill.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # ten tiny trainings: about a minute
 def test_published_regime_finds_a_plateau_and_compares_from_it(out):
     result = published_regime.run(out, "tiny", None)
     assert set(result["plateaus"]) == set(result["compared"]) == set(published_regime.GENERATORS)
     for name, info in result["plateaus"].items():
         assert info["plateau"] == info["accuracy"][info["steps"].index(info["plateau_step"])]
         assert (out / published_regime.NAME / "plateau" / name / "plateau" / "config.json").exists()
-    for summary in result["compared"].values():
-        assert set(summary["methods"]) == set(published_regime.COMPARED)
-        assert all(c["flops"][-1] > 0 for cs in summary["curves"].values() for c in cs)
+    for settings in result["compared"].values():
+        assert set(settings) == set(published_regime.SETTINGS)
+        for summary in settings.values():
+            assert set(summary["methods"]) == set(published_regime.COMPARED)
+            assert all(c["flops"][-1] > 0 for cs in summary["curves"].values() for c in cs)
+            assert {"ratio_reach", "ratio_stay"} <= set(summary)
     assert (out / "results_published_regime.png").stat().st_size > 0
 
 
@@ -136,6 +140,12 @@ def test_plateau_is_the_first_eval_near_the_best_with_patience_evals_after_it():
     assert published_regime.plateau_at(dip_then_flat) == 4
     assert published_regime.plateau_at([0.1, 0.2, 0.3, 0.4, 0.5, 0.6]) is None  # still rising
     assert published_regime.plateau_at([0.3, 0.5, 0.6, 0.6, 0.6, 0.6]) is None  # too few evals after it
+
+
+def test_compute_stays_above_the_target_only_after_the_last_dip():
+    c = {"accuracy": [0.5, 0.8, 0.6, 0.8, 0.9], "flops": [0, 1, 2, 3, 4]}
+    assert published_regime.stays_from(c, 0.75) == 3
+    assert published_regime.stays_from(c, 0.95) is None
 
 
 def test_carry_blind_answers_drop_only_the_carry_into_the_last_column():
