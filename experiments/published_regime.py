@@ -36,6 +36,7 @@ from experiments.compute_matched import table as compare_table  # noqa: E402
 from experiments.text_task import (SIZES, band, base_overrides, build_task, checkpointed_run,  # noqa: E402
                                    mean_std, save_results)
 from mmopd.config import load_config  # noqa: E402
+from modalities.text.adapter import is_correct  # noqa: E402
 from modalities.text.toy import FINAL_MARKER, STEP_SEP  # noqa: E402
 
 NAME = "published_regime"
@@ -58,8 +59,10 @@ GENERATORS: dict[str, dict[str, str]] = {
 }
 
 
-def carry_blind_answer(a: int, b: int) -> str:
-    """The toy's answer format computed without the carry into the last column (right when there is none)."""
+def carry_blind_answer(prompt: str) -> str:
+    """The answer to `A+B=` in the toy's format, computed without the carry into the last column (right when
+    there is none)."""
+    a, b = prompt.rstrip("=").split("+")
     xs, ys = str(a)[::-1], str(b)[::-1]
     sums, carry = [], 0
     for i, (x, y) in enumerate(zip(xs, ys)):
@@ -75,8 +78,8 @@ def carry_blind_data(train: Path, path: Path) -> Path:
     if not path.exists():
         records = [json.loads(line) for line in train.read_text().splitlines()]
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps({"prompt": r["prompt"], "answer": carry_blind_answer(
-            *map(int, r["prompt"].rstrip("=").split("+")))}) + "\n" for r in records))
+        path.write_text("".join(json.dumps({"prompt": r["prompt"], "answer": carry_blind_answer(r["prompt"])}) + "\n"
+                                for r in records))
     return path
 
 
@@ -119,12 +122,14 @@ def run(out: Path, size: str, root: Path | None) -> dict[str, Any]:
                                                             "data.train": data[name], "train.seed": 0}, size)
                 for name, g in GENERATORS.items()}
     teacher = mmopd.evaluate(load_config(None, base), which="teacher")["accuracy"]
-    response_tokens = float(np.mean([len(json.loads(line)["answer"]) + 1  # characters, and EOS
-                                     for line in Path(task["paths"]["eval"]).read_text().splitlines()]))
+    records = [json.loads(line) for line in Path(task["paths"]["eval"]).read_text().splitlines()]
+    data_accuracy = {"teacher": teacher, "carry_blind": float(np.mean([  # the SFT data's own score
+        is_correct(carry_blind_answer(r["prompt"]), r["answer"]) for r in records[:base["data.eval_limit"]]]))}
+    response_tokens = float(np.mean([len(r["answer"]) + 1 for r in records]))  # characters, and EOS
     steps = matched_steps(task, BUDGET_STEPS[size], base["train.batch_size"], response_tokens)
     steps = {name: steps[name] if size == "full" else 2 for name in COMPARED}
     methods = {name: METHODS[name][0] for name in COMPARED}
-    result: dict[str, Any] = {"teacher": teacher, "plateaus": plateaus, "room": MIN_ROOM[size], "compared": {}}
+    result: dict[str, Any] = {"teacher": teacher, "data_accuracy": data_accuracy, "plateaus": plateaus, "room": MIN_ROOM[size], "compared": {}}
     write(out, result, root)
     for name, info in plateaus.items():
         if teacher - info["plateau"] < MIN_ROOM[size]:
@@ -172,11 +177,11 @@ def write(out: Path, result: dict[str, Any], root: Path | None) -> None:
 
 def table(result: dict[str, Any]) -> str:
     """Markdown: each plateau, then for each plateau with room the FLOP-matched comparison and the ratio."""
-    lines = ["| SFT data (stage 1) | plateau step | plateau accuracy | teacher | room above the plateau |",
-             "|---|---|---|---|---|"]
+    lines = ["| SFT data (stage 1) | the data's own accuracy | plateau step | plateau accuracy | teacher | "
+             "room above the plateau |", "|---|---|---|---|---|---|"]
     for name, info in result["plateaus"].items():
         step = f"{info['plateau_step']}" + ("" if info["found"] else " (no plateau: the last eval)")
-        lines.append(f"| {GENERATORS[name]['label']} | {step} | {info['plateau']:.3f} | {result['teacher']:.3f} | "
+        lines.append(f"| {GENERATORS[name]['label']} | {result['data_accuracy'][name]:.3f} | {step} | {info['plateau']:.3f} | {result['teacher']:.3f} | "
                      f"{result['teacher'] - info['plateau']:.3f} |")
     lines.append(f"\nPlateau: the first eval (every {EVERY['full']} steps) within {TOL} of the run's best, with at "
                  f"least {PATIENCE} evals after it; one seed. Stage 2 runs where the room is at least "

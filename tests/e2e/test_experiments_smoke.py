@@ -123,6 +123,7 @@ def test_self_distill_tracks_kl_to_the_original_from_zero(out):
 def test_published_regime_finds_a_plateau_and_compares_from_it(out):
     result = published_regime.run(out, "tiny", None)
     assert set(result["plateaus"]) == set(result["compared"]) == set(published_regime.GENERATORS)
+    assert 0 <= result["data_accuracy"]["carry_blind"] <= 1
     for name, info in result["plateaus"].items():
         assert info["plateau"] == info["accuracy"][info["steps"].index(info["plateau_step"])]
         assert (out / published_regime.NAME / "plateau" / name / "plateau" / "config.json").exists()
@@ -149,9 +150,9 @@ def test_compute_stays_above_the_target_only_after_the_last_dip():
 
 
 def test_carry_blind_answers_drop_only_the_carry_into_the_last_column():
-    assert published_regime.carry_blind_answer(964, 494) == "08;15;13;#1358"  # true: 08;15;14;#1458
-    assert published_regime.carry_blind_answer(141, 365) == "06;10;04;#406"  # true: 06;10;05;#506
-    assert published_regime.carry_blind_answer(123, 456) == "09;07;05;#579"  # no carry into it: right
+    assert published_regime.carry_blind_answer("964+494=") == "08;15;13;#1358"  # true: 08;15;14;#1458
+    assert published_regime.carry_blind_answer("141+365=") == "06;10;04;#406"  # true: 06;10;05;#506
+    assert published_regime.carry_blind_answer("123+456=") == "09;07;05;#579"  # no carry into it: right
 
 
 def test_mode_seeking_reports_probabilities_that_sum_to_one(out):
