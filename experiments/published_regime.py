@@ -31,7 +31,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 import mmopd  # noqa: E402
-from experiments.compute_matched import LABELS, METHODS, matched_steps, seed_runs, summarize  # noqa: E402
+from experiments.compute_matched import (LABELS, METHODS, first_reach, matched_steps, seed_runs,  # noqa: E402
+                                         summarize)
 from experiments.compute_matched import table as compare_table  # noqa: E402
 from experiments.text_task import (SIZES, band, base_overrides, build_task, checkpointed_run,  # noqa: E402
                                    mean_std, save_results)
@@ -148,11 +149,11 @@ def run(out: Path, size: str, root: Path | None) -> dict[str, Any]:
     return result
 
 
-def stays_from(c: dict[str, Any], threshold: float) -> float | None:
-    """FLOPs at the first eval from which every later eval is at or above threshold, or None."""
+def stays_from(c: dict[str, Any], threshold: float, axis: str = "flops") -> float | None:
+    """Compute (on axis) at the first eval from which every later eval is at or above threshold, or None."""
     for i in range(len(c["accuracy"])):
         if min(c["accuracy"][i:]) >= threshold:
-            return c["flops"][i]
+            return c[axis][i]
     return None
 
 
@@ -160,8 +161,11 @@ def with_ratios(summary: dict[str, Any]) -> dict[str, Any]:
     """Add each method's FLOPs to stay above the target, and seq_kd's FLOPs over on_policy's to first reach the
     target and to stay above it, from the seed means (None where a seed never got there)."""
     for n in COMPARED:
+        cs, threshold = summary["curves"][n], summary["threshold"]
         summary["methods"][n]["tflops_to_stay"] = [
-            None if (f := stays_from(c, summary["threshold"])) is None else f / 1e12 for c in summary["curves"][n]]
+            None if (f := stays_from(c, threshold)) is None else f / 1e12 for c in cs]
+        summary["methods"][n]["steps_to_reach"] = [first_reach(c, "steps", threshold) for c in cs]
+        summary["methods"][n]["steps_to_stay"] = [stays_from(c, threshold, "steps") for c in cs]
     for key in ("tflops_to_reach", "tflops_to_stay"):
         values = {n: summary["methods"][n][key] for n in COMPARED}
         hit = all(v is not None for vs in values.values() for v in vs) and np.mean(values["on_policy_full"]) > 0
@@ -191,22 +195,24 @@ def table(result: dict[str, Any]) -> str:
             lines.append(f"From the plateau on {GENERATORS[name]['label']}, {SETTINGS[setting]['label']} (target "
                          f"{summary['threshold']:.3f}, halfway to the teacher):\n")
             lines.append(compare_table(summary))
-            lines += [f"| method | TFLOPs to first reach {summary['threshold']:.3f} | TFLOPs to stay at or above it |",
-                      "|---|---|---|"]
+            lines += [f"| method | steps to first reach {summary['threshold']:.3f} | steps to stay at or above it | "
+                      "TFLOPs to first reach it | TFLOPs to stay at or above it |", "|---|---|---|---|---|"]
             for n in COMPARED:
                 r = summary["methods"][n]
-                lines.append(f"| {LABELS[n]} | {reach_text(r['tflops_to_reach'])} | {reach_text(r['tflops_to_stay'])} |")
-            lines.append(f"| **seq_kd / on_policy** | {ratio_text(summary['ratio_reach'])} | "
+                lines.append(f"| {LABELS[n]} | {reach_text(r['steps_to_reach'], '.0f')} | "
+                             f"{reach_text(r['steps_to_stay'], '.0f')} | {reach_text(r['tflops_to_reach'])} | "
+                             f"{reach_text(r['tflops_to_stay'])} |")
+            lines.append(f"| **seq_kd / on_policy (FLOPs)** | | | {ratio_text(summary['ratio_reach'])} | "
                          f"{ratio_text(summary['ratio_stay'])} |\n")
     lines.append("Ratios above 1 mean on_policy needs less compute (published: 9–30×); mean ± std over seeds.\n")
     return "\n".join(lines)
 
 
-def reach_text(values: list[float | None]) -> str:
+def reach_text(values: list[float | None], fmt: str = ".3f") -> str:
     hits = [v for v in values if v is not None]
     if len(hits) < len(values):
         return f"not reached ({len(values) - len(hits)}/{len(values)} seeds)"
-    return mean_std(hits, ".3g")
+    return mean_std(hits, fmt)
 
 
 def ratio_text(ratio: float | None) -> str:
