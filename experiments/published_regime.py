@@ -4,7 +4,8 @@
 
 Stage 1 (the plateau): SFT the text toy's student on a data generator's samples, one seed, evaluating
 every EVERY steps, and take the checkpoint where the greedy accuracy stops improving: the first eval
-within TOL of the run's best, with at least PATIENCE evals after it (none of which gains more than TOL on it). Two data generators:
+within TOL of the run's best, with at least PATIENCE evals after it (none of which gains more than TOL on
+it). Two data generators:
 - `teacher`: the toy's teacher itself (`seq_kd`: NLL on teacher samples drawn afresh every step), which is
   off-policy distillation, as the published student had;
 - `carry_blind`: a program that drops the carry into the last column (`964+494=` → `08;15;13;#1358`, wrong
@@ -130,7 +131,8 @@ def run(out: Path, size: str, root: Path | None) -> dict[str, Any]:
     steps = matched_steps(task, BUDGET_STEPS[size], base["train.batch_size"], response_tokens)
     steps = {name: steps[name] if size == "full" else 2 for name in COMPARED}
     methods = {name: METHODS[name][0] for name in COMPARED}
-    result: dict[str, Any] = {"teacher": teacher, "data_accuracy": data_accuracy, "plateaus": plateaus, "room": MIN_ROOM[size], "compared": {}}
+    result: dict[str, Any] = {"teacher": teacher, "data_accuracy": data_accuracy, "plateaus": plateaus,
+                              "room": MIN_ROOM[size], "compared": {}}
     write(out, result, root)
     for name, info in plateaus.items():
         if teacher - info["plateau"] < MIN_ROOM[size]:
@@ -187,10 +189,12 @@ def table(result: dict[str, Any]) -> str:
              "room above the plateau |", "|---|---|---|---|---|---|"]
     for name, info in result["plateaus"].items():
         step = f"{info['plateau_step']}" + ("" if info["found"] else " (no plateau: the last eval)")
-        lines.append(f"| {GENERATORS[name]['label']} | {result['data_accuracy'][name]:.3f} | {step} | {info['plateau']:.3f} | {result['teacher']:.3f} | "
+        lines.append(f"| {GENERATORS[name]['label']} | {result['data_accuracy'][name]:.3f} | {step} | "
+                     f"{info['plateau']:.3f} | {result['teacher']:.3f} | "
                      f"{result['teacher'] - info['plateau']:.3f} |")
     lines.append(f"\nPlateau: the first eval (every {EVERY['full']} steps) within {TOL} of the run's best, with at "
-                 f"least {PATIENCE} evals after it; one seed. Stage 2 runs where the room is at least "
+                 f"least {PATIENCE} evals after it; one seed. The data's own accuracy: the teacher's (greedy) for its "
+                 "samples, the answers' for a program's. Stage 2 runs where the room is at least "
                  f"{MIN_ROOM['full']}.\n")
     for name, settings in result["compared"].items():
         for setting, summary in settings.items():
