@@ -71,12 +71,12 @@ def method_runs(out: Path, size: str, names: list[str], extra: dict[str, dict[st
 
 
 def seed_runs(runs: Path, seeds: tuple[int, ...], methods: dict[str, dict[str, Any]], steps: dict[str, int],
-              base: dict[str, Any], task: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """Train (or reuse) each method for each seed, about 8 evals a run; each method's curves."""
+              base: dict[str, Any], task: dict[str, Any], evals: int = 8) -> dict[str, list[dict[str, Any]]]:
+    """Train (or reuse) each method for each seed, about `evals` evals a run; each method's curves."""
     curves: dict[str, list[dict[str, Any]]] = {n: [] for n in methods}
     for seed in seeds:  # seed-major: a cut-short experiment still has whole seeds
         for name, overrides in methods.items():
-            every = max(steps[name] // 8 // 5 * 5, 1)
+            every = max(steps[name] // evals // 5 * 5, 1)
             run_dir = run_config(runs / name / f"seed{seed}",
                                  {**base, **overrides, "train.steps": steps[name], "train.eval_every": every,
                                   "train.seed": seed})

@@ -26,9 +26,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-import mmopd  # noqa: E402
-from experiments.text_task import SIZES, base_overrides, build_task, mean_std, save_results  # noqa: E402
-from mmopd.config import load_config  # noqa: E402
+from experiments.text_task import (SIZES, base_overrides, build_task, checkpointed_run, mean_std,  # noqa: E402
+                                   save_results)
 from modalities.text.adapter import prompt_text  # noqa: E402
 
 NAME = "self_distill"
@@ -95,11 +94,8 @@ def drift_run(out_dir: Path, overrides: dict[str, Any], task: dict[str, Any], si
     curve_path = out_dir / "drift.json"
     if curve_path.exists():
         return json.loads(curve_path.read_text())
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
     every = EVERY[size]
-    summary = mmopd.train(load_config(None, {**overrides, "train.out_dir": str(out_dir), "train.resume": "never",
-                                             "train.save_every": every, "train.eval_every": every}))
+    summary, evals = checkpointed_run(out_dir, overrides, every)
     tokenizer = transformers.AutoTokenizer.from_pretrained(task["paths"]["student"])
     original = transformers.AutoModelForCausalLM.from_pretrained(task["paths"]["student"]).eval()
     steps, kls = [0], [0.0]
@@ -107,8 +103,6 @@ def drift_run(out_dir: Path, overrides: dict[str, Any], task: dict[str, Any], si
         model = transformers.AutoModelForCausalLM.from_pretrained(out_dir / "checkpoints" / f"step-{step}" / "model")
         steps.append(step)
         kls.append(sequence_kl(original, model.eval(), tokenizer, *held_out))
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    evals = {0: summary["student_before"], **{r["step"]: r["eval/accuracy"] for r in rows if "eval/accuracy" in r}}
     curve = {"steps": steps, "kl": kls, "accuracy": [evals[s] for s in steps]}
     shutil.rmtree(out_dir / "checkpoints")
     curve_path.write_text(json.dumps(curve))

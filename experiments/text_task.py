@@ -76,6 +76,17 @@ def run_config(out_dir: Path, overrides: dict[str, Any]) -> Path:
     return out_dir
 
 
+def checkpointed_run(out_dir: Path, overrides: dict[str, Any], every: int) -> tuple[dict[str, Any], dict[int, float]]:
+    """Train into out_dir from scratch (an unfinished run there is removed) with a checkpoint and an eval every
+    `every` steps; the summary and the eval accuracy by step, step 0 included."""
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    summary = mmopd.train(load_config(None, {**overrides, "train.out_dir": str(out_dir), "train.resume": "never",
+                                             "train.save_every": every, "train.eval_every": every}))
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return summary, {r["step"]: r["eval/accuracy"] for r in rows if "eval/accuracy" in r}
+
+
 def step_flops(row: dict[str, Any], kind: str, task: dict[str, Any], batch_size: int) -> float:
     """Estimated FLOPs of one step: 2·N per token for a forward pass (generation included), 4·N more for the
     backward of what the student trains.

@@ -1,4 +1,4 @@
-"""Records from where users keep them, checked with errors that name the row, and the deterministic batch order.
+"""Records from where users keep them, checked with errors that name the row.
 
 A source is a JSONL file (read line by line, so errors name `file:line` and rows may differ in shape), or
 anything `datasets` reads: a JSON, parquet or CSV file, a `save_to_disk` folder, or a hub id. `data.fields`
@@ -8,13 +8,13 @@ renames the set's columns onto record fields, and TRL's conversational records (
 Records stay in the source (a memory-mapped arrow table, or byte offsets into the JSONL file): loading checks
 every row once in a streaming pass and keeps only the indices of the rows it skipped, and `Records[i]` reads
 and checks its row again when a batch asks for it. A million arrow rows cost no per-row memory here (a JSONL
-file costs its offset and line-number arrays, 16 bytes a row), and the step order costs 4 bytes a row.
+file costs its offset and line-number arrays, 16 bytes a row); the step order (`mmopd.step_order`) is computed,
+not stored.
 """
 
 from __future__ import annotations
 
 import array
-import functools
 import json
 import logging
 from collections.abc import Sequence
@@ -24,10 +24,14 @@ from typing import Any, Callable, Iterator
 
 import datasets
 import numpy as np
-import torch
+import pyarrow as pa
 
 log = logging.getLogger("mmopd")
 
+# rows per record batch of the arrow cache `datasets` writes when it converts a set: an open table holds about 2 KB
+# of metadata per batch (datasets' default of 1,000 rows a batch made that 2 bytes a row), and a batch is
+# memory-mapped, so its size costs no memory. It never merges the batches the reader yields (a parquet row group).
+WRITER_BATCH_ROWS = 100_000
 BUILDERS = {".json": "json", ".parquet": "parquet", ".csv": "csv"}  # file suffix -> the `datasets` reader
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -256,7 +260,7 @@ def open_rows(source: str | Path, role: str, split: str = "train", subset: str =
             raise DataError(f"{role}: {path} is a {path.suffix or 'suffix-less'} file; give a .jsonl, .json, .parquet "
                             "or .csv file, a save_to_disk folder or a hub id")
         try:
-            table = datasets.load_dataset(BUILDERS[path.suffix], data_files=str(path), split="train")
+            table = _converted(BUILDERS[path.suffix], data_files=str(path), split="train")
         except ValueError as err:  # what `datasets` says of a file with no rows
             raise DataError(f"{role}: {path} holds no usable records ({err})") from err
         return ArrowRows(table, str(path), path.parent)
@@ -270,13 +274,28 @@ def open_rows(source: str | Path, role: str, split: str = "train", subset: str =
     if path.suffix in (".jsonl", *BUILDERS) or str(source).startswith((".", "/", "~")):
         raise DataError(f"{role}: file not found: {path}")
     try:
-        loaded = datasets.load_dataset(str(source), subset or None)
+        loaded = _converted(str(source), subset or None)
     except (ConnectionError, FileNotFoundError, ValueError, OSError) as err:
         raise DataError(f"{role}={source!r} is not a local file or folder, and loading it as a hub dataset failed "
                         f"({type(err).__name__}: {err}); check the id and the network (HF_HUB_OFFLINE must be "
                         "unset), or give a local file") from err
     name = f"{source}{'/' + subset if subset else ''}[{split}]"
     return ArrowRows(_split_of(loaded, split, f"{role}={source}", role), name, Path.cwd())
+
+
+def _converted(path: str, name: str | None = None, split: str | None = None,
+               **kwargs: Any) -> datasets.Dataset | datasets.DatasetDict:
+    """`datasets.load_dataset`, with an arrow-based builder's cache (parquet, JSON, CSV) written in
+    `WRITER_BATCH_ROWS` batches; a builder that yields examples one at a time (imagefolder) keeps its own batch
+    size, as it holds a batch of examples in memory before writing it. The arrow memory a first load's conversion
+    freed goes back to the system (pyarrow's allocator keeps it otherwise, for the whole run)."""
+    builder = datasets.load_dataset_builder(path, name, **kwargs)
+    if isinstance(builder, datasets.ArrowBasedBuilder):
+        builder = datasets.load_dataset_builder(path, name, writer_batch_size=WRITER_BATCH_ROWS, **kwargs)
+    builder.download_and_prepare()
+    loaded = builder.as_dataset(split=split)
+    pa.default_memory_pool().release_unused()
+    return loaded
 
 
 def _split_of(loaded: datasets.Dataset | datasets.DatasetDict, split: str, what: str, role: str) -> datasets.Dataset:
@@ -326,24 +345,3 @@ def load_jsonl(path: str | Path, check: Check, skip_bad: bool = False, role: str
     if not path.is_file():
         raise DataError(f"{role}: file not found: {path}")
     return load_records(path, check, skip_bad, role)
-
-
-@functools.lru_cache(maxsize=2)
-def _permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """Epoch `epoch`'s order of the n records [n], kept for the steps that read it: int32 (a million rows: 4 MB),
-    the same order as torch's int64 permutation."""
-    dtype = torch.int32 if n < 2**31 else torch.int64
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch), dtype=dtype)
-
-
-def step_indices(n: int, step: int, batch_size: int, seed: int) -> list[int]:
-    """The record indices of global batch `step` (0-based): epochs of seeded permutations, so any step
-    can be reproduced without replaying the ones before it (exact resume)."""
-    start = step * batch_size
-    out: list[int] = []
-    while len(out) < batch_size:
-        epoch, offset = divmod(start + len(out), n)
-        perm = _permutation(n, seed, epoch)
-        take = min(batch_size - len(out), n - offset)
-        out.extend(perm[offset:offset + take].tolist())
-    return out

@@ -6,6 +6,7 @@ left, and decides where the run starts:
 - `train.resume: auto` continues from the newest *valid* checkpoint (an unusable newer one is named in a
   warning and skipped). The resolved config must be the checkpoint's, except for `SAFE_TO_CHANGE` keys
   and the keys listed in `train.resume_changes`; anything else is refused with each key's old → new value.
+  A checkpoint written with another step order (`mmopd.step_order.STEP_ORDER`) is refused too.
 - `train.resume: never` starts a new run; in a directory that already holds one, `train.existing` says
   whether to refuse (the default) or move the old contents to a sibling `NAME.old-N`.
 Each segment (start or resume) appends its config and its changes to `segments.jsonl`.
@@ -28,6 +29,7 @@ from safetensors import safe_open
 
 from mmopd.checkpoint import MARKER, checkpoint_dir, complete_checkpoints, load_trainer_state
 from mmopd.config import Config, config_from_dict
+from mmopd.step_order import STEP_ORDER
 
 log = logging.getLogger("mmopd")
 
@@ -103,10 +105,21 @@ def open_run(config: Config, main: bool = True) -> Run:
         summary = out / "summary.json"
         if t.steps == done and summary.is_file():
             run.finished = json.loads(summary.read_text())
+        else:
+            _check_step_order(run.state.get("step_order"), run.resume_from)
         return run
     except BaseException:
         run.close()
         raise
+
+
+def _check_step_order(saved: str | None, path: Path) -> None:
+    """Refuse to continue a checkpoint whose run read its batches in another order: it would not be exact."""
+    if saved != STEP_ORDER:
+        written = f"the step order {saved!r}" if saved else "the stored torch.randperm step order of earlier mmopd"
+        raise RunDirError(f"{path} was written with {written}, and this mmopd reads batches in the order "
+                          f"{STEP_ORDER!r}, so the run cannot resume exactly; finish it with the mmopd that wrote "
+                          "it, or start anew (train.resume=never with train.existing=move_aside)")
 
 
 def record_segment(run: Run, config: Config) -> None:

@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 
 from mmopd.checkpoint import rng_state, save_checkpoint, save_sharded_checkpoint, set_rng_state
 from mmopd.config import Config, ConfigError, save_config
-from mmopd.data import step_indices
 from mmopd.lora import load_lora_weights
 from mmopd.objectives import Timer, check_engine, objective_step
 from mmopd.report import MetricsLog, format_table, plot_metrics, read_metrics, teacher_divergences, write_summary
@@ -34,6 +33,7 @@ from mmopd.schedule import warmup_cosine
 from mmopd.session import Session
 from mmopd.sharding import (clip_grad_norm, decoder_layers, gradient_sync, is_sharded, load_full_optimizer,
                             load_optimizer, parameter_bytes, reshard, shard)
+from mmopd.step_order import STEP_ORDER, step_indices
 from mmopd.toys import write_report
 
 log = logging.getLogger("mmopd")
@@ -184,13 +184,13 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) 
         if sharded:  # every rank gathers the weights and writes its optimizer shards
             payload = {"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(),
                        "baseline": state["baseline"], "skipped_steps": state["skipped_steps"], "config": c.to_dict(),
-                       "run_id": run.run_id, "global_batch": per_step}
+                       "run_id": run.run_id, "global_batch": per_step, "step_order": STEP_ORDER}
             save_sharded_checkpoint(out, step, policy, optimizer, session.student_processor, payload, t.keep_last,
                                     run.run_id, main)
         elif main:
             payload = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                        "rng": rng_state(), "baseline": state["baseline"], "skipped_steps": state["skipped_steps"],
-                       "config": c.to_dict(), "run_id": run.run_id, "global_batch": per_step}
+                       "config": c.to_dict(), "run_id": run.run_id, "global_batch": per_step, "step_order": STEP_ORDER}
             save_checkpoint(out, step, accelerator.unwrap_model(student), session.student_processor, payload,
                             t.keep_last, run.run_id)
         accelerator.wait_for_everyone()

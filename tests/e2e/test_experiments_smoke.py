@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from experiments import (cfg_distill, compute_matched, estimator, estimator_tail, forgetting, mode_seeking,
-                         moe_routing, sampled_estimator, self_distill)
+                         moe_routing, published_regime, sampled_estimator, self_distill)
 from experiments.text_task import step_flops
 
 
@@ -152,6 +152,40 @@ def test_routing_change_counts_changed_top_k_sets_total_variation_and_load():
     assert change["topk_changed"] == 0.5  # the second token's top-2 moved from {2, 3} to {0, 1}
     assert abs(change["tv"] - 0.2) < 1e-6 and abs(change["load_tv"] - 0.5) < 1e-6
     assert moe_routing.routing_change(before, before, 2) == {"topk_changed": 0.0, "tv": 0.0, "load_tv": 0.0}
+@pytest.mark.slow  # ten tiny trainings: about a minute
+def test_published_regime_finds_a_plateau_and_compares_from_it(out):
+    result = published_regime.run(out, "tiny", None)
+    assert set(result["plateaus"]) == set(result["compared"]) == set(published_regime.GENERATORS)
+    assert 0 <= result["data_accuracy"]["carry_blind"] <= 1
+    for name, info in result["plateaus"].items():
+        assert info["plateau"] == info["accuracy"][info["steps"].index(info["plateau_step"])]
+        assert (out / published_regime.NAME / "plateau" / name / "plateau" / "config.json").exists()
+    for settings in result["compared"].values():
+        assert set(settings) == set(published_regime.SETTINGS)
+        for summary in settings.values():
+            assert set(summary["methods"]) == set(published_regime.COMPARED)
+            assert all(c["flops"][-1] > 0 for cs in summary["curves"].values() for c in cs)
+            assert {"ratio_reach", "ratio_stay"} <= set(summary)
+    assert (out / "results_published_regime.png").stat().st_size > 0
+
+
+def test_plateau_is_the_first_eval_near_the_best_with_patience_evals_after_it():
+    dip_then_flat = [0.3, 0.17, 0.13, 0.5, 0.6, 0.605, 0.6, 0.608, 0.6]  # the early dip is not the plateau
+    assert published_regime.plateau_at(dip_then_flat) == 4
+    assert published_regime.plateau_at([0.1, 0.2, 0.3, 0.4, 0.5, 0.6]) is None  # still rising
+    assert published_regime.plateau_at([0.3, 0.5, 0.6, 0.6, 0.6, 0.6]) is None  # too few evals after it
+
+
+def test_compute_stays_above_the_target_only_after_the_last_dip():
+    c = {"accuracy": [0.5, 0.8, 0.6, 0.8, 0.9], "flops": [0, 1, 2, 3, 4]}
+    assert published_regime.stays_from(c, 0.75) == 3
+    assert published_regime.stays_from(c, 0.95) is None
+
+
+def test_carry_blind_answers_drop_only_the_carry_into_the_last_column():
+    assert published_regime.carry_blind_answer("964+494=") == "08;15;13;#1358"  # true: 08;15;14;#1458
+    assert published_regime.carry_blind_answer("141+365=") == "06;10;04;#406"  # true: 06;10;05;#506
+    assert published_regime.carry_blind_answer("123+456=") == "09;07;05;#579"  # no carry into it: right
 
 
 def test_mode_seeking_reports_probabilities_that_sum_to_one(out):

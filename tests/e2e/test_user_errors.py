@@ -166,6 +166,15 @@ def _non_utf8(case: Case) -> str:
     return path
 
 
+def _written_with_the_stored_order(case: Case) -> None:
+    """The finished run as earlier mmopd wrote it: checkpoints that name no step order (torch.randperm's)."""
+    case.reuse()
+    for state_file in (case.run / "checkpoints").glob("step-*/trainer_state.pt"):
+        state = torch.load(state_file, weights_only=False)
+        del state["step_order"]
+        torch.save(state, state_file)
+
+
 # each case: (argv from a Case, exit code, a pattern the message must hold)
 CASES: dict[str, tuple[Callable[[Case], list[str]], int, str]] = {
     # a config value naming something that does not exist
@@ -237,6 +246,9 @@ CASES: dict[str, tuple[Callable[[Case], list[str]], int, str]] = {
     "resume_with_a_new_global_batch": (
         lambda c: (c.reuse(), ["train", c.config({"train.batch_size": 4, "train.steps": 3})])[1], 2,
         r"global batch of 2 records a step, and this run's is 4 .* a resumed run keeps the global batch"),
+    "resume_a_checkpoint_of_the_stored_step_order": (
+        lambda c: (_written_with_the_stored_order(c), ["train", c.config({"train.steps": 3})])[1], 2,
+        r"step-2 was written with the stored torch\.randperm step order of earlier mmopd, .* cannot resume exactly"),
     "resume_with_new_student_even_if_asked": (
         lambda c: (c.reuse(), ["train", c.config({"student.path": str(c.tiny["teacher"]),
                                                   "train.resume_changes": ["student.path"]})])[1], 2,
@@ -313,6 +325,13 @@ def test_the_same_steps_again_trains_nothing_says_so_and_exits_zero(tiny_text, f
     assert main(["train", case.config()]) == 0
     assert "already did all 2 steps; nothing to train" in caplog.text
     assert _snapshot(case.run) == before
+
+
+def test_a_finished_run_of_the_stored_step_order_still_says_it_is_done(tiny_text, finished_run, tmp_path, caplog):
+    case = Case(tmp_path, tiny_text, finished_run)
+    _written_with_the_stored_order(case)  # no batch is read again, so the order does not matter
+    assert main(["train", case.config()]) == 0
+    assert "already did all 2 steps; nothing to train" in caplog.text
 
 
 def test_move_aside_keeps_the_old_run_whole_and_starts_a_new_one(tiny_text, finished_run, tmp_path):

@@ -11,12 +11,14 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from PIL import Image
 
 import mmopd
 from mmopd.adapter import get_adapter
-from mmopd.data import DataError, load_records, step_indices
+from mmopd.data import WRITER_BATCH_ROWS, DataError, _converted, load_records
 from mmopd.objectives import Timer, objective_step
 from mmopd.session import Session
+from mmopd.step_order import step_indices
 from modalities.text.adapter import prompt_text
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -120,10 +122,25 @@ def test_skipped_rows_are_the_only_rows_indexed_and_later_drops_keep_the_rest_in
         data.records[3]
 
 
-def test_the_step_order_is_an_int32_permutation_equal_to_torchs_int64_one():
-    n, seed = 1000, 3
-    want = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003)).tolist()
-    assert [i for step in range(10) for i in step_indices(n, step, 100, seed)] == want
+def test_a_converted_set_is_cached_in_large_record_batches_so_its_open_table_holds_few(tmp_path):
+    rows = 2500  # datasets' default would cache 3 batches of at most 1,000 rows; each costs metadata while open
+    datasets.Dataset.from_dict({"prompt": [f"{i}=" for i in range(rows)], "answer": ["a"] * rows}).to_parquet(
+        str(tmp_path / "s.parquet"))
+    data = load_records(tmp_path / "s.parquet", get_adapter("text").check_record)
+    assert len(data) == rows and len(data.records.rows.table.data.to_batches()) == 1
+
+
+def test_a_builder_that_buffers_examples_keeps_its_own_writer_batch_size(tmp_path, monkeypatch):
+    (tmp_path / "pictures").mkdir()
+    for i in range(2):
+        Image.new("RGB", (4, 4), (i, 0, 0)).save(tmp_path / "pictures" / f"{i}.png")
+    asked = []
+    real = datasets.load_dataset_builder
+    monkeypatch.setattr(datasets, "load_dataset_builder", lambda *a, **k: (asked.append(k), real(*a, **k))[1])
+    assert len(_converted("imagefolder", data_dir=str(tmp_path / "pictures"), split="train")) == 2  # as a hub id
+    datasets.Dataset.from_dict({"prompt": ["1="], "answer": ["1"]}).to_parquet(str(tmp_path / "s.parquet"))
+    load_records(tmp_path / "s.parquet", get_adapter("text").check_record)
+    assert [k.get("writer_batch_size") for k in asked] == [None, None, WRITER_BATCH_ROWS]
 
 
 def test_a_hub_id_while_offline_is_a_clear_error(monkeypatch):

@@ -13,9 +13,10 @@ import torch
 
 import mmopd
 from mmopd.adapter import get_adapter
-from mmopd.data import DataError, load_records, step_indices
+from mmopd.data import DataError, load_records
 from mmopd.objectives import Timer, objective_step
 from mmopd.session import Session
+from mmopd.step_order import step_indices
 from modalities.vlm.adapter import prompt_text
 from modalities.vlm.images import load_rgb
 
