@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 EXPERIMENTS = ("compute_matched", "compute_matched_vlm", "compute_matched_image", "estimator", "estimator_tail",
-               "sampled_estimator", "self_distill", "mode_seeking", "forgetting", "cfg_distill")
+               "sampled_estimator", "self_distill", "mode_seeking", "forgetting", "cfg_distill", "sparse_teacher")
 ROOT = Path(__file__).resolve().parents[1]
 
 
