@@ -210,43 +210,45 @@ def table(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    """Left: OPD steps to 90% of the gain and of the KL closed against the initial KL(S ‖ T), per lr; middle:
-    the gain recovered against steps; right: the training batches' KL against steps (mean ± std over seeds)."""
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    """Left: OPD steps to 50% of the gain and of the KL closed against the initial KL(S ‖ T), per lr; middle:
+    the gain recovered against steps; right: the training batches' KL against steps (means over seeds)."""
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
     start, arms = result["student_accuracy"], result["arms"]
-    for lr, style in zip(sorted({r["lr"] for r in arms.values()}, reverse=True), ("-", ":")):
-        for key, marker, what in (("steps_0.9", "o", "90% of the gain"), ("kl_steps_0.9", "s", "90% of the KL")):
+    lrs = sorted({r["lr"] for r in arms.values()}, reverse=True)
+    styles = dict(zip(lrs, ("-", "--")))
+    colors = {name: f"C{i}" for i, name in enumerate(dict.fromkeys(r["teacher"] for r in arms.values()))}
+    for lr in lrs:
+        for key, marker, what in (("steps_0.5", "o", "50% of the gain"), ("kl_steps_0.5", "s", "50% of the KL")):
             points = [(r["reverse_kl"], [s for s in r[key] if s is not None]) for r in arms.values()
                       if r["lr"] == lr and (key.startswith("kl") or r["gain"] > 0)]
             points = sorted((x, hits) for x, hits in points if hits)
             axes[0].errorbar([x for x, _ in points], [np.mean(h) for _, h in points],
-                             yerr=[np.std(h) for _, h in points], marker=marker, capsize=3, linestyle=style,
-                             label=f"{what}, OPD lr {lr:g}")
+                             yerr=[np.std(h) for _, h in points], marker=marker, capsize=3, linestyle=styles[lr],
+                             color="C0" if key.startswith("kl") else "C3", label=f"{what}, OPD lr {lr:g}")
     for arm, r in arms.items():
-        cs = result["curves"][arm]
+        cs, color, style = result["curves"][arm], colors[r["teacher"]], styles[r["lr"]]
         tag = f"{label(r, result['narrow_steps'])} (KL {r['reverse_kl']:.2f})"
         kl = np.array([trailing_mean(c["batch_kl"], result["window"]) for c in cs])
-        line, = axes[2].plot(np.arange(result["window"], result["window"] + kl.shape[1]), kl.mean(0), label=tag)
+        axes[2].plot(np.arange(result["window"], result["window"] + kl.shape[1]), kl.mean(0), color=color,
+                     linestyle=style, label=tag)
         if r["gain"] > 0:
-            steps = np.array(cs[0]["steps"])
             ys = np.array([(np.array(c["accuracy"]) - start) / r["gain"] for c in cs])
-            axes[1].plot(steps, ys.mean(0), color=line.get_color(), label=tag)
-            axes[1].fill_between(steps, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), color=line.get_color(),
-                                 alpha=0.2)
+            axes[1].plot(cs[0]["steps"], ys.mean(0), color=color, linestyle=style, label=tag)
     axes[0].set_xscale("log")
-    axes[0].set_xlabel("initial KL(student ‖ teacher) per sequence on the student's samples (nats)")
-    axes[0].set_ylabel("OPD steps (64 prompts each), reached seeds")
-    axes[1].axhline(0.9, color="grey", linestyle="--", linewidth=0.8)
+    axes[0].set_xlabel("initial KL(S ‖ T) per sequence on S's samples (nats)")
+    axes[0].set_ylabel("OPD steps (64 prompts each)")
+    axes[1].axhline(0.9, color="grey", linestyle=":", linewidth=0.8)
     axes[1].set_xlabel("OPD step")
     axes[1].set_ylabel("fraction of the teacher's accuracy gain recovered")
     axes[2].set_yscale("log")
     axes[2].set_xlabel("OPD step")
-    axes[2].set_ylabel(f"KL(student ‖ teacher) per sequence, training batches ({result['window']}-step mean)")
+    axes[2].set_ylabel(f"KL(student ‖ T) per sequence, batches ({result['window']}-step mean)")
     for ax in axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:  # the tiny size's teachers have no gain to plot
             ax.legend(fontsize=7)
-    fig.suptitle(f"OPD cost against the teacher's difference from the student, text toy; {result['seeds']} seeds")
+    fig.suptitle(f"OPD from the student S to teachers T of growing difference, text toy; mean over "
+                 f"{result['seeds']} seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
