@@ -6,10 +6,11 @@ import json
 
 import pytest
 import torch
+import transformers
 import yaml
 
 from experiments import (cfg_distill, compute_matched, estimator, estimator_tail, forgetting, mode_seeking,
-                         moe_routing, published_regime, sampled_estimator, self_distill)
+                         moe_routing, published_regime, sampled_estimator, self_distill, sparse_teacher)
 from experiments.text_task import step_flops
 
 
@@ -212,3 +213,45 @@ def test_cfg_distill_reports_teacher_and_student_per_scale(out):
     assert set(result["scales"]) == {f"{s:g}" for s in cfg_distill.SIZES["tiny"]["scales"]}
     assert all(r["pictures_per_s"]["student_after"] > 0 for runs in result["scales"].values() for r in runs)
     assert toy.TEACHER_STEPS == steps  # the tiny build does not leak its settings
+
+
+def test_sparse_teacher_measures_each_teachers_difference_and_recovery(out):
+    result = sparse_teacher.run(out, "tiny", None)
+    arms = result["arms"]
+    assert {r["teacher"] for r in arms.values()} == {*sparse_teacher.NARROW["tiny"], "broad"}
+    assert len(arms) == len(sparse_teacher.NARROW["tiny"]) * 2 + 1  # the narrow teachers at two lrs
+    for arm, r in arms.items():
+        assert r["reverse_kl"] > 0 and r["forward_kl"] > 0 and 0 <= r["argmax_differs"] <= 1, arm
+        assert len(r["kl_steps_0.9"]) == result["seeds"] and len(result["curves"][arm][0]["batch_kl"]) == 4
+    narrow = [arms[name]["reverse_kl"] for name in sparse_teacher.NARROW["tiny"]]
+    assert narrow == sorted(narrow)  # more SFT steps move the teacher further from the student
+    assert (out / "results_sparse_teacher.png").stat().st_size > 0
+    assert (out / "sparse_teacher.md").read_text().count("\n| ") == len(arms)
+
+
+def test_kl_closed_is_the_first_step_whose_trailing_mean_falls_far_enough():
+    kl = [10.0, 10.0, 8.0, 6.0, 4.0, 1.0, 1.0]  # trailing 2-step means from step 2: 10, 9, 7, 5, 2.5, 1
+    assert sparse_teacher.kl_closed(kl, 0.5, 2) == 5 and sparse_teacher.kl_closed(kl, 0.75, 2) == 6
+    assert sparse_teacher.kl_closed(kl, 0.95, 2) is None
+
+
+def test_difference_is_zero_between_a_model_and_itself_and_counts_only_response_positions():
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(vocab_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=2, intermediate_size=32, head_dim=8)
+    a, b = transformers.Qwen3ForCausalLM(config).eval(), transformers.Qwen3ForCausalLM(config).eval()
+
+    class Tokenizer:  # prompts are ids already; pad 0
+        chat_template, pad_token_id = None, 0
+
+        def __call__(self, text, add_special_tokens):
+            return {"input_ids": [int(c) for c in text]}
+
+    prompts, responses = ["12", "345"], [[6, 7, 1], [2]]
+    ids, attention, predicts = sparse_teacher.response_batch(Tokenizer(), prompts, responses)
+    assert ids.tolist() == [[1, 2, 6, 7, 1], [3, 4, 5, 2, 0]] and attention.sum(-1).tolist() == [5, 4]
+    assert predicts.tolist() == [[False, True, True, True], [False, False, True, False]]
+    same = sparse_teacher.difference(a, a, Tokenizer(), prompts, responses)
+    assert same == {"reverse_kl": 0.0, "forward_kl": 0.0, "argmax_differs": 0.0}
+    other = sparse_teacher.difference(a, b, Tokenizer(), prompts, responses)
+    assert other["reverse_kl"] > 0 and other["forward_kl"] > 0

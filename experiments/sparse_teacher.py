@@ -1,0 +1,254 @@
+"""Sparse teachers are easy to distil: OPD cost against the size of the teacher's difference from the student.
+
+    python -m experiments sparse_teacher [--out DIR] [--size tiny|full] [--publish]
+
+Teachers made from the text toy's student S (150 SFT steps, accuracy 0.30) by a few more SFT steps on the
+answers (40, 100, 250 at lr 1e-3 after 20 warmup steps: small updates of increasing size), plus the broad teacher (the toy's own, a
+larger model trained from scratch, accuracy 1.00). For each teacher, on one S sample of each of KL_PROMPTS
+held-out prompts: the reverse KL(S ‖ teacher) summed over the response (what OPD minimises, exact per token), the
+forward KL(teacher ‖ S) on the same samples, and the fraction of response positions where the two models' argmax
+differ. Then OPD (full reverse KL) from S to each teacher at the toy's settings, 3 seeds, and the steps and
+FLOPs until the student's greedy eval accuracy first recovers 50% and 90% of the teacher's gain over S.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from experiments.self_distill import sample  # noqa: E402
+from experiments.text_task import SIZES, base_overrides, build_task, curve, mean_std, run_config, save_results  # noqa: E402
+from modalities.text.adapter import prompt_text  # noqa: E402
+
+NAME = "sparse_teacher"
+# SFT steps of each narrow teacher; a fresh AdamW at the toy's lr without warmup first drops S's accuracy (to 0.0
+# after 10 steps at 2e-3), hence the lower lr and the warmup
+NARROW = {"full": {"sft_40": 40, "sft_100": 100, "sft_250": 250}, "tiny": {"sft_1": 1, "sft_2": 2}}
+NARROW_LR, NARROW_WARMUP = {"full": 1e-3, "tiny": 1e-3}, {"full": 20, "tiny": 0}
+OPD_STEPS = {"full": 200, "tiny": 4}
+# OPD at the toy's lr for every teacher, and at a lower lr for the narrow ones: AdamW's steps have the lr's size
+# however small the KL's gradient, so a near teacher may need a smaller lr to be cheap
+LOW_LR = {"full": 5e-4, "tiny": 5e-4}
+EVERY = {"full": 10, "tiny": 2}
+KL_PROMPTS = {"full": 200, "tiny": 4}
+FRACTIONS = (0.5, 0.9)  # of the teacher's gain over the student, and of the KL from the student to the teacher
+WINDOW = {"full": 10, "tiny": 2}  # steps of the trailing mean of the training batches' KL
+
+
+def response_batch(tokenizer: Any, prompts: list[str], responses: list[list[int]]) -> tuple[torch.Tensor, ...]:
+    """Prompt + response ids right-padded [B, L], their attention mask [B, L], and a mask [B, L - 1] of the
+    positions whose next token is a response token (the positions that predict the response)."""
+    prompt_ids = [tokenizer(prompt_text(p, tokenizer), add_special_tokens=not tokenizer.chat_template)["input_ids"]
+                  for p in prompts]
+    length = max(len(p) + len(r) for p, r in zip(prompt_ids, responses))
+    ids = torch.full((len(prompts), length), tokenizer.pad_token_id)
+    attention = torch.zeros(len(prompts), length, dtype=torch.long)
+    predicts = torch.zeros(len(prompts), length - 1, dtype=torch.bool)
+    for b, (p, r) in enumerate(zip(prompt_ids, responses)):
+        ids[b, :len(p) + len(r)] = torch.tensor(p + r)
+        attention[b, :len(p) + len(r)] = 1
+        predicts[b, len(p) - 1:len(p) + len(r) - 1] = True
+    return ids, attention, predicts
+
+
+def narrow_teacher(task: dict[str, Any], size: str, steps: int, out_dir: Path) -> str:
+    """The student after `steps` more SFT steps on the answers (warmup, then cosine to 0), built once."""
+    overrides = {**base_overrides(task, size), "objective.kind": "sft", "train.steps": steps,
+                 "train.lr": NARROW_LR[size], "train.warmup": NARROW_WARMUP[size], "train.eval_every": 0,
+                 "train.seed": 0}
+    return str(run_config(out_dir, overrides) / "final")
+
+
+def difference(teacher: Any, student: Any, tokenizer: Any, prompts: list[str],
+               responses: list[list[int]]) -> dict[str, float]:
+    """On the student's responses: mean per sequence of Σ_t KL(student ‖ teacher) and of Σ_t KL(teacher ‖
+    student) (exact per token), and the fraction of response positions where the two argmax differ."""
+    ids, attention, predicts = response_batch(tokenizer, prompts, responses)
+    with torch.no_grad():
+        logp = torch.log_softmax(teacher(input_ids=ids, attention_mask=attention).logits[:, :-1].float(), -1)
+        logq = torch.log_softmax(student(input_ids=ids, attention_mask=attention).logits[:, :-1].float(), -1)
+    reverse = (logq.exp() * (logq - logp)).sum(-1) * predicts  # [B, L - 1]
+    forward = (logp.exp() * (logp - logq)).sum(-1) * predicts
+    differs = (logp.argmax(-1) != logq.argmax(-1)) & predicts
+    return {"reverse_kl": float(reverse.sum(-1).mean()), "forward_kl": float(forward.sum(-1).mean()),
+            "argmax_differs": float(differs.sum() / predicts.sum())}
+
+
+def batch_kl(run_dir: Path) -> list[float]:
+    """Per OPD step, the reverse KL per sequence on that step's batch: the logged loss (the mean over response
+    tokens of the exact per-token KL) times the mean response length."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["divergence"] * r["response_len"] for r in rows if "divergence" in r]
+
+
+def trailing_mean(kl: list[float], window: int) -> np.ndarray:
+    """means[i]: the mean of the batch KL over steps i + 1 .. i + window."""
+    return np.convolve(kl, np.ones(window) / window, mode="valid")
+
+
+def kl_closed(kl: list[float], fraction: float, window: int) -> int | None:
+    """The first step whose trailing window-step mean of the batch KL is at most (1 - fraction) times the mean
+    over the first window steps (the KL at the start), or None."""
+    means = trailing_mean(kl, window)
+    below = np.nonzero(means <= (1 - fraction) * means[0])[0]
+    return int(below[0]) + window if len(below) else None
+
+
+def first_reaching(c: dict[str, Any], target: float) -> tuple[int | None, float | None]:
+    """Step and cumulative FLOPs of the first eval at or above target, or (None, None)."""
+    for step, acc, flops in zip(c["steps"], c["accuracy"], c["flops"]):
+        if acc >= target:
+            return step, flops
+    return None, None
+
+
+def run(out: Path, size: str, root: Path | None) -> dict[str, Any]:
+    """Build the teachers, measure each one's difference from the student, distil each for every seed; write
+    results_sparse_teacher.png, .json and .md after every seed."""
+    task = build_task(out, size)
+    p = task["paths"]
+    teachers = {name: narrow_teacher(task, size, steps, out / NAME / "teachers" / name)
+                for name, steps in NARROW[size].items()}
+    teachers["broad"] = p["teacher"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(p["student"])
+    student = transformers.AutoModelForCausalLM.from_pretrained(p["student"]).eval()
+    prompts = [json.loads(line)["prompt"] for line in Path(p["eval"]).read_text().splitlines()[:KL_PROMPTS[size]]]
+    responses = sample(student, tokenizer, prompts, SIZES[size]["max_new_tokens"], seed=1)
+    differences = {name: difference(transformers.AutoModelForCausalLM.from_pretrained(path).eval(), student,
+                                    tokenizer, prompts, responses) for name, path in teachers.items()}
+    base = {**base_overrides(task, size), "objective.kind": "on_policy", "objective.estimator": "full",
+            "train.steps": OPD_STEPS[size], "train.eval_every": EVERY[size]}
+    params = {name: {**task["params"], "teacher": sum(x.numel() for x in transformers.AutoModelForCausalLM
+                                                      .from_pretrained(path).parameters())}
+              for name, path in teachers.items()}  # the FLOPs of each teacher's forward
+    arms = {name: (name, SIZES[size]["lr"]) for name in teachers}  # arm -> (teacher, OPD lr)
+    arms.update({f"{name}_lr{LOW_LR[size]:g}": (name, LOW_LR[size]) for name in NARROW[size]})
+    curves: dict[str, list[dict[str, Any]]] = {arm: [] for arm in arms}
+    for seed in SIZES[size]["seeds"]:  # the results are written after every seed: a cut-short run keeps its seeds
+        for arm, (name, lr) in arms.items():
+            run_dir = run_config(out / NAME / "runs" / arm / f"seed{seed}",
+                                 {**base, "teacher.path": teachers[name], "train.lr": lr, "train.seed": seed})
+            curves[arm].append({**curve(run_dir, {**task, "params": params[name]}), "batch_kl": batch_kl(run_dir)})
+        result = summarize(curves, arms, differences, WINDOW[size])
+        plot(result, out / f"results_{NAME}.png")
+        save_results(out, NAME, result, table(result), root)
+    return result
+
+
+def summarize(curves: dict[str, list[dict[str, Any]]], arms: dict[str, tuple[str, float]],
+              differences: dict[str, dict[str, float]], window: int) -> dict[str, Any]:
+    """Per arm (teacher and OPD lr): the teacher's accuracy and difference from the student, and per seed the
+    steps and FLOPs to each fraction of its gain and of the KL (None where not reached) and the final accuracy."""
+    rows = {}
+    for arm, cs in curves.items():
+        name, lr = arms[arm]
+        start, accuracy = cs[0]["student_before"], cs[0]["teacher"]
+        gain = accuracy - start  # a teacher no better than the student (the tiny size's) has no gain to recover
+        row: dict[str, Any] = {"teacher": name, "lr": lr, "teacher_accuracy": accuracy, "gain": gain,
+                               **differences[name],
+                               "final_accuracy": [c["accuracy"][-1] for c in cs],
+                               "recovered_final": [(c["accuracy"][-1] - start) / gain if gain > 0 else None
+                                                   for c in cs]}
+        for fraction in FRACTIONS:
+            reached = [first_reaching(c, start + fraction * gain) if gain > 0 else (None, None) for c in cs]
+            row[f"steps_{fraction}"] = [s for s, _ in reached]
+            row[f"tflops_{fraction}"] = [None if f is None else f / 1e12 for _, f in reached]
+            row[f"kl_steps_{fraction}"] = [kl_closed(c["batch_kl"], fraction, window) for c in cs]
+        rows[arm] = row
+    first = next(iter(curves.values()))[0]
+    return {"student_accuracy": first["student_before"], "narrow_steps": {**NARROW["full"], **NARROW["tiny"]},
+            "opd_steps": first["steps"][-1], "window": window, "seeds": len(next(iter(curves.values()))),
+            "arms": rows, "curves": curves}
+
+
+def reached(values: list[Any], fmt: str) -> str:
+    """mean ± std over the seeds that reached, with how many did when not all; 'not reached' for none."""
+    hits = [v for v in values if v is not None]
+    if not hits:
+        return "not reached"
+    return mean_std(hits, fmt) + ("" if len(hits) == len(values) else f" ({len(hits)}/{len(values)} seeds)")
+
+
+def gain_cell(r: dict[str, Any], key: str, fmt: str) -> str:
+    """reached(...) of a gain-based entry; 'no gain' for a teacher no better than the student."""
+    return reached(r[key], fmt) if r["gain"] > 0 else "no gain"
+
+
+def label(r: dict[str, Any], narrow_steps: dict[str, int]) -> str:
+    """'S + 40 SFT steps, OPD lr 0.0005' or 'broad (the toy's teacher), OPD lr 0.002'."""
+    teacher = "broad (the toy's teacher)" if r["teacher"] == "broad" else f"S + {narrow_steps[r['teacher']]} SFT steps"
+    return f"{teacher}, OPD lr {r['lr']:g}"
+
+
+def table(result: dict[str, Any]) -> str:
+    """Markdown: each teacher's difference from the student and the OPD cost to recover its gain."""
+    lines = ["| teacher | teacher accuracy | KL(S ‖ T) per sequence | KL(T ‖ S) per sequence | argmax differs | "
+             "OPD steps to 50% of the gain | to 90% | TFLOPs to 90% | steps to 50% of the KL closed | to 90% | "
+             f"gain recovered after {result['opd_steps']} steps |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["arms"].values():
+        lines.append(f"| {label(r, result['narrow_steps'])} | {r['teacher_accuracy']:.3f} | "
+                     f"{r['reverse_kl']:.3f} | {r['forward_kl']:.3f} | {r['argmax_differs']:.3f} | "
+                     f"{gain_cell(r, 'steps_0.5', '.0f')} | {gain_cell(r, 'steps_0.9', '.0f')} | "
+                     f"{gain_cell(r, 'tflops_0.9', '.3f')} | {reached(r['kl_steps_0.5'], '.0f')} | "
+                     f"{reached(r['kl_steps_0.9'], '.0f')} | {gain_cell(r, 'recovered_final', '.2f')} |")
+    lines.append(f"\nStudent S (the text toy's student) accuracy {result['student_accuracy']:.3f} (greedy exact "
+                 f"match). KLs (nats) and argmax on {KL_PROMPTS['full']} held-out prompts, one S sample each. Gain "
+                 f"steps: the first eval (every {EVERY['full']} steps) at or above S + fraction × (teacher − S). "
+                 f"KL steps: the first step where the mean of the last {result['window']} training batches' KL(student "
+                 f"‖ teacher) per sequence is at most (1 − fraction) × that of the first {result['window']}. Mean ± std over "
+                 f"{result['seeds']} seeds.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Left: OPD steps to 50% of the gain and of the KL closed against the initial KL(S ‖ T), per lr; middle:
+    the gain recovered against steps; right: the training batches' KL against steps (means over seeds)."""
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    start, arms = result["student_accuracy"], result["arms"]
+    lrs = sorted({r["lr"] for r in arms.values()}, reverse=True)
+    styles = dict(zip(lrs, ("-", "--")))
+    colors = {name: f"C{i}" for i, name in enumerate(dict.fromkeys(r["teacher"] for r in arms.values()))}
+    for lr in lrs:
+        for key, marker, what in (("steps_0.5", "o", "50% of the gain"), ("kl_steps_0.5", "s", "50% of the KL")):
+            points = [(r["reverse_kl"], [s for s in r[key] if s is not None]) for r in arms.values()
+                      if r["lr"] == lr and (key.startswith("kl") or r["gain"] > 0)]
+            points = sorted((x, hits) for x, hits in points if hits)
+            axes[0].errorbar([x for x, _ in points], [np.mean(h) for _, h in points],
+                             yerr=[np.std(h) for _, h in points], marker=marker, capsize=3, linestyle=styles[lr],
+                             color="C0" if key.startswith("kl") else "C3", label=f"{what}, OPD lr {lr:g}")
+    for arm, r in arms.items():
+        cs, color, style = result["curves"][arm], colors[r["teacher"]], styles[r["lr"]]
+        tag = f"{label(r, result['narrow_steps'])} (KL {r['reverse_kl']:.2f})"
+        kl = np.array([trailing_mean(c["batch_kl"], result["window"]) for c in cs])
+        axes[2].plot(np.arange(result["window"], result["window"] + kl.shape[1]), kl.mean(0), color=color,
+                     linestyle=style, label=tag)
+        if r["gain"] > 0:
+            ys = np.array([(np.array(c["accuracy"]) - start) / r["gain"] for c in cs])
+            axes[1].plot(cs[0]["steps"], ys.mean(0), color=color, linestyle=style, label=tag)
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("initial KL(S ‖ T) per sequence on S's samples (nats)")
+    axes[0].set_ylabel("OPD steps (64 prompts each)")
+    axes[1].axhline(0.9, color="grey", linestyle=":", linewidth=0.8)
+    axes[1].set_xlabel("OPD step")
+    axes[1].set_ylabel("fraction of the teacher's accuracy gain recovered")
+    axes[2].set_yscale("log")
+    axes[2].set_xlabel("OPD step")
+    axes[2].set_ylabel(f"KL(student ‖ T) per sequence, batches ({result['window']}-step mean)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:  # the tiny size's teachers have no gain to plot
+            ax.legend(fontsize=7)
+    fig.suptitle(f"OPD from the student S to teachers T of growing difference, text toy; mean over "
+                 f"{result['seeds']} seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
