@@ -181,18 +181,15 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) 
             metrics_log.write({"step": 0, f"eval/{metric}": state["baseline"]["student_before"]})
 
     def checkpoint(step: int) -> None:
+        payload = {"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(), "baseline": state["baseline"],
+                   "skipped_steps": state["skipped_steps"], "config": c.to_dict(), "run_id": run.run_id,
+                   "global_batch": per_step, "step_order": STEP_ORDER}
         if sharded:  # every rank gathers the weights and writes its optimizer shards
-            payload = {"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(),
-                       "baseline": state["baseline"], "skipped_steps": state["skipped_steps"], "config": c.to_dict(),
-                       "run_id": run.run_id, "global_batch": per_step, "step_order": STEP_ORDER}
             save_sharded_checkpoint(out, step, policy, optimizer, session.student_processor, payload, t.keep_last,
                                     run.run_id, main)
         elif main:
-            payload = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                       "rng": rng_state(), "baseline": state["baseline"], "skipped_steps": state["skipped_steps"],
-                       "config": c.to_dict(), "run_id": run.run_id, "global_batch": per_step, "step_order": STEP_ORDER}
-            save_checkpoint(out, step, accelerator.unwrap_model(student), session.student_processor, payload,
-                            t.keep_last, run.run_id)
+            save_checkpoint(out, step, accelerator.unwrap_model(student), session.student_processor,
+                            {**payload, "optimizer": optimizer.state_dict()}, t.keep_last, run.run_id)
         accelerator.wait_for_everyone()
 
     def sync_engine() -> None:
