@@ -96,9 +96,11 @@ class Served:
                 if _aborted(parsed):  # a server shutting down aborts what it holds: partial answers, retried
                     raise ConnectionAbortedError(f"the server aborted the request to {route}")
                 return parsed
-            except urllib.error.HTTPError as err:  # the server answered: retrying will not change its mind
+            except urllib.error.HTTPError as err:
                 detail = err.read().decode(errors="replace")[:300]
-                raise EngineError(f"vLLM at {self.url} refused {route}: HTTP {err.code}: {detail}") from err
+                if err.code < 500:  # the server refused the request: retrying will not change its mind
+                    raise EngineError(f"vLLM at {self.url} refused {route}: HTTP {err.code}: {detail}") from err
+                error = ConnectionError(f"HTTP {err.code}: {detail}")  # a server fault (its engine died): retried
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
                 error = err
         raise EngineError(f"vLLM at {self.url} did not answer {route} after {self.retries + 1} tries "
