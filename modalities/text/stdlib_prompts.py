@@ -32,9 +32,7 @@ def _own_members(module: object, name: str) -> list[object]:
     """The public functions and classes that `module` defines (not those it imports), in name order."""
     out = []
     for attr in sorted(dir(module)):
-        with warnings.catch_warnings():  # deprecated aliases (typing.io) warn when read
-            warnings.simplefilter("ignore", DeprecationWarning)
-            obj = getattr(module, attr)
+        obj = getattr(module, attr)
         if attr.startswith("_") or not (inspect.isfunction(obj) or inspect.isclass(obj) or inspect.isbuiltin(obj)):
             continue
         owner = str(getattr(obj, "__module__", ""))
@@ -55,8 +53,10 @@ def docstring_prompts(modules: tuple[str, ...] | list[str], words: int = 10, min
             module = importlib.import_module(name)
         except ImportError as error:
             raise ValueError(f"standard-library module {name!r} does not import here: {error}") from None
-        for obj in _own_members(module, name):
-            doc = inspect.getdoc(obj)
+        with warnings.catch_warnings():  # deprecated aliases (typing.io) warn when read
+            warnings.simplefilter("ignore", DeprecationWarning)
+            docs = [inspect.getdoc(obj) for obj in _own_members(module, name)]
+        for doc in docs:
             first = (doc or "").split("\n\n")[0].split()
             if len(first) < min_words:
                 continue
