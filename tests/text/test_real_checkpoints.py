@@ -4,16 +4,23 @@ attention, and a tokenizer that pads on the right and adds BOS."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import mmopd
 from mmopd.adapter import get_adapter
 from mmopd.batch import Sampling, TokenSpace
 from mmopd.cli import main
+from mmopd.config import load_config
 from mmopd.engines.hf import rollout
+from mmopd.pretrained import ExportError, export_gguf, packaged_gguf
 from mmopd.pruning import PruneError, layer_list, prune_layers
-from tests.text.tiny_gemma import LAYER_TYPES, WINDOW, build_model, build_tokenizer
+from mmopd.report import read_metrics
+from tests.conftest import write_jsonl
+from tests.text.tiny_gemma import LAYER_TYPES, WINDOW, build_model, build_tokenizer, save_pair
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -117,3 +124,55 @@ def test_the_decode_loop_matches_generate_under_sliding_window_attention(tmp_pat
     full = build_model(layer_types=["full_attention"] * len(LAYER_TYPES))
     unwindowed = rollout(adapter, full, prompts, TokenSpace(len(tokenizer)), [1], 0, new, Sampling(temperature=0))
     assert not torch.equal(unwindowed.tokens, out.tokens)
+
+
+@pytest.fixture(scope="module")
+def gemma_pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_gemma")
+    paths = save_pair(root)
+    rows = [{"prompt": f"what is {a} and {b}?", "answer": str(a + b)} for a in range(4) for b in range(3)]
+    paths["train"] = write_jsonl(root / "train.jsonl", rows)
+    return paths
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_two_fused_on_policy_steps_on_a_gemma_pair_save_a_tied_checkpoint(gemma_pair, tmp_path, dtype):
+    config = load_config(None, {
+        "modality": "text", "student.path": str(gemma_pair["student"]), "teacher.path": str(gemma_pair["teacher"]),
+        "student.dtype": dtype, "teacher.dtype": dtype, "data.train": str(gemma_pair["train"]),
+        "objective.fused": "always", "rollout.max_new_tokens": 10, "train.steps": 2, "train.batch_size": 2,
+        "train.eval_every": 0, "train.save_every": 2, "train.out_dir": str(tmp_path / "run"),
+        "train.progress": False, "train.warmup": 0, "train.lr": 1e-2})
+    summary = mmopd.train(config)
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert summary["steps"] == 2 and all(r["fused"] == 1.0 and math.isfinite(r["loss"]) for r in rows)
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoints" / "step-2" / "model")
+    assert saved.lm_head.weight.data_ptr() == saved.model.embed_tokens.weight.data_ptr()
+    assert saved.config.layer_types == LAYER_TYPES
+    before = AutoModelForCausalLM.from_pretrained(gemma_pair["student"])
+    assert not torch.equal(saved.model.embed_tokens.weight.float(), before.model.embed_tokens.weight)  # it trained
+
+
+def test_the_prune_command_saves_bfloat16_on_request(tmp_path):
+    src = tmp_path / "teacher"
+    build_model().save_pretrained(src)
+    build_tokenizer().save_pretrained(src)
+    assert main(["prune", str(src), str(tmp_path / "student"), "--keep", "2", "--dtype", "bfloat16"]) == 0
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    assert student.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert student.config.layer_types == ["full_attention"]
+
+
+def test_export_gguf_names_a_missing_file_in_one_line(tmp_path, capsys):
+    assert main(["export-gguf", str(tmp_path / "out"), "--gguf", str(tmp_path / "missing.gguf")]) == 2
+    assert capsys.readouterr().err.strip() == f"mmopd: error: GGUF file not found: {tmp_path / 'missing.gguf'}"
+
+
+def test_export_refuses_a_folder_that_holds_files(tmp_path):
+    (tmp_path / "x.gguf").write_bytes(b"")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="is not empty"):
+        export_gguf(tmp_path / "x.gguf", tmp_path / "out")
+    with pytest.raises(ExportError, match="no packaged model 'gemma9'"):
+        packaged_gguf("gemma9")
