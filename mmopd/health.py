@@ -1,8 +1,8 @@
 """The health of the student's samples, so that a collapse is seen, not hidden.
 
 A student trained on reverse KL can lower its loss by collapsing onto what the teacher also finds likely (one
-repeated token, a loop of one phrase), and the loss curve then looks excellent. Three numbers per step, from the
-rollout's tokens and mask alone (so any engine's rollout gives them):
+repeated token, a loop of one phrase), and the loss curve then looks excellent. Four numbers per step, from the
+rollout alone (so any engine's rollout gives them):
 
 - `health/token_entropy`: the entropy, in nats, of the sampled response tokens pooled over the batch (their
   empirical distribution). Varied text has several nats; one repeated token has 0.
@@ -12,6 +12,9 @@ rollout's tokens and mask alone (so any engine's rollout gives them):
   token a repeat.
 - `health/length_ratio`: the mean response length over `rollout.max_new_tokens`; a student that stops ending
   its responses runs into the limit (1.0).
+- `health/surprisal`: the mean −log p of the sampled tokens under the sampling distribution (the rollout's
+  behaviour log-probs): an estimate of the policy's per-token entropy at `rollout.temperature` that costs
+  nothing (0 for greedy rollouts). Logged, not thresholded.
 
 `HealthMonitor` warns once per kind when a number crosses its threshold (`train.health_*`), in one line that
 says what was seen and what to try, and keeps the warnings for summary.json and the end table.
@@ -30,6 +33,7 @@ log = logging.getLogger("mmopd")
 
 REPEAT_N = 3
 ENTROPY, REPEAT, LENGTH = "health/token_entropy", "health/repeat_share", "health/length_ratio"
+SURPRISAL = "health/surprisal"
 TRY = ("lower train.lr, heal the student first with objective.kind=seq_kd or supervised_kd, or mix in the "
        "teacher's samples with objective.kind=gkd and objective.lmbda<1")
 
@@ -58,10 +62,13 @@ def repeat_share(tokens: Tensor, mask: Tensor, n: int = REPEAT_N) -> float:
     return repeats / total if total else 0.0
 
 
-def sample_health(tokens: Tensor, mask: Tensor, max_new_tokens: int) -> dict[str, float]:
-    """The three health numbers of one batch of responses. tokens [B, T], mask [B, T] (1 up to the first EOS)."""
+def sample_health(tokens: Tensor, mask: Tensor, logprobs: Tensor, max_new_tokens: int) -> dict[str, float]:
+    """The health numbers of one batch of responses. tokens [B, T], mask [B, T] (1 up to the first EOS), logprobs
+    [B, T] (each sampled token's, under the sampling distribution)."""
+    count = float(mask.sum())
     return {ENTROPY: token_entropy(tokens, mask), REPEAT: repeat_share(tokens, mask),
-            LENGTH: float(mask.sum(1).mean()) / max_new_tokens}
+            LENGTH: float(mask.sum(1).mean()) / max_new_tokens,
+            SURPRISAL: -float((logprobs * mask).sum()) / count if count else 0.0}
 
 
 @dataclass

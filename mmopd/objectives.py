@@ -237,7 +237,8 @@ def response_metrics(m: Models, engine: RolloutEngine | None, responses: Rollout
     metrics = {"on_policy": float(engine is m.rollout), "response_tokens": responses.mask.sum().item(),
                "response_len": responses.mask.sum(1).mean().item(), "fused": float(m.fused)}
     if engine is m.rollout:  # the student's own samples: are they collapsing?
-        metrics.update(sample_health(responses.tokens, responses.mask, config.rollout.max_new_tokens))
+        metrics.update(sample_health(responses.tokens, responses.mask, responses.logprobs,
+                                     config.rollout.max_new_tokens))
     if engine is not None:
         metrics["rollout_tokens_per_s"] = metrics["response_tokens"] / max(timer.last["rollout"], 1e-9)
     return metrics

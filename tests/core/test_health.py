@@ -12,7 +12,7 @@ import torch
 
 import mmopd
 from mmopd.config import ConfigError
-from mmopd.health import ENTROPY, LENGTH, REPEAT, HealthMonitor, repeat_share, sample_health, token_entropy
+from mmopd.health import ENTROPY, LENGTH, REPEAT, SURPRISAL, HealthMonitor, repeat_share, sample_health, token_entropy
 from mmopd.report import format_table, read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -36,9 +36,14 @@ def test_repeat_share_counts_tokens_that_complete_an_earlier_trigram_of_their_ow
 
 
 def test_length_ratio_is_the_mean_response_length_over_max_new_tokens():
-    health = sample_health(TOKENS, MASK, max_new_tokens=5)
+    health = sample_health(TOKENS, MASK, torch.zeros(2, 4), max_new_tokens=5)
     assert health[LENGTH] == pytest.approx((3 + 2) / 2 / 5)
-    assert set(health) == {ENTROPY, REPEAT, LENGTH}
+    assert set(health) == {ENTROPY, REPEAT, LENGTH, SURPRISAL}
+
+
+def test_surprisal_is_the_mean_negative_log_prob_of_the_kept_sampled_tokens():
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0, -50.0], [-0.5, -0.5, -50.0, -50.0]])  # masked ones do not count
+    assert sample_health(TOKENS, MASK, logprobs, 4)[SURPRISAL] == pytest.approx((1 + 2 + 3 + 0.5 + 0.5) / 5)
 
 
 def row(entropy=3.0, repeat=0.0, length=0.3):
@@ -77,7 +82,7 @@ def test_every_on_policy_step_logs_sample_health(text_config, tmp_path):
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert len(rows) == 2
     for r in rows:
-        assert r[ENTROPY] > 0 and 0 <= r[REPEAT] <= 1 and 0 < r[LENGTH] <= 1
+        assert r[ENTROPY] > 0 and 0 <= r[REPEAT] <= 1 and 0 < r[LENGTH] <= 1 and r[SURPRISAL] > 0
 
 
 def test_a_forced_collapse_warning_lands_in_summary_json_and_the_end_table(text_config, tmp_path):
@@ -111,5 +116,5 @@ def test_a_misspelt_health_key_names_the_right_one(text_config):
 
 
 def test_health_numbers_are_finite_on_empty_responses():
-    health = sample_health(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3), 3)
+    health = sample_health(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3), torch.zeros(2, 3), 3)
     assert all(math.isfinite(v) for v in health.values()) and health[LENGTH] == 0.0
