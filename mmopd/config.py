@@ -133,6 +133,11 @@ class TrainConfig:
     progress: bool = True
     sharding: str = "none"  # the student: none (data parallel, DDP) | fsdp (sharded over the processes, FSDP2)
     fsdp_cpu_offload: bool = False  # sharding: fsdp: keep the student's shards, gradients and optimizer on the CPU
+    # sample health (mmopd/health.py): warn once when the student's samples collapse
+    health_min_entropy: float = 0.5  # nats of the batch's sampled tokens; below it: collapsing (0: off)
+    health_max_repeat: float = 0.5  # share of tokens that repeat an earlier 3-gram of their response (1: off)
+    health_max_length: float = 0.95  # mean length / rollout.max_new_tokens, having started below it (1: off)
+    eval_kl_prompts: int = 8  # eval prompts for the forward and reverse KL to an in-process teacher (0: off)
 
 
 @dataclass
@@ -484,5 +489,11 @@ def validate(config: Config) -> None:
     _positive("train.weight_decay", config.train.weight_decay, allow_zero=True)
     _positive("train.max_grad_norm", config.train.max_grad_norm, allow_zero=True)
     _positive("data.eval_limit", config.data.eval_limit, allow_zero=True)
+    _positive("train.health_min_entropy", config.train.health_min_entropy, allow_zero=True)
+    _positive("train.eval_kl_prompts", config.train.eval_kl_prompts, allow_zero=True)
+    for name in ("health_max_repeat", "health_max_length"):
+        value = getattr(config.train, name)
+        if not 0.0 < value <= 1.0:
+            raise ConfigError(f"train.{name} must lie in (0, 1] (1 turns the check off), got {value}")
     for tracker in config.train.report_to:
         _choice("train.report_to", tracker, ("tensorboard", "wandb"))

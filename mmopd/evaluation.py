@@ -1,4 +1,5 @@
-"""Evaluation of a policy on the eval split: greedy responses (or as the adapter says), scored by the adapter."""
+"""Evaluation of a policy on the eval split: greedy responses (or as the adapter says), scored by the adapter;
+and, beside it, the student's per-token KL to an in-process teacher in both directions (`kl_to_teacher`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mmopd.adapter import ModalityAdapter
-from mmopd.batch import Sampling, TokenSpace
+from mmopd.batch import PromptBatch, Rollout, Sampling, TokenSpace
 from mmopd.engines.hf import rollout
 
 
@@ -33,3 +34,62 @@ def evaluate_policy(adapter: ModalityAdapter, model: nn.Module, processor: Any, 
         responses.extend(adapter.decode(out.tokens, out.mask, processor))
     model.train(was_training)
     return {"metrics": adapter.score(records, responses), "responses": responses}
+
+
+LOGIT_BUDGET = 1 << 24  # logits held per forward of the KL evaluation: 64 MiB in float32
+
+
+def _rows(prompts: PromptBatch, rows: slice) -> PromptBatch:
+    """Some rows of a prompt batch (its tensors sliced on the batch dimension), keeping their left padding."""
+    def take(values: dict[str, Any]) -> dict[str, Any]:
+        return {k: v[rows] if isinstance(v, torch.Tensor) else v for k, v in values.items()}
+    return PromptBatch(prompts.input_ids[rows], prompts.attention_mask[rows], take(prompts.model_inputs),
+                       take(prompts.state))
+
+
+def _per_token_kl(adapter: ModalityAdapter, p_model: nn.Module, q_model: nn.Module, p_prompts: PromptBatch,
+                  q_prompts: PromptBatch, out: Rollout, space: TokenSpace) -> tuple[float, float]:
+    """Σ over masked response tokens of KL(p ‖ q) over the action space, and their count. As many rows at a time
+    as keep the full-vocabulary logits [rows, T, A] per model within LOGIT_BUDGET (one row at 262k tokens)."""
+    B, T = out.tokens.shape
+    step = max(1, LOGIT_BUDGET // (T * space.size))
+    total, count = 0.0, 0.0
+    for start in range(0, B, step):
+        rows = slice(start, start + step)
+        tokens, mask = out.tokens[rows], out.mask[rows]  # [r, T]
+        p = space.restrict(adapter.response_logits(p_model, _rows(p_prompts, rows), tokens)).float().log_softmax(-1)
+        q = space.restrict(adapter.response_logits(q_model, _rows(q_prompts, rows), tokens)).float().log_softmax(-1)
+        kl = (p.exp() * (p - q)).sum(-1)  # [r, T]
+        total += float((kl * mask).sum())
+        count += float(mask.sum())
+    return total, count
+
+
+@torch.no_grad()
+def kl_to_teacher(adapter: ModalityAdapter, student: nn.Module, teacher: nn.Module, student_processor: Any,
+                  teacher_processor: Any, records: list[dict], space: TokenSpace, eos_ids: list[int], pad_id: int,
+                  max_new_tokens: int, batch_size: int, device: torch.device) -> dict[str, float]:
+    """Per token, on `records`: `reverse_kl`, KL(student ‖ teacher) on the student's own samples (what on-policy
+    distillation lowers), and `forward_kl`, KL(teacher ‖ student) on the teacher's samples (coverage: how well the
+    student predicts what the teacher writes, which a collapsed student cannot fake). Both models sample at
+    temperature 1 from fixed seeds, over the full action space."""
+    models = {"student": student, "teacher": teacher}
+    was_training = {name: model.training for name, model in models.items()}
+    for model in models.values():
+        model.eval()
+    generator = torch.Generator(device).manual_seed(0)
+    sums = {"reverse_kl": [0.0, 0.0], "forward_kl": [0.0, 0.0]}
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        s_prompts = adapter.encode_prompts(chunk, student_processor).to(device)
+        t_prompts = adapter.encode_prompts(chunk, teacher_processor).to(device)
+        for name, sampler, other, own, theirs in (("reverse_kl", student, teacher, s_prompts, t_prompts),
+                                                   ("forward_kl", teacher, student, t_prompts, s_prompts)):
+            out = rollout(adapter, sampler, own, space, eos_ids, pad_id, max_new_tokens, Sampling(temperature=1.0),
+                          generator)
+            total, count = _per_token_kl(adapter, sampler, other, own, theirs, out, space)
+            sums[name][0] += total
+            sums[name][1] += count
+    for name, model in models.items():
+        model.train(was_training[name])
+    return {name: total / max(count, 1.0) for name, (total, count) in sums.items()}

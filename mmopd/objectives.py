@@ -37,6 +37,7 @@ from mmopd.config import Config, ConfigError, RolloutConfig
 from mmopd.engines import (DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, EngineError, RolloutEngine, TeacherNeed,
                            TeacherScorer, model_scores, rollout_engine, teacher_scorer)
 from mmopd.engines.routed import RECORDS, RoutedTeacher
+from mmopd.health import sample_health
 from mmopd.losses import Shaping, masked_mean
 from mmopd.objective_table import (ANSWERS, DIVERGENCE, NLL, SAMPLED, STUDENT_OR_ANSWERS, TEACHER, row_of,
                                    scores_teacher)
@@ -203,10 +204,7 @@ def objective_step(m: Models, records: list[dict], config: Config, generator: to
             responses = engine.sample(t_prompts if engine is m.teacher_rollout else s_prompts, sampling_of(config),
                                       generator)
     actions = m.space.to_actions(responses.tokens)  # [B, T]
-    metrics = {"on_policy": float(engine is m.rollout), "response_tokens": responses.mask.sum().item(),
-               "response_len": responses.mask.sum(1).mean().item(), "fused": float(m.fused)}
-    if engine is not None:
-        metrics["rollout_tokens_per_s"] = metrics["response_tokens"] / max(timer.last["rollout"], 1e-9)
+    metrics = response_metrics(m, engine, responses, timer, config)
 
     with timer.phase("teacher"):  # 2. the teacher scores the same tokens
         t_scores = m.scorer.score(t_prompts, responses.tokens, teacher_need(config)) if row.teacher else None
@@ -229,6 +227,20 @@ def objective_step(m: Models, records: list[dict], config: Config, generator: to
             metrics["sft_nll"] = nll.item()
         backward(loss)
     metrics["loss"] = loss.item()
+    return metrics
+
+
+def response_metrics(m: Models, engine: RolloutEngine | None, responses: Rollout, timer: Timer,
+                     config: Config) -> dict[str, float]:
+    """What a step logs about its responses: their count, length and sampling speed, and on the student's own
+    samples their health (mmopd/health.py), whichever engine sampled them."""
+    metrics = {"on_policy": float(engine is m.rollout), "response_tokens": responses.mask.sum().item(),
+               "response_len": responses.mask.sum(1).mean().item(), "fused": float(m.fused)}
+    if engine is m.rollout:  # the student's own samples: are they collapsing?
+        metrics.update(sample_health(responses.tokens, responses.mask, responses.logprobs,
+                                     config.rollout.max_new_tokens))
+    if engine is not None:
+        metrics["rollout_tokens_per_s"] = metrics["response_tokens"] / max(timer.last["rollout"], 1e-9)
     return metrics
 
 

@@ -128,7 +128,26 @@ def format_table(summary: dict[str, Any]) -> str:
     gap = summary.get("gap_closed")
     if gap is not None:
         lines.append(f"gap closed: {100 * gap:.0f}% of the teacher-student gap")
+    lines.extend(_kl_lines(summary.get("kl_before"), summary.get("kl_after")))
+    for warning in summary.get("health_warnings") or []:
+        lines.append(f"sample health warning ({warning['kind']}): {warning['message']}")
     return "\n".join(lines)
+
+
+KL_ROWS = (("reverse_kl", "reverse KL, student's samples"), ("forward_kl", "forward KL, teacher's samples"))
+
+
+def _kl_lines(before: dict[str, float] | None, after: dict[str, float] | None) -> list[str]:
+    """The student's per-token KL to the teacher on held-out prompts, before and after, as table rows."""
+    if not before and not after:
+        return []
+    header = "KL to the teacher (nats/token)"
+    width = max(len(header), *(len(label) for _, label in KL_ROWS))
+    lines = [f"{header:<{width}}  {'before':>8}  {'after':>8}"]
+    for key, label in KL_ROWS:
+        cells = [f"{d[key]:8.3f}" if d and key in d else f"{'-':>8}" for d in (before, after)]
+        lines.append(f"{label:<{width}}  {'  '.join(cells)}")
+    return lines
 
 
 def _finite(value: Any) -> bool:

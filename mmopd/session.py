@@ -18,7 +18,7 @@ from mmopd.compat import IncompatibleModelsError
 from mmopd.config import Config, ConfigError, TeacherConfig
 from mmopd.data import DataError, Dataset, load_records
 from mmopd.engines.routed import check_same_vocabulary, routing_check
-from mmopd.evaluation import evaluate_policy
+from mmopd.evaluation import evaluate_policy, kl_to_teacher
 from mmopd.hf import context_length
 from mmopd.objective_table import needs_answers, needs_teacher, scores_teacher
 from mmopd.objectives import Models
@@ -168,6 +168,19 @@ class Session:
         return evaluate_policy(self.adapter, model, processor, records, self.space, self.eos_ids, self.pad_id,
                                self.config.rollout.max_new_tokens, self.config.train.eval_batch_size, self.device,
                                desc=desc, progress=progress)
+
+    def eval_kl(self, model: torch.nn.Module) -> dict[str, float] | None:
+        """The student's per-token `reverse_kl` (its own samples) and `forward_kl` (the teacher's samples) to the
+        teacher on the first train.eval_kl_prompts eval prompts; None where the adapter does not report them, the
+        teacher is not in this process (or there are several), or train.eval_kl_prompts is 0."""
+        n = self.config.train.eval_kl_prompts
+        if not (n and self.adapter.reports_kl and self.eval_data is not None and self.teacher is not None
+                and self.teacher_in_process and not self.teachers):
+            return None
+        records = self.eval_data.records[: min(n, self.config.data.eval_limit or n)]
+        return kl_to_teacher(self.adapter, model, self.teacher, self.student_processor, self.teacher_processor,
+                             records, self.space, self.eos_ids, self.pad_id, self.config.rollout.max_new_tokens,
+                             self.config.train.eval_batch_size, self.device)
 
 
 def evaluate(config: Config, checkpoint: str | Path | None = None, which: str = "student") -> dict[str, float]:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from mmopd.checkpoint import rng_state, save_checkpoint, save_sharded_checkpoint, set_rng_state
 from mmopd.config import Config, ConfigError, save_config
+from mmopd.health import HealthMonitor
 from mmopd.lora import load_lora_weights
 from mmopd.objectives import Timer, check_engine, objective_step
 from mmopd.report import MetricsLog, format_table, plot_metrics, read_metrics, teacher_divergences, write_summary
@@ -176,9 +177,12 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) 
                                                             "eval teacher", live)["metrics"][metric]
         state["baseline"]["student_before"] = session.evaluate(policy, session.student_processor,
                                                                "eval student", live)["metrics"][metric]
+        kl = session.eval_kl(policy)
+        if kl is not None:
+            state["baseline"]["kl_before"] = kl
         reshard(session.teacher)
         if main:
-            metrics_log.write({"step": 0, f"eval/{metric}": state["baseline"]["student_before"]})
+            metrics_log.write({"step": 0, f"eval/{metric}": state["baseline"]["student_before"], **eval_kl_row(kl)})
 
     def checkpoint(step: int) -> None:
         payload = {"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(), "baseline": state["baseline"],
@@ -202,6 +206,7 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) 
         check_engine(models, session.train_data.records[:4], c)
 
     records = session.train_data.records
+    health = HealthMonitor(t.health_min_entropy, t.health_max_repeat, t.health_max_length, bool(session.eos_ids))
     bar = tqdm(total=t.steps, initial=state["step"], desc="distil", disable=not (main and live))
     plain_every = max(1, t.steps // 20) if main and t.progress and not live else 0
     bad_in_row, stopping = 0, False
@@ -257,6 +262,8 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) 
                    tokens_per_s=tokens / elapsed, skipped_steps=state["skipped_steps"],
                    **{f"time/{k}": v for k, v in timer.seconds.items()}, **{"time/step": elapsed})
         row.setdefault("divergence", None)
+        if main:
+            health.check(step + 1, row)
         if main and (step + 1) % t.log_every == 0:
             metrics_log.write(row)
             if t.report_to:
@@ -270,8 +277,10 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) 
         done = step + 1
         if evaluating and t.eval_every and done % t.eval_every == 0 and done < t.steps:
             score = session.evaluate(policy, session.student_processor)["metrics"][metric]
+            kl = session.eval_kl(policy)
+            reshard(session.teacher)
             if main:
-                metrics_log.write({"step": done, f"eval/{metric}": score})
+                metrics_log.write({"step": done, f"eval/{metric}": score, **eval_kl_row(kl)})
         if (t.save_every and done % t.save_every == 0) or done == t.steps or stopping:
             state["step"] = done
             checkpoint(done)
@@ -281,15 +290,20 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) 
             break
     bar.close()
 
-    summary: dict[str, Any] = {"metric": metric, **state["baseline"], "steps": state["step"]}
+    summary: dict[str, Any] = {"metric": metric, **state["baseline"], "steps": state["step"],
+                               "health_warnings": health.warnings}
     if stopping:
         summary["stopped_by"] = stop_name
         return summary
     if evaluating:
         final = session.evaluate(policy, session.student_processor, "eval student", live)
         summary["student_after"] = final["metrics"][metric]
+        kl = session.eval_kl(policy)
+        reshard(session.teacher)
+        if kl is not None:
+            summary["kl_after"] = kl
         if main:
-            metrics_log.write({"step": t.steps, f"eval/{metric}": summary["student_after"]})
+            metrics_log.write({"step": t.steps, f"eval/{metric}": summary["student_after"], **eval_kl_row(kl)})
         summary["samples"] = [{"prompt": r.get("prompt"), "response": resp, "answer": r.get("answer")}
                               for r, resp in zip(session.eval_data.records[:8], final["responses"][:8])
                               if isinstance(resp, str)]
@@ -310,6 +324,11 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) 
     if main:
         print(format_table(summary))
     return summary
+
+
+def eval_kl_row(kl: dict[str, float] | None) -> dict[str, float]:
+    """The eval KLs as metrics.jsonl columns: eval/reverse_kl, eval/forward_kl (nothing when not measured)."""
+    return {f"eval/{name}": value for name, value in (kl or {}).items()}
 
 
 def check_global_batch(saved: int | None, per_step: int, world: int, batch_size: int, grad_accum: int,

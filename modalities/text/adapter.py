@@ -45,6 +45,7 @@ def prompt_text(prompt: str | list[dict], tokenizer: PreTrainedTokenizerBase) ->
 @register_adapter("text")
 class TextAdapter(ModalityAdapter):
     metric = "accuracy"
+    reports_kl = True  # coverage beside the reverse KL: a collapsed student cannot fake the forward KL
 
     def load_processor(self, path: str, role: str) -> PreTrainedTokenizerBase:
         tokenizer = load_pretrained(AutoTokenizer.from_pretrained, path, role)
