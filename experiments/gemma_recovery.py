@@ -24,8 +24,8 @@ import torch
 import transformers
 
 import mmopd
-from modalities.text.coverage import heldout_kls, sample
-from modalities.text.fewshot import task_accuracy, task_records
+from modalities.text.fewshot import task_records
+from modalities.text.heldout import measure, sample, teacher_records
 from modalities.text.stdlib_prompts import HELD_OUT_MODULES, TRAIN_MODULES, docstring_prompts
 
 # each method: a list of stages (config overrides), run one after the other on the same student
@@ -38,23 +38,6 @@ METHODS: dict[str, list[list[str]]] = {
                 ["objective.kind=on_policy", "objective.divergence=reverse_kl"]],
     "gkd": [["objective.kind=gkd", "objective.lmbda=0.5", "objective.divergence=reverse_kl"]],
 }
-
-
-def sample_health(tokens: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> dict[str, float]:
-    """Stand-in until the core's health metrics land: repeated 3-gram share, distinct-token share, length."""
-    repeats, count, distinct, total = 0, 0, set(), 0
-    for row, keep in zip(tokens.tolist(), mask.bool().tolist()):
-        ids = [t for t, k in zip(row, keep) if k]
-        seen = set()
-        for i in range(2, len(ids)):
-            gram = tuple(ids[i - 2:i + 1])
-            repeats += gram in seen
-            seen.add(gram)
-            count += 1
-        distinct |= set(ids)
-        total += len(ids)
-    return {"repeat_3gram": repeats / max(count, 1), "distinct": len(distinct) / max(total, 1),
-            "length": total / (len(tokens) * max_new_tokens)}
 
 
 def load(path: str | Path) -> transformers.PreTrainedModel:
@@ -75,41 +58,17 @@ def build_data(out: Path, teacher_dir: str, train_prompts: int, new: int) -> dic
     tokenizer = transformers.AutoTokenizer.from_pretrained(teacher_dir)
     teacher = load(teacher_dir)
     prompts = docstring_prompts(TRAIN_MODULES)[:train_prompts] + [r["prompt"] for r in task_records("train")]
-    samples = sample(teacher, tokenizer, prompts, new, seed=1234)
-    train = [{"prompt": p, "answer": tokenizer.decode(s, skip_special_tokens=True)} for p, s in zip(prompts, samples)]
     held_out = docstring_prompts(HELD_OUT_MODULES)[:16]
-    data = {"train": train, "held_out": held_out,
+    data = {"train": teacher_records(teacher, tokenizer, prompts, new, seed=1234), "held_out": held_out,
             "held_out_teacher": sample(teacher, tokenizer, held_out, new, seed=4321), "task": task_records("eval")}
     cache.write_text(json.dumps(data))
     return data
 
 
-@torch.no_grad()
-def greedy_first_words(model: transformers.PreTrainedModel, tokenizer: Any, prompts: list[str]) -> list[str]:
-    out = []
-    for start in range(0, len(prompts), 8):
-        enc = tokenizer(prompts[start:start + 8], return_tensors="pt", padding=True)
-        gen = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    return out
-
-
-def measure(student_dir: str | Path, teacher: transformers.PreTrainedModel, tokenizer: Any, data: dict,
-            new: int) -> dict[str, Any]:
-    student = load(student_dir)
-    kls = heldout_kls(student, teacher, tokenizer, data["held_out"], data["held_out_teacher"], new)
-    samples = kls.pop("student_samples")
-    tokens = torch.zeros(len(samples), new, dtype=torch.long)
-    mask = torch.zeros(len(samples), new)
-    for i, s in enumerate(samples):
-        tokens[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    health = sample_health(tokens, mask, new)
-    task = data["task"]
-    answers = greedy_first_words(student, tokenizer, [r["prompt"] for r in task])
-    return {**kls, **{f"health/{k}": v for k, v in health.items()},
-            "task_accuracy": task_accuracy(task, answers),
-            "samples": [tokenizer.decode(s, skip_special_tokens=True) for s in samples[:4]]}
+def measure_dir(student_dir: str | Path, teacher: transformers.PreTrainedModel, tokenizer: Any, data: dict,
+                new: int) -> dict[str, Any]:
+    return measure(load(student_dir), teacher, tokenizer, data["held_out"], data["held_out_teacher"], data["task"],
+                   new)
 
 
 def run_method(method: str, seed: int, args: argparse.Namespace, data_file: Path) -> Path:
@@ -153,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     done = {(r["method"], r["seed"]) for r in map(json.loads, results_file.read_text().splitlines())} \
         if results_file.exists() else set()
     if ("pruned", 0) not in done:
-        row = {"method": "pruned", "seed": 0, **measure(args.student, teacher, tokenizer, data, args.new)}
+        row = {"method": "pruned", "seed": 0, **measure_dir(args.student, teacher, tokenizer, data, args.new)}
         with results_file.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
@@ -164,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
             started = time.time()
             final = run_method(method, seed, args, data_file)
             row = {"method": method, "seed": seed, "train_s": time.time() - started,
-                   **measure(final, teacher, tokenizer, data, args.new)}
+                   **measure_dir(final, teacher, tokenizer, data, args.new)}
             with results_file.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)

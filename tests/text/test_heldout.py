@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from modalities.text.coverage import heldout_kls, kl_per_token, sample
+from modalities.text.heldout import greedy_responses, heldout_kls, kl_per_token, measure, sample, teacher_records
 from modalities.text.fewshot import CAPITALS, first_word, task_accuracy, task_records
 from modalities.text.stdlib_prompts import HELD_OUT_MODULES, TRAIN_MODULES, docstring_prompts
 
@@ -93,3 +93,28 @@ def test_heldout_kls_score_the_student_on_its_own_samples_and_the_teacher_on_the
     assert out["reverse_kl"] > 0 and out["forward_kl"] > 0
     with pytest.raises(ValueError, match="every response is empty"):
         kl_per_token(student, teacher, tokenizer, prompts, [[], [], []])
+
+
+@torch.no_grad()
+def test_measure_reports_both_kls_the_samples_health_and_the_task_accuracy(pair):
+    tokenizer, student, teacher = pair
+    prompts = ["12+34=", "5+6="]
+    teacher_samples = sample(teacher, tokenizer, prompts, max_new_tokens=4, seed=1)
+    greedy = greedy_responses(student, tokenizer, ["1+2=", "3+4="])
+    task = [{"prompt": "1+2=", "answer": first_word(greedy[0]) or "x"}, {"prompt": "3+4=", "answer": "never"}]
+    out = measure(student, teacher, tokenizer, prompts, teacher_samples, task, max_new_tokens=4)
+    kls = heldout_kls(student, teacher, tokenizer, prompts, teacher_samples, max_new_tokens=4)
+    assert out["reverse_kl"] == pytest.approx(kls["reverse_kl"]) and out["forward_kl"] == kls["forward_kl"]
+    assert out["task_accuracy"] == (0.5 if first_word(greedy[0]) else 0.0)
+    assert out["samples"] == [tokenizer.decode(s, skip_special_tokens=True) for s in kls["student_samples"]]
+    assert {"health/token_entropy", "health/repeat_share", "health/length_ratio"} <= set(out)
+    assert 0 < out["health/length_ratio"] <= 1
+
+
+@torch.no_grad()
+def test_teacher_records_answer_each_prompt_with_a_teacher_sample(pair):
+    tokenizer, _, teacher = pair
+    records = teacher_records(teacher, tokenizer, ["12+34=", "5+6="], max_new_tokens=4, seed=3)
+    samples = sample(teacher, tokenizer, ["12+34=", "5+6="], max_new_tokens=4, seed=3)
+    assert records == [{"prompt": p, "answer": tokenizer.decode(s, skip_special_tokens=True)}
+                       for p, s in zip(["12+34=", "5+6="], samples)]

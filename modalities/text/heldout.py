@@ -1,4 +1,7 @@
-"""Two KLs on held-out prompts that a collapsed student cannot fake together, for causal LMs sharing a tokenizer.
+"""Held-out measurements of a student against its teacher, for causal LMs that share a tokenizer, on saved
+checkpoints (the trainer's own eval reports the same two KLs through `mmopd.evaluation.kl_to_teacher`).
+
+Two KLs that a collapsed student cannot fake together:
 
 - reverse KL, KL(student‖teacher) per token on the student's own samples: what on-policy distillation minimises;
   a student that found one string the teacher also likes drives it down while getting worse.
@@ -9,6 +12,9 @@
     heldout_kls(student, teacher, tokenizer, prompts, teacher_samples=samples)  # {"reverse_kl": ., "forward_kl": .}
 
 Both are exact over the whole vocabulary, one row at a time (a 262k vocabulary makes [B, T, V] large).
+`measure` adds the health of the student's samples (`mmopd.health`) and its accuracy on a task with checkable
+answers (`modalities.text.fewshot`); `teacher_records` turns prompts into records whose answers are the teacher's
+samples, for the objectives that train on answers (sft as seq-KD, supervised_kd, gkd).
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
+
+from mmopd.health import SURPRISAL, sample_health
+from modalities.text.fewshot import task_accuracy
 
 
 @torch.no_grad()
@@ -74,3 +83,41 @@ def heldout_kls(student: nn.Module, teacher: nn.Module, tokenizer: PreTrainedTok
     return {"reverse_kl": kl_per_token(student, teacher, tokenizer, prompts, student_samples),
             "forward_kl": kl_per_token(teacher, student, tokenizer, prompts, teacher_samples),
             "student_samples": student_samples}
+
+
+def teacher_records(teacher: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int,
+                    seed: int) -> list[dict[str, str]]:
+    """`{"prompt", "answer"}` records whose answer is one teacher sample (temperature 1) of the prompt."""
+    samples = sample(teacher, tokenizer, prompts, max_new_tokens, seed)
+    return [{"prompt": p, "answer": tokenizer.decode(s, skip_special_tokens=True)} for p, s in zip(prompts, samples)]
+
+
+@torch.no_grad()
+def greedy_responses(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+                     max_new_tokens: int = 4, batch_size: int = 8) -> list[str]:
+    """The decoded greedy continuation of each prompt."""
+    tokenizer.padding_side = "left"
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True)
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return out
+
+
+def measure(student: nn.Module, teacher: nn.Module, tokenizer: PreTrainedTokenizerBase, held_out: list[str],
+            teacher_samples: list[list[int]], task: list[dict], max_new_tokens: int) -> dict[str, object]:
+    """Both KLs on `held_out`, the health of the student's samples there (`health/*`), its greedy accuracy on
+    `task`, and its first samples as text."""
+    kls = heldout_kls(student, teacher, tokenizer, held_out, teacher_samples, max_new_tokens)
+    samples = kls.pop("student_samples")
+    tokens = torch.full((len(samples), max_new_tokens), tokenizer.pad_token_id)  # [B, T]
+    mask = torch.zeros(len(samples), max_new_tokens)
+    for i, row in enumerate(samples):
+        tokens[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = 1
+    health = sample_health(tokens, mask, torch.zeros_like(mask), max_new_tokens)
+    health.pop(SURPRISAL)  # HF's generate does not hand back the samples' log-probs
+    answers = greedy_responses(student, tokenizer, [r["prompt"] for r in task])
+    return {**kls, **health, "task_accuracy": task_accuracy(task, answers),
+            "samples": [tokenizer.decode(row, skip_special_tokens=True) for row in samples]}
