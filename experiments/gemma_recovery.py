@@ -24,9 +24,7 @@ import torch
 import transformers
 
 import mmopd
-from modalities.text.fewshot import task_records
-from modalities.text.heldout import measure, sample, teacher_records
-from modalities.text.stdlib_prompts import HELD_OUT_MODULES, TRAIN_MODULES, docstring_prompts
+from modalities.text.heldout import docstring_task_data, measure
 
 # each method: a list of stages (config overrides), run one after the other on the same student
 METHODS: dict[str, list[list[str]]] = {
@@ -56,11 +54,7 @@ def build_data(out: Path, teacher_dir: str, train_prompts: int, new: int) -> dic
     if cache.exists():
         return json.loads(cache.read_text())
     tokenizer = transformers.AutoTokenizer.from_pretrained(teacher_dir)
-    teacher = load(teacher_dir)
-    prompts = docstring_prompts(TRAIN_MODULES)[:train_prompts] + [r["prompt"] for r in task_records("train")]
-    held_out = docstring_prompts(HELD_OUT_MODULES)[:16]
-    data = {"train": teacher_records(teacher, tokenizer, prompts, new, seed=1234), "held_out": held_out,
-            "held_out_teacher": sample(teacher, tokenizer, held_out, new, seed=4321), "task": task_records("eval")}
+    data = docstring_task_data(load(teacher_dir), tokenizer, train_prompts, 16, new)
     cache.write_text(json.dumps(data))
     return data
 

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from mmopd.health import SURPRISAL, sample_health
-from modalities.text.fewshot import task_accuracy
+from modalities.text.fewshot import task_accuracy, task_records
+from modalities.text.stdlib_prompts import HELD_OUT_MODULES, TRAIN_MODULES, docstring_prompts
 
 
 @torch.no_grad()
@@ -121,3 +122,15 @@ def measure(student: nn.Module, teacher: nn.Module, tokenizer: PreTrainedTokeniz
     answers = greedy_responses(student, tokenizer, [r["prompt"] for r in task])
     return {**kls, **health, "task_accuracy": task_accuracy(task, answers),
             "samples": [tokenizer.decode(row, skip_special_tokens=True) for row in samples]}
+
+
+def docstring_task_data(teacher: nn.Module, tokenizer: PreTrainedTokenizerBase, train_prompts: int,
+                        held_out: int, max_new_tokens: int) -> dict[str, list]:
+    """The data of a real-model run: `train`, records of `train_prompts` docstring prompts and the task's train
+    split answered by teacher samples; `held_out`, docstring prompts from other modules; `held_out_teacher`, a
+    teacher sample (token ids) of each; `task`, the task's eval split."""
+    prompts = docstring_prompts(TRAIN_MODULES)[:train_prompts] + [r["prompt"] for r in task_records("train")]
+    held = docstring_prompts(HELD_OUT_MODULES)[:held_out]
+    return {"train": teacher_records(teacher, tokenizer, prompts, max_new_tokens, seed=1234), "held_out": held,
+            "held_out_teacher": sample(teacher, tokenizer, held, max_new_tokens, seed=4321),
+            "task": task_records("eval")}
