@@ -75,7 +75,7 @@ def run_method(method: str, seed: int, args: argparse.Namespace, data_file: Path
             "modality=text", f"student.path={student}", f"teacher.path={args.teacher}", f"data.train={data_file}",
             f"train.out_dir={out}", f"rollout.max_new_tokens={args.new}", f"train.steps={args.steps // len(stages)}",
             f"train.batch_size={args.batch}", f"train.lr={args.lr}", "train.warmup=2", f"train.seed={seed}",
-            "train.eval_every=0", "train.save_every=0", "train.keep_last=1", "objective.fused=always",
+            "train.eval_every=0", "train.save_every=8", "train.keep_last=1", "objective.fused=always",
             *overrides])
         mmopd.train(config)
         student = str(sorted((out / "checkpoints").glob("step-*"))[-1] / "model")
