@@ -87,7 +87,7 @@ def distil(out: Path, teacher: Path, student: Path, steps: int, seed: int) -> tu
             "modality=text", f"student.path={student}", f"teacher.path={teacher}", f"data.train={out / 'train.jsonl'}",
             f"train.out_dir={run}", f"rollout.max_new_tokens={NEW_TOKENS}", f"train.steps={round(steps * share)}",
             "train.batch_size=4", "train.lr=5e-5", "train.warmup=2", f"train.seed={seed}", "train.eval_every=0",
-            "train.save_every=0", "train.keep_last=1", "objective.fused=always", *overrides])
+            "train.save_every=8", "train.keep_last=1", "objective.fused=always", *overrides])
         mmopd.train(config)
         student = sorted((run / "checkpoints").glob("step-*"))[-1] / "model"
         runs.append(run)
