@@ -2,9 +2,11 @@
 
     pip install -e ".[gemma]"        # Gemma 3 270M from PyPI (GGUF, Q4_K_M) and gguf: ~240 MB
     python examples/distil_gemma.py [--out runs/gemma] [--keep 0,2,5,8,11,14,17] [--steps 32] [--seed 0]
+                                    [--teacher HF_FOLDER] [--train-prompts 96] [--held-out 16] [--new-tokens 24]
+                                    [key=value ...]   (config overrides for every stage, e.g. train.lr=1e-5)
 
-1. The teacher: the packaged GGUF exported as an ordinary HF folder (`mmopd export-gguf`). The student: the
-   teacher with only the layers in --keep (`mmopd prune`); it starts out writing word salad.
+1. The teacher: the packaged GGUF exported as an ordinary HF folder (`mmopd export-gguf`), or --teacher. The
+   student: the teacher with only the layers in --keep (`mmopd prune`); it starts out writing word salad.
 2. Prompts that nobody here wrote: the opening words of Python standard-library docstrings (train and held-out
    prompts come from different modules), and a few-shot task with checkable answers (single-digit addition,
    capital cities) that the teacher answers and the pruned student does not.
@@ -43,7 +45,6 @@ RECIPE = [
     ("heal", 0.5, ["objective.kind=supervised_kd", "objective.divergence=forward_kl"]),  # on the teacher's samples
     ("on_policy", 0.5, ["objective.kind=on_policy", "objective.divergence=reverse_kl"]),
 ]
-NEW_TOKENS = 24
 ROWS = (("reverse KL, student's samples (nats/token)", "reverse_kl"),
         ("forward KL, teacher's samples (nats/token)", "forward_kl"),
         ("token entropy of the student's samples", "health/token_entropy"),
@@ -55,41 +56,44 @@ def load(path: Path) -> transformers.PreTrainedModel:
     return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def prepare(out: Path, keep: list[int]) -> tuple[Path, Path]:
-    """The teacher's and the pruned student's folders, made once."""
-    teacher, student = out / "teacher", out / "student"
-    if not (teacher / "config.json").exists():
-        export_gguf(packaged_gguf("gemma3-270m"), teacher)
+def prepare(out: Path, keep: list[int], teacher: Path | None) -> tuple[Path, Path]:
+    """The teacher's folder (exported once, unless given) and the pruned student's (made once)."""
+    student = out / "student"
+    if teacher is None:
+        teacher = out / "teacher"
+        if not (teacher / "config.json").exists():
+            export_gguf(packaged_gguf("gemma3-270m"), teacher)
     if not (student / "config.json").exists():
         prune_checkpoint(teacher, student, keep)
     return teacher, student
 
 
-def build_data(out: Path, teacher_dir: Path) -> dict:
-    """Train records (96 docstring prompts and the task's train split, answered by teacher samples) and the held-out
-    sets (16 docstring prompts from other modules with a teacher sample each, the task's eval split)."""
+def build_data(out: Path, teacher_dir: Path, args: argparse.Namespace) -> dict:
+    """Train records (docstring prompts and the task's train split, answered by teacher samples) and the held-out
+    sets (docstring prompts from other modules with a teacher sample each, the task's eval split)."""
     cache = out / "data.json"
     if cache.exists():
         return json.loads(cache.read_text())
     tokenizer = transformers.AutoTokenizer.from_pretrained(teacher_dir)
-    data = docstring_task_data(load(teacher_dir), tokenizer, 96, 16, NEW_TOKENS)
+    data = docstring_task_data(load(teacher_dir), tokenizer, args.train_prompts, args.held_out, args.new_tokens)
     cache.write_text(json.dumps(data))
     (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data["train"]))
     return data
 
 
-def distil(out: Path, teacher: Path, student: Path, steps: int, seed: int) -> tuple[Path, list[Path]]:
+def distil(out: Path, teacher: Path, student: Path, args: argparse.Namespace) -> tuple[Path, list[Path]]:
     """Run RECIPE's stages; return the final student's folder and each stage's run directory."""
     runs = []
     for name, share, overrides in RECIPE:
         run = out / "runs" / name
         config = mmopd.load_config(None, [
-            "modality=text", f"student.path={student}", f"teacher.path={teacher}", f"data.train={out / 'train.jsonl'}",
-            f"train.out_dir={run}", f"rollout.max_new_tokens={NEW_TOKENS}", f"train.steps={round(steps * share)}",
-            "train.batch_size=4", "train.lr=5e-5", "train.warmup=2", f"train.seed={seed}", "train.eval_every=0",
-            "train.save_every=8", "train.keep_last=1", "objective.fused=always", *overrides])
+            "modality=text", f"student.path={student}", f"teacher.path={teacher}",
+            f"data.train={out / 'train.jsonl'}", f"train.out_dir={run}", f"train.seed={args.seed}",
+            f"rollout.max_new_tokens={args.new_tokens}", f"train.steps={max(1, round(args.steps * share))}",
+            "train.batch_size=4", "train.lr=5e-5", "train.warmup=2", "train.eval_every=0", "train.save_every=8",
+            "train.keep_last=1", "objective.fused=always", *overrides, *args.overrides])
         mmopd.train(config)
-        student = sorted((run / "checkpoints").glob("step-*"))[-1] / "model"
+        student = max((run / "checkpoints").glob("step-*"), key=lambda d: int(d.name[5:])) / "model"
         runs.append(run)
     return student, runs
 
@@ -124,20 +128,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--keep", default="0,2,5,8,11,14,17", help="the teacher's layers the student keeps")
     parser.add_argument("--steps", type=int, default=32, help="optimizer steps over the whole recipe")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    parser.add_argument("--teacher", type=Path, help="an HF causal LM folder to use instead of the packaged Gemma")
+    parser.add_argument("--train-prompts", type=int, default=96, help="docstring prompts to train on")
+    parser.add_argument("--held-out", type=int, default=16, help="held-out docstring prompts to measure on")
+    parser.add_argument("--new-tokens", type=int, default=24)
+    args, overrides = parser.parse_known_args(argv)
+    args.overrides = overrides  # config overrides, for every stage
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    teacher_dir, student_dir = prepare(out, parse_keep(args.keep))
-    data = build_data(out, teacher_dir)
+    teacher_dir, student_dir = prepare(out, parse_keep(args.keep), args.teacher)
+    data = build_data(out, teacher_dir, args)
     tokenizer = transformers.AutoTokenizer.from_pretrained(teacher_dir)
     teacher = load(teacher_dir)
 
     def measured(folder: Path) -> dict:
         return measure(load(folder), teacher, tokenizer, data["held_out"], data["held_out_teacher"], data["task"],
-                       NEW_TOKENS)
+                       args.new_tokens)
 
     before = measured(student_dir)
-    final, runs = distil(out, teacher_dir, student_dir, args.steps, args.seed)
+    final, runs = distil(out, teacher_dir, student_dir, args)
     after = measured(final)
     task_prompts = [r["prompt"] for r in data["task"]]
     teacher_task = task_accuracy(data["task"], greedy_responses(teacher, tokenizer, task_prompts))

@@ -78,7 +78,7 @@ def run_method(method: str, seed: int, args: argparse.Namespace, data_file: Path
             "train.eval_every=0", "train.save_every=8", "train.keep_last=1", "objective.fused=always",
             *overrides])
         mmopd.train(config)
-        student = str(sorted((out / "checkpoints").glob("step-*"))[-1] / "model")
+        student = str(max((out / "checkpoints").glob("step-*"), key=lambda d: int(d.name[5:])) / "model")
     return Path(student)
 
 

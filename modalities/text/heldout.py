@@ -88,9 +88,11 @@ def heldout_kls(student: nn.Module, teacher: nn.Module, tokenizer: PreTrainedTok
 
 def teacher_records(teacher: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int,
                     seed: int) -> list[dict[str, str]]:
-    """`{"prompt", "answer"}` records whose answer is one teacher sample (temperature 1) of the prompt."""
+    """`{"prompt", "answer"}` records whose answer is one teacher sample (temperature 1) of the prompt; a prompt
+    whose sample is empty (the teacher ended at once) has no record."""
     samples = sample(teacher, tokenizer, prompts, max_new_tokens, seed)
-    return [{"prompt": p, "answer": tokenizer.decode(s, skip_special_tokens=True)} for p, s in zip(prompts, samples)]
+    records = [{"prompt": p, "answer": tokenizer.decode(s, skip_special_tokens=True)} for p, s in zip(prompts, samples)]
+    return [r for r in records if r["answer"].strip()]
 
 
 @torch.no_grad()

@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
+import transformers
+
 from tests.image_tokens.helpers import GRID_TOKENS, build_llamagen_task
+from tests.text.tiny_gemma import save_pair
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 TINY = ["train.steps=2", "train.batch_size=4", "train.warmup=0", "train.eval_every=0", "train.save_every=0",
@@ -53,3 +56,24 @@ def test_the_image_example_distils_a_guided_teacher(tmp_path):
                                              "--out", str(out), f"rollout.max_new_tokens={GRID_TOKENS}", *TINY])
     _ran(out, summary)
     assert 0 <= summary["student_after"] <= 1
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_gemma_example_prunes_heals_distils_and_measures_before_and_after(tmp_path, capsys):
+    pair = save_pair(tmp_path / "pair")  # a tiny Gemma3ForCausalLM in place of the packaged 270M
+    out = tmp_path / "run"
+    result = _example("distil_gemma").main(["--out", str(out), "--teacher", str(pair["teacher"]), "--keep", "0,2",
+                                            "--steps", "2", "--train-prompts", "4", "--held-out", "2",
+                                            "--new-tokens", "4", "data.skip_bad=true"])
+    student = transformers.AutoModelForCausalLM.from_pretrained(out / "student")
+    assert student.config.num_hidden_layers == 2 and student.config.layer_types == ["sliding_attention",
+                                                                                     "full_attention"]
+    for stage in ("heal", "on_policy"):
+        assert json.loads((out / "runs" / stage / "summary.json").read_text())["steps"] == 1
+    keys = {"reverse_kl", "forward_kl", "health/token_entropy", "health/repeat_share", "task_accuracy"}
+    assert keys <= set(result["before"]) and keys <= set(result["after"])
+    assert result["before"]["reverse_kl"] > 0 and result["after"]["forward_kl"] > 0
+    assert result["after"] != result["before"] and Path(result["plot"]).stat().st_size > 0
+    assert json.loads((out / "result.json").read_text())["after"] == result["after"]
+    printed = capsys.readouterr().out
+    assert "forward KL, teacher's samples" in printed and "sample-health warnings" in printed
