@@ -20,9 +20,11 @@ demo: install
 # two workers, one thread each (small models run fastest on one thread per process); idle workers steal tests.
 # The served-vLLM tests start `vllm serve` from .venv-vllm; the colocated ones run a vllm.LLM in-process, so they
 # run in that venv.
+# Each run keeps its 30 slowest tests in .test-times/ (not committed): main.txt and colocated.txt.
 test: install vllm-env
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist worksteal --durations=15
-	OMP_NUM_THREADS=1 $(VLLM_BIN)/python -m pytest -q -p no:xdist --durations=10 tests/engines/colocated
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist worksteal --durations=15 --times-file .test-times/main.txt
+	OMP_NUM_THREADS=1 $(VLLM_BIN)/python -m pytest -q -p no:xdist --durations=10 tests/engines/colocated \
+		--times-file .test-times/colocated.txt
 
 # the quick inner loop: everything but the tests marked slow (demos, benchmarks, kill tests, vLLM), ~2 minutes
 test-fast: install
