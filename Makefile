@@ -17,14 +17,14 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/mmopd demo text
 
-# two workers, one thread each (small models run fastest on one thread per process). --dist loadgroup: the tests of
-# the shared vLLM servers (xdist_group "vllm", tests/engines/conftest.py) run on one worker, which owns each server
-# (started once per session); the group, the largest unit, goes out first, and every other test is a unit of its own
-# that the other worker (and then both) take as they finish. The served-vLLM tests start `vllm serve` from
-# .venv-vllm; the colocated ones run a vllm.LLM in-process, so they run in that venv.
+# two workers, one thread each (small models run fastest on one thread per process). --dist loadfile: a module's
+# tests run on one worker, which owns the module's shared vLLM servers (started once, tests/engines/conftest.py);
+# the files go out in collection order, each to the worker that is free. The served-vLLM tests start `vllm serve`
+# from .venv-vllm; the colocated ones run a vllm.LLM in-process, so they run in that venv.
 # Each run keeps its 30 slowest tests in .test-times/ (not committed): main.txt and colocated.txt.
 test: install vllm-env
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15 --times-file .test-times/main.txt
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 \
+		--times-file .test-times/main.txt
 	OMP_NUM_THREADS=1 $(VLLM_BIN)/python -m pytest -q -p no:xdist --durations=10 tests/engines/colocated \
 		--times-file .test-times/colocated.txt
 

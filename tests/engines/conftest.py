@@ -1,12 +1,13 @@
 """The vLLM servers the engine tests share, and where the colocated tests run.
 
-Each served model runs in one `vllm serve` per test session (SharedServers), not one per module: a server takes
-about a minute to start. Its tests carry `pytest.mark.xdist_group("vllm")`, and `make test` runs with
-`--dist loadgroup`, so under xdist one worker runs them all, in order, and owns every shared server: the served
-student's tests change the weights it serves, so two workers could not share one server at once anyway. A server
-stops once the next test on its worker uses none of its fixtures, so at most one idles; the session's end stops the
-rest, on failure too. A kill test stops its shared server and `revive`s it on the same port, so the tests after
-it find it running.
+Each served model runs in one `vllm serve` per test process (SharedServers), not one per module: a server takes
+about a minute to start. Every shared server is used by the tests of one module, and `make test` runs with
+`--dist loadfile`, so under xdist one worker runs that module's tests, in order, and owns its server: the served
+student's tests change the weights it serves, so two workers could not share one server at once anyway. (Not
+`xdist_group` + `--dist loadgroup`: xdist 3.8 marks a group by rewriting `item._nodeid`, which pytest 9 no longer
+reads, so the groups are silently ignored.) A server stops once the next test in the process uses none of its
+fixtures, so at most one idles; the session's end stops the rest, on failure too. A kill test stops its shared
+server and `revive`s it on the same port, so the tests after it find it running.
 
 The colocated-engine tests run a `vllm.LLM` in the test process, so they run in vLLM's venv (`make test` runs
 them there: `.venv-vllm/bin/python -m pytest tests/engines/colocated`); the main venv has no vLLM to import."""
@@ -43,13 +44,15 @@ class SharedServers:
 
     def revive(self, name: str) -> Server:
         """The server `name`, started again on its port if it was stopped, in the same Server object (the URL that
-        tests and configs hold stays valid)."""
+        tests and configs hold stays valid), once it has answered one completion: a fresh engine's first request
+        can take longer than the 5 s a kill test's run allows (seen on a loaded machine)."""
         server = self.servers[name]
         if server.process.poll() is None:
             return server
         model_dir, extra_args, env = self.launches[name]
         restarted = start_server(model_dir, port=int(server.url.rsplit(":", 1)[1]), extra_args=extra_args, env=env)
         server.process, server.log_path = restarted.process, restarted.log_path
+        server.post("/v1/completions", {"prompt": [[1, 2]], "max_tokens": 1}, timeout=300)
         return server
 
     def stop_unused(self, fixturenames: Sequence[str]) -> None:
@@ -62,7 +65,7 @@ class SharedServers:
         self.stop_unused(())
 
 
-SHARED = SharedServers()  # one per test process: under xdist, the worker that runs the "vllm" group
+SHARED = SharedServers()  # one per test process: under xdist, each worker starts the servers of its modules
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ from mmopd.session import Session
 from tests.vllm_models import build_text_pair
 from tests.vllm_server import free_port
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("vllm")]  # a vLLM server starts in about a minute
+pytestmark = pytest.mark.slow  # a vLLM server starts in about a minute
 SERVED_ARGS = ("--logprobs-mode", "processed_logprobs", "--enable-lora", "--max-lora-rank", "8", "--max-loras", "2")
 
 

@@ -21,7 +21,7 @@ from mmopd.session import Session
 from modalities.vlm import shapes
 from tests.vllm_models import build_image_tokens, build_llava, config_and_tokenizer
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("vllm")]  # each vLLM server starts in about a minute
+pytestmark = pytest.mark.slow  # each vLLM server starts in about a minute
 K = 5
 
 
