@@ -1,9 +1,5 @@
 """End to end: `mmopd demo image` builds the toy (VQ, CFG teacher, weak student, judge), distils the unguided
-student from the guided teacher on-policy, and the student draws the asked class more often after.
-
-At a reduced size: the demo's toy as it is, then half the demo's 200 steps (100, the cosine schedule compressed to
-them). Measured so: judge accuracy 0.450 -> 0.646 (teacher 0.863), FID 27.9 -> 23.9, held-out reverse KL 3.58 ->
-1.96. `make demos` runs the full demo against the README's table."""
+student from the guided teacher on-policy, and the student draws the asked class far more often after."""
 
 from __future__ import annotations
 
@@ -16,22 +12,21 @@ from PIL import Image
 from mmopd.cli import main
 
 pytestmark = pytest.mark.slow  # each test runs a whole demo or benchmark: minutes
-STEPS = 100
 
 
-def test_image_demo_at_a_reduced_size_distils_the_guided_teacher_into_a_faster_unguided_student(tmp_path):
+def test_image_demo_distils_the_guided_teacher_into_a_faster_unguided_student(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread is fastest, and the test cores are often shared
     try:
-        assert main(["demo", "image", "train.progress=false", f"train.steps={STEPS}", "--out", str(tmp_path)]) == 0
+        assert main(["demo", "image", "train.progress=false", "--out", str(tmp_path)]) == 0
     finally:
         torch.set_num_threads(threads)
     run = tmp_path / "runs" / "cfg_distillation"
     summary = json.loads((run / "summary.json").read_text())
     pictures = summary["pictures"]
-    assert summary["metric"] == "classifier_accuracy" and summary["steps"] == STEPS
+    assert summary["metric"] == "classifier_accuracy" and summary["steps"] == 200
     assert summary["teacher"] > 0.8  # the guided teacher draws what is asked
-    assert summary["student_after"] > summary["student_before"] + 0.1  # measured +0.196 (the full demo: +0.475)
+    assert summary["student_after"] > summary["student_before"] + 0.2
     assert pictures["fid"]["student_after"] < pictures["fid"]["student_before"]
     assert pictures["heldout_reverse_kl"]["student_after"] < 0.75 * pictures["heldout_reverse_kl"]["student_before"]
     assert pictures["classifier_accuracy"]["teacher"] >= pictures["classifier_accuracy"]["teacher_unguided"]
