@@ -8,7 +8,7 @@ tables are read from README.md: in the section headed by "`mmopd demo MODALITY`"
 "teacher…", "student before…" and "student after…" (accuracy for text and VLM, judge accuracy for the image
 demo). Each must lie within the tolerance of the run's summary.json (teacher, student_before, student_after); a
 miss fails with a line naming the demo, the row, both numbers and the demo's log. The test suite checks only
-that the demos learn, at a reduced size (tests/e2e/test_demo_*.py, test_image_tokens_demo.py).
+that the demos learn (tests/e2e/test_demo_text.py and test_demo_vlm.py at a reduced size, test_image_tokens_demo.py).
 """
 
 from __future__ import annotations
