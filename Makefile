@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN = $(VENV)/bin
 
-.PHONY: install demo test test-fast vllm-env
+.PHONY: install demo demos test test-fast vllm-env
 
 install: $(VENV)/.installed
 
@@ -17,12 +17,22 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/mmopd demo text
 
-# two workers, one thread each (small models run fastest on one thread per process); idle workers steal tests.
-# The served-vLLM tests start `vllm serve` from .venv-vllm; the colocated ones run a vllm.LLM in-process, so they
-# run in that venv.
+# two workers, one thread each (small models run fastest on one thread per process). --dist loadfile: a module's
+# tests run on one worker, which owns the module's shared vLLM servers (started once, tests/engines/conftest.py);
+# the files go out in collection order, each to the worker that is free. The served-vLLM tests start `vllm serve`
+# from .venv-vllm; the colocated ones run a vllm.LLM in-process, so they run in that venv.
+# Each run keeps its 30 slowest tests in .test-times/ (not committed): main.txt and colocated.txt.
 test: install vllm-env
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist worksteal --durations=15
-	OMP_NUM_THREADS=1 $(VLLM_BIN)/python -m pytest -q -p no:xdist --durations=10 tests/engines/colocated
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 \
+		--times-file .test-times/main.txt
+	OMP_NUM_THREADS=1 $(VLLM_BIN)/python -m pytest -q -p no:xdist --durations=10 tests/engines/colocated \
+		--times-file .test-times/colocated.txt
+
+# the three full demos, compared with README.md's tables (tests/demos_check.py: ±0.05 on each accuracy), two at a
+# time, each on one thread: ~7 minutes on 2 cores. `make test` runs them at a reduced size only.
+# Options pass through: make demos DEMOS_ARGS="--tolerance 0.1 --only vlm"
+demos: install
+	$(BIN)/python -m tests.demos_check $(DEMOS_ARGS)
 
 # the quick inner loop: everything but the tests marked slow (demos, benchmarks, kill tests, vLLM), ~2 minutes
 test-fast: install

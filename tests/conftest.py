@@ -1,8 +1,10 @@
-"""Shared fixtures: a tiny text task with a (random) teacher and student saved by path."""
+"""Shared fixtures: a tiny text task with a (random) teacher and student saved by path; and `--times-file`, where
+a run keeps its slowest tests (`make test` writes .test-times/main.txt and .test-times/colocated.txt)."""
 
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,32 @@ from mmopd.config import load_config
 from modalities.text import toy
 
 pytest_plugins = ("tests.vlm.fixtures",)  # the VLM fixtures: tiny data and model pairs of every family
+SLOWEST = 30
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption("--times-file", metavar="PATH", help=f"write the {SLOWEST} slowest tests (setup + call + "
+                     "teardown, seconds) to PATH at the end of the run")
+
+
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    """The controller (not an xdist worker, whose reports the controller also receives) writes --times-file."""
+    path = config.getoption("--times-file")
+    if not path or hasattr(config, "workerinput"):
+        return
+    phases: dict[str, dict[str, float]] = defaultdict(dict)
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if getattr(report, "when", None) in ("setup", "call", "teardown"):
+                phases[report.nodeid][report.when] = report.duration
+    slowest = sorted(phases.items(), key=lambda item: -sum(item[1].values()))[:SLOWEST]
+    lines = [f"{sum(p.values()):8.1f} s  {nodeid}  (setup {p.get('setup', 0):.1f}, call {p.get('call', 0):.1f}, "
+             f"teardown {p.get('teardown', 0):.1f})" for nodeid, p in slowest]
+    total = sum(sum(p.values()) for p in phases.values())
+    header = f"# the {len(slowest)} slowest of {len(phases)} tests; {total:.0f} s of test time in all (all workers)"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join([header, *lines]) + "\n")
+    terminalreporter.write_line(f"slowest {len(slowest)} tests written to {path}")
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

