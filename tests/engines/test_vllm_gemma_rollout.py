@@ -26,6 +26,8 @@ pytestmark = pytest.mark.slow  # the real model: a server start of about a minut
 PROMPTS = ["Question: What is 12 + 7?\nAnswer:", "The capital of France is", "def fibonacci(n):",
            "Return a new list containing all items from the iterable in"]
 NEW_TOKENS = 8
+WINDOW = 512  # the sliding-window layers' window
+LONG = " ".join(["The sliding window of this layer ends here, and the next token reads only the last ones."] * 32)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,7 @@ def pair(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(pair):
-    server = start_server(pair["engine"], extra_args=("--max-model-len", "128", "--logprobs-mode",
+    server = start_server(pair["engine"], extra_args=("--max-model-len", str(WINDOW + 128), "--logprobs-mode",
                                                       "processed_logprobs"))
     yield server
     server.stop()
@@ -72,6 +74,19 @@ def test_greedy_rollouts_of_the_real_student_equal_the_hf_engine_token_for_token
     assert torch.equal(ours.mask, theirs.mask)
     assert torch.equal(ours.tokens * ours.mask.long(), theirs.tokens * theirs.mask.long())
     assert ours.mask.sum() >= 2 * NEW_TOKENS  # real continuations, not an immediate EOS
+
+
+def test_greedy_rollouts_past_the_sliding_window_equal_the_hf_engines(pair, server, tmp_path):
+    """A prompt longer than the window: the sliding layers of both engines' KV-cached decoding see only its last
+    512 positions, the full-attention one all of them."""
+    session = Session(_config(pair, server, tmp_path))
+    m = session.models()
+    hf = HFRollout(m.adapter, m.policy, m.space, m.eos_ids, m.pad_id, NEW_TOKENS)
+    prompts = m.adapter.encode_prompts([{"prompt": LONG}, {"prompt": PROMPTS[0]}], m.student_processor)
+    assert WINDOW < prompts.input_ids.shape[1] <= WINDOW + 128 - NEW_TOKENS
+    ours, theirs = (engine.sample(prompts, Sampling(temperature=0), None) for engine in (m.rollout, hf))
+    assert torch.equal(ours.mask, theirs.mask)
+    assert torch.equal(ours.tokens * ours.mask.long(), theirs.tokens * theirs.mask.long())
 
 
 def test_the_tied_head_follows_an_optimizer_step_through_the_sync(pair, server, tmp_path):

@@ -100,14 +100,16 @@ def test_greedy_decoding_of_the_served_teacher_equals_the_hf_engine(pair, server
     It only samples here, so the tied head it was served with is no concern (no sync)."""
     session = Session(_config(pair, server, tmp_path))
     m = session.models()
-    served = VLLMRollout(Served(server.url, 120.0, 0), m.space, m.eos_ids, m.pad_id, NEW_TOKENS,
-                         Path(tmp_path / "sync"), lora=False, engine_key=lambda key: key)
-    hf = HFRollout(m.adapter, hf_teacher, m.space, m.eos_ids, m.pad_id, NEW_TOKENS)
+    new = 10  # " 12 + 7 = 19" is 10 tokens: the digits are one a token
+    served = VLLMRollout(Served(server.url, 120.0, 0), m.space, m.eos_ids, m.pad_id, new, Path(tmp_path / "sync"),
+                         lora=False, engine_key=lambda key: key)
+    hf = HFRollout(m.adapter, hf_teacher, m.space, m.eos_ids, m.pad_id, new)
     prompts = m.adapter.encode_prompts(session.train_data.records, m.teacher_processor)
     ours, theirs = (engine.sample(prompts, Sampling(temperature=0), None) for engine in (served, hf))
-    assert torch.equal(ours.mask, theirs.mask)
-    assert torch.equal(ours.tokens * ours.mask.long(), theirs.tokens * theirs.mask.long())
-    answer = m.teacher_processor.decode(ours.tokens[0][ours.mask[0].bool()])
+    texts = [m.adapter.decode(r.tokens, r.mask, m.teacher_processor) for r in (ours, theirs)]
+    assert torch.equal(ours.mask, theirs.mask), texts
+    assert torch.equal(ours.tokens * ours.mask.long(), theirs.tokens * theirs.mask.long()), texts
+    answer = texts[0][0]
     assert answer.startswith(" 12 + 7 = 19"), answer  # the real model, coherent
 
 
