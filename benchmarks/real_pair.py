@@ -28,6 +28,7 @@ import argparse
 import inspect
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -114,11 +115,29 @@ def _child(args: argparse.Namespace, name: str, passed: list[str]) -> dict:
     """Run one variant in a fresh process (vLLM ones with .venv-vllm's python) and return what it printed."""
     python = str(REPO / ".venv-vllm" / "bin" / "python") if "vllm" in name else sys.executable
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    out = subprocess.run([python, "-m", "benchmarks.real_pair", *passed, "--child", name], capture_output=True,
-                         text=True, cwd=REPO, env=env, timeout=args.timeout)
-    if out.returncode != 0:
-        return {"error": (out.stderr.strip().splitlines() or [f"exit code {out.returncode}"])[-1]}
-    return json.loads(next(line for line in reversed(out.stdout.splitlines()) if line.startswith(RESULT))[len(RESULT):])
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        # files, not pipes: an engine process left behind by a killed run would hold a pipe open
+        child = subprocess.Popen([python, "-m", "benchmarks.real_pair", *passed, "--child", name], stdout=stdout,
+                                 stderr=stderr, text=True, cwd=REPO, env=env, start_new_session=True)
+        try:
+            code = child.wait(timeout=args.timeout)
+        finally:
+            _end_group(child.pid)
+        stdout.seek(0)
+        stderr.seek(0)
+        lines, errors = stdout.read().splitlines(), stderr.read().strip().splitlines()
+    found = [line[len(RESULT):] for line in lines if line.startswith(RESULT)]
+    if code != 0 or not found:
+        return {"error": f"exit code {code}: " + (errors[-1] if errors else "")}
+    return json.loads(found[-1])
+
+
+def _end_group(pgid: int) -> None:
+    """Kill what is left of a child's process group (a vLLM engine core whose trainer was killed)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def main() -> None:
