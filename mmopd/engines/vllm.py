@@ -285,8 +285,10 @@ def write_engine_checkpoint(model: nn.Module, directory: Path, engine_key: Calla
                             processor: Any = None, weights: dict[str, torch.Tensor] | None = None) -> Path:
     """`model` as vLLM loads it, in `directory`: `save_pretrained` (safetensors), with the LM head untied (vLLM's
     `reload_weights` never refreshes a tied head, so a tied engine would keep sampling from the start's head)
-    and every key in the layout vLLM's loader reads (`engine_key`, the adapter's). A sharded model's full
-    `weights` come gathered (`sharding.full_state_dict`)."""
+    and every key in the layout vLLM's loader reads (`engine_key`, the adapter's). The untied head goes in a file
+    of its own (UNTIED_HEAD_FILE) beside save_pretrained's, which are read back and rewritten only where the engine
+    names a key otherwise, and an index lists both. A sharded model's full `weights` come gathered
+    (`sharding.full_state_dict`)."""
     base = base_model(model)
     if directory.exists():
         shutil.rmtree(directory)
