@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -221,6 +222,7 @@ def data_uri(image: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+UNTIED_HEAD_FILE = "lm-head-untied.safetensors"  # the untied LM head in an engine checkpoint
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # LoRAConfig.max_lora_rank's choices (vLLM 0.32)
 
 
@@ -283,8 +285,10 @@ def write_engine_checkpoint(model: nn.Module, directory: Path, engine_key: Calla
                             processor: Any = None, weights: dict[str, torch.Tensor] | None = None) -> Path:
     """`model` as vLLM loads it, in `directory`: `save_pretrained` (safetensors), with the LM head untied (vLLM's
     `reload_weights` never refreshes a tied head, so a tied engine would keep sampling from the start's head)
-    and every key in the layout vLLM's loader reads (`engine_key`, the adapter's). A sharded model's full
-    `weights` come gathered (`sharding.full_state_dict`)."""
+    and every key in the layout vLLM's loader reads (`engine_key`, the adapter's). The untied head goes in a file
+    of its own (UNTIED_HEAD_FILE) beside save_pretrained's, which are read back and rewritten only where the engine
+    names a key otherwise, and an index lists both. A sharded model's full `weights` come gathered
+    (`sharding.full_state_dict`)."""
     base = base_model(model)
     if directory.exists():
         shutil.rmtree(directory)
@@ -297,20 +301,24 @@ def write_engine_checkpoint(model: nn.Module, directory: Path, engine_key: Calla
     head, embed = base.get_output_embeddings(), base.get_input_embeddings()
     tied = head is not None and embed is not None and same_parameter(head.weight, embed.weight)
     head_key = next(name for name, module in base.named_modules() if module is head) + ".weight" if tied else None
-    files = sorted(directory.glob("*.safetensors"))
     index_path = directory / "model.safetensors.index.json"
-    index = json.loads(index_path.read_text()) if index_path.exists() else None
-    for i, file in enumerate(files):
-        state = {engine_key(k): v for k, v in load_file(file).items()}
-        if head_key is not None and i == 0:
-            head_weight = head.weight.detach() if weights is None else weights[head_key]
-            state[engine_key(head_key)] = head_weight.to(next(iter(state.values())).dtype).cpu().clone()
-            if index is not None:
-                index["weight_map"][engine_key(head_key)] = file.name
-        save_file(state, file, metadata={"format": "pt"})
-    if index is not None:
-        index["weight_map"] = {engine_key(k): v for k, v in index["weight_map"].items()}
-        index_path.write_text(json.dumps(index, indent=2))
+    weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"] if index_path.exists() else {}
+    if (directory / "model.safetensors").exists():  # a single file: transformers would read it and not the index
+        (directory / "model.safetensors").rename(directory / "model-body.safetensors")
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(file, "pt") as opened:
+            keys = list(opened.keys())
+        weight_map.update({key: file.name for key in keys})
+        if any(engine_key(k) != k for k in keys):  # only shards that vLLM names otherwise are read and rewritten
+            save_file({engine_key(k): v for k, v in load_file(file).items()}, file, metadata={"format": "pt"})
+    if head_key is not None:  # the head in a file of its own, beside the shards that save_pretrained wrote
+        head_weight = head.weight.detach() if weights is None else weights[head_key]
+        save_file({engine_key(head_key): head_weight.cpu().contiguous()}, directory / UNTIED_HEAD_FILE,
+                  metadata={"format": "pt"})
+        weight_map[head_key] = UNTIED_HEAD_FILE
+    # an index over every file, so that transformers reads the head's file too, as vLLM does
+    index_path.write_text(json.dumps({"metadata": {}, "weight_map": {engine_key(k): v for k, v in
+                                                                     sorted(weight_map.items())}}, indent=2))
     config_path = directory / "config.json"
     config = json.loads(config_path.read_text())
     for section in (config, config.get("text_config") or {}):
