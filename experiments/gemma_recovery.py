@@ -1,8 +1,8 @@
 """How best to recover a depth-pruned Gemma 3 270M? On-policy distillation against its unpruned teacher, beside
 supervised KD, SFT on the teacher's samples, healing first, and GKD.
 
-    python -m experiments.gemma_recovery --teacher DIR --student DIR [--out DIR] [--methods opd,heal_opd]
-        [--steps N] [--seeds 0,1,2]
+    python -m experiments.gemma_recovery --teacher DIR --student DIR [--out DIR] [--methods opd,skd_opd]
+        [--steps N] [--seeds 0,1,2] [--publish]
 
 Prompts: the first 10 words of Python standard-library docstrings (train and held-out modules differ) and a
 few-shot task with checkable answers (single-digit addition, capital cities), whose train and eval splits share no
@@ -16,15 +16,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
-import transformers
+import matplotlib
 
-import mmopd
-from modalities.text.heldout import docstring_task_data, measure
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import mmopd  # noqa: E402
+from experiments.text_task import save_results  # noqa: E402
+from mmopd.report import read_metrics  # noqa: E402
+from modalities.text.heldout import docstring_task_data, measure  # noqa: E402
+
+NAME = "gemma_recovery"
+COLUMNS = (("reverse KL", "reverse_kl"), ("forward KL", "forward_kl"), ("token entropy", "health/token_entropy"),
+           ("repeated 3-grams", "health/repeat_share"), ("task accuracy", "task_accuracy"))
 
 # each method: a list of stages (config overrides), run one after the other on the same student
 METHODS: dict[str, list[list[str]]] = {
@@ -94,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new", type=int, default=24)
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--train-prompts", type=int, default=96)
+    parser.add_argument("--publish", action="store_true", help="also copy the table, results and plot to docs/")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -105,11 +117,12 @@ def main(argv: list[str] | None = None) -> None:
     results_file = out / "results.jsonl"
     done = {(r["method"], r["seed"]) for r in map(json.loads, results_file.read_text().splitlines())} \
         if results_file.exists() else set()
-    if ("pruned", 0) not in done:
-        row = {"method": "pruned", "seed": 0, **measure_dir(args.student, teacher, tokenizer, data, args.new)}
-        with results_file.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(json.dumps(row), flush=True)
+    for name, folder in (("teacher", args.teacher), ("pruned", args.student)):  # the two ends, for reference
+        if (name, 0) not in done:
+            row = {"method": name, "seed": 0, **measure_dir(folder, teacher, tokenizer, data, args.new)}
+            with results_file.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
     for method in args.methods.split(","):
         for seed in map(int, args.seeds.split(",")):
             if (method, seed) in done:
@@ -121,6 +134,49 @@ def main(argv: list[str] | None = None) -> None:
             with results_file.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
+    report(out, [json.loads(line) for line in results_file.read_text().splitlines()],
+           Path(__file__).resolve().parents[1] if args.publish else None)
+
+
+def _cell(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ± {statistics.stdev(values):.3f}"
+
+
+def report(out: Path, rows: list[dict], root: Path | None) -> None:
+    """A table (mean ± sd over seeds), one sample of each method, and a plot: the two KLs per method, and the
+    token entropy of the student's samples per step through each method's stages."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    by_method = {m: [r for r in rows if r["method"] == m] for m in methods}
+    lines = ["| method | seeds | " + " | ".join(c for c, _ in COLUMNS) + " | a held-out sample (seed 0) |",
+             "|---" * (len(COLUMNS) + 3) + "|"]
+    for m in methods:
+        cells = [_cell([r[key] for r in by_method[m]]) for _, key in COLUMNS]
+        first = by_method[m][0]["samples"][0].replace("\n", "⏎").replace("|", "\\|")
+        lines.append(f"| {m} | {len(by_method[m])} | " + " | ".join(cells) + f" | `{first[:60]}` |")
+    fig, (bars, curves) = plt.subplots(1, 2, figsize=(12, 4))
+    width = 0.38
+    for i, (label, key) in enumerate(COLUMNS[:2]):
+        means = [statistics.fmean(r[key] for r in by_method[m]) for m in methods]
+        bars.bar([j + (i - 0.5) * width for j in range(len(methods))], means, width, label=label)
+    bars.set_xticks(range(len(methods)), methods, fontsize=8)
+    bars.set_ylabel("nats per token, held-out prompts")
+    bars.set_title("reverse KL (student's samples) and forward KL (teacher's)", fontsize=10)
+    bars.legend(fontsize=8)
+    for m in methods:
+        points, offset = [], 0
+        for stage in sorted((out / f"{m}-s0").glob("stage*")):
+            metrics = [r for r in read_metrics(stage / "metrics.jsonl") if "loss" in r]
+            points += [(offset + r["step"], r["health/token_entropy"]) for r in metrics if "health/token_entropy" in r]
+            offset += len(metrics)
+        if points:
+            curves.plot(*zip(*points), "o-", ms=3, label=m)
+    curves.set_xlabel("step")
+    curves.set_title("token entropy of the student's samples (nats; seed 0)", fontsize=10)
+    curves.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / f"results_{NAME}.png", dpi=110)
+    save_results(out, NAME, {"rows": rows}, "\n".join(lines) + "\n", root)
 
 
 if __name__ == "__main__":
