@@ -46,6 +46,9 @@ METHODS: dict[str, list[list[str]]] = {
     "skd_opd": [["objective.kind=supervised_kd", "objective.divergence=forward_kl"],
                 ["objective.kind=on_policy", "objective.divergence=reverse_kl"]],
     "gkd": [["objective.kind=gkd", "objective.lmbda=0.5", "objective.divergence=reverse_kl"]],
+    # healing, then OPD that keeps the teacher's samples' NLL beside the reverse KL at every step
+    "skd_opd_sft": [["objective.kind=supervised_kd", "objective.divergence=forward_kl"],
+                    ["objective.kind=on_policy", "objective.divergence=reverse_kl", "objective.sft_weight=1.0"]],
 }
 
 

@@ -3,6 +3,7 @@ and, beside it, the student's per-token KL to an in-process teacher in both dire
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -47,8 +48,14 @@ def _rows(prompts: PromptBatch, rows: slice) -> PromptBatch:
                        take(prompts.state))
 
 
+def _frozen(model: nn.Module, teacher: nn.Module) -> Any:
+    """The teacher runs in inference mode, as it does when it scores a training step: a sharded teacher's
+    all-gather buffers, once made there, cannot be written outside it."""
+    return torch.inference_mode() if model is teacher else contextlib.nullcontext()
+
+
 def _per_token_kl(adapter: ModalityAdapter, p_model: nn.Module, q_model: nn.Module, p_prompts: PromptBatch,
-                  q_prompts: PromptBatch, out: Rollout, space: TokenSpace) -> tuple[float, float]:
+                  q_prompts: PromptBatch, out: Rollout, space: TokenSpace, teacher: nn.Module) -> tuple[float, float]:
     """Σ over masked response tokens of KL(p ‖ q) over the action space, and their count. As many rows at a time
     as keep the full-vocabulary logits [rows, T, A] per model within LOGIT_BUDGET (one row at 262k tokens)."""
     B, T = out.tokens.shape
@@ -57,8 +64,12 @@ def _per_token_kl(adapter: ModalityAdapter, p_model: nn.Module, q_model: nn.Modu
     for start in range(0, B, step):
         rows = slice(start, start + step)
         tokens, mask = out.tokens[rows], out.mask[rows]  # [r, T]
-        p = space.restrict(adapter.response_logits(p_model, _rows(p_prompts, rows), tokens)).float().log_softmax(-1)
-        q = space.restrict(adapter.response_logits(q_model, _rows(q_prompts, rows), tokens)).float().log_softmax(-1)
+        log_probs = []
+        for model, prompts in ((p_model, p_prompts), (q_model, q_prompts)):
+            with _frozen(model, teacher):
+                logits = adapter.response_logits(model, _rows(prompts, rows), tokens)
+                log_probs.append(space.restrict(logits).float().log_softmax(-1))  # [r, T, A]
+        p, q = log_probs
         kl = (p.exp() * (p - q)).sum(-1)  # [r, T]
         total += float((kl * mask).sum())
         count += float(mask.sum())
@@ -85,9 +96,10 @@ def kl_to_teacher(adapter: ModalityAdapter, student: nn.Module, teacher: nn.Modu
         t_prompts = adapter.encode_prompts(chunk, teacher_processor).to(device)
         for name, sampler, other, own, theirs in (("reverse_kl", student, teacher, s_prompts, t_prompts),
                                                    ("forward_kl", teacher, student, t_prompts, s_prompts)):
-            out = rollout(adapter, sampler, own, space, eos_ids, pad_id, max_new_tokens, Sampling(temperature=1.0),
-                          generator)
-            total, count = _per_token_kl(adapter, sampler, other, own, theirs, out, space)
+            with _frozen(sampler, teacher):
+                out = rollout(adapter, sampler, own, space, eos_ids, pad_id, max_new_tokens,
+                              Sampling(temperature=1.0), generator)
+            total, count = _per_token_kl(adapter, sampler, other, own, theirs, out, space, teacher)
             sums[name][0] += total
             sums[name][1] += count
     for name, model in models.items():
