@@ -10,9 +10,10 @@
 2. Prompts that nobody here wrote: the opening words of Python standard-library docstrings (train and held-out
    prompts come from different modules), and a few-shot task with checkable answers (single-digit addition,
    capital cities) that the teacher answers and the pruned student does not.
-3. The recipe, RECIPE below: the student first learns from the teacher's samples, then distils on-policy (full
-   reverse KL over the 262k vocabulary, through the fused loss). Every step logs the health of the student's
-   samples (`health/*` in metrics.jsonl) and warns if they collapse.
+3. The recipe, RECIPE below: the student first learns from the teacher's samples (supervised KD, forward KL),
+   then distils on-policy (full reverse KL over the 262k vocabulary, through the fused loss) with the teacher's
+   samples' NLL kept beside it. Every step logs the health of the student's samples (`health/*` in
+   metrics.jsonl) and warns if they collapse.
 4. Before and after, on held-out prompts: the reverse KL on the student's own samples (what OPD lowers), the
    forward KL on the teacher's samples (coverage, which a collapsed student cannot fake), the health of the
    student's samples, the task accuracy (greedy). It prints a table, some samples, and writes a plot.
@@ -43,7 +44,9 @@ from modalities.text.heldout import docstring_task_data, greedy_responses, measu
 # (name, share of --steps, objective overrides): run one after the other on the same student
 RECIPE = [
     ("heal", 0.5, ["objective.kind=supervised_kd", "objective.divergence=forward_kl"]),  # on the teacher's samples
-    ("on_policy", 0.5, ["objective.kind=on_policy", "objective.divergence=reverse_kl"]),
+    # the reverse KL on the student's own samples, with the teacher's samples' NLL beside it at every step: without
+    # it this student drifts into number soup that the teacher also finds likely (RESULTS.md, section 11)
+    ("on_policy", 0.5, ["objective.kind=on_policy", "objective.divergence=reverse_kl", "objective.sft_weight=1.0"]),
 ]
 ROWS = (("reverse KL, student's samples (nats/token)", "reverse_kl"),
         ("forward KL, teacher's samples (nats/token)", "forward_kl"),

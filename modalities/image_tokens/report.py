@@ -26,22 +26,28 @@ log = logging.getLogger("mmopd")
 COLUMNS, SCALE, LABEL_WIDTH = 8, 4, 150
 
 
-def sampling_speed(session: Any, model: nn.Module, processor: Any, records: list[dict], repeats: int = 3) -> float:
-    """Pictures per second: the best of `repeats` timed rollouts of every eval prompt in one batch."""
+def sampling_speeds(session: Any, models: dict[str, tuple[nn.Module, Any]], records: list[dict],
+                    repeats: int = 5) -> dict[str, float]:
+    """Pictures per second of each model: the best of `repeats` timed rollouts of every eval prompt in one batch.
+    The models take turns within each repeat, so that a spell of load on a shared machine slows all of them
+    rather than the one timed then, and their ratio holds."""
     adapter = session.adapter
-    prompts = adapter.encode_prompts(records, processor).to(session.device)
-    sampling, best = adapter.eval_sampling(), float("inf")
-    for attempt in range(repeats + 1):  # the first run warms up
-        if session.device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        rollout(adapter, model, prompts, session.space, session.eos_ids, session.pad_id,
-                session.config.rollout.max_new_tokens, sampling, torch.Generator(session.device).manual_seed(attempt))
-        if session.device.type == "cuda":
-            torch.cuda.synchronize()
-        if attempt:
-            best = min(best, time.perf_counter() - started)
-    return len(records) / best
+    prompts = {name: adapter.encode_prompts(records, processor).to(session.device)
+               for name, (_, processor) in models.items()}
+    sampling, best = adapter.eval_sampling(), dict.fromkeys(models, float("inf"))
+    for attempt in range(repeats + 1):  # the first round warms up
+        for name, (model, _) in models.items():
+            if session.device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            rollout(adapter, model, prompts[name], session.space, session.eos_ids, session.pad_id,
+                    session.config.rollout.max_new_tokens, sampling,
+                    torch.Generator(session.device).manual_seed(attempt))
+            if session.device.type == "cuda":
+                torch.cuda.synchronize()
+            if attempt:
+                best[name] = min(best[name], time.perf_counter() - started)
+    return {name: len(records) / seconds for name, seconds in best.items()}
 
 
 @torch.no_grad()
@@ -89,8 +95,8 @@ def write_image_report(out_dir: Path, session: Any, summary: dict[str, Any]) -> 
     for name, (model, processor) in models.items():
         result = session.evaluate(model, processor, desc=f"report {name}")
         metrics[name], pictures[name] = result["metrics"], result["responses"]
-    speed = {name: sampling_speed(session, models[name][0], models[name][1], records)
-             for name in ("teacher", "teacher_unguided", "student_after")}
+    timed = ("teacher", "teacher_unguided", "student_after")
+    speed = sampling_speeds(session, {name: models[name] for name in timed}, records)
     report = {
         "cfg_scale": config.teacher.cfg_scale,
         "eval_pictures": len(records),
