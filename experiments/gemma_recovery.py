@@ -91,7 +91,9 @@ def run_method(method: str, seed: int, args: argparse.Namespace, data_file: Path
             f"train.batch_size={args.batch}", f"train.lr={args.lr}", "train.warmup=2", f"train.seed={seed}",
             "train.eval_every=0", "train.save_every=8", "train.keep_last=1", "objective.fused=always",
             *overrides])
-        mmopd.train(config)
+        summary = mmopd.train(config)
+        if "stopped_by" in summary:  # a signal stopped it at a checkpoint: rerun the command to resume
+            raise SystemExit(f"{method} stopped by {summary['stopped_by']} at step {summary['steps']}; rerun to resume")
         student = str(max((out / "checkpoints").glob("step-*"), key=lambda d: int(d.name[5:])) / "model")
     return Path(student)
 
