@@ -9,7 +9,7 @@ Two KLs that a collapsed student cannot fake together:
   what the teacher writes; a collapsed student puts no mass there, so it rises.
 
     samples = sample(teacher, tokenizer, prompts, max_new_tokens=24, seed=0)    # the teacher's, fixed once
-    heldout_kls(student, teacher, tokenizer, prompts, teacher_samples=samples)  # {"reverse_kl": ., "forward_kl": .}
+    heldout_kls(student, teacher, tokenizer, prompts, samples, max_new_tokens=24)  # {"reverse_kl", "forward_kl", ...}
 
 Both are exact over the whole vocabulary, one row at a time (a 262k vocabulary makes [B, T, V] large).
 `measure` adds the health of the student's samples (`mmopd.health`) and its accuracy on a task with checkable
