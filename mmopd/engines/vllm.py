@@ -17,8 +17,8 @@ non-codebook tokens are never drawn, and the behaviour log-prob of each token is
 `processed_logprobs`: under the distribution it sampled from (temperature, top-k, top-p, allowed ids).
 
 Weight sync (`sync`, after each optimizer step): a full student is written with `save_pretrained` (safetensors)
-into `rollout.sync_dir` (default: a folder on /dev/shm where it exists) and reloaded in place with vLLM's
-`reload_weights`; a LoRA student's adapters are written as a new version and loaded as a new `LoRARequest`
+into `rollout.sync_dir` (default: a folder on /dev/shm where it exists), reloaded in place with vLLM's
+`reload_weights`, and deleted (the engine holds it then; on /dev/shm the copy is RAM); a LoRA student's adapters are written as a new version and loaded as a new `LoRARequest`
 (served: `/v1/load_lora_adapter`). On GPUs vLLM also offers an NCCL weight-transfer engine
 (`/init_weight_transfer_engine`, `/update_weights`, ...); it needs CUDA and is not used here.
 """
@@ -399,9 +399,10 @@ class VLLMRollout:
             previous = self.sync_dir / f"lora-v{self.version - 1}"
             if previous.exists():
                 shutil.rmtree(previous)
-        else:
-            self.transport.reload_weights(write_engine_checkpoint(student, self.sync_dir / "weights",
-                                                                  self.engine_key, weights=weights))
+        else:  # the engine holds the weights once reload_weights returns: the copy goes (a 7B one is ~15 GB)
+            written = write_engine_checkpoint(student, self.sync_dir / "weights", self.engine_key, weights=weights)
+            self.transport.reload_weights(written)
+            shutil.rmtree(written)
 
 
 class Scoring(Protocol):

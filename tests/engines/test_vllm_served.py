@@ -123,6 +123,8 @@ def test_after_an_optimizer_step_and_a_sync_the_engine_samples_from_the_new_weig
     session.policy = session.adapter.prepare_trainable(session.policy, config.student)
     m, row = _step(session, config)
     assert row["rollout/logprob_mismatch"] < 1e-4  # the engine had the weights the trainer sampled with
+    if trainable == "full":  # the engine loaded the written copy, which then went
+        assert not (tmp_path / "sync" / "weights").exists() and (tmp_path / "sync").is_dir()
     records = session.train_data.records[:8]
     rerun = lambda: objective_step(m, records, config, torch.Generator().manual_seed(1), Timer(), lambda loss: None)
     stale = rerun()["rollout/logprob_mismatch"]
