@@ -28,25 +28,19 @@ import yaml
 from safetensors import safe_open
 
 from mmopd.checkpoint import MARKER, checkpoint_dir, complete_checkpoints, load_trainer_state
-from mmopd.config import Config, config_from_dict
+from mmopd.config import Config, TrainConfig, config_from_dict, resume_keys
 from mmopd.step_order import STEP_ORDER
 
 log = logging.getLogger("mmopd")
 
 LOCK = ".lock"
 SEGMENTS = "segments.jsonl"
-# keys a resumed run may change without being a different run: its length, evaluation and logging
-SAFE_TO_CHANGE = frozenset({
-    "train.steps", "train.save_every", "train.keep_last", "train.eval_every", "train.eval_batch_size",
-    "train.log_every", "train.progress", "train.report_to", "train.out_dir", "train.resume", "train.existing",
-    "train.resume_changes", "data.eval", "data.eval_limit", "data.judge"})
-# how the global batch is laid out over processes and micro-batches, and how the models are placed: a resumed run
-# may change these (for another number of processes) when the trainer can check that the global batch stays
-# (checkpoints record it as "global_batch")
-LAYOUT = frozenset({"train.batch_size", "train.grad_accum", "train.sharding", "teacher.sharding",
-                    "train.fsdp_cpu_offload"})
-# keys the checkpoint's weights decide: a resumed run cannot change them even when asked
-FIXED = frozenset({"modality", "student.path", "student.trainable", "student.lora_rank", "student.lora_alpha"})
+# what a resumed run may change, from the roles the config's fields carry (mmopd.config.RESUME_ROLES):
+# its length, evaluation and logging; the batch layout and model placement (when the trainer can check that the
+# global batch stays; checkpoints record it as "global_batch"); never what the checkpoint's weights decide
+SAFE_TO_CHANGE = resume_keys("safe")
+LAYOUT = resume_keys("layout")
+FIXED = resume_keys("fixed")
 
 
 class RunDirError(ValueError):
@@ -131,9 +125,9 @@ def record_segment(run: Run, config: Config) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def apply_resume_changes(run: Run, optimizer: Any, scheduler: Any, config: Config) -> None:
-    """Make the accepted optimizer changes real: the resumed optimizer and scheduler carry the old values."""
-    t = config.train
+def apply_resume_changes(run: Run, optimizer: Any, scheduler: Any, t: TrainConfig) -> None:
+    """Make the accepted optimizer changes real (`t`: the run's train section): the resumed optimizer and scheduler
+    carry the old values."""
     for key, (old, new) in run.changes.items():
         log.warning("resuming with %s changed: %r -> %r", key, old, new)
     if "train.lr" in run.changes:

@@ -15,7 +15,7 @@ from accelerate import Accelerator
 
 from mmopd.adapter import ModelLoadError, get_adapter
 from mmopd.compat import IncompatibleModelsError
-from mmopd.config import Config, ConfigError, TeacherConfig
+from mmopd.config import Config, ConfigError, TeacherConfig, check_modality_options
 from mmopd.data import DataError, Dataset, load_records
 from mmopd.engines.routed import check_same_vocabulary, routing_check
 from mmopd.evaluation import evaluate_policy, kl_to_teacher
@@ -45,7 +45,8 @@ class Session:
     def __init__(self, config: Config, for_eval: bool = False, student_override: str | Path | None = None,
                  need_teacher: bool | None = None, accelerator: Accelerator | None = None):
         self.config = config
-        self.adapter = get_adapter(config.modality)
+        self.adapter = get_adapter(config.modality)  # its import registers the modality's options
+        self.options = check_modality_options(config, training=not for_eval)
         self.adapter.configure(config)
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.device = self.accelerator.device
@@ -78,7 +79,7 @@ class Session:
         want_teacher = needs_teacher(c.objective.kind, c.objective.estimator) if need_teacher is None else need_teacher
         self.teacher, self.teacher_processor = None, None
         self.teachers: dict[str, tuple[torch.nn.Module, Any]] = {}  # several teachers: name -> (model, processor)
-        if want_teacher and c.teacher.cfg_scale != 1.0 and not self.adapter.supports_cfg:
+        if want_teacher and c.teacher.cfg_scale != 1.0 and not self.options.guidance:
             raise IncompatibleModelsError(
                 f"teacher.cfg_scale={c.teacher.cfg_scale} asks for classifier-free guidance, but {c.modality} "
                 "models have no unconditional branch; set teacher.cfg_scale=1.0")

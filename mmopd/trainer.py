@@ -152,7 +152,7 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) 
         state = run.state
         _resume_optimizer(policy, adamw, resume_from, state)
         scheduler.load_state_dict(state["scheduler"])
-        apply_resume_changes(run, optimizer, scheduler, c)
+        apply_resume_changes(run, optimizer, scheduler, c.train)
         set_rng_state(state["rng"])
         if main:
             metrics_log.truncate_after(state["step"])
