@@ -174,12 +174,13 @@ class TeacherConfig(EngineSettings):
             return
         if self.sharding != "none":
             raise ConfigError(f"teacher.sharding={self.sharding} shards an in-process teacher, but teacher.engine=vllm "
-                              "holds the teacher's weights in its engine; set teacher.sharding=none or teacher.engine=hf")
+                              "holds the teacher's weights in its engine; set teacher.sharding=none or "
+                              "teacher.engine=hf")
         self.validate_vllm()
         if TABLE[(objective.kind, objective.estimator)].teacher == DISTRIBUTION and not self.top_k:
             raise ConfigError(f"objective.kind={objective.kind} with estimator={objective.estimator} needs the "
-                              "teacher's full distribution, which a vLLM teacher cannot send; set teacher.top_k: K (its "
-                              "top-k plus a tail class), objective.estimator: sampled, or teacher.engine: hf")
+                              "teacher's full distribution, which a vLLM teacher cannot send; set teacher.top_k: K "
+                              "(its top-k plus a tail class), objective.estimator: sampled, or teacher.engine: hf")
         if objective.temperature != 1.0:
             raise ConfigError(f"objective.temperature={objective.temperature}, but a vLLM teacher's log-probs are at "
                               "temperature 1 and one log-prob (or a top-k) cannot be rescaled exactly; set "
@@ -221,7 +222,8 @@ class ObjectiveConfig:
     temperature: float = run_key(1.0)  # divides both models' logits inside the divergence
     fused: str = run_key("auto")  # divergences from hidden states and LM heads: auto | always | never
     sampled_kl: str = run_key("k1")  # sampled: k1 (log p_S − log p_T) | k3 (verl's low_var_kl; the forward KL's grad)
-    # sampled, k1: a per-position leave-one-out mean of k, unbiased: none | loo (the prompt's samples) | batch (all rows)
+    # sampled, k1: a per-position leave-one-out mean of k, unbiased: none | loo (the prompt's samples) |
+    # batch (all rows)
     baseline: str = run_key("none")
     advantage_clip: float = run_key(0.0)  # sampled, k1: clip the log-ratio to ±C (biased; 0: no clip)
 
@@ -551,29 +553,30 @@ def _check_teachers(teachers: list[TeacherConfig], data: DataConfig, objective: 
         raise ConfigError("teacher.sharding=fsdp shards one teacher; with several teachers set sharding: none")
 
 
-def _check_teacher_side(config: Config) -> None:
-    """Each teacher on its own, then what the objective asks of it (a path, what a vLLM teacher can send)."""
-    obj = config.objective
-    for t in config.teachers or [config.teacher]:
-        where = f"teacher {t.name!r}: " if config.teachers else "teacher."
-        if needs_teacher(obj.kind, obj.estimator) and not t.path:
-            raise ConfigError(f"{where}path is required for objective.kind={obj.kind}")
+def _check_teacher_side(teachers: list[TeacherConfig], routed: bool, objective: ObjectiveConfig,
+                        data: DataConfig) -> None:
+    """Each teacher on its own (`routed`: several by name, `teacher:` a list), then what the objective asks of it
+    (a path, what a vLLM teacher can send)."""
+    for t in teachers:
+        where = f"teacher {t.name!r}: " if routed else "teacher."
+        if needs_teacher(objective.kind, objective.estimator) and not t.path:
+            raise ConfigError(f"{where}path is required for objective.kind={objective.kind}")
         t.validate(where)
-    if config.teachers:
-        _check_teachers(config.teachers, config.data, obj)
-    for t in config.teachers or [config.teacher]:
-        t.validate_scoring(obj)
-    if config.teacher.top_k and obj.estimator == "sampled":
+    if routed:
+        _check_teachers(teachers, data, objective)
+    for t in teachers:
+        t.validate_scoring(objective)
+    if teachers[0].top_k and objective.estimator == "sampled":
         raise ConfigError("teacher.top_k keeps the teacher's top-k logits for objective.estimator=full; the sampled "
                           "estimator needs only each sampled token's log-prob. Set teacher.top_k=0")
 
 
-def _check_student_side(config: Config) -> None:
+def _check_student_side(s: StudentConfig, r: RolloutConfig, t: TrainConfig, obj: ObjectiveConfig) -> None:
     """How the student samples, trains and is placed: what one section allows and another rules out."""
-    s, r, t, obj = config.student, config.rollout, config.train, config.objective
     if r.tis_cap and obj.estimator != "sampled":
         raise ConfigError("rollout.tis_cap corrects the sampled estimator for the engine's numerics; the full "
-                          "estimator does not use behaviour log-probs. Set rollout.tis_cap=0 or objective.estimator=sampled")
+                          "estimator does not use behaviour log-probs. Set rollout.tis_cap=0 or "
+                          "objective.estimator=sampled")
     if obj.baseline == "loo" and r.samples_per_prompt < 2:
         raise ConfigError("objective.baseline=loo averages a prompt's other samples; set rollout.samples_per_prompt "
                           f">= 2 (got {r.samples_per_prompt})")
@@ -593,10 +596,12 @@ def _check_student_side(config: Config) -> None:
 def validate(config: Config) -> None:
     """Check values that types alone cannot: each section its own choices, ranges and required paths, then the
     rules that join sections. A modality's own keys are checked by the modality (`check_modality_options`)."""
-    for section in (config.student, config.objective, config.rollout, config.data, config.train):
+    config.student.validate()
+    config.objective.validate()
+    _check_teacher_side(config.teachers or [config.teacher], bool(config.teachers), config.objective, config.data)
+    for section in (config.rollout, config.data, config.train):
         section.validate()
-    _check_teacher_side(config)
-    _check_student_side(config)
+    _check_student_side(config.student, config.rollout, config.train, config.objective)
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,8 @@ class Session:
         if d.eval:
             self.eval_data = load_records(d.eval, check, d.skip_bad, "data.eval", d.fields, d.eval_split, d.subset)
         elif for_eval:
-            raise ConfigError("data.eval is required to evaluate: a file, save_to_disk folder or hub id of eval records")
+            raise ConfigError("data.eval is required to evaluate: a file, save_to_disk folder or hub id of eval "
+                              "records")
         else:
             self.eval_data = None
         if self.train_data is not None and needs_answers(c.objective.kind, c.objective.estimator, c.objective.lmbda,
@@ -66,8 +67,8 @@ class Session:
             missing = next((r for r in self.train_data.records if not r.get("answer")), None)
             if missing is not None:
                 raise DataError(f"{missing['_where']}: objective {c.objective.kind}"
-                                f"{' with sft_weight' if c.objective.sft_weight else ''} needs an 'answer' in every record"
-                                " (a conversational record: a last assistant turn)")
+                                f"{' with sft_weight' if c.objective.sft_weight else ''} needs an 'answer' in every "
+                                "record (a conversational record: a last assistant turn)")
 
         self.student_processor = self.adapter.load_processor(c.student.path, "student")
         student_path = str(student_override) if student_override else c.student.path

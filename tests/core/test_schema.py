@@ -61,7 +61,8 @@ def test_every_config_field_declares_a_resume_role_and_rundir_derives_its_sets_f
 
 def test_config_keys_are_the_dotted_keys_of_every_section():
     keys = config_keys()
-    assert {"modality", "student.path", "teacher.url", "rollout.url", "rollout.sync_dir", "train.eval_kl_prompts"} <= keys
+    assert {"modality", "student.path", "teacher.url", "rollout.url", "rollout.sync_dir",
+            "train.eval_kl_prompts"} <= keys
     assert "teachers" not in keys and "teacher" not in keys  # the list form of `teacher` is no key of its own
     with pytest.raises(ConfigError, match="train.resume_changes names 'rollout.engin', which is no config key; did "
                                           "you mean 'rollout.engine'"):
