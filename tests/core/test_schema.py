@@ -13,6 +13,7 @@ import yaml
 
 from mmopd import config as schema
 from mmopd import rundir
+from mmopd.session import Session
 from mmopd.config import (RESUME_ROLES, Config, ConfigError, EngineSettings, ModalityOptions, RolloutConfig,
                           TeacherConfig, _build_config, check_modality_options, config_keys, load_config,
                           modality_options, register_modality_options, resume_keys)
@@ -167,3 +168,12 @@ def test_a_new_modality_registers_its_own_check():
         assert seen == ["ok", "no"]
     finally:
         schema._MODALITY_OPTIONS.pop("sketch")
+
+
+def test_the_session_runs_the_modality_check_before_anything_loads(text_config, monkeypatch):
+    def check(config: Config) -> None:
+        raise ConfigError(f"the text modality's own check saw student.path={Path(config.student.path).name}")
+
+    monkeypatch.setitem(schema._MODALITY_OPTIONS, "text", ModalityOptions(check=check))
+    with pytest.raises(ConfigError, match="^the text modality's own check saw student.path=student$"):
+        Session(text_config())
