@@ -22,7 +22,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import yaml
 
@@ -76,7 +76,7 @@ def fixed_key(default: Any = dataclasses.MISSING) -> Any:
     return _key(FIXED, default)
 
 
-def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
+def _choice(name: str, value: str, options: Collection[str]) -> None:
     if value not in options:
         close = difflib.get_close_matches(value, options, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -634,8 +634,10 @@ def check_modality_options(config: Config, training: bool) -> ModalityOptions:
     modes = TRAINABLE + options.trainable
     if training and config.student.trainable not in modes:
         listed = f"{', '.join(modes[:-1])} or {modes[-1]}"
+        close = difflib.get_close_matches(config.student.trainable, modes, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"student.trainable={config.student.trainable} is not supported by the {config.modality} "
-                          f"adapter; use {listed}")
+                          f"adapter; use {listed}{hint}")
     if options.check is not None:
         options.check(config)
     return options

@@ -132,7 +132,7 @@ def test_a_modality_declares_its_trainable_modes_and_others_refuse_them():
                                           "or lora$"):
         check_modality_options(text, training=True)
     check_modality_options(text, training=False)  # evaluation does not train: the mode does not matter
-    with pytest.raises(ConfigError, match="use full, lora or lm_only$"):
+    with pytest.raises(ConfigError, match=r"use full, lora or lm_only \(did you mean 'lm_only'\?\)$"):
         check_modality_options(load_config(None, {**BASE, "modality": "vlm", "student.trainable": "lm_onyl"}), True)
 
 
