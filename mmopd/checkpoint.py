@@ -3,7 +3,7 @@
 A checkpoint `checkpoints/step-N/` holds `model/` (the student via `save_pretrained`, with its
 processor; LoRA adapters merged in, and saved unmerged in `lora/`), `trainer_state.pt` (optimizer, scheduler, RNG
 states, step) and a `COMPLETE` marker. A sharded student's optimizer state is not in `trainer_state.pt` but in
-`optimizer/`, each rank's shards written by `torch.distributed.checkpoint`. It is
+`optimizer/`, each rank's shards written by `torch.distributed.checkpoint` (`mmopd/sharding.py: Sharded.save`). It is
 written to a hidden temp dir that is renamed into place only when whole, so a crash mid-write never
 leaves a directory that looks complete.
 """
@@ -19,10 +19,10 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from mmopd.lora import is_lora, merged_model, merged_weights
-from mmopd.sharding import full_state_dict, save_optimizer, write_full_model
+from mmopd.config import ConfigError
+from mmopd.lora import is_lora, merged_model
+from mmopd.step_order import STEP_ORDER
 
 MARKER = "COMPLETE"
 _STEP = re.compile(r"^step-(\d+)$")
@@ -47,6 +47,27 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def trainer_state(step: int, scheduler: Any, baseline: dict[str, Any], skipped_steps: int, config: dict[str, Any],
+                  run_id: str, global_batch: int) -> dict[str, Any]:
+    """What `trainer_state.pt` holds besides the optimizer's state: where the run is and how to go on exactly."""
+    return {"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(), "baseline": baseline,
+            "skipped_steps": skipped_steps, "config": config, "run_id": run_id, "global_batch": global_batch,
+            "step_order": STEP_ORDER}
+
+
+def check_global_batch(saved: int | None, per_step: int, world: int, batch_size: int, grad_accum: int,
+                       checkpoint: Path) -> None:
+    """A resumed run keeps the records per optimizer step (which records form each step follow from it), however
+    it lays them out over processes and micro-batches."""
+    if saved is None or saved == per_step:
+        return
+    fit = (f"on {world} processes, set train.batch_size × train.grad_accum to {saved // world}" if saved % world == 0
+           else f"{saved} does not split over {world} processes; resume on a number of processes that divides it")
+    raise ConfigError(f"{checkpoint} was trained with a global batch of {saved} records a step, and this run's is "
+                      f"{per_step} (train.batch_size {batch_size} × train.grad_accum {grad_accum} × {world} "
+                      f"processes); a resumed run keeps the global batch: {fit}")
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that could not be written (full disk, lost permissions); the previous one is intact."""
 
@@ -65,41 +86,13 @@ def save_checkpoint(out_dir: str | Path, step: int, model: Any, processor: Any, 
         else:
             model.save_pretrained(tmp / "model")
 
-    return _commit(out_dir, step, tmp, write_model, processor, state, keep_last, run_id)
+    return commit_checkpoint(out_dir, step, tmp, write_model, processor, state, keep_last, run_id)
 
 
-def save_sharded_checkpoint(out_dir: str | Path, step: int, model: Any, optimizer: torch.optim.Optimizer,
-                            processor: Any, state: dict[str, Any], keep_last: int, run_id: str,
-                            main: bool) -> None:
-    """`save_checkpoint` for a sharded student; every rank calls it. The full weights are gathered onto rank 0,
-    which writes `model/` (a LoRA student's merged, its adapters in `lora/`) and the trainer state; every rank
-    writes its optimizer shards into `optimizer/` (DCP)."""
-    weights = full_state_dict(model)
-    tmp = checkpoint_dir(out_dir) / f".tmp-step-{step}-sharded"
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    save_optimizer(model, optimizer, tmp / "optimizer")
-    if main:
-        _commit(out_dir, step, tmp, lambda: _write_gathered(model, tmp, weights), processor, state, keep_last,
-                run_id)
-    dist.barrier()
-
-
-def _write_gathered(model: Any, tmp: Path, weights: dict[str, torch.Tensor]) -> None:
-    """A sharded student's `model/` (and a LoRA one's `lora/`) from its gathered full `weights`."""
-    if is_lora(model):
-        model.save_pretrained(tmp / "lora", state_dict=weights)  # peft keeps the adapters' entries
-        write_full_model(model.get_base_model(), tmp / "model", merged_weights(model, weights))
-    else:
-        write_full_model(model, tmp / "model", weights)
-
-
-def _commit(out_dir: str | Path, step: int, tmp: Path, write_model: Callable[[], None], processor: Any,
+def commit_checkpoint(out_dir: str | Path, step: int, tmp: Path, write_model: Callable[[], None], processor: Any,
             state: dict[str, Any], keep_last: int, run_id: str) -> Path:
-    """Write the model, processor and trainer state into `tmp`, mark it complete, fsync it and rename it to
-    step-N; then prune to keep_last."""
+    """Write the model (`write_model()`), processor and trainer state into `tmp`, mark it complete, fsync it and
+    rename it to step-N; then prune to keep_last."""
     root = checkpoint_dir(out_dir)
     final = root / f"step-{step}"
     try:

@@ -1,13 +1,22 @@
-"""What a run leaves for people: metrics.jsonl (appended and flushed per step), PNG plots, summary.json
-and the before/after table."""
+"""What a run leaves for people: metrics.jsonl (appended and flushed per step), the progress bar or log lines,
+PNG plots, summary.json, the modality's report and the before/after table."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from tqdm.auto import tqdm
+
+from mmopd.health import HealthMonitor
+from mmopd.toys import write_report
+
+log = logging.getLogger("mmopd")
 
 
 class MetricsLog:
@@ -29,6 +38,42 @@ class MetricsLog:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
         os.replace(tmp, self.path)
+
+
+class Progress:
+    """Each step as people see it: the samples' health check, the metrics.jsonl row (every `log_every` steps, and
+    to the trackers), and on a terminal the progress bar, off one (with train.progress) a log line every ~5%."""
+
+    def __init__(self, metrics: MetricsLog, health: HealthMonitor, steps: int, first: int, log_every: int,
+                 main: bool, live: bool, progress: bool, tracker: Callable[..., None] | None):
+        self.metrics, self.health, self.steps, self.log_every = metrics, health, steps, log_every
+        self.main, self.tracker = main, tracker
+        self.bar = tqdm(total=steps, initial=first, desc="distil", disable=not (main and live))
+        self.plain_every = max(1, steps // 20) if main and progress and not live else 0
+
+    def step(self, row: dict[str, Any]) -> None:
+        done = row["step"]
+        if self.main:
+            self.health.check(done, row)
+        if self.main and done % self.log_every == 0:
+            self.metrics.write(row)
+            if self.tracker is not None:
+                self.tracker({k: v for k, v in row.items() if isinstance(v, float)}, step=done)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{row['loss']:.3f}", div=f"{row['divergence'] or 0:.3f}",
+                             tok_s=f"{row['tokens_per_s']:.0f}")
+        if self.plain_every and (done % self.plain_every == 0 or done == self.steps):
+            log.info("step %d/%d loss %.4f divergence %.4f tokens/s %.0f", done, self.steps, row["loss"],
+                     row["divergence"] or 0.0, row["tokens_per_s"])
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def eval_row(step: int, metric: str, score: float, kl: dict[str, float] | None) -> dict[str, Any]:
+    """An eval's metrics.jsonl row: the student's `eval/<metric>` and its KLs, eval/reverse_kl and eval/forward_kl
+    (none when not measured)."""
+    return {"step": step, f"eval/{metric}": score, **{f"eval/{name}": value for name, value in (kl or {}).items()}}
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -61,6 +106,40 @@ def write_summary(out_dir: str | Path, summary: dict[str, Any]) -> Path:
     path = Path(out_dir) / "summary.json"
     path.write_text(json.dumps(summary, indent=2) + "\n")
     return path
+
+
+def add_final_eval(summary: dict[str, Any], final: dict[str, Any], kl: dict[str, float] | None,
+                   records: list[dict[str, Any]]) -> None:
+    """The student's eval after training into `summary`: its score, KLs, 8 samples and the teacher-student gap
+    it closed."""
+    summary["student_after"] = final["metrics"][summary["metric"]]
+    if kl is not None:
+        summary["kl_after"] = kl
+    summary["samples"] = [{"prompt": r.get("prompt"), "response": resp, "answer": r.get("answer")}
+                          for r, resp in zip(records[:8], final["responses"][:8]) if isinstance(resp, str)]
+    teacher, before = summary.get("teacher"), summary.get("student_before")
+    if teacher is not None and before is not None and teacher > before:
+        summary["gap_closed"] = (summary["student_after"] - before) / (teacher - before)
+
+
+def finish(out: Path, summary: dict[str, Any], session: Any, skipped_steps: int, main: bool,
+           every_rank: bool) -> dict[str, Any]:
+    """The end of a run that did all its steps: each teacher's divergence and what the run skipped into `summary`,
+    then summary.json, the plots, the modality's report and the table. `every_rank`: the report samples sharded
+    models, whose forwards need every rank (each writes the same report; rank 0's is kept)."""
+    if session.teachers:
+        summary["divergence_by_teacher"] = teacher_divergences(read_metrics(out / "metrics.jsonl"))
+    summary.update(objective=session.config.objective.kind, skipped_records=session.train_data.skipped,
+                   skipped_steps=skipped_steps, out_dir=str(out))
+    if main:
+        write_summary(out, summary)
+        plot_metrics(out, summary["metric"], summary.get("teacher"))
+    if main or every_rank:
+        with tempfile.TemporaryDirectory() as scratch:
+            write_report(session.config.modality, out if main else Path(scratch), session, summary)
+    if main:
+        print(format_table(summary))
+    return summary
 
 
 def plot_metrics(out_dir: str | Path, metric: str, teacher_score: float | None = None) -> list[Path]:

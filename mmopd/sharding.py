@@ -15,13 +15,19 @@ What sharding asks of the rest of the code, all of it here:
 - the gradient norm is a DTensor reduced over ranks (`clip_grad_norm`);
 - saves gather the full state dict onto rank 0 (`full_state_dict`) and write the optimizer's shards with
   `torch.distributed.checkpoint` (`save_optimizer`, `load_optimizer`).
+
+The trainer sees none of it: `parallel` picks, once, how the student trains over the processes, `Replicated`
+(one process, or DDP through accelerate) or `Sharded` (FSDP2), and the loop calls the same methods on either:
+`accumulating`, `backward`, `clip`, `save`, `load_optimizer`.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import shutil
+from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -32,6 +38,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+
+from mmopd.checkpoint import checkpoint_dir, commit_checkpoint, save_checkpoint
+from mmopd.lora import is_lora, merged_weights
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -159,3 +168,155 @@ def write_full_model(model: nn.Module, path: Path, weights: dict[str, Tensor]) -
     plain = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
     model.config.architectures = [plain.__name__]  # save_pretrained wrote the FSDP subclass's name
     model.config.save_pretrained(path)
+
+
+class Parallel(ABC):
+    """How the student trains over the processes, built once at the start over the unwrapped student `policy` and
+    its optimizer: `Replicated` or `Sharded`, whose methods the loop calls alike."""
+
+    def __init__(self, accelerator: Any, policy: nn.Module, optimizer: torch.optim.Optimizer,
+                 teacher: nn.Module | None):
+        self.accelerator = accelerator
+        self.policy = policy  # unwrapped: sampling, evaluation, the engine's weights
+        self.teacher = teacher
+        self.params = [p for p in policy.parameters() if p.requires_grad]
+        self.adamw = optimizer  # the plain optimizer, whose state a checkpoint restores
+        self.student, self.optimizer = self._prepare(policy, optimizer)  # as trained, as stepped
+        # a sharded model's forwards need every rank, so every rank evaluates and samples the report
+        self.every_rank_samples = is_sharded(policy) or is_sharded(teacher)
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @abstractmethod
+    def _prepare(self, policy: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
+        """(the student as trained, the optimizer as stepped)."""
+
+    @abstractmethod
+    def accumulating(self, sync: bool) -> AbstractContextManager:
+        """Where a micro-batch's backward runs: gradients reduce across ranks only when `sync` (the last one)."""
+
+    @abstractmethod
+    def backward(self, loss: Tensor) -> None:
+        """Backpropagate a micro-batch's share of the loss."""
+
+    @abstractmethod
+    def clip(self, max_norm: float) -> Tensor:
+        """The gradients' global L2 norm, and the gradients clipped to `max_norm` if > 0."""
+
+    @abstractmethod
+    def save(self, out: Path, step: int, processor: Any, state: dict[str, Any], keep_last: int,
+             run_id: str) -> None:
+        """Checkpoint `step` (trainer `state` without the optimizer's); every rank calls it and waits for the rest."""
+
+    @abstractmethod
+    def _load_full_optimizer(self, saved: dict) -> None:
+        """Load an unsharded run's `optimizer.state_dict()`."""
+
+    def load_optimizer(self, checkpoint: Path, state: dict[str, Any]) -> None:
+        """The checkpoint's optimizer state into this run's, whichever layout wrote it."""
+        if (checkpoint / "optimizer").is_dir():  # a sharded run's DCP shards: they reshard to this layout
+            load_optimizer(self.policy, self.adamw, checkpoint / "optimizer")
+        else:
+            self._load_full_optimizer(state["optimizer"])
+
+    def mean_over_ranks(self, row: dict[str, float], stopping: bool) -> tuple[dict[str, float], bool]:
+        """Every rank's metrics' mean (what each process logs), and whether any rank is stopping."""
+        if self.world == 1:
+            return row, stopping
+        values = self.accelerator.reduce(torch.tensor([*row.values(), float(stopping)], device=self.accelerator.device),
+                                         "mean").tolist()
+        return dict(zip(row, values[:-1])), values[-1] > 0
+
+    def reshard_teacher(self) -> None:
+        reshard(self.teacher)
+
+
+class Replicated(Parallel):
+    """The student whole on every process: plain on one process, DDP (accelerate's) on several."""
+
+    def _prepare(self, policy: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
+        return self.accelerator.prepare(policy, optimizer)
+
+    def accumulating(self, sync: bool) -> AbstractContextManager:
+        return self.accelerator.no_sync(self.student) if not sync else nullcontext()
+
+    def backward(self, loss: Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def clip(self, max_norm: float) -> Tensor:
+        if max_norm > 0:
+            return self.accelerator.clip_grad_norm_(self.params, max_norm)
+        return torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self.params if p.grad is not None))
+
+    def save(self, out: Path, step: int, processor: Any, state: dict[str, Any], keep_last: int,
+             run_id: str) -> None:
+        if self.main:
+            save_checkpoint(out, step, self.accelerator.unwrap_model(self.student), processor,
+                            {**state, "optimizer": self.optimizer.state_dict()}, keep_last, run_id)
+        self.accelerator.wait_for_everyone()
+
+    def _load_full_optimizer(self, saved: dict) -> None:
+        self.adamw.load_state_dict(saved)
+
+
+class Sharded(Parallel):
+    """The student sharded over the processes with FSDP2 (train.sharding=fsdp): not wrapped in DDP, since FSDP2
+    reduces its gradients itself; the optimizer holds sharded state."""
+
+    def _prepare(self, policy: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
+        return policy, optimizer
+
+    def accumulating(self, sync: bool) -> AbstractContextManager:
+        return gradient_sync(self.student, sync)
+
+    def backward(self, loss: Tensor) -> None:
+        loss.backward()  # FSDP2's hooks reduce-scatter the gradients
+
+    def clip(self, max_norm: float) -> Tensor:
+        return clip_grad_norm(self.params, max_norm)
+
+    def save(self, out: Path, step: int, processor: Any, state: dict[str, Any], keep_last: int,
+             run_id: str) -> None:
+        """Every rank gathers the full weights onto rank 0, which writes `model/` (a LoRA student's merged, its
+        adapters in `lora/`) and the trainer state; every rank writes its optimizer shards into `optimizer/`."""
+        weights = full_state_dict(self.policy)
+        tmp = checkpoint_dir(out) / f".tmp-step-{step}-sharded"
+        if self.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        save_optimizer(self.policy, self.optimizer, tmp / "optimizer")
+        if self.main:
+            commit_checkpoint(out, step, tmp, lambda: _write_gathered(self.policy, tmp, weights), processor, state,
+                              keep_last, run_id)
+        dist.barrier()
+        self.accelerator.wait_for_everyone()
+
+    def _load_full_optimizer(self, saved: dict) -> None:
+        load_full_optimizer(self.policy, self.adamw, saved)
+
+
+def parallel(accelerator: Any, policy: nn.Module, optimizer: torch.optim.Optimizer, teacher: nn.Module | None,
+             sharded: bool) -> Parallel:
+    """How the student trains over the processes, chosen once: `Sharded` for train.sharding=fsdp (the student
+    already sharded by `shard`), else `Replicated`."""
+    return (Sharded if sharded else Replicated)(accelerator, policy, optimizer, teacher)
+
+
+def _write_gathered(model: nn.Module, tmp: Path, weights: dict[str, Tensor]) -> None:
+    """A sharded student's `model/` (and a LoRA one's `lora/`) from its gathered full `weights`."""
+    if is_lora(model):
+        model.save_pretrained(tmp / "lora", state_dict=weights)  # peft keeps the adapters' entries
+        write_full_model(model.get_base_model(), tmp / "model", merged_weights(model, weights))
+    else:
+        write_full_model(model, tmp / "model", weights)

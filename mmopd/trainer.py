@@ -12,30 +12,25 @@ import logging
 import math
 import signal
 import sys
-import tempfile
 import threading
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator, DistributedType
-from tqdm.auto import tqdm
 
-from mmopd.checkpoint import rng_state, save_checkpoint, save_sharded_checkpoint, set_rng_state
+from mmopd.checkpoint import check_global_batch, set_rng_state, trainer_state
 from mmopd.config import Config, ConfigError, save_config
 from mmopd.health import HealthMonitor
 from mmopd.lora import load_lora_weights
-from mmopd.objectives import Timer, check_engine, objective_step
-from mmopd.report import MetricsLog, format_table, plot_metrics, read_metrics, teacher_divergences, write_summary
+from mmopd.objectives import Models, Timer, check_engine, objective_step
+from mmopd.report import MetricsLog, Progress, add_final_eval, eval_row, finish
 from mmopd.rundir import Run, apply_resume_changes, open_run, record_segment
 from mmopd.schedule import warmup_cosine
 from mmopd.session import Session
-from mmopd.sharding import (clip_grad_norm, decoder_layers, gradient_sync, is_sharded, load_full_optimizer,
-                            load_optimizer, parameter_bytes, reshard, shard)
-from mmopd.step_order import STEP_ORDER, step_indices
-from mmopd.toys import write_report
+from mmopd.sharding import Parallel, decoder_layers, parallel, parameter_bytes, shard
+from mmopd.step_order import step_indices
 
 log = logging.getLogger("mmopd")
 
@@ -112,16 +107,71 @@ def train(config: Config) -> dict[str, Any]:
 
 
 def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) -> dict[str, Any]:
-    t = c.train
-    out = run.out
-    main = accelerator.is_main_process
-    resume_from = run.resume_from
-    world, rank = accelerator.num_processes, accelerator.process_index
-    per_step = t.batch_size * t.grad_accum * world
+    t, main, resume_from = c.train, accelerator.is_main_process, run.resume_from
+    per_step = t.batch_size * t.grad_accum * accelerator.num_processes  # records per optimizer step
     if resume_from is not None:
-        check_global_batch(run.state.get("global_batch"), per_step, world, t.batch_size, t.grad_accum, resume_from)
+        check_global_batch(run.state.get("global_batch"), per_step, accelerator.num_processes, t.batch_size,
+                           t.grad_accum, resume_from)
     live = t.progress and sys.stderr.isatty()  # off a terminal, plain log lines instead of a redrawn bar
-    lora_resume = resume_from is not None and c.student.trainable == "lora"  # adapters go on the original student
+    session = _load_student(c, accelerator, resume_from)
+    params = [p for p in session.policy.parameters() if p.requires_grad]
+    adamw = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)  # sharded params: sharded state
+    # the scheduler stays unprepared: accelerate would step it once per process, but ours counts optimizer steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(adamw, warmup_cosine(t.warmup, t.steps))
+    par = parallel(accelerator, session.policy, adamw, session.teacher, t.sharding == "fsdp")
+    models = session.models(par.student)
+    metrics_log = MetricsLog(run.out / "metrics.jsonl")
+    state = _start_segment(c, run, par, scheduler, metrics_log)
+    metric = session.adapter.metric
+    evaluating = session.eval_data is not None and (main or par.every_rank_samples)  # then every rank evaluates
+    if resume_from is None and evaluating:
+        _baseline(session, par, metrics_log, state["baseline"], live)
+    if not models.rollout.exact:
+        _sync_engine(models, par)  # the engine loaded the student's path; a resumed or LoRA student differs from it
+        check_engine(models, session.train_data.records[:4], c)
+    records = session.train_data.records
+    health = HealthMonitor(t.health_min_entropy, t.health_max_repeat, t.health_max_length, bool(session.eos_ids))
+    progress = Progress(metrics_log, health, t.steps, state["step"], t.log_every, main, live, t.progress,
+                        accelerator.log if t.report_to else None)
+    bad_in_row, stop_name = 0, None
+    par.student.train()
+    for step in range(state["step"], t.steps):
+        timer, started = Timer(), time.perf_counter()
+        row = _micro_batches(models, par, records, step, per_step, c, timer)
+        row, stopping = par.mean_over_ranks(row, stop["signal"] is not None)  # any rank's SIGTERM stops all
+        # a remote rank's stop reads as SIGTERM
+        stop_name = signal.Signals(stop["signal"] or signal.SIGTERM).name if stopping else None
+        grad_norm = par.clip(t.max_grad_norm)
+        bad_in_row = _update(models, par, row, grad_norm, state, bad_in_row, step, timer, c, run.out)
+        scheduler.step()
+        par.optimizer.zero_grad(set_to_none=True)
+        progress.step(_step_row(row, step, scheduler, grad_norm, state, timer, started, t.grad_accum * par.world))
+        done = step + 1
+        if evaluating and t.eval_every and done % t.eval_every == 0 and done < t.steps:
+            _evaluate(session, par, metrics_log, done)
+        if (t.save_every and done % t.save_every == 0) or done == t.steps or stopping:
+            state["step"] = done
+            par.save(run.out, done, session.student_processor, trainer_state(
+                done, scheduler, state["baseline"], state["skipped_steps"], c.to_dict(), run.run_id, per_step),
+                t.keep_last, run.run_id)
+        if stopping:
+            log.warning("%s: saved checkpoint step-%d and stopped; rerun the same command to resume", stop_name, done)
+            break
+    progress.close()
+    summary = {"metric": metric, **state["baseline"], "steps": state["step"], "health_warnings": health.warnings}
+    if stop_name is not None:
+        return {**summary, "stopped_by": stop_name}
+    if evaluating:
+        add_final_eval(summary, *_evaluate(session, par, metrics_log, t.steps, "eval student", live),
+                       session.eval_data.records)
+    return finish(run.out, summary, session, state["skipped_steps"], main, par.every_rank_samples)
+
+
+def _load_student(c: Config, accelerator: Accelerator, resume_from: Path | None) -> Session:
+    """The session with the student ready to train: from the checkpoint it resumes (a LoRA student's adapters on
+    the original student), activation-checkpointed if asked, made trainable, and sharded with the teacher if
+    asked."""
+    lora_resume = resume_from is not None and c.student.trainable == "lora"
     session = Session(c, student_override=resume_from / "model" if resume_from and not lora_resume else None,
                       accelerator=accelerator)
     if c.student.gradient_checkpointing:
@@ -131,228 +181,120 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) 
                  sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers), len(layers))
     # what prepare_trainable initialises (LoRA's A) follows train.seed: the same on every rank, as sharding needs
     # (each rank keeps its own slice of it), and in every run
-    torch.manual_seed(t.seed)
+    torch.manual_seed(c.train.seed)
     session.policy = session.adapter.prepare_trainable(session.policy, c.student)
     if lora_resume:
         load_lora_weights(session.policy, resume_from / "lora")
-    sharded = t.sharding == "fsdp"
     _shard_models(session, c)
-    policy = session.policy
-    params = [p for p in policy.parameters() if p.requires_grad]
-    adamw = optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)  # sharded params: sharded state
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.warmup, t.steps))
-    # the scheduler stays unprepared: accelerate would step it once per process, but ours counts optimizer steps
-    # a sharded student is not wrapped in DDP: FSDP2 reduces its gradients itself
-    student, optimizer = (policy, optimizer) if sharded else accelerator.prepare(policy, optimizer)
-    models = session.models(student)
+    return session
 
-    metrics_log = MetricsLog(out / "metrics.jsonl")
+
+def _start_segment(c: Config, run: Run, par: Parallel, scheduler: Any, metrics_log: MetricsLog) -> dict[str, Any]:
+    """Where this segment of the run starts: a resumed run's optimizer, schedule, changes, RNG and metrics as its
+    checkpoint left them, or step 0; record the segment and start the trackers. Returns the trainer state."""
+    main = par.main
     state: dict[str, Any] = {"step": 0, "baseline": {}, "skipped_steps": 0}
-    if resume_from is not None:
+    if run.resume_from is not None:
         state = run.state
-        _resume_optimizer(policy, adamw, resume_from, state)
+        par.load_optimizer(run.resume_from, state)
         scheduler.load_state_dict(state["scheduler"])
-        apply_resume_changes(run, optimizer, scheduler, c.train)
+        apply_resume_changes(run, par.optimizer, scheduler, c.train)
         set_rng_state(state["rng"])
         if main:
             metrics_log.truncate_after(state["step"])
-            log.info("resumed from %s at step %d", resume_from, state["step"])
+            log.info("resumed from %s at step %d", run.resume_from, state["step"])
     elif main:
         metrics_log.path.unlink(missing_ok=True)  # a restart of the same config from step 0 (open_run checked)
     if main:
-        save_config(c, out / "config.yaml")  # what this segment runs; segments.jsonl keeps the earlier ones
+        save_config(c, run.out / "config.yaml")  # what this segment runs; segments.jsonl keeps the earlier ones
         record_segment(run, c)
-    if t.report_to:
-        accelerator.init_trackers("mmopd", config=c.to_dict())
-
-    metric = session.adapter.metric
-    # a sharded model's forwards need every rank, so every rank evaluates (the same records; main logs them)
-    evaluating = session.eval_data is not None and (main or is_sharded(policy) or is_sharded(session.teacher))
-    if resume_from is None and evaluating:
-        if session.teacher is not None and not session.teacher_in_process:
-            log.info("teacher.engine=vllm: the teacher's eval baseline is not measured (its weights are in its "
-                     "engine, not in this process); `mmopd eval CONFIG --teacher` loads and measures it")
-        elif session.teacher is not None and not session.teachers:  # several: no one teacher answers every prompt
-            state["baseline"]["teacher"] = session.evaluate(session.teacher, session.teacher_processor,
-                                                            "eval teacher", live)["metrics"][metric]
-        state["baseline"]["student_before"] = session.evaluate(policy, session.student_processor,
-                                                               "eval student", live)["metrics"][metric]
-        kl = session.eval_kl(policy)
-        if kl is not None:
-            state["baseline"]["kl_before"] = kl
-        reshard(session.teacher)
-        if main:
-            metrics_log.write({"step": 0, f"eval/{metric}": state["baseline"]["student_before"], **eval_kl_row(kl)})
-
-    def checkpoint(step: int) -> None:
-        payload = {"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(), "baseline": state["baseline"],
-                   "skipped_steps": state["skipped_steps"], "config": c.to_dict(), "run_id": run.run_id,
-                   "global_batch": per_step, "step_order": STEP_ORDER}
-        if sharded:  # every rank gathers the weights and writes its optimizer shards
-            save_sharded_checkpoint(out, step, policy, optimizer, session.student_processor, payload, t.keep_last,
-                                    run.run_id, main)
-        elif main:
-            save_checkpoint(out, step, accelerator.unwrap_model(student), session.student_processor,
-                            {**payload, "optimizer": optimizer.state_dict()}, t.keep_last, run.run_id)
-        accelerator.wait_for_everyone()
-
-    def sync_engine() -> None:
-        models.rollout.sync(policy)
-        if not models.rollout.exact and accelerator.num_processes > 1:
-            accelerator.wait_for_everyone()  # a shared engine has the new weights before any rank samples
-
-    if not models.rollout.exact:
-        sync_engine()  # the engine loaded the student's path; a resumed or LoRA student differs from it
-        check_engine(models, session.train_data.records[:4], c)
-
-    records = session.train_data.records
-    health = HealthMonitor(t.health_min_entropy, t.health_max_repeat, t.health_max_length, bool(session.eos_ids))
-    bar = tqdm(total=t.steps, initial=state["step"], desc="distil", disable=not (main and live))
-    plain_every = max(1, t.steps // 20) if main and t.progress and not live else 0
-    bad_in_row, stopping = 0, False
-    student.train()
-    for step in range(state["step"], t.steps):
-        timer = Timer()
-        started = time.perf_counter()
-        batch = step_indices(len(records), step, per_step, t.seed)
-        rows = []
-        for micro in range(t.grad_accum):
-            slot = micro * world + rank  # this micro-batch's place in the global batch
-            micro_records = [records[i] for i in batch[slot * t.batch_size:(slot + 1) * t.batch_size]]
-            # seeded by global slot, so 2 processes × 1 micro-batch sample exactly what 1 × 2 does
-            generator = torch.Generator(session.device).manual_seed((t.seed * 1_000_003 + step) * 1_009 + slot)
-            sync = micro == t.grad_accum - 1
-            with _accumulating(student, accelerator, sync):
-                rows.append(objective_step(models, micro_records, c, generator, timer,
-                                           lambda loss: _backward(loss / t.grad_accum, student, accelerator)))
-            reshard(session.teacher)
-        row = _mean_rows(rows)
-        stopping = stop["signal"] is not None
-        stop_name = signal.Signals(stop["signal"] or signal.SIGTERM).name  # a remote rank's stop reads as SIGTERM
-        if world > 1:  # every process logs the global mean, not its own share; any rank's SIGTERM stops all
-            values = accelerator.reduce(torch.tensor([*row.values(), float(stopping)], device=session.device),
-                                        "mean").tolist()
-            row, stopping = dict(zip(row, values[:-1])), values[-1] > 0
-        if sharded:
-            grad_norm = clip_grad_norm(params, t.max_grad_norm)
-        else:
-            grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm > 0 else \
-                torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None))
-        finite = math.isfinite(row["loss"]) and math.isfinite(float(grad_norm))
-        if finite:
-            optimizer.step()
-            with timer.phase("sync"):  # the rollout engine samples from the new weights from here on
-                sync_engine()
-            bad_in_row = 0
-        else:
-            state["skipped_steps"] += 1
-            bad_in_row += 1
-            log.warning("step %d: non-finite loss or gradient (loss=%s, grad_norm=%s); skipped the update",
-                        step + 1, row["loss"], float(grad_norm))
-            if bad_in_row >= 5:
-                raise TrainingAborted(f"{bad_in_row} non-finite steps in a row at step {step + 1}; stopping. "
-                                      f"The last good checkpoint in {out / 'checkpoints'} is intact. To continue "
-                                      "from it with a lower learning rate, rerun the same command with "
-                                      f"train.lr={t.lr / 10:g} 'train.resume_changes=[train.lr]', or check the data")
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - started
-        tokens = row["response_tokens"] * t.grad_accum * world
-        row.update(step=step + 1, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
-                   tokens_per_s=tokens / elapsed, skipped_steps=state["skipped_steps"],
-                   **{f"time/{k}": v for k, v in timer.seconds.items()}, **{"time/step": elapsed})
-        row.setdefault("divergence", None)
-        if main:
-            health.check(step + 1, row)
-        if main and (step + 1) % t.log_every == 0:
-            metrics_log.write(row)
-            if t.report_to:
-                accelerator.log({k: v for k, v in row.items() if isinstance(v, float)}, step=step + 1)
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", div=f"{row['divergence'] or 0:.3f}",
-                        tok_s=f"{row['tokens_per_s']:.0f}")
-        if plain_every and ((step + 1) % plain_every == 0 or step + 1 == t.steps):
-            log.info("step %d/%d loss %.4f divergence %.4f tokens/s %.0f", step + 1, t.steps, row["loss"],
-                     row["divergence"] or 0.0, row["tokens_per_s"])
-        done = step + 1
-        if evaluating and t.eval_every and done % t.eval_every == 0 and done < t.steps:
-            score = session.evaluate(policy, session.student_processor)["metrics"][metric]
-            kl = session.eval_kl(policy)
-            reshard(session.teacher)
-            if main:
-                metrics_log.write({"step": done, f"eval/{metric}": score, **eval_kl_row(kl)})
-        if (t.save_every and done % t.save_every == 0) or done == t.steps or stopping:
-            state["step"] = done
-            checkpoint(done)
-        if stopping:
-            log.warning("%s: saved checkpoint step-%d and stopped; rerun the same command to resume", stop_name,
-                        done)
-            break
-    bar.close()
-
-    summary: dict[str, Any] = {"metric": metric, **state["baseline"], "steps": state["step"],
-                               "health_warnings": health.warnings}
-    if stopping:
-        summary["stopped_by"] = stop_name
-        return summary
-    if evaluating:
-        final = session.evaluate(policy, session.student_processor, "eval student", live)
-        summary["student_after"] = final["metrics"][metric]
-        kl = session.eval_kl(policy)
-        reshard(session.teacher)
-        if kl is not None:
-            summary["kl_after"] = kl
-        if main:
-            metrics_log.write({"step": t.steps, f"eval/{metric}": summary["student_after"], **eval_kl_row(kl)})
-        summary["samples"] = [{"prompt": r.get("prompt"), "response": resp, "answer": r.get("answer")}
-                              for r, resp in zip(session.eval_data.records[:8], final["responses"][:8])
-                              if isinstance(resp, str)]
-        teacher, before = summary.get("teacher"), summary.get("student_before")
-        if teacher is not None and before is not None and teacher > before:
-            summary["gap_closed"] = (summary["student_after"] - before) / (teacher - before)
-    if session.teachers:
-        summary["divergence_by_teacher"] = teacher_divergences(read_metrics(out / "metrics.jsonl"))
-    summary.update(objective=c.objective.kind, skipped_records=session.train_data.skipped,
-                   skipped_steps=state["skipped_steps"], out_dir=str(out))
-    if main:
-        write_summary(out, summary)
-        plot_metrics(out, metric, summary.get("teacher"))
-    if main or is_sharded(policy) or is_sharded(session.teacher):  # sampling sharded models needs every rank
-        # (each writes the same report; rank 0's is kept)
-        with tempfile.TemporaryDirectory() as scratch:
-            write_report(c.modality, out if main else Path(scratch), session, summary)
-    if main:
-        print(format_table(summary))
-    return summary
+    if c.train.report_to:
+        par.accelerator.init_trackers("mmopd", config=c.to_dict())
+    return state
 
 
-def eval_kl_row(kl: dict[str, float] | None) -> dict[str, float]:
-    """The eval KLs as metrics.jsonl columns: eval/reverse_kl, eval/forward_kl (nothing when not measured)."""
-    return {f"eval/{name}": value for name, value in (kl or {}).items()}
+def _baseline(session: Session, par: Parallel, metrics_log: MetricsLog, baseline: dict[str, Any], live: bool) -> None:
+    """The eval scores before training: the teacher's (where one teacher is in this process) and the student's,
+    with its KL to the teacher, into `baseline`."""
+    if session.teacher is not None and not session.teacher_in_process:
+        log.info("teacher.engine=vllm: the teacher's eval baseline is not measured (its weights are in its "
+                 "engine, not in this process); `mmopd eval CONFIG --teacher` loads and measures it")
+    elif session.teacher is not None and not session.teachers:  # several: no one teacher answers every prompt
+        baseline["teacher"] = session.evaluate(session.teacher, session.teacher_processor, "eval teacher",
+                                               live)["metrics"][session.adapter.metric]
+    result, kl = _evaluate(session, par, metrics_log, 0, "eval student", live)
+    baseline["student_before"] = result["metrics"][session.adapter.metric]
+    if kl is not None:
+        baseline["kl_before"] = kl
 
 
-def check_global_batch(saved: int | None, per_step: int, world: int, batch_size: int, grad_accum: int,
-                       checkpoint: Path) -> None:
-    """A resumed run keeps the records per optimizer step (which records form each step follow from it), however
-    it lays them out over processes and micro-batches."""
-    if saved is None or saved == per_step:
-        return
-    fit = (f"on {world} processes, set train.batch_size × train.grad_accum to {saved // world}" if saved % world == 0
-           else f"{saved} does not split over {world} processes; resume on a number of processes that divides it")
-    raise ConfigError(f"{checkpoint} was trained with a global batch of {saved} records a step, and this run's is "
-                      f"{per_step} (train.batch_size {batch_size} × train.grad_accum {grad_accum} × {world} "
-                      f"processes); a resumed run keeps the global batch: {fit}")
+def _evaluate(session: Session, par: Parallel, metrics_log: MetricsLog, step: int, desc: str = "eval",
+              live: bool = False) -> tuple[dict[str, Any], dict[str, float] | None]:
+    """Evaluate the student and its KL to the teacher, and log them as step `step`'s eval row."""
+    result = session.evaluate(par.policy, session.student_processor, desc, live)
+    kl = session.eval_kl(par.policy)
+    par.reshard_teacher()
+    if par.main:
+        metrics_log.write(eval_row(step, session.adapter.metric, result["metrics"][session.adapter.metric], kl))
+    return result, kl
 
 
-def _resume_optimizer(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint: Path,
-                      state: dict[str, Any]) -> None:
-    """The checkpoint's optimizer state into this run's, whichever layout wrote it and whichever this run has."""
-    if (checkpoint / "optimizer").is_dir():  # a sharded run's DCP shards: they reshard to this layout
-        load_optimizer(policy, optimizer, checkpoint / "optimizer")
-    elif is_sharded(policy):
-        load_full_optimizer(policy, optimizer, state["optimizer"])
-    else:
-        optimizer.load_state_dict(state["optimizer"])
+def _micro_batches(models: Models, par: Parallel, records: list[dict], step: int, per_step: int, c: Config,
+                   timer: Timer) -> dict[str, float]:
+    """Forward and backward this rank's micro-batches of global batch `step`; their metrics' mean."""
+    t = c.train
+    batch = step_indices(len(records), step, per_step, t.seed)
+    rows = []
+    for micro in range(t.grad_accum):
+        slot = micro * par.world + par.rank  # this micro-batch's place in the global batch
+        micro_records = [records[i] for i in batch[slot * t.batch_size:(slot + 1) * t.batch_size]]
+        # seeded by global slot, so 2 processes × 1 micro-batch sample exactly what 1 × 2 does
+        generator = torch.Generator(par.accelerator.device).manual_seed((t.seed * 1_000_003 + step) * 1_009 + slot)
+        with par.accumulating(sync=micro == t.grad_accum - 1):
+            rows.append(objective_step(models, micro_records, c, generator, timer,
+                                       lambda loss: par.backward(loss / t.grad_accum)))
+        par.reshard_teacher()
+    return _mean_rows(rows)
+
+
+def _update(models: Models, par: Parallel, row: dict[str, float], grad_norm: torch.Tensor, state: dict[str, Any],
+            bad_in_row: int, step: int, timer: Timer, c: Config, out: Path) -> int:
+    """Step the optimizer and sync the rollout engine, or skip a non-finite step (and abort after 5 in a row);
+    return how many non-finite steps in a row end here."""
+    if math.isfinite(row["loss"]) and math.isfinite(float(grad_norm)):
+        par.optimizer.step()
+        with timer.phase("sync"):  # the rollout engine samples from the new weights from here on
+            _sync_engine(models, par)
+        return 0
+    state["skipped_steps"] += 1
+    bad_in_row += 1
+    log.warning("step %d: non-finite loss or gradient (loss=%s, grad_norm=%s); skipped the update",
+                step + 1, row["loss"], float(grad_norm))
+    if bad_in_row >= 5:
+        raise TrainingAborted(f"{bad_in_row} non-finite steps in a row at step {step + 1}; stopping. "
+                              f"The last good checkpoint in {out / 'checkpoints'} is intact. To continue "
+                              "from it with a lower learning rate, rerun the same command with "
+                              f"train.lr={c.train.lr / 10:g} 'train.resume_changes=[train.lr]', or check the data")
+    return bad_in_row
+
+
+def _step_row(row: dict[str, Any], step: int, scheduler: Any, grad_norm: torch.Tensor, state: dict[str, Any],
+              timer: Timer, started: float, micro_batches: int) -> dict[str, Any]:
+    """Step `step`'s metrics.jsonl row: the micro-batches' mean, the schedule, the gradient norm and the timings
+    (`micro_batches` over all processes)."""
+    elapsed = time.perf_counter() - started
+    tokens = row["response_tokens"] * micro_batches
+    row.update(step=step + 1, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
+               tokens_per_s=tokens / elapsed, skipped_steps=state["skipped_steps"],
+               **{f"time/{k}": v for k, v in timer.seconds.items()}, **{"time/step": elapsed})
+    row.setdefault("divergence", None)
+    return row
+
+
+def _sync_engine(models: Models, par: Parallel) -> None:
+    models.rollout.sync(par.policy)
+    if not models.rollout.exact and par.world > 1:
+        par.accelerator.wait_for_everyone()  # a shared engine has the new weights before any rank samples
 
 
 def _shard_models(session: Session, c: Config) -> None:
@@ -366,20 +308,6 @@ def _shard_models(session: Session, c: Config) -> None:
         local, full = parameter_bytes(model)
         log.info("rank %d holds %.1f MB of the %s's %.1f MB of parameters (sharded)",
                  session.accelerator.process_index, local / 2**20, role, full / 2**20)
-
-
-def _accumulating(student: torch.nn.Module, accelerator: Accelerator, sync: bool) -> Any:
-    """Where a micro-batch's backward runs: gradients reduce across ranks only on the last micro-batch."""
-    if is_sharded(student):
-        return gradient_sync(student, sync)
-    return accelerator.no_sync(student) if not sync else nullcontext()
-
-
-def _backward(loss: torch.Tensor, student: torch.nn.Module, accelerator: Accelerator) -> None:
-    if is_sharded(student):
-        loss.backward()  # FSDP2's hooks reduce-scatter the gradients
-    else:
-        accelerator.backward(loss)
 
 
 def _listen_for_stop(stop: dict[str, Any]) -> Callable[[], None]:
