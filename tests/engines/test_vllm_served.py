@@ -241,5 +241,5 @@ def test_two_sharded_ranks_gather_the_student_at_sync_and_the_served_engine_samp
     assert len(rows) == 3
     for row in rows:  # lr 1e-2 moves the weights far each step: a stale engine would show a large mismatch
         assert row["rollout/logprob_mismatch"] < 1e-3, row["step"]
-    assert len(list((tmp_path / "sync").glob("weights/*.safetensors"))) >= 1
+    assert (tmp_path / "sync").is_dir() and not (tmp_path / "sync" / "weights").exists()  # written, loaded, gone
 
