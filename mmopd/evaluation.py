@@ -67,7 +67,7 @@ def _per_token_kl(adapter: ModalityAdapter, p_model: nn.Module, q_model: nn.Modu
         log_probs = []
         for model, prompts in ((p_model, p_prompts), (q_model, q_prompts)):
             with _frozen(model, teacher):
-                logits = adapter.response_logits(model, _rows(prompts, rows), tokens)
+                logits = adapter.calls.response_logits(model, _rows(prompts, rows), tokens)
                 log_probs.append(space.restrict(logits).float().log_softmax(-1))  # [r, T, A]
         p, q = log_probs
         kl = (p.exp() * (p - q)).sum(-1)  # [r, T]

@@ -23,6 +23,7 @@ import torch
 from accelerate import Accelerator, DistributedType
 from tqdm.auto import tqdm
 
+from mmopd.adapter import prepare_trainable
 from mmopd.checkpoint import rng_state, save_checkpoint, save_sharded_checkpoint, set_rng_state
 from mmopd.config import Config, ConfigError, save_config
 from mmopd.health import HealthMonitor
@@ -132,7 +133,7 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) 
     # what prepare_trainable initialises (LoRA's A) follows train.seed: the same on every rank, as sharding needs
     # (each rank keeps its own slice of it), and in every run
     torch.manual_seed(t.seed)
-    session.policy = session.adapter.prepare_trainable(session.policy, c.student)
+    session.policy = prepare_trainable(session.adapter, session.policy, c.student)
     if lora_resume:
         load_lora_weights(session.policy, resume_from / "lora")
     sharded = t.sharding == "fsdp"

@@ -64,7 +64,7 @@ def rollout(adapter: ModalityAdapter, model: nn.Module, prompts: PromptBatch, sp
     eos = torch.tensor(eos_ids, device=device)
     tokens, logprobs, masks = [], [], []
     alive = torch.ones(B, dtype=torch.bool, device=device)
-    logits, state = adapter.start(model, prompts)
+    logits, state = adapter.calls.start(model, prompts)
     for t in range(max_new_tokens):
         actions, lp = sample(space.restrict(logits), sampling, generator)
         token = space.to_tokens(actions)  # [B]
@@ -74,7 +74,7 @@ def rollout(adapter: ModalityAdapter, model: nn.Module, prompts: PromptBatch, sp
         alive = alive & ~torch.isin(token, eos)
         if t == max_new_tokens - 1 or not any_rank(alive, model):
             break
-        logits, state = adapter.step(model, tokens[-1], state)
+        logits, state = adapter.calls.step(model, tokens[-1], state)
     return Rollout(torch.stack(tokens, 1), torch.stack(masks, 1), torch.stack(logprobs, 1))
 
 
@@ -82,8 +82,8 @@ def model_scores(adapter: ModalityAdapter, model: nn.Module, prompts: PromptBatc
                  space: TokenSpace, fused: bool) -> Logits | Hidden:
     """What scores each response token over the action space: logits [B, T, A], or hidden [B, T, H] and head."""
     if fused:
-        return adapter.response_hidden(model, prompts, tokens).restrict(space)
-    return Logits(space.restrict(adapter.response_logits(model, prompts, tokens)))
+        return adapter.calls.response_hidden(model, prompts, tokens).restrict(space)
+    return Logits(space.restrict(adapter.calls.response_logits(model, prompts, tokens)))
 
 
 class HFRollout:
@@ -119,7 +119,7 @@ class HFTeacher:
     def score(self, prompts: PromptBatch, tokens: Tensor, need: TeacherNeed) -> Scores:
         with torch.inference_mode():
             if need.what == DISTRIBUTION and self.fused:  # the head is restricted outside inference mode below
-                out = self.adapter.response_hidden(self.model, prompts, tokens)
+                out = self.adapter.calls.response_hidden(self.model, prompts, tokens)
             else:
                 scores = model_scores(self.adapter, self.model, prompts, tokens, self.space, self.fused)
             if need.what == TOKEN_LOGPROBS:

@@ -58,8 +58,8 @@ def heldout_divergence(session: Any, student: nn.Module, records: list[dict]) ->
     t_prompts = adapter.encode_prompts(records, session.teacher_processor).to(session.device)
     out = rollout(adapter, student, s_prompts, session.space, session.eos_ids, session.pad_id,
                   config.rollout.max_new_tokens, adapter.eval_sampling(), torch.Generator(session.device).manual_seed(0))
-    s_logits = session.space.restrict(adapter.response_logits(student, s_prompts, out.tokens))  # [B, T, A]
-    t_logits = session.space.restrict(adapter.response_logits(session.teacher, t_prompts, out.tokens))
+    s_logits = session.space.restrict(adapter.calls.response_logits(student, s_prompts, out.tokens))  # [B, T, A]
+    t_logits = session.space.restrict(adapter.calls.response_logits(session.teacher, t_prompts, out.tokens))
     div = token_divergence(s_logits, t_logits, kind=config.objective.divergence, beta=config.objective.beta,
                            temperature=config.objective.temperature)  # [B, T]
     return masked_mean(div, out.mask).item()
@@ -84,7 +84,7 @@ def write_image_report(out_dir: Path, session: Any, summary: dict[str, Any]) -> 
         return
     config, adapter = session.config, session.adapter
     records = session.eval_data.records[: config.data.eval_limit or None]
-    before = adapter.load_model(config.student.path, "student", torch.float32).to(session.device).eval()
+    before = adapter.calls.load_model(config.student.path, "student", torch.float32).to(session.device).eval()
     unguided = copy.copy(session.teacher_processor)
     unguided.cfg_scale = 1.0
     models = {"teacher": (session.teacher, session.teacher_processor),

@@ -89,7 +89,7 @@ def fit(adapter: ModalityAdapter, model: nn.Module, processor: Any, records: lis
         batch = [records[i] for i in torch.randint(len(records), (batch_size,), generator=gen).tolist()]
         prompts = adapter.encode_prompts(batch, processor)
         answers = answers_rollout(adapter.encode_answers(batch, processor), pad, torch.device("cpu"))
-        logits = space.restrict(adapter.response_logits(model, prompts, answers.tokens))  # [B, T, A]
+        logits = space.restrict(adapter.calls.response_logits(model, prompts, answers.tokens))  # [B, T, A]
         loss = masked_mean(-sampled_token_logprobs(logits, space.to_actions(answers.tokens)), answers.mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from mmopd.adapter import ModalityAdapter
+from mmopd.hf import ModelCalls
 from mmopd.batch import PromptBatch, TokenSpace
 from mmopd.batch import Sampling
 from mmopd.engines.hf import filter_logits, rollout, sample
@@ -13,7 +14,7 @@ from mmopd.session import Session
 EOS, PAD = 3, 0
 
 
-class ScriptedAdapter(ModalityAdapter):
+class ScriptedCalls(ModelCalls):
     """Emits a fixed token script per row (one-hot logits), ignoring the model."""
 
     def __init__(self, script: list[list[int]], vocab: int = 6):
@@ -30,6 +31,12 @@ class ScriptedAdapter(ModalityAdapter):
     def step(self, model, tokens, state):
         self.t += 1
         return self._logits(), None
+
+
+class ScriptedAdapter(ModalityAdapter):
+    def __init__(self, script: list[list[int]], vocab: int = 6):
+        super().__init__()
+        self.calls = ScriptedCalls(script, vocab)
 
 
 def _prompts(batch: int) -> PromptBatch:
@@ -95,7 +102,7 @@ def test_behaviour_logprobs_equal_a_full_forward_over_prompt_and_response(text_c
     out = rollout(session.adapter, session.policy, prompts, session.space, session.eos_ids, session.pad_id, 8,
                   Sampling(), torch.Generator().manual_seed(0))
     with torch.no_grad():
-        logits = session.space.restrict(session.adapter.response_logits(session.policy, prompts, out.tokens))
+        logits = session.space.restrict(session.adapter.calls.response_logits(session.policy, prompts, out.tokens))
     recomputed = logits.float().log_softmax(-1).gather(-1, out.tokens[..., None]).squeeze(-1)
     assert torch.allclose(recomputed * out.mask, out.logprobs * out.mask, atol=1e-4)
 

@@ -225,7 +225,7 @@ accelerator = Accelerator(cpu=True)
 rank = accelerator.process_index
 adapter = get_adapter("text")
 processor = adapter.load_processor(sys.argv[1], "student")
-model = shard(adapter.load_model(sys.argv[1], "student", torch.float32), accelerator.device, trainable=False)
+model = shard(adapter.calls.load_model(sys.argv[1], "student", torch.float32), accelerator.device, trainable=False)
 space = adapter.token_space(processor, model)
 prompts = adapter.encode_prompts([{"prompt": "1+1="}] * (1 + rank), processor)
 # rank 0 ends at its first token (every token is an EOS), rank 1 never ends: rank 0 must keep stepping

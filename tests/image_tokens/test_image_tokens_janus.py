@@ -49,10 +49,10 @@ def _config(pair, tmp_path, **overrides):
 
 
 def _cached_logits(adapter, model, prompts, tokens):
-    logits, state = adapter.start(model, prompts)
+    logits, state = adapter.calls.start(model, prompts)
     out = [logits]
     for t in range(tokens.shape[1] - 1):
-        logits, state = adapter.step(model, tokens[:, t], state)
+        logits, state = adapter.calls.step(model, tokens[:, t], state)
         out.append(logits)
     return torch.stack(out, 1)  # [B, T, K]
 
@@ -91,7 +91,7 @@ def test_janus_teacher_forced_logits_equal_kv_cached_rollout_logits(pair, tmp_pa
     out = rollout(adapter, session.teacher, prompts, session.space, [], session.pad_id, GRID_TOKENS,
                   Sampling(temperature=1.0), torch.Generator().manual_seed(0))
     with torch.no_grad():
-        forced = adapter.response_logits(session.teacher, prompts, out.tokens)  # [B, T, K]
+        forced = adapter.calls.response_logits(session.teacher, prompts, out.tokens)  # [B, T, K]
         cached = _cached_logits(adapter, session.teacher, prompts, out.tokens)
     assert forced.shape == (4, GRID_TOKENS, 32)
     assert torch.allclose(forced, cached, atol=1e-5)

@@ -21,7 +21,7 @@ QUESTIONS = ["how many shapes are there?", "what colour is the shape left of the
 def _load(vlm_pair, family: str, role: str):
     adapter = get_adapter("vlm")
     path = str(vlm_pair(family)[role])
-    return adapter, adapter.load_processor(path, role), adapter.load_model(path, role, torch.float32)
+    return adapter, adapter.load_processor(path, role), adapter.calls.load_model(path, role, torch.float32)
 
 
 def _records(adapter, vlm_data, images_per_row: tuple[int, ...] = (1, 1)) -> list[dict]:
@@ -39,7 +39,7 @@ def test_behaviour_logprobs_equal_a_full_forward_over_prompt_and_response(family
     out = rollout(adapter, model, prompts, space, adapter.eos_token_ids(processor), processor.tokenizer.pad_token_id,
                   6, Sampling(), torch.Generator().manual_seed(0))
     with torch.no_grad():
-        logits = space.restrict(adapter.response_logits(model, prompts, out.tokens))  # [B, T, A]
+        logits = space.restrict(adapter.calls.response_logits(model, prompts, out.tokens))  # [B, T, A]
     recomputed = logits.log_softmax(-1).gather(-1, space.to_actions(out.tokens)[..., None]).squeeze(-1)
     assert out.tokens.shape[1] >= 2
     assert torch.allclose(recomputed * out.mask, out.logprobs * out.mask, atol=1e-4)
