@@ -25,7 +25,7 @@ from mmopd.hf import fused_unsupported as _head_unsupported
 from mmopd.lora import add_lora, linear_layers_of_language_model
 from mmopd.objective_table import needs_answers
 
-__all__ = ["ModalityAdapter", "ModelCalls", "ModelLoadError", "RunSettings", "available_adapters",
+__all__ = ["ModalityAdapter", "ModelCalls", "ModelLoadError", "PolicySide", "RunSettings", "available_adapters",
            "fused_unsupported", "get_adapter", "load_pretrained", "prepare_trainable", "register_adapter",
            "settings_of"]
 
@@ -122,6 +122,19 @@ class ModalityAdapter:
     def score(self, records: list[dict], responses: list[Any]) -> dict[str, float]:
         """Task metrics for a batch of responses; must include `self.metric`."""
         raise NotImplementedError
+
+
+@dataclass
+class PolicySide:
+    """One model's side of sampling and scoring, travelling as one value: the adapter that speaks for it, the model,
+    its processor, the token space it may emit, the ids that end a response and the id that pads one."""
+
+    adapter: ModalityAdapter
+    model: nn.Module
+    processor: Any
+    space: TokenSpace
+    eos_ids: list[int]
+    pad_id: int
 
 
 def prepare_trainable(adapter: ModalityAdapter, model: nn.Module, student: StudentConfig) -> nn.Module:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from mmopd.adapter import ModelLoadError, get_adapter, settings_of
+from mmopd.adapter import ModelLoadError, PolicySide, get_adapter, settings_of
 from mmopd.compat import IncompatibleModelsError
 from mmopd.config import Config, ConfigError, TeacherConfig
 from mmopd.data import DataError, Dataset, load_records
@@ -152,6 +152,10 @@ class Session:
             raise DataError(f"{data.path} holds no prompt the models can use ({len(dropped)} skipped)")
         data.drop(dropped)
 
+    def side(self, model: torch.nn.Module, processor: Any) -> PolicySide:
+        """`model` with its processor and the run's token space, EOS ids and pad id: what sampling it needs."""
+        return PolicySide(self.adapter, model, processor, self.space, self.eos_ids, self.pad_id)
+
     def models(self, student: torch.nn.Module | None = None) -> Models:
         """What objective_step needs; `student` is the (possibly DDP-wrapped) model being trained."""
         return Models(self.adapter, student if student is not None else self.policy, self.policy,
@@ -164,8 +168,8 @@ class Session:
         records = self.eval_data.records
         if self.config.data.eval_limit:
             records = records[: self.config.data.eval_limit]
-        return evaluate_policy(self.adapter, model, processor, records, self.space, self.eos_ids, self.pad_id,
-                               self.config.rollout.max_new_tokens, self.config.train.eval_batch_size, self.device,
+        return evaluate_policy(self.side(model, processor), records, self.config.rollout.max_new_tokens,
+                               self.config.train.eval_batch_size, self.device,
                                desc=desc, progress=progress)
 
     def eval_kl(self, model: torch.nn.Module) -> dict[str, float] | None:
@@ -177,9 +181,9 @@ class Session:
                 and self.teacher_in_process and not self.teachers):
             return None
         records = self.eval_data.records[: min(n, self.config.data.eval_limit or n)]
-        return kl_to_teacher(self.adapter, model, self.teacher, self.student_processor, self.teacher_processor,
-                             records, self.space, self.eos_ids, self.pad_id, self.config.rollout.max_new_tokens,
-                             self.config.train.eval_batch_size, self.device)
+        return kl_to_teacher(self.side(model, self.student_processor), self.side(self.teacher, self.teacher_processor),
+                             records, self.config.rollout.max_new_tokens, self.config.train.eval_batch_size,
+                             self.device)
 
 
 def evaluate(config: Config, checkpoint: str | Path | None = None, which: str = "student") -> dict[str, float]:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmopd.adapter import ModalityAdapter
+from mmopd.adapter import ModalityAdapter, PolicySide
 from mmopd.batch import TokenSpace
 from mmopd.config import Config, ConfigError
 from mmopd.engines.base import DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, RolloutEngine, TeacherNeed, TeacherScorer
@@ -35,7 +35,7 @@ def rollout_engine(engine: str, config: Config, adapter: ModalityAdapter, model:
     loaded from (a colocated vLLM loads it too), `writer` whether this process sends the weights at sync."""
     r = config.rollout
     if engine == "hf":
-        return HFRollout(adapter, model, space, eos_ids, pad_id, r.max_new_tokens)
+        return HFRollout(PolicySide(adapter, model, processor, space, eos_ids, pad_id), r.max_new_tokens)
     if engine != "vllm":
         raise ConfigError(f"rollout.engine={engine!r} is not available")
     why = vllm_unsupported(model, served=bool(r.url), pictures=adapter.prompt_pictures) or \

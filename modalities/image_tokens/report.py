@@ -36,12 +36,11 @@ def sampling_speeds(session: Any, models: dict[str, tuple[nn.Module, Any]], reco
                for name, (_, processor) in models.items()}
     sampling, best = adapter.eval_sampling(), dict.fromkeys(models, float("inf"))
     for attempt in range(repeats + 1):  # the first round warms up
-        for name, (model, _) in models.items():
+        for name, (model, processor) in models.items():
             if session.device.type == "cuda":
                 torch.cuda.synchronize()
             started = time.perf_counter()
-            rollout(adapter, model, prompts[name], session.space, session.eos_ids, session.pad_id,
-                    session.config.rollout.max_new_tokens, sampling,
+            rollout(session.side(model, processor), prompts[name], session.config.rollout.max_new_tokens, sampling,
                     torch.Generator(session.device).manual_seed(attempt))
             if session.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -56,8 +55,8 @@ def heldout_divergence(session: Any, student: nn.Module, records: list[dict]) ->
     adapter, config = session.adapter, session.config
     s_prompts = adapter.encode_prompts(records, session.student_processor).to(session.device)
     t_prompts = adapter.encode_prompts(records, session.teacher_processor).to(session.device)
-    out = rollout(adapter, student, s_prompts, session.space, session.eos_ids, session.pad_id,
-                  config.rollout.max_new_tokens, adapter.eval_sampling(), torch.Generator(session.device).manual_seed(0))
+    out = rollout(session.side(student, session.student_processor), s_prompts, config.rollout.max_new_tokens,
+                  adapter.eval_sampling(), torch.Generator(session.device).manual_seed(0))
     s_logits = session.space.restrict(adapter.calls.response_logits(student, s_prompts, out.tokens))  # [B, T, A]
     t_logits = session.space.restrict(adapter.calls.response_logits(session.teacher, t_prompts, out.tokens))
     div = token_divergence(s_logits, t_logits, kind=config.objective.divergence, beta=config.objective.beta,

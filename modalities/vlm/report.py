@@ -21,8 +21,7 @@ LINE = 14
 
 
 def answers_of(session: Any, model: Any, processor: Any, records: list[dict]) -> list[str]:
-    result = evaluate_policy(session.adapter, model, processor, records, session.space, session.eos_ids,
-                             session.pad_id, session.config.rollout.max_new_tokens,
+    result = evaluate_policy(session.side(model, processor), records, session.config.rollout.max_new_tokens,
                              session.config.train.eval_batch_size, session.device)
     return result["responses"]
 

@@ -72,7 +72,7 @@ def _config(pair, server, tmp_path, **overrides):
 
 def _engines(session):
     m = session.models()
-    hf = HFRollout(m.adapter, m.policy, m.space, m.eos_ids, m.pad_id, session.config.rollout.max_new_tokens)
+    hf = HFRollout(session.side(m.policy, m.student_processor), session.config.rollout.max_new_tokens)
     return m, hf
 
 

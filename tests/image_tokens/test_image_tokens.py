@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from transformers import ChameleonConfig
 
-from mmopd.adapter import ModelLoadError
+from mmopd.adapter import ModelLoadError, PolicySide
 from mmopd.compat import IncompatibleModelsError
 from mmopd.config import ConfigError
 from mmopd.data import DataError
@@ -67,8 +67,8 @@ def test_sampling_never_leaves_the_codebook_even_when_other_tokens_score_higher(
     with torch.no_grad():
         first, _ = session.adapter.calls.start(session.policy, prompts)
     assert (first.argmax(-1) >= K).all()  # unrestricted, the policy would leave the codebook
-    out = rollout(session.adapter, session.policy, prompts, session.space, session.eos_ids, session.pad_id,
-                  GRID_TOKENS, Sampling(temperature=1.0), torch.Generator().manual_seed(0))
+    out = rollout(session.side(session.policy, session.student_processor), prompts, GRID_TOKENS,
+                  Sampling(temperature=1.0), torch.Generator().manual_seed(0))
     assert session.space.size == K
     assert out.tokens.shape == (4, GRID_TOKENS)
     assert out.tokens.max().item() < K and out.tokens.min().item() >= 0
@@ -117,8 +117,8 @@ def test_teacher_forced_logits_equal_kv_cached_rollout_logits(config, scale):
     adapter, space = session.adapter, session.space
     for model, processor in ((session.teacher, session.teacher_processor), (session.policy, session.student_processor)):
         prompts = adapter.encode_prompts(_records(session, 3), processor)
-        out = rollout(adapter, model, prompts, space, [], session.pad_id, GRID_TOKENS, Sampling(temperature=1.0),
-                      torch.Generator().manual_seed(0))
+        out = rollout(PolicySide(adapter, model, None, space, [], session.pad_id), prompts, GRID_TOKENS,
+                      Sampling(temperature=1.0), torch.Generator().manual_seed(0))
         with torch.no_grad():
             forced = space.restrict(adapter.calls.response_logits(model, prompts, out.tokens))  # [B, T, K]
             cached = space.restrict(_cached_logits(adapter, model, prompts, out.tokens))

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import Emu3ForConditionalGeneration
 
+from mmopd.adapter import PolicySide
 from mmopd.compat import IncompatibleModelsError
 from mmopd.config import ConfigError, load_config
 from mmopd.losses import token_divergence
@@ -46,7 +47,7 @@ def _session(pair, tmp_path, **overrides) -> Session:
 
 def _sample(session: Session, model, processor, temperature: float = 1.0):
     prompts = session.adapter.encode_prompts(session.train_data.records, processor)
-    out = rollout(session.adapter, model, prompts, session.space, session.eos_ids, session.pad_id, T,
+    out = rollout(PolicySide(session.adapter, model, None, session.space, session.eos_ids, session.pad_id), prompts, T,
                   Sampling(temperature=temperature), torch.Generator().manual_seed(0))
     return prompts, out
 

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from mmopd.adapter import get_adapter, prepare_trainable, settings_of
+from mmopd.adapter import PolicySide, get_adapter, prepare_trainable, settings_of
 from mmopd.batch import Sampling
 from mmopd.cli import main
 from mmopd.config import load_config
@@ -40,7 +40,7 @@ def text(tmp_path_factory):
 
 
 def _hf(m, max_new_tokens):
-    return HFRollout(m.adapter, m.policy, m.space, m.eos_ids, m.pad_id, max_new_tokens)
+    return HFRollout(PolicySide(m.adapter, m.policy, None, m.space, m.eos_ids, m.pad_id), max_new_tokens)
 
 
 def _same_greedy(engine, hf, prompts):
@@ -100,7 +100,8 @@ def _engine_for(modality, path, tmp_path, max_new_tokens, **overrides):
     pad = getattr(processor, "pad_token_id", None)
     pad = eos[0] if pad is None else pad
     engine = rollout_engine("vllm", config, adapter, model, processor, space, eos, pad, str(path))
-    return adapter, processor, engine, HFRollout(adapter, model, space, eos, pad, max_new_tokens), space
+    hf = HFRollout(PolicySide(adapter, model, processor, space, eos, pad), max_new_tokens)
+    return adapter, processor, engine, hf, space
 
 
 def test_the_image_token_student_samples_inside_its_codebook_and_greedy_equals_hf(tmp_path):
