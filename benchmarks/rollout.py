@@ -21,6 +21,7 @@ import torch
 
 from benchmarks.measure import device_of, machine, seconds, sizes, table
 from benchmarks.models import RandomPrompts, random_qwen2, random_records, shape_of
+from mmopd.adapter import PolicySide
 from mmopd.batch import TokenSpace
 from mmopd.batch import Sampling
 from mmopd.engines.hf import rollout
@@ -62,8 +63,9 @@ def main() -> None:
         prompts = adapter.encode_prompts(random_records(batch, args.prompt_len, vocab), None).to(device)
 
         def ours():
-            return rollout(adapter, model, prompts, space, eos_ids=[-1], pad_id=0, max_new_tokens=args.new,
-                           sampling=Sampling(), generator=torch.Generator(device).manual_seed(0))
+            return rollout(PolicySide(adapter, model, None, space, eos_ids=[-1], pad_id=0), prompts,
+                           max_new_tokens=args.new, sampling=Sampling(),
+                           generator=torch.Generator(device).manual_seed(0))
 
         @torch.no_grad()
         def generate():

@@ -47,8 +47,8 @@ def main() -> None:
     t_prompts = m.adapter.encode_prompts(records, m.teacher_processor)
     responses = m.rollout.sample(s_prompts, sampling_of(config), torch.Generator().manual_seed(0))
     with torch.no_grad():
-        s_logits = m.space.restrict(m.adapter.response_logits(m.policy, s_prompts, responses.tokens)).float()
-        t_logits = m.space.restrict(m.adapter.response_logits(m.teacher, t_prompts, responses.tokens)).float()
+        s_logits = m.space.restrict(m.adapter.calls.response_logits(m.policy, s_prompts, responses.tokens)).float()
+        t_logits = m.space.restrict(m.adapter.calls.response_logits(m.teacher, t_prompts, responses.tokens)).float()
     keep = responses.mask.bool()  # [B, T]
     s_logits, t_logits = s_logits[keep], t_logits[keep]  # [N, A]
     print(f"# top-k bias on {machine(torch.device('cpu'))}; {s_logits.shape[0]} response tokens sampled by "

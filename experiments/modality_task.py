@@ -62,14 +62,13 @@ def build_modality_task(out: Path, size: str, modality: str) -> dict[str, Any]:
         return json.loads(info_path.read_text())
     import transformers
 
-    from mmopd.adapter import get_adapter
+    from mmopd.adapter import get_adapter, settings_of
     from mmopd.data import load_jsonl
 
     config_path = build_toy(out, size, modality)
     base = flat_overrides(config_path)
     config = load_config(config_path)
-    adapter = get_adapter(config.modality)
-    adapter.configure(config)
+    adapter = get_adapter(config.modality, settings_of(config))
     paths = {"student": base["student.path"], "teacher": base["teacher.path"]}
     params: dict[str, int] = {}
     vision_flops: dict[str, float] = {}
@@ -102,12 +101,11 @@ def dataset_through_vq(task: dict[str, Any]) -> dict[str, float]:
     """The judge's accuracy and toy FID on the image toy's eval pictures after a round trip through the VQ
     (the adapter's own encode_answers, as sft trains on them, then decode and score): what a student that drew
     the dataset's own codes would score."""
-    from mmopd.adapter import get_adapter
+    from mmopd.adapter import get_adapter, settings_of
     from mmopd.data import load_jsonl
 
     config = load_config(task["paths"]["config"])
-    adapter = get_adapter(config.modality)
-    adapter.configure(config)
+    adapter = get_adapter(config.modality, settings_of(config))
     processor = adapter.load_processor(task["paths"]["teacher"], "teacher")
     records = load_jsonl(Path(config.data.eval), adapter.check_record).records
     codes = torch.tensor(adapter.encode_answers(records, processor))  # [N, codes per picture]

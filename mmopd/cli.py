@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import sys
@@ -13,13 +12,14 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
-from mmopd.adapter import ModelLoadError, get_adapter
+from mmopd.adapter import ModelLoadError, get_adapter, settings_of
 from mmopd.checkpoint import CheckpointError
 from mmopd.compat import IncompatibleModelsError
 from mmopd.config import ConfigError, load_config
 from mmopd.data import DataError, RecordError
 from mmopd.engines import EngineError
 from mmopd.engines.vllm import write_engine_checkpoint
+from mmopd.engines.vllm.families import engine_key
 from mmopd.pretrained import EXPORT_DTYPES, PACKAGED, ExportError, export_gguf, packaged_gguf
 from mmopd.pruning import PruneError, parse_keep, prune_checkpoint
 from mmopd.rundir import RunDirError
@@ -116,13 +116,12 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "vllm-checkpoint":
         config = load_config(args.config, args.overrides)
-        adapter = get_adapter(config.modality)
-        adapter.configure(config)
+        adapter = get_adapter(config.modality, settings_of(config))
         processor = adapter.load_processor(config.student.path, "student")
         dtype = resolve_dtype(config.student.dtype, torch.device("cpu"), "student")
-        model = adapter.load_model(config.student.path, "student", dtype)
+        model = adapter.calls.load_model(config.student.path, "student", dtype)
         out = write_engine_checkpoint(model, Path(args.out).resolve(),
-                                      functools.partial(adapter.engine_key, model=model), processor)
+                                      engine_key(model), processor)
         print(f"wrote {out}; serve it with:\n  VLLM_SERVER_DEV_MODE=1 python -m vllm.entrypoints.openai.api_server "
               f"--model {out} --logprobs-mode processed_logprobs")
         return 0

@@ -10,18 +10,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mmopd.adapter import ModalityAdapter
+from mmopd.adapter import ModalityAdapter, PolicySide
 from mmopd.batch import PromptBatch, Rollout, Sampling, TokenSpace
 from mmopd.engines.hf import rollout
 
 
 @torch.no_grad()
-def evaluate_policy(adapter: ModalityAdapter, model: nn.Module, processor: Any, records: list[dict],
-                    space: TokenSpace, eos_ids: list[int], pad_id: int, max_new_tokens: int, batch_size: int,
+def evaluate_policy(side: PolicySide, records: list[dict], max_new_tokens: int, batch_size: int,
                     device: torch.device, desc: str = "eval", progress: bool = False) -> dict[str, Any]:
-    """Responses to every record (greedy, or as `adapter.eval_sampling()` says, from a fixed seed), scored by
-    the adapter in one call, so that set-level metrics such as FID see every response. Returns the metrics
-    and the responses."""
+    """Responses of `side.model` to every record (greedy, or as `adapter.eval_sampling()` says, from a fixed seed),
+    scored by the adapter in one call, so that set-level metrics such as FID see every response. Returns the
+    metrics and the responses."""
+    adapter, model, processor = side.adapter, side.model, side.processor
     was_training = model.training
     model.eval()
     sampling: Sampling = adapter.eval_sampling()
@@ -31,7 +31,7 @@ def evaluate_policy(adapter: ModalityAdapter, model: nn.Module, processor: Any, 
     for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
         chunk = records[start:start + batch_size]
         prompts = adapter.encode_prompts(chunk, processor).to(device)
-        out = rollout(adapter, model, prompts, space, eos_ids, pad_id, max_new_tokens, sampling, generator)
+        out = rollout(side, prompts, max_new_tokens, sampling, generator)
         responses.extend(adapter.decode(out.tokens, out.mask, processor))
     model.train(was_training)
     return {"metrics": adapter.score(records, responses), "responses": responses}
@@ -67,7 +67,7 @@ def _per_token_kl(adapter: ModalityAdapter, p_model: nn.Module, q_model: nn.Modu
         log_probs = []
         for model, prompts in ((p_model, p_prompts), (q_model, q_prompts)):
             with _frozen(model, teacher):
-                logits = adapter.response_logits(model, _rows(prompts, rows), tokens)
+                logits = adapter.calls.response_logits(model, _rows(prompts, rows), tokens)
                 log_probs.append(space.restrict(logits).float().log_softmax(-1))  # [r, T, A]
         p, q = log_probs
         kl = (p.exp() * (p - q)).sum(-1)  # [r, T]
@@ -77,13 +77,13 @@ def _per_token_kl(adapter: ModalityAdapter, p_model: nn.Module, q_model: nn.Modu
 
 
 @torch.no_grad()
-def kl_to_teacher(adapter: ModalityAdapter, student: nn.Module, teacher: nn.Module, student_processor: Any,
-                  teacher_processor: Any, records: list[dict], space: TokenSpace, eos_ids: list[int], pad_id: int,
-                  max_new_tokens: int, batch_size: int, device: torch.device) -> dict[str, float]:
+def kl_to_teacher(student_side: PolicySide, teacher_side: PolicySide, records: list[dict], max_new_tokens: int,
+                  batch_size: int, device: torch.device) -> dict[str, float]:
     """Per token, on `records`: `reverse_kl`, KL(student ‖ teacher) on the student's own samples (what on-policy
     distillation lowers), and `forward_kl`, KL(teacher ‖ student) on the teacher's samples (coverage: how well the
     student predicts what the teacher writes, which a collapsed student cannot fake). Both models sample at
-    temperature 1 from fixed seeds, over the full action space."""
+    temperature 1 from fixed seeds, over the full action space (the student's: both sides share it)."""
+    adapter, space, student, teacher = student_side.adapter, student_side.space, student_side.model, teacher_side.model
     models = {"student": student, "teacher": teacher}
     was_training = {name: model.training for name, model in models.items()}
     for model in models.values():
@@ -92,14 +92,13 @@ def kl_to_teacher(adapter: ModalityAdapter, student: nn.Module, teacher: nn.Modu
     sums = {"reverse_kl": [0.0, 0.0], "forward_kl": [0.0, 0.0]}
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
-        s_prompts = adapter.encode_prompts(chunk, student_processor).to(device)
-        t_prompts = adapter.encode_prompts(chunk, teacher_processor).to(device)
-        for name, sampler, other, own, theirs in (("reverse_kl", student, teacher, s_prompts, t_prompts),
-                                                   ("forward_kl", teacher, student, t_prompts, s_prompts)):
-            with _frozen(sampler, teacher):
-                out = rollout(adapter, sampler, own, space, eos_ids, pad_id, max_new_tokens,
-                              Sampling(temperature=1.0), generator)
-            total, count = _per_token_kl(adapter, sampler, other, own, theirs, out, space, teacher)
+        s_prompts = adapter.encode_prompts(chunk, student_side.processor).to(device)
+        t_prompts = adapter.encode_prompts(chunk, teacher_side.processor).to(device)
+        for name, side, other, own, theirs in (("reverse_kl", student_side, teacher, s_prompts, t_prompts),
+                                                ("forward_kl", teacher_side, student, t_prompts, s_prompts)):
+            with _frozen(side.model, teacher):
+                out = rollout(side, own, max_new_tokens, Sampling(temperature=1.0), generator)
+            total, count = _per_token_kl(adapter, side.model, other, own, theirs, out, space, teacher)
             sums[name][0] += total
             sums[name][1] += count
     for name, model in models.items():

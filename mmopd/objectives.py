@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from mmopd.adapter import ModalityAdapter
+from mmopd.adapter import ModalityAdapter, fused_unsupported
 from mmopd.batch import PromptBatch, Rollout, Sampling, TokenSpace, answers_rollout
 from mmopd.config import Config, ConfigError, RolloutConfig
 from mmopd.engines import (DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, EngineError, RolloutEngine, TeacherNeed,
@@ -146,7 +146,7 @@ def use_fused(m: Models, config: Config) -> bool:
     scored = scores_teacher(config.objective.kind, config.objective.estimator) and config.teacher.engine == "hf"
     roles = {"student": m.student, "teacher": m.teacher if scored else None}  # a vLLM teacher sends log-probs
     problems = [f"{role}: {why}" for role, model in roles.items()
-                if model is not None and (why := m.adapter.fused_unsupported(model)) is not None]
+                if model is not None and (why := fused_unsupported(m.adapter, model)) is not None]
     if m.teachers and scored and teacher_need(config).what == DISTRIBUTION:
         problems.append("several teachers: their full distributions are stacked as logits, each with its own head")
     if problems and mode == "always":

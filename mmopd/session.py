@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from mmopd.adapter import ModelLoadError, get_adapter
+from mmopd.adapter import ModelLoadError, PolicySide, get_adapter, settings_of
 from mmopd.compat import IncompatibleModelsError
 from mmopd.config import Config, ConfigError, TeacherConfig, check_modality_options
 from mmopd.data import DataError, Dataset, load_records
@@ -45,9 +45,8 @@ class Session:
     def __init__(self, config: Config, for_eval: bool = False, student_override: str | Path | None = None,
                  need_teacher: bool | None = None, accelerator: Accelerator | None = None):
         self.config = config
-        self.adapter = get_adapter(config.modality)  # its import registers the modality's options
+        self.adapter = get_adapter(config.modality, settings_of(config))  # its import registers its options
         self.options = check_modality_options(config, training=not for_eval)
-        self.adapter.configure(config)
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.device = self.accelerator.device
         c = config
@@ -76,7 +75,7 @@ class Session:
         s_dtype = resolve_dtype(c.student.dtype, self.device, "student")
         if c.student.dtype == "auto" and not for_eval:
             s_dtype = torch.float32  # fp32 master weights; accelerate autocasts to bf16 where supported
-        self.policy = self.adapter.load_model(student_path, "student", s_dtype).to(self.device)
+        self.policy = self.adapter.calls.load_model(student_path, "student", s_dtype).to(self.device)
         want_teacher = needs_teacher(c.objective.kind, c.objective.estimator) if need_teacher is None else need_teacher
         self.teacher, self.teacher_processor = None, None
         self.teachers: dict[str, tuple[torch.nn.Module, Any]] = {}  # several teachers: name -> (model, processor)
@@ -112,8 +111,8 @@ class Session:
         """One teacher's frozen model (for a vLLM teacher a weightless skeleton from its config) and processor."""
         processor = self._teacher_processor(t)
         if not self._in_process(t):
-            return self.adapter.load_skeleton(t.path, "teacher"), processor
-        model = self.adapter.load_model(t.path, "teacher", resolve_dtype(t.dtype, self.device, "teacher"))
+            return self.adapter.calls.load_skeleton(t.path, "teacher"), processor
+        model = self.adapter.calls.load_model(t.path, "teacher", resolve_dtype(t.dtype, self.device, "teacher"))
         return model.to(self.device).eval().requires_grad_(False), processor
 
     def _teacher_processor(self, t: TeacherConfig) -> Any:
@@ -137,12 +136,12 @@ class Session:
         dropped: list[int] = []
         for start in range(0, len(data), chunk):
             records = data.records[start:start + chunk]
-            problems = self.adapter.unreadable_prompts(records, self.student_processor)
-            lengths = self.adapter.prompt_lengths(records, self.student_processor) if limit is not None else None
+            measured = self.adapter.measure_prompts(records, self.student_processor)  # lengths, or why not
             for i, record in enumerate(records):
-                problem, fix = problems[i], "use a tokenizer that does, fix the record"
-                if problem is None and lengths is not None and lengths[i] + max_new > limit:
-                    problem = (f"the prompt is {lengths[i]} tokens, and with rollout.max_new_tokens={max_new} it "
+                length = measured[i]
+                problem, fix = length if isinstance(length, str) else None, "use a tokenizer that does, fix the record"
+                if isinstance(length, int) and limit is not None and length + max_new > limit:
+                    problem = (f"the prompt is {length} tokens, and with rollout.max_new_tokens={max_new} it "
                                f"exceeds the models' context of {limit} tokens")
                     fix = "shorten it, lower rollout.max_new_tokens"
                 if problem is None:
@@ -154,6 +153,10 @@ class Session:
         if len(dropped) == len(data):
             raise DataError(f"{data.path} holds no prompt the models can use ({len(dropped)} skipped)")
         data.drop(dropped)
+
+    def side(self, model: torch.nn.Module, processor: Any) -> PolicySide:
+        """`model` with its processor and the run's token space, EOS ids and pad id: what sampling it needs."""
+        return PolicySide(self.adapter, model, processor, self.space, self.eos_ids, self.pad_id)
 
     def models(self, student: torch.nn.Module | None = None) -> Models:
         """What objective_step needs; `student` is the (possibly DDP-wrapped) model being trained."""
@@ -167,8 +170,8 @@ class Session:
         records = self.eval_data.records
         if self.config.data.eval_limit:
             records = records[: self.config.data.eval_limit]
-        return evaluate_policy(self.adapter, model, processor, records, self.space, self.eos_ids, self.pad_id,
-                               self.config.rollout.max_new_tokens, self.config.train.eval_batch_size, self.device,
+        return evaluate_policy(self.side(model, processor), records, self.config.rollout.max_new_tokens,
+                               self.config.train.eval_batch_size, self.device,
                                desc=desc, progress=progress)
 
     def eval_kl(self, model: torch.nn.Module) -> dict[str, float] | None:
@@ -180,9 +183,9 @@ class Session:
                 and self.teacher_in_process and not self.teachers):
             return None
         records = self.eval_data.records[: min(n, self.config.data.eval_limit or n)]
-        return kl_to_teacher(self.adapter, model, self.teacher, self.student_processor, self.teacher_processor,
-                             records, self.space, self.eos_ids, self.pad_id, self.config.rollout.max_new_tokens,
-                             self.config.train.eval_batch_size, self.device)
+        return kl_to_teacher(self.side(model, self.student_processor), self.side(self.teacher, self.teacher_processor),
+                             records, self.config.rollout.max_new_tokens, self.config.train.eval_batch_size,
+                             self.device)
 
 
 def evaluate(config: Config, checkpoint: str | Path | None = None, which: str = "student") -> dict[str, float]:

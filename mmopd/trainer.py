@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 from accelerate import Accelerator, DistributedType
 
+from mmopd.adapter import prepare_trainable
 from mmopd.checkpoint import check_global_batch, set_rng_state, trainer_state
 from mmopd.config import Config, ConfigError, save_config
 from mmopd.health import HealthMonitor
@@ -182,7 +183,7 @@ def _load_student(c: Config, accelerator: Accelerator, resume_from: Path | None)
     # what prepare_trainable initialises (LoRA's A) follows train.seed: the same on every rank, as sharding needs
     # (each rank keeps its own slice of it), and in every run
     torch.manual_seed(c.train.seed)
-    session.policy = session.adapter.prepare_trainable(session.policy, c.student)
+    session.policy = prepare_trainable(session.adapter, session.policy, c.student)
     if lora_resume:
         load_lora_weights(session.policy, resume_from / "lora")
     _shard_models(session, c)

@@ -3,7 +3,6 @@ protocols and `hf` for the in-process engines."""
 
 from __future__ import annotations
 
-import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -11,13 +10,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmopd.adapter import ModalityAdapter
+from mmopd.adapter import ModalityAdapter, PolicySide
 from mmopd.batch import TokenSpace
 from mmopd.config import Config, ConfigError
 from mmopd.engines.base import DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, RolloutEngine, TeacherNeed, TeacherScorer
 from mmopd.engines.hf import HFRollout, HFTeacher, model_scores, rollout
 from mmopd.engines.vllm import (Colocated, EngineError, Served, VLLMRollout, VLLMTeacher, default_sync_dir,
                                 write_engine_checkpoint)
+from mmopd.engines.vllm.families import engine_key as vllm_engine_key
+from mmopd.engines.vllm.families import vllm_unsupported
 from mmopd.hf import context_length, text_config
 
 log = logging.getLogger("mmopd")
@@ -34,17 +35,17 @@ def rollout_engine(engine: str, config: Config, adapter: ModalityAdapter, model:
     loaded from (a colocated vLLM loads it too), `writer` whether this process sends the weights at sync."""
     r = config.rollout
     if engine == "hf":
-        return HFRollout(adapter, model, space, eos_ids, pad_id, r.max_new_tokens)
+        return HFRollout(PolicySide(adapter, model, processor, space, eos_ids, pad_id), r.max_new_tokens)
     if engine != "vllm":
         raise ConfigError(f"rollout.engine={engine!r} is not available")
-    why = adapter.vllm_unsupported(model, served=bool(r.url)) or \
+    why = vllm_unsupported(model, served=bool(r.url), pictures=adapter.prompt_pictures) or \
         _cpu_attention_unsupported(model, bool(r.url), next(model.parameters()).is_cuda)
     if why is not None:
         raise ConfigError(f"rollout.engine=vllm cannot sample from this student: {why}; use rollout.engine=hf")
     lora = config.student.trainable == "lora"
     sync_dir = Path(r.sync_dir) if r.sync_dir else default_sync_dir()
     sync_dir.mkdir(parents=True, exist_ok=True)
-    engine_key = functools.partial(adapter.engine_key, model=model)
+    engine_key = vllm_engine_key(model)
     if r.url:
         transport: Any = Served(r.url, r.timeout, r.retries)
         if not lora:
@@ -84,7 +85,7 @@ def teacher_scorer(config: Config, adapter: ModalityAdapter, model: nn.Module, p
     if t.engine != "vllm":
         raise ConfigError(f"teacher.engine={t.engine!r} is not available")
     cuda = torch.cuda.is_available()
-    why = adapter.vllm_unsupported(model, served=False) or _cpu_attention_unsupported(model, bool(t.url), cuda)
+    why = vllm_unsupported(model, served=False) or _cpu_attention_unsupported(model, bool(t.url), cuda)
     if why is not None:
         raise ConfigError(f"teacher.engine=vllm cannot score with this teacher: {why}; use teacher.engine=hf")
     vocab = text_config(model).vocab_size

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mmopd.adapter import ModalityAdapter
+from mmopd.adapter import ModalityAdapter, PolicySide
 from mmopd.batch import PromptBatch, Rollout, Sampling, TokenSpace
 from mmopd.engines.base import DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, TeacherNeed
 from mmopd.losses import fused_excluded_logsumexp, fused_topk_logits
@@ -54,17 +54,17 @@ def sample(logits: Tensor, sampling: Sampling, generator: torch.Generator | None
 
 
 @torch.no_grad()
-def rollout(adapter: ModalityAdapter, model: nn.Module, prompts: PromptBatch, space: TokenSpace,
-            eos_ids: list[int], pad_id: int, max_new_tokens: int, sampling: Sampling,
+def rollout(side: PolicySide, prompts: PromptBatch, max_new_tokens: int, sampling: Sampling,
             generator: torch.Generator | None = None) -> Rollout:
-    """Sample up to `max_new_tokens` per prompt with the KV cache; stop early once every row ended (for a sharded
-    model, every row on every rank: each forward needs all of them)."""
+    """Sample up to `max_new_tokens` per prompt from `side.model` with the KV cache; stop early once every row ended
+    (for a sharded model, every row on every rank: each forward needs all of them)."""
+    adapter, model, space, eos_ids, pad_id = side.adapter, side.model, side.space, side.eos_ids, side.pad_id
     B = prompts.input_ids.shape[0]
     device = prompts.input_ids.device
     eos = torch.tensor(eos_ids, device=device)
     tokens, logprobs, masks = [], [], []
     alive = torch.ones(B, dtype=torch.bool, device=device)
-    logits, state = adapter.start(model, prompts)
+    logits, state = adapter.calls.start(model, prompts)
     for t in range(max_new_tokens):
         actions, lp = sample(space.restrict(logits), sampling, generator)
         token = space.to_tokens(actions)  # [B]
@@ -74,7 +74,7 @@ def rollout(adapter: ModalityAdapter, model: nn.Module, prompts: PromptBatch, sp
         alive = alive & ~torch.isin(token, eos)
         if t == max_new_tokens - 1 or not any_rank(alive, model):
             break
-        logits, state = adapter.step(model, tokens[-1], state)
+        logits, state = adapter.calls.step(model, tokens[-1], state)
     return Rollout(torch.stack(tokens, 1), torch.stack(masks, 1), torch.stack(logprobs, 1))
 
 
@@ -82,8 +82,8 @@ def model_scores(adapter: ModalityAdapter, model: nn.Module, prompts: PromptBatc
                  space: TokenSpace, fused: bool) -> Logits | Hidden:
     """What scores each response token over the action space: logits [B, T, A], or hidden [B, T, H] and head."""
     if fused:
-        return adapter.response_hidden(model, prompts, tokens).restrict(space)
-    return Logits(space.restrict(adapter.response_logits(model, prompts, tokens)))
+        return adapter.calls.response_hidden(model, prompts, tokens).restrict(space)
+    return Logits(space.restrict(adapter.calls.response_logits(model, prompts, tokens)))
 
 
 class HFRollout:
@@ -92,17 +92,14 @@ class HFRollout:
 
     exact = True
 
-    def __init__(self, adapter: ModalityAdapter, model: nn.Module, space: TokenSpace, eos_ids: list[int],
-                 pad_id: int, max_new_tokens: int):
-        self.adapter, self.model, self.space = adapter, model, space
-        self.eos_ids, self.pad_id, self.max_new_tokens = eos_ids, pad_id, max_new_tokens
+    def __init__(self, side: PolicySide, max_new_tokens: int):
+        self.side, self.model, self.max_new_tokens = side, side.model, max_new_tokens
 
     def sample(self, prompts: PromptBatch, sampling: Sampling, generator: torch.Generator | None) -> Rollout:
         was_training = self.model.training
         self.model.eval()
         try:
-            return rollout(self.adapter, self.model, prompts, self.space, self.eos_ids, self.pad_id,
-                           self.max_new_tokens, sampling, generator)
+            return rollout(self.side, prompts, self.max_new_tokens, sampling, generator)
         finally:
             self.model.train(was_training)
 
@@ -119,7 +116,7 @@ class HFTeacher:
     def score(self, prompts: PromptBatch, tokens: Tensor, need: TeacherNeed) -> Scores:
         with torch.inference_mode():
             if need.what == DISTRIBUTION and self.fused:  # the head is restricted outside inference mode below
-                out = self.adapter.response_hidden(self.model, prompts, tokens)
+                out = self.adapter.calls.response_hidden(self.model, prompts, tokens)
             else:
                 scores = model_scores(self.adapter, self.model, prompts, tokens, self.space, self.fused)
             if need.what == TOKEN_LOGPROBS:

@@ -25,16 +25,16 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import Tensor, nn
-from transformers import (AutoConfig, AutoModelForCausalLM, Emu3ForConditionalGeneration, JanusForConditionalGeneration,
-                          LlamaForCausalLM)
+from transformers import AutoConfig, AutoModelForCausalLM, Emu3ForConditionalGeneration, JanusForConditionalGeneration
 
 from mmopd import hf
-from mmopd.adapter import ModalityAdapter, ModelLoadError, load_pretrained, register_adapter
+from mmopd.adapter import ModalityAdapter, ModelLoadError, RunSettings, load_pretrained, register_adapter
 from mmopd.batch import PromptBatch, Sampling, TokenSpace
 from mmopd.compat import IncompatibleModelsError, check_embedding_rows
-from mmopd.config import Config, ConfigError
+from mmopd.config import ConfigError
 from mmopd.data import RecordError
-from mmopd.objective_table import needs_answers
+from mmopd.engines.vllm.families import register_unsupported
+from mmopd.hf import ModelCalls
 from modalities.image_tokens import emu3, janus
 from modalities.image_tokens.guidance import guide, with_unconditional
 from modalities.image_tokens.judge import Judge
@@ -99,36 +99,84 @@ def _both_branches(prompts: PromptBatch) -> tuple[Tensor, Tensor]:
             torch.cat([prompts.attention_mask, prompts.state["uncond_mask"]]))
 
 
+@register_unsupported("JanusForConditionalGeneration")
+def _janus_unsupported(model: nn.Module, served: bool) -> str:
+    return "vLLM serves Janus as a text model; its image head and visual embeddings are not in vLLM"
+
+
+@register_unsupported("Emu3ForConditionalGeneration")
+def _layout_unsupported(model: nn.Module, served: bool) -> str:
+    return f"{type(hf.base_model(model)).__name__} image generation (its constrained layout) is not in vLLM"
+
+
+class ImageCalls(ModelCalls):
+    """The generators' model calls: every call runs the (cond, uncond) rows as one batch when guiding, then
+    `_shape` guides and, for Emu3, keeps each response position's allowed tokens. The state carries the next
+    position. Janus runs through its own image head (`janus.py`)."""
+
+    def model_class(self, path: str) -> Any:
+        family = family_of(path)
+        return AutoModelForCausalLM if family == "llamagen" else TRANSFORMERS_FAMILIES[family][1]
+
+    def start(self, model: nn.Module, prompts: PromptBatch) -> tuple[Tensor, Any]:
+        ids, mask = _both_branches(prompts)
+        if _is_janus(model):
+            logits, inner = janus.start(model, ids, mask)
+        else:
+            logits, inner = super().start(model, PromptBatch(ids, mask))
+        scale, structure = _scale(prompts), _structure(prompts)
+        return _shape(logits[:, None], scale, structure, 0)[:, 0], (inner, scale, structure, 1)
+
+    def step(self, model: nn.Module, tokens: Tensor, state: Any) -> tuple[Tensor, Any]:
+        inner, scale, structure, position = state
+        tokens = with_unconditional(tokens, scale)
+        if _is_janus(model):
+            logits, inner = janus.step(model, tokens, inner)
+        else:
+            logits, inner = super().step(model, tokens, inner)
+        return _shape(logits[:, None], scale, structure, position)[:, 0], (inner, scale, structure, position + 1)
+
+    def response_logits(self, model: nn.Module, prompts: PromptBatch, tokens: Tensor) -> Tensor:
+        """[B, T] -> [B, T, V] (llamagen, Emu3: the whole vocabulary; Janus: the K codes)."""
+        ids, mask = _both_branches(prompts)
+        both = with_unconditional(tokens, _scale(prompts))
+        if _is_janus(model):
+            logits = janus.response_logits(model, ids, mask, both)
+        else:
+            logits = super().response_logits(model, PromptBatch(ids, mask), both)
+        return _shape(logits, _scale(prompts), _structure(prompts), 0)
+
+
 @register_adapter("image_tokens")
 class ImageTokensAdapter(ModalityAdapter):
     metric = "classifier_accuracy"
     supports_cfg = True
+    calls = ImageCalls()
 
-    def __init__(self) -> None:
-        self.config: Config | None = None
+    def __init__(self, settings: RunSettings | None = None) -> None:
+        super().__init__(settings)
         self._class_names: list[str] | None = None  # the student's classes (None: free-text prompts)
         self._labels: dict[str, int] = {}  # normalised class name -> label
         self._judge: Judge | None = None
-
-    def configure(self, config: Config) -> None:
-        self.config = config
-        if config.data.eval and not config.data.judge:
+        if settings is None:
+            return
+        if settings.evaluates and not settings.judge:
             raise ConfigError("image_tokens evaluation judges pictures with a classifier: set data.judge to its "
                               "directory (`mmopd toy image` writes one), or leave data.eval empty")
-        family = family_of(config.student.path)
-        if family == "emu3" and needs_answers(config.objective.kind, config.objective.estimator, config.objective.lmbda,
-                                                     config.objective.sft_weight):
-            raise ConfigError(f"objective.kind={config.objective.kind} (or sft_weight) trains on target pictures, "
+        family = family_of(settings.student_path)
+        if family == "emu3" and settings.trains_on_answers:
+            raise ConfigError(f"objective.kind={settings.objective} (or sft_weight) trains on target pictures, "
                               "which this adapter cannot encode into Emu3's row layout yet; use on_policy or seq_kd")
         class_conditional = family == "llamagen"
-        self._class_names = LlamaGenTokenizer.class_names_at(config.student.path) if class_conditional else None
+        self._class_names = LlamaGenTokenizer.class_names_at(settings.student_path) if class_conditional else None
         self._labels = _label_lookup(self._class_names or [])
-        self._judge = Judge.load(config.data.judge) if config.data.judge else None  # a wrong one fails now
+        self._judge = Judge.load(settings.judge) if settings.judge else None  # a wrong one fails now
 
-    def _configured(self) -> Config:
-        if self.config is None:
-            raise RuntimeError("ImageTokensAdapter.configure(config) must be called first (the Session does it)")
-        return self.config
+    def _settings(self) -> RunSettings:
+        if self.settings is None:
+            raise RuntimeError("ImageTokensAdapter needs the run's settings: get_adapter('image_tokens', "
+                               "settings_of(config)) (the Session does it)")
+        return self.settings
 
     # --- loading -------------------------------------------------------------------------------
     def load_processor(self, path: str, role: str) -> Any:
@@ -136,12 +184,8 @@ class ImageTokensAdapter(ModalityAdapter):
         loader = LlamaGenTokenizer if family == "llamagen" else TRANSFORMERS_FAMILIES[family][0]
         processor = load_pretrained(loader.from_pretrained, path, role)
         if role == "teacher":
-            processor.cfg_scale = self._configured().teacher.cfg_scale
+            processor.cfg_scale = self._settings().cfg_scale
         return processor
-
-    def model_class(self, path: str) -> Any:
-        family = family_of(path)
-        return AutoModelForCausalLM if family == "llamagen" else TRANSFORMERS_FAMILIES[family][1]
 
     def check_pair(self, student_processor: Any, teacher_processor: Any, student: nn.Module,
                    teacher: nn.Module) -> None:
@@ -171,9 +215,9 @@ class ImageTokensAdapter(ModalityAdapter):
 
     def token_space(self, processor: Any, model: nn.Module) -> TokenSpace:
         """The codebook: token id k is code k in both families."""
-        config = self._configured()
-        if config.rollout.max_new_tokens != processor.num_image_tokens:
-            raise ConfigError(f"rollout.max_new_tokens={config.rollout.max_new_tokens}, but every picture of this "
+        max_new_tokens = self._settings().max_new_tokens
+        if max_new_tokens != processor.num_image_tokens:
+            raise ConfigError(f"rollout.max_new_tokens={max_new_tokens}, but every picture of this "
                               f"model is {processor.layout} = {processor.num_image_tokens} tokens; set "
                               f"rollout.max_new_tokens={processor.num_image_tokens}")
         if processor.family == "llamagen":
@@ -186,14 +230,13 @@ class ImageTokensAdapter(ModalityAdapter):
         return []  # pictures have a fixed length
 
     def eval_sampling(self) -> Sampling:
-        r = self._configured().rollout
-        return Sampling(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p)
+        return self._settings().sampling
 
     # --- data --------------------------------------------------------------------------------
     def check_record(self, raw: dict, base_dir: Path) -> dict:
         """`{"label": 3}` or `{"prompt": "a red circle"}` (a class name, for class-conditional models; any
         text for Janus), with an optional `"image"`: a target picture for sft and supervised_kd."""
-        self._configured()
+        self._settings()
         label, prompt, image = raw.get("label"), raw.get("prompt"), raw.get("image")
         if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
             raise RecordError(f"'prompt' must be a non-empty string, got {prompt!r}")
@@ -256,7 +299,7 @@ class ImageTokensAdapter(ModalityAdapter):
             extras.update(uncond_ids=uncond[0], uncond_mask=uncond[1], cfg_scale=processor.cfg_scale)
         return PromptBatch(ids, mask, state=extras)
 
-    def prompt_lengths(self, records: list[dict], processor: Any) -> list[int]:
+    def measure_prompts(self, records: list[dict], processor: Any) -> list[int | str | None]:
         if processor.family == "llamagen":
             return [2] * len(records)
         return [int(m.sum()) for m in processor.encode_prompts([r["prompt"] for r in records])[1]]
@@ -288,49 +331,11 @@ class ImageTokensAdapter(ModalityAdapter):
         return judge.accuracy_and_fid(responses, labels)
 
     def judge(self) -> Judge:
-        """The judge `configure` loaded from data.judge, which must classify the student's classes."""
-        path = self._configured().data.judge
+        """The judge loaded from data.judge when the adapter was built, which must classify the student's classes."""
+        path = self._settings().judge
         if self._judge is None:
             raise ConfigError("data.judge is not set: scoring pictures needs the judge classifier's directory")
         if self._class_names is not None and self._judge.class_names != self._class_names:
             raise ConfigError(f"data.judge={path} classifies {self._judge.class_names}, but the student draws "
                               f"{self._class_names}; use the judge built with these models")
         return self._judge
-
-    def vllm_unsupported(self, model: nn.Module, served: bool) -> str | None:
-        if _is_janus(model):
-            return "vLLM serves Janus as a text model; its image head and visual embeddings are not in vLLM"
-        if not isinstance(hf.base_model(model), LlamaForCausalLM):
-            return f"{type(hf.base_model(model)).__name__} image generation (its constrained layout) is not in vLLM"
-        return None
-
-    # --- model calls ---------------------------------------------------------------------------
-    # Every call runs the (cond, uncond) rows as one batch when guiding, then `_shape` guides and, for
-    # Emu3, keeps each response position's allowed tokens. The state carries the next position.
-    def start(self, model: nn.Module, prompts: PromptBatch) -> tuple[Tensor, Any]:
-        ids, mask = _both_branches(prompts)
-        if _is_janus(model):
-            logits, inner = janus.start(model, ids, mask)
-        else:
-            logits, inner = super().start(model, PromptBatch(ids, mask))
-        scale, structure = _scale(prompts), _structure(prompts)
-        return _shape(logits[:, None], scale, structure, 0)[:, 0], (inner, scale, structure, 1)
-
-    def step(self, model: nn.Module, tokens: Tensor, state: Any) -> tuple[Tensor, Any]:
-        inner, scale, structure, position = state
-        tokens = with_unconditional(tokens, scale)
-        if _is_janus(model):
-            logits, inner = janus.step(model, tokens, inner)
-        else:
-            logits, inner = super().step(model, tokens, inner)
-        return _shape(logits[:, None], scale, structure, position)[:, 0], (inner, scale, structure, position + 1)
-
-    def response_logits(self, model: nn.Module, prompts: PromptBatch, tokens: Tensor) -> Tensor:
-        """[B, T] -> [B, T, V] (llamagen, Emu3: the whole vocabulary; Janus: the K codes)."""
-        ids, mask = _both_branches(prompts)
-        both = with_unconditional(tokens, _scale(prompts))
-        if _is_janus(model):
-            logits = janus.response_logits(model, ids, mask, both)
-        else:
-            logits = super().response_logits(model, PromptBatch(ids, mask), both)
-        return _shape(logits, _scale(prompts), _structure(prompts), 0)

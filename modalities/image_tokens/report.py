@@ -36,12 +36,11 @@ def sampling_speeds(session: Any, models: dict[str, tuple[nn.Module, Any]], reco
                for name, (_, processor) in models.items()}
     sampling, best = adapter.eval_sampling(), dict.fromkeys(models, float("inf"))
     for attempt in range(repeats + 1):  # the first round warms up
-        for name, (model, _) in models.items():
+        for name, (model, processor) in models.items():
             if session.device.type == "cuda":
                 torch.cuda.synchronize()
             started = time.perf_counter()
-            rollout(adapter, model, prompts[name], session.space, session.eos_ids, session.pad_id,
-                    session.config.rollout.max_new_tokens, sampling,
+            rollout(session.side(model, processor), prompts[name], session.config.rollout.max_new_tokens, sampling,
                     torch.Generator(session.device).manual_seed(attempt))
             if session.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -56,10 +55,10 @@ def heldout_divergence(session: Any, student: nn.Module, records: list[dict]) ->
     adapter, config = session.adapter, session.config
     s_prompts = adapter.encode_prompts(records, session.student_processor).to(session.device)
     t_prompts = adapter.encode_prompts(records, session.teacher_processor).to(session.device)
-    out = rollout(adapter, student, s_prompts, session.space, session.eos_ids, session.pad_id,
-                  config.rollout.max_new_tokens, adapter.eval_sampling(), torch.Generator(session.device).manual_seed(0))
-    s_logits = session.space.restrict(adapter.response_logits(student, s_prompts, out.tokens))  # [B, T, A]
-    t_logits = session.space.restrict(adapter.response_logits(session.teacher, t_prompts, out.tokens))
+    out = rollout(session.side(student, session.student_processor), s_prompts, config.rollout.max_new_tokens,
+                  adapter.eval_sampling(), torch.Generator(session.device).manual_seed(0))
+    s_logits = session.space.restrict(adapter.calls.response_logits(student, s_prompts, out.tokens))  # [B, T, A]
+    t_logits = session.space.restrict(adapter.calls.response_logits(session.teacher, t_prompts, out.tokens))
     div = token_divergence(s_logits, t_logits, kind=config.objective.divergence, beta=config.objective.beta,
                            temperature=config.objective.temperature)  # [B, T]
     return masked_mean(div, out.mask).item()
@@ -84,7 +83,7 @@ def write_image_report(out_dir: Path, session: Any, summary: dict[str, Any]) -> 
         return
     config, adapter = session.config, session.adapter
     records = session.eval_data.records[: config.data.eval_limit or None]
-    before = adapter.load_model(config.student.path, "student", torch.float32).to(session.device).eval()
+    before = adapter.calls.load_model(config.student.path, "student", torch.float32).to(session.device).eval()
     unguided = copy.copy(session.teacher_processor)
     unguided.cfg_scale = 1.0
     models = {"teacher": (session.teacher, session.teacher_processor),

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from mmopd.adapter import ModalityAdapter, ModelLoadError, load_pretrained, register_adapter
 from mmopd.batch import PromptBatch, TokenSpace
@@ -42,6 +42,22 @@ def prompt_text(prompt: str | list[dict], tokenizer: PreTrainedTokenizerBase) ->
     return prompt
 
 
+def unreadable(records: list[dict], processor: Any) -> list[str | None]:
+    """Why the tokenizer cannot read each prompt (None where it can): text that is unknown tokens only
+    (whitespace aside) reads as nothing, the tokenizer does not cover the data's script or alphabet."""
+    unk = processor.unk_token_id
+    if unk is None:  # byte-level vocabularies read any text
+        return [None] * len(records)
+    texts = [r["prompt"] if isinstance(r["prompt"], str) else "\n".join(m["content"] for m in r["prompt"])
+             for r in records]
+    out: list[str | None] = []
+    for ids in processor(texts, add_special_tokens=False)["input_ids"]:
+        known = any(i != unk and processor.decode([i]).strip() for i in ids)
+        out.append(None if known else f"the prompt is {len(ids)} tokens, every one unknown "
+                   f"({processor.unk_token}) to the student's tokenizer, which does not cover its characters")
+    return out
+
+
 @register_adapter("text")
 class TextAdapter(ModalityAdapter):
     metric = "accuracy"
@@ -55,9 +71,6 @@ class TextAdapter(ModalityAdapter):
             tokenizer.pad_token = tokenizer.eos_token  # the usual convention for causal LMs without PAD
         tokenizer.padding_side = "left"
         return tokenizer
-
-    def model_class(self, path: str) -> Any:
-        return AutoModelForCausalLM
 
     def check_pair(self, student_processor: Any, teacher_processor: Any, student: nn.Module,
                    teacher: nn.Module) -> None:
@@ -101,24 +114,13 @@ class TextAdapter(ModalityAdapter):
         enc = processor(texts, padding=True, return_tensors="pt", add_special_tokens=not processor.chat_template)
         return PromptBatch(enc["input_ids"], enc["attention_mask"])
 
-    def prompt_lengths(self, records: list[dict], processor: Any) -> list[int]:
+    def measure_prompts(self, records: list[dict], processor: Any) -> list[int | str | None]:
+        """Each prompt's length in tokens, or why the student cannot read it: a prompt whose text is unknown tokens
+        only (whitespace aside) reads as nothing, the tokenizer does not cover the data's script or alphabet."""
         texts = [prompt_text(r["prompt"], processor) for r in records]
-        return [len(ids) for ids in processor(texts, add_special_tokens=not processor.chat_template)["input_ids"]]
-
-    def unreadable_prompts(self, records: list[dict], processor: Any) -> list[str | None]:
-        """A prompt whose text is unknown tokens only (whitespace aside) reads as nothing: the tokenizer does not
-        cover the data's script or alphabet."""
-        unk = processor.unk_token_id
-        if unk is None:  # byte-level vocabularies read any text
-            return [None] * len(records)
-        texts = [r["prompt"] if isinstance(r["prompt"], str) else "\n".join(m["content"] for m in r["prompt"])
-                 for r in records]
-        out: list[str | None] = []
-        for ids in processor(texts, add_special_tokens=False)["input_ids"]:
-            known = any(i != unk and processor.decode([i]).strip() for i in ids)
-            out.append(None if known else f"the prompt is {len(ids)} tokens, every one unknown "
-                       f"({processor.unk_token}) to the student's tokenizer, which does not cover its characters")
-        return out
+        lengths = [len(ids) for ids in processor(texts, add_special_tokens=not processor.chat_template)["input_ids"]]
+        return [length if problem is None else problem
+                for length, problem in zip(lengths, unreadable(records, processor))]
 
     def encode_answers(self, records: list[dict], processor: Any) -> list[list[int]]:
         return [processor(r["answer"], add_special_tokens=False)["input_ids"] + [processor.eos_token_id]

@@ -23,9 +23,10 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from mmopd import hf
 from mmopd.adapter import ModalityAdapter, ModelLoadError, load_pretrained, register_adapter
+from mmopd.hf import ModelCalls
 from mmopd.batch import PromptBatch, TokenSpace
 from mmopd.compat import check_embedding_rows, check_same_vocab
-from mmopd.config import ConfigError, StudentConfig
+from mmopd.config import ConfigError
 from mmopd.data import RecordError, image_parts
 from modalities.vlm.images import check_image, load_rgb, picture_of
 
@@ -86,9 +87,75 @@ def _float_dtype(model: nn.Module) -> torch.dtype:
     return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
+def lm_only(model: nn.Module) -> nn.Module:
+    """`student.trainable: lm_only`: the vision tower and projector frozen, the language model trained."""
+    language = [model.get_decoder(), model.get_output_embeddings()]
+    if any(part is None for part in language):
+        raise ConfigError(f"student.trainable=lm_only: {type(model).__name__} does not expose its language "
+                          "model (get_decoder / get_output_embeddings); use full or lora")
+    model.requires_grad_(False)
+    for part in language:
+        part.requires_grad_(True)
+    return model
+
+
+def _forward_inputs(model: nn.Module, input_ids: Tensor, mask: Tensor,
+                    extras: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Model inputs for a full sequence [B, L] with explicit positions ([3, B, L] for mrope, else [B, L])."""
+    dtype = _float_dtype(model)
+    inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in extras.items()}
+    owner = _rope_index_owner(model)
+    if owner is None:
+        positions = hf.positions(mask)
+    else:
+        if "mm_token_type_ids" not in inputs:
+            raise ModelLoadError(f"{type(hf.base_model(model)).__name__} uses multimodal rope, but its processor "
+                                 "returned no mm_token_type_ids; upgrade transformers or the processor files")
+        rope_kwargs = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+                       if k in inputs}
+        positions, _ = owner.get_rope_index(input_ids, mm_token_type_ids=inputs["mm_token_type_ids"],
+                                            attention_mask=mask, **rope_kwargs)
+    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions, **inputs}
+
+
+class VLMCalls(ModelCalls):
+    """The VLM's model calls: explicit positions (multimodal rope for Qwen-VL) on the prompt and the response."""
+
+    def model_class(self, path: str) -> Any:
+        return AutoModelForImageTextToText
+
+    def start(self, model: nn.Module, prompts: PromptBatch) -> tuple[Tensor, Any]:
+        inputs = _forward_inputs(model, prompts.input_ids, prompts.attention_mask, prompts.model_inputs)
+        out = model(**inputs, use_cache=True, **hf.keep_last(model, 1))
+        positions = inputs["position_ids"]  # [B, P] or [3, B, P]
+        last = positions.amax(-1) if positions.dim() == 2 else positions.amax(-1).amax(0)  # [B]
+        return out.logits[:, -1], (hf.cache_of(out), prompts.attention_mask, last, positions.dim() == 3)
+
+    def step(self, model: nn.Module, tokens: Tensor, state: Any) -> tuple[Tensor, Any]:
+        cache, mask, last, mrope = state
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        pos = last + 1  # [B]: a text token takes the next position on every rope axis
+        position_ids = pos[None, :, None].expand(3, -1, 1) if mrope else pos[:, None]
+        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position_ids, use_cache=True,
+                    **hf.cache_arg(model, cache))
+        return out.logits[:, -1], (hf.cache_of(out), mask, pos, mrope)
+
+    def response_logits(self, model: nn.Module, prompts: PromptBatch, tokens: Tensor) -> Tensor:
+        T = tokens.shape[1]
+        input_ids = torch.cat([prompts.input_ids, tokens], dim=1)  # [B, P+T]
+        mask = torch.cat([prompts.attention_mask, torch.ones_like(tokens)], dim=1)
+        extras = {k: torch.cat([v, v.new_zeros(v.shape[0], T)], dim=1) if k in TOKEN_ALIGNED else v
+                  for k, v in prompts.model_inputs.items()}  # response tokens are text: type 0
+        out = model(**_forward_inputs(model, input_ids, mask, extras), **hf.keep_last(model, T + 1))
+        return out.logits[:, -(T + 1):-1]  # [B, T, V]
+
+
 @register_adapter("vlm")
 class VLMAdapter(ModalityAdapter):
     metric = "accuracy"
+    prompt_pictures = True  # vLLM takes them as multi_modal_data (a served rollout engine cannot send them)
+    calls = VLMCalls()
+    trainable_modes = {"lm_only": lm_only}
 
     # --- loading -------------------------------------------------------------------------------
     def load_processor(self, path: str, role: str) -> Any:
@@ -108,9 +175,6 @@ class VLMAdapter(ModalityAdapter):
             tok.pad_token = tok.eos_token
         tok.padding_side = "left"
         return processor
-
-    def model_class(self, path: str) -> Any:
-        return AutoModelForImageTextToText
 
     def check_pair(self, student_processor: Any, teacher_processor: Any, student: nn.Module,
                    teacher: nn.Module) -> None:
@@ -148,20 +212,6 @@ class VLMAdapter(ModalityAdapter):
         """The chat template's end-of-turn token first (what answers end with), then the tokenizer's EOS."""
         ids = [turn_end_id(processor), tokenizer_of(processor).eos_token_id]
         return list(dict.fromkeys(i for i in ids if i is not None))
-
-    # --- what trains -----------------------------------------------------------------------------
-    def prepare_trainable(self, model: nn.Module, student: StudentConfig) -> nn.Module:
-        """`lm_only` freezes the vision tower and projector; `full` and `lora` as for any model."""
-        if student.trainable != "lm_only":
-            return super().prepare_trainable(model, student)
-        language = [model.get_decoder(), model.get_output_embeddings()]
-        if any(part is None for part in language):
-            raise ConfigError(f"student.trainable=lm_only: {type(model).__name__} does not expose its language "
-                              "model (get_decoder / get_output_embeddings); use full or lora")
-        model.requires_grad_(False)
-        for part in language:
-            part.requires_grad_(True)
-        return model
 
     # --- data --------------------------------------------------------------------------------
     def check_record(self, raw: dict, base_dir: Path) -> dict:
@@ -225,63 +275,3 @@ class VLMAdapter(ModalityAdapter):
         if not hits:
             raise RecordError("vlm eval records need an 'answer' to score")
         return {"accuracy": sum(hits) / len(hits)}
-
-    def engine_key(self, key: str, model: nn.Module) -> str:
-        """LLaVA's CLIP/SigLIP tower as the hub's llava-hf checkpoints (and vLLM) name it: vision_tower.vision_model.*
-        (transformers writes vision_tower.* and reads both)."""
-        prefix = "vision_tower."
-        if hf.base_model(model).config.model_type == "llava" and key.startswith(prefix) \
-                and not key.startswith(prefix + "vision_model."):
-            return prefix + "vision_model." + key[len(prefix):]
-        return key
-
-    def vllm_unsupported(self, model: nn.Module, served: bool) -> str | None:
-        if served:
-            return ("a served vLLM takes token-id prompts without pictures over /v1/completions; sample from a "
-                    "colocated vLLM (leave rollout.url empty), which takes the student's ids with multi_modal_data")
-        return None
-
-    # --- model calls -----------------------------------------------------------------------------
-    def _forward_inputs(self, model: nn.Module, input_ids: Tensor, mask: Tensor,
-                        extras: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Model inputs for a full sequence [B, L] with explicit positions ([3, B, L] for mrope, else [B, L])."""
-        dtype = _float_dtype(model)
-        inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in extras.items()}
-        owner = _rope_index_owner(model)
-        if owner is None:
-            positions = hf.positions(mask)
-        else:
-            if "mm_token_type_ids" not in inputs:
-                raise ModelLoadError(f"{type(hf.base_model(model)).__name__} uses multimodal rope, but its processor "
-                                     "returned no mm_token_type_ids; upgrade transformers or the processor files")
-            rope_kwargs = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
-                           if k in inputs}
-            positions, _ = owner.get_rope_index(input_ids, mm_token_type_ids=inputs["mm_token_type_ids"],
-                                                attention_mask=mask, **rope_kwargs)
-        return {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions, **inputs}
-
-    def start(self, model: nn.Module, prompts: PromptBatch) -> tuple[Tensor, Any]:
-        inputs = self._forward_inputs(model, prompts.input_ids, prompts.attention_mask, prompts.model_inputs)
-        out = model(**inputs, use_cache=True, **hf.keep_last(model, 1))
-        positions = inputs["position_ids"]  # [B, P] or [3, B, P]
-        last = positions.amax(-1) if positions.dim() == 2 else positions.amax(-1).amax(0)  # [B]
-        return out.logits[:, -1], (hf.cache_of(out), prompts.attention_mask, last, positions.dim() == 3)
-
-    def step(self, model: nn.Module, tokens: Tensor, state: Any) -> tuple[Tensor, Any]:
-        cache, mask, last, mrope = state
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        pos = last + 1  # [B]: a text token takes the next position on every rope axis
-        position_ids = pos[None, :, None].expand(3, -1, 1) if mrope else pos[:, None]
-        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position_ids, use_cache=True,
-                    **hf.cache_arg(model, cache))
-        return out.logits[:, -1], (hf.cache_of(out), mask, pos, mrope)
-
-    def response_logits(self, model: nn.Module, prompts: PromptBatch, tokens: Tensor) -> Tensor:
-        T = tokens.shape[1]
-        input_ids = torch.cat([prompts.input_ids, tokens], dim=1)  # [B, P+T]
-        mask = torch.cat([prompts.attention_mask, torch.ones_like(tokens)], dim=1)
-        extras = {k: torch.cat([v, v.new_zeros(v.shape[0], T)], dim=1) if k in TOKEN_ALIGNED else v
-                  for k, v in prompts.model_inputs.items()}  # response tokens are text: type 0
-        out = model(**self._forward_inputs(model, input_ids, mask, extras), **hf.keep_last(model, T + 1))
-        return out.logits[:, -(T + 1):-1]  # [B, T, V]
-

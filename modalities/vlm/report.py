@@ -21,8 +21,7 @@ LINE = 14
 
 
 def answers_of(session: Any, model: Any, processor: Any, records: list[dict]) -> list[str]:
-    result = evaluate_policy(session.adapter, model, processor, records, session.space, session.eos_ids,
-                             session.pad_id, session.config.rollout.max_new_tokens,
+    result = evaluate_policy(session.side(model, processor), records, session.config.rollout.max_new_tokens,
                              session.config.train.eval_batch_size, session.device)
     return result["responses"]
 
@@ -41,7 +40,7 @@ def write_answer_grid(out_dir: Path, session: Any, n: int = GRID_EXAMPLES) -> Pa
     if session.teacher is not None:
         rows["teacher"] = answers_of(session, session.teacher, session.teacher_processor, records)
     dtype = next(p.dtype for p in session.policy.parameters() if p.is_floating_point())
-    before = session.adapter.load_model(session.config.student.path, "student", dtype).to(session.device)
+    before = session.adapter.calls.load_model(session.config.student.path, "student", dtype).to(session.device)
     rows["before"] = answers_of(session, before, session.student_processor, records)
     del before
     rows["after"] = answers_of(session, session.policy, session.student_processor, records)

@@ -18,7 +18,7 @@ import torch
 import yaml
 from torch import nn
 
-from mmopd.adapter import ModalityAdapter
+from mmopd.adapter import ModalityAdapter, PolicySide
 from mmopd.batch import answers_rollout
 from mmopd.config import ConfigError
 from mmopd.data import load_jsonl
@@ -89,7 +89,7 @@ def fit(adapter: ModalityAdapter, model: nn.Module, processor: Any, records: lis
         batch = [records[i] for i in torch.randint(len(records), (batch_size,), generator=gen).tolist()]
         prompts = adapter.encode_prompts(batch, processor)
         answers = answers_rollout(adapter.encode_answers(batch, processor), pad, torch.device("cpu"))
-        logits = space.restrict(adapter.response_logits(model, prompts, answers.tokens))  # [B, T, A]
+        logits = space.restrict(adapter.calls.response_logits(model, prompts, answers.tokens))  # [B, T, A]
         loss = masked_mean(-sampled_token_logprobs(logits, space.to_actions(answers.tokens)), answers.mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -118,8 +118,8 @@ def accuracy(adapter: ModalityAdapter, model: nn.Module, processor: Any, records
     """Greedy exact-match accuracy, through the same evaluation the trainer uses."""
     space = adapter.token_space(processor, model)
     eos = adapter.eos_token_ids(processor)
-    result = evaluate_policy(adapter, model, processor, records, space, eos, processor.tokenizer.pad_token_id,
-                             MAX_NEW_TOKENS, batch_size, torch.device("cpu"))
+    side = PolicySide(adapter, model, processor, space, eos, processor.tokenizer.pad_token_id)
+    result = evaluate_policy(side, records, MAX_NEW_TOKENS, batch_size, torch.device("cpu"))
     return result["metrics"]["accuracy"]
 
 

@@ -32,8 +32,7 @@ def brute_force(session, records, batch_size, max_new):
         t = a.encode_prompts(chunk, session.teacher_processor)
         for name, p_model, q_model, p_prompts, q_prompts in (("reverse_kl", session.policy, session.teacher, s, t),
                                                                ("forward_kl", session.teacher, session.policy, t, s)):
-            out = rollout(a, p_model, p_prompts, session.space, session.eos_ids, session.pad_id, max_new,
-                          Sampling(temperature=1.0), gen)
+            out = rollout(session.side(p_model, None), p_prompts, max_new, Sampling(temperature=1.0), gen)
             logps = []
             for model, prompts in ((p_model, p_prompts), (q_model, q_prompts)):
                 ids = torch.cat([prompts.input_ids, out.tokens], 1)
@@ -53,9 +52,8 @@ def test_both_kls_match_a_brute_force_computation(text_config, monkeypatch, budg
     monkeypatch.setattr(evaluation, "LOGIT_BUDGET", budget)
     session = Session(text_config(), for_eval=True, need_teacher=True)
     records = session.eval_data.records[:6]
-    got = kl_to_teacher(session.adapter, session.policy, session.teacher, session.student_processor,
-                        session.teacher_processor, records, session.space, session.eos_ids, session.pad_id, 8, 4,
-                        session.device)
+    got = kl_to_teacher(session.side(session.policy, session.student_processor),
+                        session.side(session.teacher, session.teacher_processor), records, 8, 4, session.device)
     want = brute_force(session, records, 4, 8)
     assert got["reverse_kl"] > 0 and got["forward_kl"] > 0
     assert got == pytest.approx(want, rel=1e-5)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmopd.adapter import ModalityAdapter
+from mmopd.adapter import fused_unsupported, prepare_trainable
+from mmopd.hf import ModelCalls
 from mmopd.config import ConfigError, ObjectiveConfig
 from mmopd.losses import fused_divergence_loss
 from mmopd.engines import DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, HFTeacher, TeacherNeed
@@ -32,7 +33,7 @@ def _assert_fused_step_equals_logits_step(text_config, lora=False, **overrides):
             session.teacher.double()
         if lora:
             torch.manual_seed(0)  # the same LoRA initialisation for both runs
-            session.policy = session.adapter.prepare_trainable(session.policy, config.student)
+            session.policy = prepare_trainable(session.adapter, session.policy, config.student)
         rows[fused], grads[fused] = _step_loss_and_grads(session, config, session.train_data.records[:4])
     assert rows["always"]["fused"] == 1.0 and rows["never"]["fused"] == 0.0
     if overrides.get("objective.kind", "on_policy") in ("on_policy", "seq_kd"):
@@ -85,13 +86,14 @@ def test_fused_teacher_scores_equal_the_logits_scores(text_config):
 def test_auto_falls_back_to_logits_for_an_adapter_with_its_own_logits_and_always_refuses(text_config, caplog):
     session = Session(text_config())
 
-    class OwnLogits(type(session.adapter)):
+    class OwnLogits(ModelCalls):
         def response_logits(self, model, prompts, tokens):
-            return ModalityAdapter.response_logits(self, model, prompts, tokens)
+            return ModelCalls.response_logits(self, model, prompts, tokens)
 
     models = session.models()
-    models.adapter = OwnLogits()
-    assert models.adapter.fused_unsupported(session.policy) == "the text adapter computes its own response logits"
+    models.adapter = type(session.adapter)()
+    models.adapter.calls = OwnLogits()
+    assert fused_unsupported(models.adapter, session.policy) == "the text adapter computes its own response logits"
     _log_once.cache_clear()
     with caplog.at_level("INFO", logger="mmopd"):
         assert use_fused(models, text_config()) is False
@@ -105,7 +107,7 @@ def test_auto_falls_back_to_logits_for_an_adapter_with_its_own_logits_and_always
 def test_logit_softcapping_models_are_not_fused(text_config):
     session = Session(text_config())
     session.teacher.config.final_logit_softcapping = 30.0
-    assert "final_logit_softcapping=30.0" in session.adapter.fused_unsupported(session.teacher)
+    assert "final_logit_softcapping=30.0" in fused_unsupported(session.adapter, session.teacher)
     assert use_fused(session.models(), text_config()) is False
 
 
@@ -116,7 +118,7 @@ def test_a_head_that_does_not_reproduce_the_models_logits_is_an_error(text_confi
     original = session.policy.lm_head.forward
     session.policy.lm_head.forward = lambda x: original(x) + 1.0  # a head transform the fused path cannot see
     with pytest.raises(ValueError, match="set objective.fused=never"):
-        session.adapter.response_hidden(session.policy, prompts, tokens)
+        session.adapter.calls.response_hidden(session.policy, prompts, tokens)
 
 
 def test_fused_losses_run_the_head_in_the_dtype_the_models_own_head_ran_in():

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from mmopd.adapter import ModalityAdapter
+from mmopd.adapter import ModalityAdapter, PolicySide
+from mmopd.hf import ModelCalls
 from mmopd.batch import PromptBatch, TokenSpace
 from mmopd.batch import Sampling
 from mmopd.engines.hf import filter_logits, rollout, sample
@@ -13,7 +14,7 @@ from mmopd.session import Session
 EOS, PAD = 3, 0
 
 
-class ScriptedAdapter(ModalityAdapter):
+class ScriptedCalls(ModelCalls):
     """Emits a fixed token script per row (one-hot logits), ignoring the model."""
 
     def __init__(self, script: list[list[int]], vocab: int = 6):
@@ -32,20 +33,26 @@ class ScriptedAdapter(ModalityAdapter):
         return self._logits(), None
 
 
+class ScriptedAdapter(ModalityAdapter):
+    def __init__(self, script: list[list[int]], vocab: int = 6):
+        super().__init__()
+        self.calls = ScriptedCalls(script, vocab)
+
+
 def _prompts(batch: int) -> PromptBatch:
     return PromptBatch(torch.ones(batch, 2, dtype=torch.long), torch.ones(batch, 2, dtype=torch.long))
 
 
 def test_mask_stops_after_first_eos_and_pads_the_rest():
     adapter = ScriptedAdapter([[1, EOS, 2, 2, 2], [1, 2, 2, EOS, 1], [2, 2, 2, 2, 2]])
-    out = rollout(adapter, None, _prompts(3), TokenSpace(6), [EOS], PAD, 5, Sampling(temperature=0))
+    out = rollout(PolicySide(adapter, None, None, TokenSpace(6), [EOS], PAD), _prompts(3), 5, Sampling(temperature=0))
     assert out.tokens.tolist() == [[1, EOS, PAD, PAD, PAD], [1, 2, 2, EOS, PAD], [2, 2, 2, 2, 2]]
     assert out.mask.tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
 
 
 def test_rollout_stops_early_once_every_row_ended():
     adapter = ScriptedAdapter([[EOS], [1, EOS]])
-    out = rollout(adapter, None, _prompts(2), TokenSpace(6), [EOS], PAD, 10, Sampling(temperature=0))
+    out = rollout(PolicySide(adapter, None, None, TokenSpace(6), [EOS], PAD), _prompts(2), 10, Sampling(temperature=0))
     assert out.tokens.shape == (2, 2)
     assert out.mask.tolist() == [[1, 0], [1, 1]]
 
@@ -81,8 +88,8 @@ def test_sampling_matches_the_temperature_scaled_distribution():
 def test_same_generator_seed_gives_the_same_rollout(text_config):
     session = Session(text_config(**{"objective.kind": "sft"}))
     prompts = session.adapter.encode_prompts(session.train_data.records[:4], session.student_processor)
-    runs = [rollout(session.adapter, session.policy, prompts, session.space, session.eos_ids, session.pad_id, 8,
-                    Sampling(), torch.Generator().manual_seed(7)) for _ in range(2)]
+    runs = [rollout(session.side(session.policy, session.student_processor), prompts, 8, Sampling(),
+                    torch.Generator().manual_seed(7)) for _ in range(2)]
     assert torch.equal(runs[0].tokens, runs[1].tokens)
 
 
@@ -92,10 +99,10 @@ def test_behaviour_logprobs_equal_a_full_forward_over_prompt_and_response(text_c
     records = [{"prompt": "1+2=", "answer": None}, {"prompt": "123+456=", "answer": None}]  # unequal padding
     prompts = session.adapter.encode_prompts(records, session.student_processor)
     assert prompts.attention_mask[0, 0] == 0  # the short prompt is left-padded
-    out = rollout(session.adapter, session.policy, prompts, session.space, session.eos_ids, session.pad_id, 8,
-                  Sampling(), torch.Generator().manual_seed(0))
+    out = rollout(session.side(session.policy, session.student_processor), prompts, 8, Sampling(),
+                  torch.Generator().manual_seed(0))
     with torch.no_grad():
-        logits = session.space.restrict(session.adapter.response_logits(session.policy, prompts, out.tokens))
+        logits = session.space.restrict(session.adapter.calls.response_logits(session.policy, prompts, out.tokens))
     recomputed = logits.float().log_softmax(-1).gather(-1, out.tokens[..., None]).squeeze(-1)
     assert torch.allclose(recomputed * out.mask, out.logprobs * out.mask, atol=1e-4)
 
@@ -104,12 +111,10 @@ def test_batched_prompts_of_different_lengths_roll_out_as_each_prompt_alone(text
     """Greedy decoding of a left-padded batch gives every row the tokens it gets on its own."""
     session = Session(text_config(**{"objective.kind": "sft"}))
     records = [{"prompt": p, "answer": None} for p in ("1+2=", "123+456=", "12+3=")]
-    args = (session.space, session.eos_ids, session.pad_id, 8, Sampling(temperature=0))
-    batched = rollout(session.adapter, session.policy,
-                      session.adapter.encode_prompts(records, session.student_processor), *args)
+    side, args = session.side(session.policy, session.student_processor), (8, Sampling(temperature=0))
+    batched = rollout(side, session.adapter.encode_prompts(records, session.student_processor), *args)
     for i, record in enumerate(records):
-        alone = rollout(session.adapter, session.policy,
-                        session.adapter.encode_prompts([record], session.student_processor), *args)
+        alone = rollout(side, session.adapter.encode_prompts([record], session.student_processor), *args)
         T = alone.tokens.shape[1]
         assert torch.equal(batched.tokens[i, :T], alone.tokens[0]) and torch.equal(batched.mask[i, :T], alone.mask[0])
         assert batched.mask[i, T:].sum() == 0

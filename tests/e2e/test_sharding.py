@@ -216,7 +216,7 @@ UNEVEN = """
 import sys
 import torch
 from accelerate import Accelerator
-from mmopd.adapter import get_adapter
+from mmopd.adapter import PolicySide, get_adapter
 from mmopd.batch import Sampling
 from mmopd.engines.hf import rollout
 from mmopd.sharding import shard
@@ -225,12 +225,12 @@ accelerator = Accelerator(cpu=True)
 rank = accelerator.process_index
 adapter = get_adapter("text")
 processor = adapter.load_processor(sys.argv[1], "student")
-model = shard(adapter.load_model(sys.argv[1], "student", torch.float32), accelerator.device, trainable=False)
+model = shard(adapter.calls.load_model(sys.argv[1], "student", torch.float32), accelerator.device, trainable=False)
 space = adapter.token_space(processor, model)
 prompts = adapter.encode_prompts([{"prompt": "1+1="}] * (1 + rank), processor)
 # rank 0 ends at its first token (every token is an EOS), rank 1 never ends: rank 0 must keep stepping
 eos = list(range(len(processor))) if rank == 0 else [len(processor) + 7]
-out = rollout(adapter, model, prompts, space, eos, 0, 12, Sampling(temperature=1.0),
+out = rollout(PolicySide(adapter, model, processor, space, eos, 0), prompts, 12, Sampling(temperature=1.0),
               torch.Generator().manual_seed(rank))
 print(f"rank {rank} tokens {tuple(out.tokens.shape)} kept {int(out.mask.sum())}", flush=True)
 """

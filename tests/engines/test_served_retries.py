@@ -48,7 +48,7 @@ def endpoint():
 
 def test_an_aborted_answer_is_retried_and_the_next_complete_answer_returned(endpoint, monkeypatch):
     url, state = endpoint
-    monkeypatch.setattr("mmopd.engines.vllm.time.sleep", lambda _: None)  # the backoff, not what is tested
+    monkeypatch.setattr("mmopd.engines.vllm.served.time.sleep", lambda _: None)  # the backoff, not what is tested
     state["answers"] = [ABORTED, DONE]
     assert Served(url, timeout=5, retries=2, role="teacher").post("/v1/completions", {}) == DONE[1]
     assert state["posts"] == 2
@@ -56,7 +56,7 @@ def test_an_aborted_answer_is_retried_and_the_next_complete_answer_returned(endp
 
 def test_answers_aborted_on_every_try_stop_the_run_naming_the_url_and_the_options(endpoint, monkeypatch):
     url, state = endpoint
-    monkeypatch.setattr("mmopd.engines.vllm.time.sleep", lambda _: None)
+    monkeypatch.setattr("mmopd.engines.vllm.served.time.sleep", lambda _: None)
     state["answers"] = [ABORTED]
     with pytest.raises(EngineError, match="did not answer /v1/completions after 3 tries") as err:
         Served(url, timeout=5, retries=2, role="teacher").post("/v1/completions", {})
@@ -68,7 +68,7 @@ def test_a_server_fault_is_retried_and_a_refusal_is_not(endpoint, monkeypatch):
     """HTTP 5xx (vLLM's engine died, as when the server stops mid-request) is retried; HTTP 4xx is the server's
     answer to this request, named at once."""
     url, state = endpoint
-    monkeypatch.setattr("mmopd.engines.vllm.time.sleep", lambda _: None)
+    monkeypatch.setattr("mmopd.engines.vllm.served.time.sleep", lambda _: None)
     state["answers"] = [ENGINE_DIED, DONE]
     assert Served(url, timeout=5, retries=2, role="teacher").post("/v1/completions", {}) == DONE[1]
     state["answers"], state["posts"] = [ENGINE_DIED], 0

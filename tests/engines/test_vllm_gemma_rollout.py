@@ -12,6 +12,7 @@ import shutil
 import pytest
 import torch
 
+from mmopd.adapter import PolicySide
 from mmopd import train
 from mmopd.batch import Sampling
 from mmopd.config import load_config
@@ -69,7 +70,7 @@ def test_greedy_rollouts_of_the_real_student_equal_the_hf_engine_token_for_token
     session = Session(_config(pair, server, tmp_path))
     m = session.models()
     assert isinstance(m.rollout, VLLMRollout) and m.space.size == 262144
-    hf = HFRollout(m.adapter, m.policy, m.space, m.eos_ids, m.pad_id, NEW_TOKENS)
+    hf = HFRollout(PolicySide(m.adapter, m.policy, None, m.space, m.eos_ids, m.pad_id), NEW_TOKENS)
     prompts = m.adapter.encode_prompts(session.train_data.records, m.student_processor)  # left-padded, BOS first
     assert len(set(prompts.attention_mask.sum(1).tolist())) > 1 and all(row[0] == 2 for row in prompts.unpadded_ids())
     ours, theirs = (engine.sample(prompts, Sampling(temperature=0), None) for engine in (m.rollout, hf))
@@ -83,7 +84,7 @@ def test_greedy_rollouts_past_the_sliding_window_equal_the_hf_engines(pair, serv
     512 positions, the full-attention one all of them."""
     session = Session(_config(pair, server, tmp_path))
     m = session.models()
-    hf = HFRollout(m.adapter, m.policy, m.space, m.eos_ids, m.pad_id, NEW_TOKENS)
+    hf = HFRollout(PolicySide(m.adapter, m.policy, None, m.space, m.eos_ids, m.pad_id), NEW_TOKENS)
     prompts = m.adapter.encode_prompts([{"prompt": LONG}, {"prompt": PROMPTS[0]}], m.student_processor)
     assert WINDOW < prompts.input_ids.shape[1] <= WINDOW + 128 - NEW_TOKENS
     ours, theirs = (engine.sample(prompts, Sampling(temperature=0), None) for engine in (m.rollout, hf))

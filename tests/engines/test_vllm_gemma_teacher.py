@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmopd.adapter import PolicySide
 from mmopd import train
 from mmopd.batch import Sampling
 from mmopd.config import load_config
@@ -102,7 +103,7 @@ def test_greedy_decoding_of_the_served_teacher_equals_the_hf_engine(pair, server
     new = 10  # " 12 + 7 = 19" is 10 tokens: the digits are one a token
     served = VLLMRollout(Served(server.url, 120.0, 0), m.space, m.eos_ids, m.pad_id, new, Path(tmp_path / "sync"),
                          lora=False, engine_key=lambda key: key)
-    hf = HFRollout(m.adapter, hf_teacher, m.space, m.eos_ids, m.pad_id, new)
+    hf = HFRollout(PolicySide(m.adapter, hf_teacher, None, m.space, m.eos_ids, m.pad_id), new)
     prompts = m.adapter.encode_prompts(session.train_data.records, m.teacher_processor)
     ours, theirs = (engine.sample(prompts, Sampling(temperature=0), None) for engine in (served, hf))
     texts = [m.adapter.decode(r.tokens, r.mask, m.teacher_processor) for r in (ours, theirs)]

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from mmopd import train
+from mmopd.adapter import prepare_trainable
 from mmopd.batch import Sampling
 from mmopd.cli import main
 from mmopd.config import ConfigError, load_config, save_config
@@ -71,7 +72,7 @@ def _config(pair, server, tmp_path, **overrides):
 
 def _engines(session):
     m = session.models()
-    hf = HFRollout(m.adapter, m.policy, m.space, m.eos_ids, m.pad_id, session.config.rollout.max_new_tokens)
+    hf = HFRollout(session.side(m.policy, m.student_processor), session.config.rollout.max_new_tokens)
     return m, hf
 
 
@@ -95,7 +96,7 @@ def test_samples_stay_in_the_token_space_repeat_per_seed_and_carry_the_trainers_
     assert torch.equal(first.tokens, again.tokens) and not torch.equal(first.tokens, other.tokens)
     assert int(first.tokens[first.mask.bool()].max()) < m.space.size  # never a padded embedding row
     with torch.no_grad():  # the behaviour log-prob under the distribution sampled from: /T, top-k, renormalised
-        logits = m.space.restrict(m.adapter.response_logits(m.policy, prompts, first.tokens)).float() / 0.8
+        logits = m.space.restrict(m.adapter.calls.response_logits(m.policy, prompts, first.tokens)).float() / 0.8
         kth = logits.topk(6, dim=-1).values[..., -1:]
         expected = logits.masked_fill(logits < kth, float("-inf")).log_softmax(-1)
         expected = expected.gather(-1, first.tokens[..., None]).squeeze(-1)
@@ -120,7 +121,7 @@ def test_after_an_optimizer_step_and_a_sync_the_engine_samples_from_the_new_weig
                  else 1e-2}
     config = _config(pair, server, tmp_path, **overrides)
     session = Session(config)
-    session.policy = session.adapter.prepare_trainable(session.policy, config.student)
+    session.policy = prepare_trainable(session.adapter, session.policy, config.student)
     m, row = _step(session, config)
     assert row["rollout/logprob_mismatch"] < 1e-4  # the engine had the weights the trainer sampled with
     if trainable == "full":  # the engine loaded the written copy, which then went

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmopd.adapter import get_adapter
+from mmopd.adapter import get_adapter, settings_of
 from mmopd.batch import Sampling
 from mmopd.config import load_config
 from mmopd.engines import TOKEN_LOGPROBS, TOP_K, HFTeacher, TeacherNeed, VLLMTeacher
@@ -28,7 +28,7 @@ K = 5
 def full_vocab_logprobs(adapter, model, prompts, tokens):
     """The hf model's log-softmax over its whole vocabulary at each response position: [B, T] -> [B, T, V]."""
     with torch.no_grad():
-        return adapter.response_logits(model, prompts, tokens).float().log_softmax(-1)
+        return adapter.calls.response_logits(model, prompts, tokens).float().log_softmax(-1)
 
 
 def check_against_hf(ours, hf_values, full, tokens, valid, space_ids):
@@ -107,10 +107,9 @@ def test_a_served_unguided_image_token_teacher_gives_the_hf_teachers_log_probs_o
     config = load_config(None, {"modality": "image_tokens", "student.path": str(path), "teacher.path": str(path),
                                 "data.train": "unused.jsonl", "objective.estimator": "sampled",
                                 "rollout.max_new_tokens": 16})
-    adapter = get_adapter("image_tokens")
-    adapter.configure(config)
+    adapter = get_adapter("image_tokens", settings_of(config))
     processor = adapter.load_processor(str(path), "teacher")
-    model = adapter.load_model(str(path), "teacher", torch.float32)
+    model = adapter.calls.load_model(str(path), "teacher", torch.float32)
     space = adapter.token_space(processor, model)
     prompts = adapter.encode_prompts([{"label": i % 3, "prompt": None, "answer": None} for i in range(6)], processor)
     tokens = torch.randint(0, processor.codebook_size, (6, 16), generator=torch.Generator().manual_seed(0))

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from transformers import ChameleonConfig
 
-from mmopd.adapter import ModelLoadError
+from mmopd.adapter import ModelLoadError, PolicySide
 from mmopd.compat import IncompatibleModelsError
 from mmopd.config import ConfigError
 from mmopd.data import DataError
@@ -51,10 +51,10 @@ def _records(session, n: int) -> list[dict]:
 
 def _cached_logits(adapter, model, prompts, tokens: torch.Tensor) -> torch.Tensor:
     """Logits from prefill + one cached step per token, as a rollout computes them. [B, T] -> [B, T, V]"""
-    logits, state = adapter.start(model, prompts)
+    logits, state = adapter.calls.start(model, prompts)
     out = [logits]
     for t in range(tokens.shape[1] - 1):
-        logits, state = adapter.step(model, tokens[:, t], state)
+        logits, state = adapter.calls.step(model, tokens[:, t], state)
         out.append(logits)
     return torch.stack(out, 1)
 
@@ -65,10 +65,10 @@ def test_sampling_never_leaves_the_codebook_even_when_other_tokens_score_higher(
     head[K:] = head[K:] * 0 + 5.0  # every special and class token now outscores the codes
     prompts = session.adapter.encode_prompts(_records(session, 4), session.student_processor)
     with torch.no_grad():
-        first, _ = session.adapter.start(session.policy, prompts)
+        first, _ = session.adapter.calls.start(session.policy, prompts)
     assert (first.argmax(-1) >= K).all()  # unrestricted, the policy would leave the codebook
-    out = rollout(session.adapter, session.policy, prompts, session.space, session.eos_ids, session.pad_id,
-                  GRID_TOKENS, Sampling(temperature=1.0), torch.Generator().manual_seed(0))
+    out = rollout(session.side(session.policy, session.student_processor), prompts, GRID_TOKENS,
+                  Sampling(temperature=1.0), torch.Generator().manual_seed(0))
     assert session.space.size == K
     assert out.tokens.shape == (4, GRID_TOKENS)
     assert out.tokens.max().item() < K and out.tokens.min().item() >= 0
@@ -100,7 +100,7 @@ def test_guided_teacher_logits_match_bruteforce_cfg(config, scale):
     records = _records(session, 3)
     tokens = torch.randint(0, K, (3, GRID_TOKENS), generator=torch.Generator().manual_seed(1))
     prompts = session.adapter.encode_prompts(records, tok)
-    guided = session.adapter.response_logits(teacher, prompts, tokens)  # [B, T, V]
+    guided = session.adapter.calls.response_logits(teacher, prompts, tokens)  # [B, T, V]
     assert guided.shape == (3, GRID_TOKENS, tok.vocab_size)
     for b, record in enumerate(records):
         cond_ids = [tok.class_offset + record["label"], tok.boi_token_id] + tokens[b].tolist()
@@ -117,10 +117,10 @@ def test_teacher_forced_logits_equal_kv_cached_rollout_logits(config, scale):
     adapter, space = session.adapter, session.space
     for model, processor in ((session.teacher, session.teacher_processor), (session.policy, session.student_processor)):
         prompts = adapter.encode_prompts(_records(session, 3), processor)
-        out = rollout(adapter, model, prompts, space, [], session.pad_id, GRID_TOKENS, Sampling(temperature=1.0),
-                      torch.Generator().manual_seed(0))
+        out = rollout(PolicySide(adapter, model, None, space, [], session.pad_id), prompts, GRID_TOKENS,
+                      Sampling(temperature=1.0), torch.Generator().manual_seed(0))
         with torch.no_grad():
-            forced = space.restrict(adapter.response_logits(model, prompts, out.tokens))  # [B, T, K]
+            forced = space.restrict(adapter.calls.response_logits(model, prompts, out.tokens))  # [B, T, K]
             cached = space.restrict(_cached_logits(adapter, model, prompts, out.tokens))
         assert torch.allclose(forced, cached, atol=1e-5)
         behaviour = forced.log_softmax(-1).gather(-1, out.tokens[..., None]).squeeze(-1)  # row t scores token t

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import Emu3ForConditionalGeneration
 
+from mmopd.adapter import PolicySide
 from mmopd.compat import IncompatibleModelsError
 from mmopd.config import ConfigError, load_config
 from mmopd.losses import token_divergence
@@ -46,7 +47,7 @@ def _session(pair, tmp_path, **overrides) -> Session:
 
 def _sample(session: Session, model, processor, temperature: float = 1.0):
     prompts = session.adapter.encode_prompts(session.train_data.records, processor)
-    out = rollout(session.adapter, model, prompts, session.space, session.eos_ids, session.pad_id, T,
+    out = rollout(PolicySide(session.adapter, model, None, session.space, session.eos_ids, session.pad_id), prompts, T,
                   Sampling(temperature=temperature), torch.Generator().manual_seed(0))
     return prompts, out
 
@@ -80,11 +81,11 @@ def test_emu3_teacher_forced_logits_equal_kv_cached_rollout_logits(pair, tmp_pat
     adapter, space = session.adapter, session.space
     prompts, out = _sample(session, session.teacher, session.teacher_processor)
     with torch.no_grad():
-        forced = space.restrict(adapter.response_logits(session.teacher, prompts, out.tokens))  # [B, T, A]
-        logits, state = adapter.start(session.teacher, prompts)
+        forced = space.restrict(adapter.calls.response_logits(session.teacher, prompts, out.tokens))  # [B, T, A]
+        logits, state = adapter.calls.start(session.teacher, prompts)
         cached = [logits]
         for t in range(T - 1):
-            logits, state = adapter.step(session.teacher, out.tokens[:, t], state)
+            logits, state = adapter.calls.step(session.teacher, out.tokens[:, t], state)
             cached.append(logits)
     assert torch.allclose(forced, space.restrict(torch.stack(cached, 1)), atol=1e-4)
     behaviour = forced.log_softmax(-1).gather(-1, space.to_actions(out.tokens)[..., None]).squeeze(-1)
@@ -118,8 +119,8 @@ def test_emu3_distillation_step_learns_only_at_visual_positions(pair, tmp_path):
     prompts, out = _sample(session, session.policy, session.student_processor)
     t_prompts = session.adapter.encode_prompts(records, session.teacher_processor)
     with torch.no_grad():
-        s = session.space.restrict(session.adapter.response_logits(session.policy, prompts, out.tokens))
-        t = session.space.restrict(session.adapter.response_logits(session.teacher, t_prompts, out.tokens))
+        s = session.space.restrict(session.adapter.calls.response_logits(session.policy, prompts, out.tokens))
+        t = session.space.restrict(session.adapter.calls.response_logits(session.teacher, t_prompts, out.tokens))
     per_token = token_divergence(s, t)  # [B, T]
     structural = session.student_processor.forced >= 0
     assert (per_token[:, structural] == 0).all() and (per_token[:, ~structural] > 0).all()

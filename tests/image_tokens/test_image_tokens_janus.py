@@ -12,6 +12,7 @@ import yaml
 from PIL import Image
 from transformers import JanusForConditionalGeneration
 
+from mmopd.adapter import PolicySide
 from mmopd import train
 from mmopd.compat import IncompatibleModelsError
 from mmopd.config import load_config
@@ -49,10 +50,10 @@ def _config(pair, tmp_path, **overrides):
 
 
 def _cached_logits(adapter, model, prompts, tokens):
-    logits, state = adapter.start(model, prompts)
+    logits, state = adapter.calls.start(model, prompts)
     out = [logits]
     for t in range(tokens.shape[1] - 1):
-        logits, state = adapter.step(model, tokens[:, t], state)
+        logits, state = adapter.calls.step(model, tokens[:, t], state)
         out.append(logits)
     return torch.stack(out, 1)  # [B, T, K]
 
@@ -88,10 +89,10 @@ def test_janus_teacher_forced_logits_equal_kv_cached_rollout_logits(pair, tmp_pa
     session = Session(_config(pair, tmp_path, **{"teacher.cfg_scale": scale}))
     adapter = session.adapter
     prompts = adapter.encode_prompts(session.train_data.records, session.teacher_processor)
-    out = rollout(adapter, session.teacher, prompts, session.space, [], session.pad_id, GRID_TOKENS,
+    out = rollout(PolicySide(adapter, session.teacher, None, session.space, [], session.pad_id), prompts, GRID_TOKENS,
                   Sampling(temperature=1.0), torch.Generator().manual_seed(0))
     with torch.no_grad():
-        forced = adapter.response_logits(session.teacher, prompts, out.tokens)  # [B, T, K]
+        forced = adapter.calls.response_logits(session.teacher, prompts, out.tokens)  # [B, T, K]
         cached = _cached_logits(adapter, session.teacher, prompts, out.tokens)
     assert forced.shape == (4, GRID_TOKENS, 32)
     assert torch.allclose(forced, cached, atol=1e-5)
@@ -102,8 +103,8 @@ def test_janus_teacher_forced_logits_equal_kv_cached_rollout_logits(pair, tmp_pa
 def test_janus_guided_greedy_rollout_matches_transformers_generate(pair, tmp_path):
     session = Session(_config(pair, tmp_path, **{"teacher.cfg_scale": 3.0}))
     prompts = session.adapter.encode_prompts(session.train_data.records, session.teacher_processor)
-    ours = rollout(session.adapter, session.teacher, prompts, session.space, [], session.pad_id, GRID_TOKENS,
-                   Sampling(temperature=0))
+    ours = rollout(PolicySide(session.adapter, session.teacher, None, session.space, [], session.pad_id), prompts,
+                   GRID_TOKENS, Sampling(temperature=0))
     with torch.no_grad():
         theirs = session.teacher.generate(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
                                           generation_mode="image", do_sample=False, guidance_scale=3.0)

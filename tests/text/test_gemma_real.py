@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import mmopd
-from mmopd.adapter import get_adapter
+from mmopd.adapter import PolicySide, get_adapter
 from mmopd.batch import Sampling, TokenSpace
 from mmopd.cli import main
 from mmopd.config import load_config
@@ -58,7 +58,8 @@ def test_mmopds_greedy_decode_loop_answers_like_the_teacher(gemma, teacher):
     tokenizer = adapter.load_processor(str(gemma), "teacher")
     prompts = adapter.encode_prompts([{"prompt": QUESTION}, {"prompt": "The capital of France is"}], tokenizer)
     assert prompts.input_ids[0, 0] == tokenizer.bos_token_id and prompts.attention_mask[1, 0] == 0  # BOS, left pad
-    out = rollout(adapter, teacher, prompts, TokenSpace(len(tokenizer)), [1], 0, 10, Sampling(temperature=0))
+    side = PolicySide(adapter, teacher, tokenizer, TokenSpace(len(tokenizer)), [1], 0)
+    out = rollout(side, prompts, 10, Sampling(temperature=0))
     assert tokenizer.decode(out.tokens[0]).startswith(" 12 + 7 = 19")  # one token a digit
 
 

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import mmopd
-from mmopd.adapter import get_adapter
+from mmopd.adapter import PolicySide, get_adapter
 from mmopd.batch import Sampling, TokenSpace
 from mmopd.cli import main
 from mmopd.config import load_config
@@ -113,7 +113,8 @@ def test_the_decode_loop_matches_generate_under_sliding_window_attention(tmp_pat
     prompts = adapter.encode_prompts(PROMPTS, tokenizer)
     new = 12  # prompt + response far beyond the window of WINDOW tokens
     assert prompts.input_ids.shape[1] > WINDOW
-    out = rollout(adapter, model, prompts, TokenSpace(len(tokenizer)), [1], 0, new, Sampling(temperature=0))
+    out = rollout(PolicySide(adapter, model, tokenizer, TokenSpace(len(tokenizer)), [1], 0), prompts, new,
+                  Sampling(temperature=0))
     with torch.no_grad():
         ref = model.generate(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
                              max_new_tokens=new, do_sample=False, eos_token_id=1, pad_token_id=0)
@@ -122,7 +123,8 @@ def test_the_decode_loop_matches_generate_under_sliding_window_attention(tmp_pat
     assert torch.equal(out.tokens * out.mask.long(), ref * out.mask.long())
     # the window bites: the same weights with full attention everywhere continue differently
     full = build_model(layer_types=["full_attention"] * len(LAYER_TYPES))
-    unwindowed = rollout(adapter, full, prompts, TokenSpace(len(tokenizer)), [1], 0, new, Sampling(temperature=0))
+    unwindowed = rollout(PolicySide(adapter, full, tokenizer, TokenSpace(len(tokenizer)), [1], 0), prompts, new,
+                         Sampling(temperature=0))
     assert not torch.equal(unwindowed.tokens, out.tokens)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmopd.adapter import get_adapter
+from mmopd.adapter import PolicySide, get_adapter
 from mmopd.batch import Sampling
 from mmopd.engines.hf import rollout
 from mmopd.engines import DISTRIBUTION, HFTeacher, TeacherNeed
@@ -21,7 +21,7 @@ QUESTIONS = ["how many shapes are there?", "what colour is the shape left of the
 def _load(vlm_pair, family: str, role: str):
     adapter = get_adapter("vlm")
     path = str(vlm_pair(family)[role])
-    return adapter, adapter.load_processor(path, role), adapter.load_model(path, role, torch.float32)
+    return adapter, adapter.load_processor(path, role), adapter.calls.load_model(path, role, torch.float32)
 
 
 def _records(adapter, vlm_data, images_per_row: tuple[int, ...] = (1, 1)) -> list[dict]:
@@ -36,10 +36,11 @@ def test_behaviour_logprobs_equal_a_full_forward_over_prompt_and_response(family
     prompts = adapter.encode_prompts(_records(adapter, vlm_data), processor)
     assert prompts.attention_mask[0, 0] == 0  # the shorter prompt is left-padded
     space = adapter.token_space(processor, model)
-    out = rollout(adapter, model, prompts, space, adapter.eos_token_ids(processor), processor.tokenizer.pad_token_id,
-                  6, Sampling(), torch.Generator().manual_seed(0))
+    side = PolicySide(adapter, model, processor, space, adapter.eos_token_ids(processor),
+                      processor.tokenizer.pad_token_id)
+    out = rollout(side, prompts, 6, Sampling(), torch.Generator().manual_seed(0))
     with torch.no_grad():
-        logits = space.restrict(adapter.response_logits(model, prompts, out.tokens))  # [B, T, A]
+        logits = space.restrict(adapter.calls.response_logits(model, prompts, out.tokens))  # [B, T, A]
     recomputed = logits.log_softmax(-1).gather(-1, space.to_actions(out.tokens)[..., None]).squeeze(-1)
     assert out.tokens.shape[1] >= 2
     assert torch.allclose(recomputed * out.mask, out.logprobs * out.mask, atol=1e-4)
@@ -75,7 +76,8 @@ def test_greedy_rollout_matches_hugging_face_generate(family, vlm_pair, vlm_data
     prompts = adapter.encode_prompts([record], processor)
     space = adapter.token_space(processor, model)
     eos = adapter.eos_token_ids(processor)
-    ours = rollout(adapter, model, prompts, space, eos, processor.tokenizer.pad_token_id, 6, Sampling(temperature=0))
+    side = PolicySide(adapter, model, processor, space, eos, processor.tokenizer.pad_token_id)
+    ours = rollout(side, prompts, 6, Sampling(temperature=0))
     rows = model.get_output_embeddings().weight.shape[0]
     bad_words = [[i] for i in sorted(set(range(rows)) - set(space.ids.tolist()))]  # outside the action space
     with torch.no_grad():

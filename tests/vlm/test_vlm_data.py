@@ -103,7 +103,7 @@ def test_exact_match_ignores_case_and_surrounding_whitespace():
 def test_image_placeholders_are_outside_the_action_space(family, vlm_pair):
     adapter = get_adapter("vlm")
     path = str(vlm_pair(family)["student"])
-    processor, model = adapter.load_processor(path, "student"), adapter.load_model(path, "student", torch.float32)
+    processor, model = adapter.load_processor(path, "student"), adapter.calls.load_model(path, "student", torch.float32)
     space = adapter.token_space(processor, model)
     image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     assert image_id in adapter.placeholder_ids(processor, model)
@@ -138,5 +138,5 @@ def test_teacher_and_student_with_different_tokenizers_are_refused(vlm_pair):
     student, teacher = str(vlm_pair("llava")["student"]), str(vlm_pair("qwen2_vl")["teacher"])
     with pytest.raises(IncompatibleModelsError, match="tokenizers differ"):
         adapter.check_pair(adapter.load_processor(student, "student"), adapter.load_processor(teacher, "teacher"),
-                           adapter.load_model(student, "student", torch.float32),
-                           adapter.load_model(teacher, "teacher", torch.float32))
+                           adapter.calls.load_model(student, "student", torch.float32),
+                           adapter.calls.load_model(teacher, "teacher", torch.float32))

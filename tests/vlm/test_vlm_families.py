@@ -47,7 +47,7 @@ def test_teacher_and_student_encode_the_same_picture_with_their_own_processors(f
     lengths = {}
     for role in ("teacher", "student"):
         processor = adapter.load_processor(str(pair[role]), role)
-        model = adapter.load_model(str(pair[role]), role, torch.float32)
+        model = adapter.calls.load_model(str(pair[role]), role, torch.float32)
         ids = adapter.encode_prompts([record], processor).input_ids  # [1, P]
         placeholders = adapter.placeholder_ids(processor, model)
         lengths[role] = ids.numel()

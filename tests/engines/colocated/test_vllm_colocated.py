@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from mmopd.adapter import get_adapter
+from mmopd.adapter import PolicySide, get_adapter, prepare_trainable, settings_of
 from mmopd.batch import Sampling
 from mmopd.cli import main
 from mmopd.config import load_config
@@ -40,7 +40,7 @@ def text(tmp_path_factory):
 
 
 def _hf(m, max_new_tokens):
-    return HFRollout(m.adapter, m.policy, m.space, m.eos_ids, m.pad_id, max_new_tokens)
+    return HFRollout(PolicySide(m.adapter, m.policy, None, m.space, m.eos_ids, m.pad_id), max_new_tokens)
 
 
 def _same_greedy(engine, hf, prompts):
@@ -74,7 +74,7 @@ def test_a_lora_student_syncs_as_a_new_adapter_version(tmp_path):
     paths = build_text_pair(tmp_path / "models")
     config = _text_config(paths, tmp_path, **{"student.trainable": "lora", "student.lora_rank": 4})
     session = Session(config)
-    session.policy = session.adapter.prepare_trainable(session.policy, config.student)
+    session.policy = prepare_trainable(session.adapter, session.policy, config.student)
     m, records = session.models(), session.train_data.records[:8]
     optimizer = torch.optim.SGD([p for p in m.policy.parameters() if p.requires_grad], lr=0.5)
     m.rollout.sync(m.policy)
@@ -92,16 +92,16 @@ def _engine_for(modality, path, tmp_path, max_new_tokens, **overrides):
                                 "data.train": "unused.jsonl", "rollout.engine": "vllm",
                                 "rollout.max_new_tokens": max_new_tokens, "rollout.sync_dir": str(tmp_path / "sync"),
                                 **overrides})
-    adapter = get_adapter(modality)
-    adapter.configure(config)
+    adapter = get_adapter(modality, settings_of(config))
     processor = adapter.load_processor(str(path), "student")
-    model = adapter.load_model(str(path), "student", torch.float32)
+    model = adapter.calls.load_model(str(path), "student", torch.float32)
     space = adapter.token_space(processor, model)
     eos = adapter.eos_token_ids(processor)
     pad = getattr(processor, "pad_token_id", None)
     pad = eos[0] if pad is None else pad
     engine = rollout_engine("vllm", config, adapter, model, processor, space, eos, pad, str(path))
-    return adapter, processor, engine, HFRollout(adapter, model, space, eos, pad, max_new_tokens), space
+    hf = HFRollout(PolicySide(adapter, model, processor, space, eos, pad), max_new_tokens)
+    return adapter, processor, engine, hf, space
 
 
 def test_the_image_token_student_samples_inside_its_codebook_and_greedy_equals_hf(tmp_path):

@@ -1,0 +1,165 @@
+"""The served transport: a `vllm serve` (`python -m vllm.entrypoints.openai.api_server`) that the user started
+with `VLLM_SERVER_DEV_MODE=1` (for `/collective_rpc`) and, for LoRA students, `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`
+(`rollout.url: http://host:port`, or `teacher.url`). Requests of one rollout go out concurrently; each is retried
+`rollout.retries` times with backoff, then fails naming the URL."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from mmopd.engines.vllm.checkpoint import ties_head
+from mmopd.engines.vllm.transport import Completion, EngineError, Entries
+
+log = logging.getLogger("mmopd")
+
+
+class Served:
+    """A `vllm serve` at `url`: completions over HTTP, bounded retries with backoff, then a clear error."""
+
+    def __init__(self, url: str, timeout: float, retries: int, role: str = "rollout"):
+        self.url, self.timeout, self.retries, self.role = url.rstrip("/"), timeout, retries, role
+        self.model: str | None = None  # the served model's name, or the current LoRA adapter's
+
+    def post(self, route: str, payload: dict[str, Any]) -> Any:
+        body = json.dumps(payload).encode()
+        error: Exception | None = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(min(2.0 ** (attempt - 1), 10.0))
+            request = urllib.request.Request(self.url + route, body, {"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as answer:
+                    text = answer.read().decode()
+                parsed = json.loads(text) if text.strip().startswith(("{", "[")) else text
+                if _aborted(parsed):  # a server shutting down aborts what it holds: partial answers, retried
+                    raise ConnectionAbortedError(f"the server aborted the request to {route}")
+                return parsed
+            except urllib.error.HTTPError as err:
+                detail = err.read().decode(errors="replace")[:300]
+                if err.code < 500:  # the server refused the request: retrying will not change its mind
+                    raise EngineError(f"vLLM at {self.url} refused {route}: HTTP {err.code}: {detail}") from err
+                error = ConnectionError(f"HTTP {err.code}: {detail}")  # a server fault (its engine died): retried
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
+                error = err
+        raise EngineError(f"vLLM at {self.url} did not answer {route} after {self.retries + 1} tries "
+                          f"({error}); check that the server is up ({self.role}.url), or raise {self.role}.timeout "
+                          f"and {self.role}.retries. The last checkpoint is intact: resume once the server is "
+                          "back") from error
+
+    def check_untied(self) -> None:
+        """Refuse a served model whose LM head is tied to its embeddings, where its config can be read: vLLM's
+        reload never refreshes a tied head, so every sync would leave the engine a step behind in its head."""
+        answer = self.post_get("/v1/models")
+        root = Path(answer["data"][0].get("root") or "") / "config.json"
+        if not root.is_file():
+            log.warning("cannot read the served model's config (%s) to check that its LM head is untied", root)
+            return
+        if ties_head(root.parent):
+            raise EngineError(f"the model served at {self.url} ({root.parent}) ties its LM head to its embeddings, "
+                              "which vLLM's weight reload never refreshes; serve an untied copy written by "
+                              "`mmopd vllm-checkpoint CONFIG DIR`")
+
+    def post_get(self, route: str) -> Any:
+        try:
+            with urllib.request.urlopen(self.url + route, timeout=self.timeout) as answer:
+                return json.loads(answer.read())
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
+            raise EngineError(f"vLLM at {self.url} did not answer {route} ({err}); check that the server is up "
+                              f"({self.role}.url)") from err
+
+    def served_model(self) -> str:
+        if self.model is None:
+            self.model = self.post_get("/v1/models")["data"][0]["id"]
+        return self.model
+
+    def generate(self, prompts: list[dict[str, Any]], params: list[dict[str, Any]]) -> list[Completion]:
+        for prompt in prompts:
+            if prompt.get("multi_modal_data"):
+                raise EngineError("a served vLLM takes token-id prompts without pictures over /v1/completions; "
+                                  "for a VLM student use the colocated engine (leave rollout.url empty)")
+        model = self.served_model()
+
+        def one(prompt: dict[str, Any], p: dict[str, Any]) -> Completion:
+            answer = self.post("/v1/completions", {"model": model, "prompt": prompt["prompt_token_ids"],
+                                                   "return_token_ids": True, **p})
+            choice = answer["choices"][0]
+            logprobs = (choice.get("logprobs") or {}).get("token_logprobs") or [0.0] * len(choice["token_ids"])
+            return Completion(choice["token_ids"], [float(v) for v in logprobs])
+
+        with ThreadPoolExecutor(max_workers=min(32, len(prompts))) as pool:
+            return list(pool.map(one, prompts, params))
+
+    def prompt_logprobs(self, requests: list[dict[str, Any]], k: int, rows_per_request: int = 8) -> list[Entries]:
+        """Each request's log-prob of every given id (and its top k) per position. Token-id rows go
+        `rows_per_request` a `POST /v1/completions`; rows with pictures one a `POST /inference/v1/generate` (token
+        ids plus `content_parts`: the only route of vLLM 0.32 that takes both, served with --enable-scale-out).
+        The requests go out concurrently."""
+        model = self.served_model()
+        texts = [i for i, r in enumerate(requests) if not r.get("multi_modal_data")]
+        pictures = [i for i, r in enumerate(requests) if r.get("multi_modal_data")]
+        jobs = [("text", texts[i: i + rows_per_request]) for i in range(0, len(texts), rows_per_request)]
+        jobs += [("pictures", [i]) for i in pictures]
+
+        def one(job: tuple[str, list[int]]) -> list[Entries]:
+            kind, rows = job
+            if kind == "pictures":
+                request = requests[rows[0]]
+                answer = self.post("/inference/v1/generate", {
+                    "model": model, "token_ids": request["prompt_token_ids"],
+                    "content_parts": [{"type": "image_url", "url": data_uri(image)}
+                                      for image in request["multi_modal_data"]["image"]],
+                    "sampling_params": {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": k}})
+                return [_entries_of(answer.get("prompt_logprobs"))]
+            answer = self.post("/v1/completions", {"model": model, "max_tokens": 1, "temperature": 0.0,
+                                                   "prompt": [requests[i]["prompt_token_ids"] for i in rows],
+                                                   "prompt_logprobs": k})
+            choices = sorted(answer["choices"], key=lambda c: c["index"])
+            if len(choices) != len(rows):
+                raise EngineError(f"the teacher at {self.url} answered {len(rows)} sequences with {len(choices)} "
+                                  "choices")
+            return [_entries_of(c.get("prompt_logprobs")) for c in choices]
+
+        answers: list[Entries] = [[] for _ in requests]
+        with ThreadPoolExecutor(max_workers=min(16, max(1, len(jobs)))) as pool:
+            for (_, rows), entries in zip(jobs, pool.map(one, jobs)):
+                for i, row in zip(rows, entries):
+                    answers[i] = row
+        return answers
+
+    def reload_weights(self, directory: Path) -> None:
+        self.post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(directory)}})
+
+    def load_lora(self, name: str, version: int, directory: Path) -> None:
+        self.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(directory)})
+        if self.model is not None and self.model.startswith("student-v"):
+            self.post("/v1/unload_lora_adapter", {"lora_name": self.model})
+        self.model = name
+
+
+def _aborted(answer: Any) -> bool:
+    """Whether vLLM finished any of the answer's choices by aborting it (it does so to every request it holds when
+    it shuts down), leaving its tokens and log-probs cut short."""
+    choices = answer.get("choices") if isinstance(answer, dict) else None
+    return any(isinstance(c, dict) and c.get("finish_reason") == "abort" for c in choices or ())
+
+
+def _entries_of(prompt_logprobs: list[Any] | None) -> Entries:
+    """A JSON answer's `prompt_logprobs` ({"5": {"logprob": ...}} per position) as Entries."""
+    return [None if e is None else {int(key): float(v["logprob"]) for key, v in e.items()}
+            for e in prompt_logprobs or []]
+
+
+def data_uri(image: Any) -> str:
+    """A PIL picture as a PNG data URI (lossless: the server decodes the same pixels)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
