@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from mmopd.losses import available_divergences
 from mmopd.objective_table import KINDS, TABLE, estimators_of, needs_teacher, scores_teacher
 
 
@@ -26,7 +27,6 @@ class ConfigError(ValueError):
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OBJECTIVES = KINDS
-DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "tvd")
 SAMPLED_KLS = ("k1", "k3")  # objective.sampled_kl (mmopd.losses.sampled.Shaping)
 BASELINES = ("none", "loo", "batch")
 FUSED = ("auto", "always", "never")
@@ -433,7 +433,7 @@ def validate(config: Config) -> None:
         raise ConfigError(f"student.lora_rank={config.student.lora_rank}: vLLM serves LoRA ranks up to 512; lower it "
                           "or set rollout.engine=hf")
     _positive("student.lora_alpha", config.student.lora_alpha)
-    _choice("objective.divergence", config.objective.divergence, DIVERGENCES)
+    _choice("objective.divergence", config.objective.divergence, available_divergences())
     _choice("train.resume", config.train.resume, ("auto", "never"))
     _choice("train.sharding", config.train.sharding, SHARDING)
     _choice("teacher.sharding", config.teacher.sharding, SHARDING)
