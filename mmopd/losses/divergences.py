@@ -53,48 +53,27 @@ validation, every kernel and their error messages read the registry, so nothing 
 
 from __future__ import annotations
 
-from types import MappingProxyType
-from typing import Callable, Mapping
+from typing import Callable
 
 import torch
 
 from mmopd.losses.chunks import LOGPROB_FLOOR, check_chunk_size, check_temperature, scaled_float
+from mmopd.registry import Registry
 
 # s [n, V], t [n, V] float32 log-probs, β, (need ∂/∂z_S, need ∂/∂z_T)
 #   -> value [n], ∂/∂z_S [n, V] or None, ∂/∂z_T [n, V] or None
 Divergence = Callable[[torch.Tensor, torch.Tensor, float, tuple[bool, bool]],
                       tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
 
-_REGISTERED: dict[str, Divergence] = {}
-DIVERGENCES: Mapping[str, Divergence] = MappingProxyType(_REGISTERED)  # name -> its math, read-only, live
-
-
-def register_divergence(name: str) -> Callable[[Divergence], Divergence]:
-    """Decorator: register a divergence under `name` (objective.divergence), once."""
-    def register(fn: Divergence) -> Divergence:
-        if name in _REGISTERED:
-            raise ValueError(f"a divergence named {name!r} is already registered")
-        _REGISTERED[name] = fn
-        return fn
-    return register
-
-
-def unregister_divergence(name: str) -> None:
-    """Remove a registered divergence (a test's own, once it is done)."""
-    divergence_math(name)
-    del _REGISTERED[name]
-
-
-def available_divergences() -> tuple[str, ...]:
-    """The registered divergences' names, in registration order."""
-    return tuple(_REGISTERED)
+DIVERGENCES: Registry[Divergence] = Registry("divergence kind")  # name -> its math (objective.divergence)
+register_divergence = DIVERGENCES.register
+unregister_divergence = DIVERGENCES.unregister
+available_divergences = DIVERGENCES.names
 
 
 def divergence_math(kind: str) -> Divergence:
     """The registered divergence `kind`, or a one-line error that lists the registered ones."""
-    if kind not in _REGISTERED:
-        raise ValueError(f"unknown divergence kind {kind!r}; valid kinds are {', '.join(_REGISTERED)}")
-    return _REGISTERED[kind]
+    return DIVERGENCES[kind]
 
 
 def check_divergence(kind: str, beta: float, temperature: float, chunk_size: int | None) -> None:

@@ -1,14 +1,19 @@
-"""A new divergence is one decorated function: registered in the test below, config validation accepts it, the
-logits and fused kernels both evaluate it, and an objective step trains with it on the text toy."""
+"""Divergences, losses and engines are registered by name, once. A new divergence is one decorated function:
+registered in the tests below, config validation accepts it, the logits and fused kernels both evaluate it, and an
+objective step trains with it on the text toy."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from mmopd import config as config_module
 from mmopd.config import ConfigError
+from mmopd.engines import ROLLOUT_ENGINES, TEACHER_ENGINES
 from mmopd.losses import (DIVERGENCES, available_divergences, fused_divergence_loss, register_divergence,
                           through_softmax, token_divergence, unregister_divergence)
+from mmopd.objective_table import TABLE
+from mmopd.objectives import LOSSES
 from tests.core.test_fused_objective import _assert_fused_step_equals_logits_step
 
 
@@ -92,3 +97,16 @@ def test_registration_is_by_one_name_and_undone_by_unregistering():
     assert available_divergences() == before == ("reverse_kl", "forward_kl", "jsd", "tvd")
     with pytest.raises(ValueError, match="unknown divergence kind 'zero'"):
         unregister_divergence("zero")
+
+
+def test_every_row_of_the_objective_table_names_a_registered_loss_and_every_loss_serves_a_row():
+    assert {row.loss for row in TABLE.values()} == set(LOSSES) == {"divergence", "sampled", "nll"}
+    with pytest.raises(ValueError, match="unknown loss 'ppo'; valid ones are divergence, sampled, nll"):
+        LOSSES["ppo"]
+
+
+def test_the_engines_config_accepts_are_the_registered_ones():
+    assert config_module.ROLLOUT_ENGINES == ROLLOUT_ENGINES.names() == ("hf", "vllm")
+    assert config_module.TEACHER_ENGINES == TEACHER_ENGINES.names() == ("hf", "vllm")
+    with pytest.raises(ConfigError, match="unknown teacher.engine 'sglang'; valid ones are hf, vllm"):
+        TEACHER_ENGINES["sglang"]
