@@ -18,6 +18,9 @@ Methods, each run in a fresh process (see benchmarks/measure.py for how time and
 - ours_loss:   mmopd.losses.fused_divergence_loss: the weighted sum with gradients computed alongside the
               values, no recompute (what the trainer uses)
 - liger:      LigerFusedLinearJSD, where liger_kernel imports (jsd-type kinds only)
+- logits_only: (not in the default --methods) token_divergence alone on [N, V] logits made before the call, so
+              its extra peak is the logits path's own: the gradient and one chunk's buffers, e.g.
+              python -m benchmarks.loss --methods logits_only --kinds reverse_kl --n 4k --v 32000 --reps 1
 
 Ratios are against the floor and against trl, measured in the same run.
 """
@@ -95,6 +98,14 @@ def make_case(method: str, kind: str, n: int, v: int, h: int, dtype: torch.dtype
             with torch.no_grad():
                 t_logits = t_hidden @ t_weight.T
             token_divergence(s_hidden @ s_weight.T, t_logits, kind, beta=0.5, chunk_size=chunk).mean().backward()
+    elif method == "logits_only":
+        s_logits = (s_hidden @ s_weight.T).detach().requires_grad_()  # [N, V], made before the call
+        with torch.no_grad():
+            t_logits = t_hidden @ t_weight.T  # [N, V]
+
+        def run():
+            s_logits.grad = None
+            token_divergence(s_logits, t_logits, kind, beta=0.5, chunk_size=chunk).mean().backward()
     elif method == "ours_fused":
         def run():
             reset()
@@ -137,7 +148,7 @@ def main() -> None:
     parser.add_argument("--v", default="8k", help="vocabulary sizes V")
     parser.add_argument("--h", type=int, default=256, help="hidden size H")
     parser.add_argument("--kinds", default="reverse_kl,jsd", help="divergences: reverse_kl,forward_kl,jsd,tvd")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"{','.join(METHODS)} or logits_only")
     parser.add_argument("--dtype", default="float32", help="dtype of hidden states and heads")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--chunk", type=int, default=0,

@@ -1,4 +1,4 @@
-"""One distillation step, for every objective and modality: the four moves of shared/DESIGN.md.
+"""One distillation step, for every objective and modality: the four moves of docs/architecture.md.
 
 Trace of one on_policy step with the fused full estimator (prompt → rollout → teacher → divergence → update),
 inside the trainer's loop (`mmopd/trainer.py: train`, which calls `objective_step` per micro-batch and then
@@ -41,6 +41,7 @@ from mmopd.health import sample_health
 from mmopd.losses import Shaping, masked_mean
 from mmopd.objective_table import (ANSWERS, DIVERGENCE, NLL, SAMPLED, STUDENT_OR_ANSWERS, TEACHER, row_of,
                                    scores_teacher)
+from mmopd.registry import Registry
 from mmopd.scores import Scores
 
 log = logging.getLogger("mmopd")
@@ -162,6 +163,12 @@ def _log_once(message: str) -> None:
     log.info(message)
 
 
+# (student's scores, teacher's or None, actions [B, T], responses, config) -> (loss [], metrics)
+Loss = Callable[[Scores, Any, Tensor, Rollout, Config], tuple[Tensor, dict[str, float]]]
+LOSSES: Registry[Loss] = Registry("loss")  # the objective table's `loss` column -> the loss
+
+
+@LOSSES.register(DIVERGENCE)
 def divergence_loss(student: Scores, teacher: Scores, actions: Tensor, responses: Rollout,
                     config: Config) -> tuple[Tensor, dict[str, float]]:
     obj = config.objective
@@ -169,6 +176,7 @@ def divergence_loss(student: Scores, teacher: Scores, actions: Tensor, responses
     return loss, {"divergence": loss.item()}
 
 
+@LOSSES.register(SAMPLED)
 def sampled_loss(student: Scores, teacher: Scores, actions: Tensor, responses: Rollout,
                  config: Config) -> tuple[Tensor, dict[str, float]]:
     obj = config.objective
@@ -177,13 +185,11 @@ def sampled_loss(student: Scores, teacher: Scores, actions: Tensor, responses: R
     return loss, {"divergence": masked_mean(kl_estimate, responses.mask).item()}
 
 
+@LOSSES.register(NLL)
 def nll_loss(student: Scores, teacher: None, actions: Tensor, responses: Rollout,
              config: Config) -> tuple[Tensor, dict[str, float]]:
     loss = student.nll(actions, responses.mask)
     return loss, {"nll": loss.item()}
-
-
-LOSSES = {DIVERGENCE: divergence_loss, SAMPLED: sampled_loss, NLL: nll_loss}
 
 
 def objective_step(m: Models, records: list[dict], config: Config, generator: torch.Generator,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -20,12 +20,23 @@ from mmopd.engines.vllm import (Colocated, EngineError, Served, VLLMRollout, VLL
 from mmopd.engines.vllm.families import engine_key as vllm_engine_key
 from mmopd.engines.vllm.families import vllm_unsupported
 from mmopd.hf import context_length, text_config
+from mmopd.registry import Registry
 
 log = logging.getLogger("mmopd")
 
 __all__ = ["RolloutEngine", "TeacherScorer", "TeacherNeed", "DISTRIBUTION", "TOP_K", "TOKEN_LOGPROBS",
            "HFRollout", "HFTeacher", "model_scores", "rollout", "rollout_engine", "teacher_scorer",
+           "ROLLOUT_ENGINES", "TEACHER_ENGINES",
            "EngineError", "VLLMRollout", "VLLMTeacher"]
+
+
+# (config, adapter, model, processor, space, eos ids, pad id, path, writer) -> the engine that samples from model
+RolloutFactory = Callable[[Config, ModalityAdapter, nn.Module, Any, TokenSpace, list[int], int, str, bool],
+                          RolloutEngine]
+# (config, adapter, model, processor, space, fused, eos ids) -> the engine that scores with the teacher
+TeacherFactory = Callable[[Config, ModalityAdapter, nn.Module, Any, TokenSpace, bool, list[int]], TeacherScorer]
+ROLLOUT_ENGINES: Registry[RolloutFactory] = Registry("rollout.engine", ConfigError)
+TEACHER_ENGINES: Registry[TeacherFactory] = Registry("teacher.engine", ConfigError)
 
 
 def rollout_engine(engine: str, config: Config, adapter: ModalityAdapter, model: nn.Module, processor: Any,
@@ -33,11 +44,21 @@ def rollout_engine(engine: str, config: Config, adapter: ModalityAdapter, model:
                    writer: bool = True) -> RolloutEngine:
     """The engine that samples from `model` (the student, or seq_kd's teacher); `path` is where the model was
     loaded from (a colocated vLLM loads it too), `writer` whether this process sends the weights at sync."""
+    return ROLLOUT_ENGINES[engine](config, adapter, model, processor, space, eos_ids, pad_id, path, writer)
+
+
+@ROLLOUT_ENGINES.register("hf")
+def hf_rollout(config: Config, adapter: ModalityAdapter, model: nn.Module, processor: Any, space: TokenSpace,
+               eos_ids: list[int], pad_id: int, path: str, writer: bool) -> RolloutEngine:
+    """The in-process decode loop."""
+    return HFRollout(PolicySide(adapter, model, processor, space, eos_ids, pad_id), config.rollout.max_new_tokens)
+
+
+@ROLLOUT_ENGINES.register("vllm")
+def vllm_rollout(config: Config, adapter: ModalityAdapter, model: nn.Module, processor: Any, space: TokenSpace,
+                 eos_ids: list[int], pad_id: int, path: str, writer: bool) -> RolloutEngine:
+    """A `vllm serve` at rollout.url, or without a url a `vllm.LLM` in this process that the trainer syncs."""
     r = config.rollout
-    if engine == "hf":
-        return HFRollout(PolicySide(adapter, model, processor, space, eos_ids, pad_id), r.max_new_tokens)
-    if engine != "vllm":
-        raise ConfigError(f"rollout.engine={engine!r} is not available")
     why = vllm_unsupported(model, served=bool(r.url), pictures=adapter.prompt_pictures) or \
         _cpu_attention_unsupported(model, bool(r.url), next(model.parameters()).is_cuda)
     if why is not None:
@@ -76,14 +97,23 @@ def _cpu_attention_unsupported(model: nn.Module, served: bool, cuda: bool) -> st
 
 def teacher_scorer(config: Config, adapter: ModalityAdapter, model: nn.Module, processor: Any, space: TokenSpace,
                    fused: bool, eos_ids: list[int] | None = None) -> TeacherScorer:
-    """The engine that scores responses with the teacher: in-process (hf), or vLLM: a `vllm serve` at teacher.url,
-    or without a url a `vllm.LLM` in this process that loads teacher.path (`model` is then its weightless
-    skeleton, `Session.teacher`)."""
+    """The engine that scores responses with the teacher, by teacher.engine."""
+    return TEACHER_ENGINES[config.teacher.engine](config, adapter, model, processor, space, fused, eos_ids or [])
+
+
+@TEACHER_ENGINES.register("hf")
+def hf_teacher(config: Config, adapter: ModalityAdapter, model: nn.Module, processor: Any, space: TokenSpace,
+               fused: bool, eos_ids: list[int]) -> TeacherScorer:
+    """The teacher's forward in this process."""
+    return HFTeacher(adapter, model, space, fused)
+
+
+@TEACHER_ENGINES.register("vllm")
+def vllm_teacher(config: Config, adapter: ModalityAdapter, model: nn.Module, processor: Any, space: TokenSpace,
+                 fused: bool, eos_ids: list[int]) -> TeacherScorer:
+    """A `vllm serve` at teacher.url, or without a url a `vllm.LLM` in this process that loads teacher.path
+    (`model` is then its weightless skeleton, `Session.teacher`)."""
     t = config.teacher
-    if t.engine == "hf":
-        return HFTeacher(adapter, model, space, fused)
-    if t.engine != "vllm":
-        raise ConfigError(f"teacher.engine={t.engine!r} is not available")
     cuda = torch.cuda.is_available()
     why = vllm_unsupported(model, served=False) or _cpu_attention_unsupported(model, bool(t.url), cuda)
     if why is not None:
@@ -95,7 +125,7 @@ def teacher_scorer(config: Config, adapter: ModalityAdapter, model: nn.Module, p
                  vocab, space.size)
     transport: Any = Served(t.url, t.timeout, t.retries, role="teacher") if t.url else \
         Colocated(t.path, engine_dtype(t.dtype, cuda), None, t.gpu_memory_utilization, False, 0)
-    return VLLMTeacher(transport, space, eos_ids or [])
+    return VLLMTeacher(transport, space, eos_ids)
 
 
 def engine_dtype(name: str, cuda: bool) -> str:

@@ -19,9 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from mmopd.batch import PromptBatch, Rollout, Sampling
+from mmopd.objective_table import DISTRIBUTION, TOKEN_LOGPROBS
 from mmopd.scores import Scores
 
-DISTRIBUTION, TOP_K, TOKEN_LOGPROBS = "distribution", "top_k", "token_logprobs"
+TOP_K = "top_k"  # a DISTRIBUTION teacher asked for its top-k only (teacher.top_k)
 
 
 @dataclass(frozen=True)

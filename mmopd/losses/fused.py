@@ -1,7 +1,7 @@
 r"""Fused chunked kernels: divergences, sampled-token log-probs and losses from last hidden states and the
 LM head, never holding the [N, V] logits.
 
-Notation as in ``mmopd.losses.exact``.
+Notation and the divergences as in ``mmopd.losses.divergences``.
 
 Fused divergences from hidden states. The trainer never needs the ``[N, V]``
 logits as tensors: ``fused_token_divergence(h_S, W_S, h_T, W_T, ...)`` computes
@@ -30,8 +30,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from mmopd.losses.exact import (LOGPROB_FLOOR, _check_chunk_size, _check_divergence, _check_temperature, _divergence,
-                                _rows_per_chunk)
+from mmopd.losses.chunks import LOGPROB_FLOOR, check_chunk_size, check_temperature, rows_per_chunk
+from mmopd.losses.divergences import check_divergence, chunk_divergence
 from mmopd.losses.sampled import _token_logprob, _token_logprob_grad
 
 
@@ -82,7 +82,7 @@ def _divergence_chunk(s_hidden: torch.Tensor, student: tuple, t_hidden: torch.Te
     """One chunk of a fused divergence: its values [n]; where grads asks, push scale[n]·∂/∂z_S through the
     student's head. The chunk's logits live only inside this call."""
     need = grads is not None and any(g is not None for g in grads)
-    values, grad_z, _ = _divergence(_head_logits(s_hidden[rows], *student), _head_logits(t_hidden[rows], *teacher),
+    values, grad_z, _ = chunk_divergence(_head_logits(s_hidden[rows], *student), _head_logits(t_hidden[rows], *teacher),
                                     *settings, (need, False))  # [n], [n, V] float32
     if need:
         _head_backward(grad_z.mul_(scale[rows, None]), s_hidden, student[0], grads, rows)
@@ -210,8 +210,8 @@ def fused_sampled_reverse_kl_loss(
     [..., H], [V, H], [...] -> ([] float32, [...] float32 without grad). Equal in value and gradient to
     sampled_reverse_kl_loss on sampled_token_logprobs(h·Wᵀ + b, x), without recomputing logits in backward.
     """
-    _check_temperature(temperature)
-    _check_chunk_size(chunk_size)
+    check_temperature(temperature)
+    check_chunk_size(chunk_size)
     _check_head("hidden", hidden, weight, bias)
     shapes = {"tokens": tokens.shape, "teacher_logprobs": teacher_logprobs.shape, "weights": weights.shape}
     if behaviour_logprobs is not None:
@@ -224,7 +224,7 @@ def fused_sampled_reverse_kl_loss(
     loss, kl_estimate = _FusedSampledLoss.apply(
         flat, weight, bias, tokens.reshape(-1).long(), teacher_logprobs.detach().reshape(-1).float(), behaviour,
         weights.detach().reshape(-1).float(), float(temperature),
-        _rows_per_chunk(flat.shape[0], weight.shape[0], chunk_size),
+        rows_per_chunk(flat.shape[0], weight.shape[0], chunk_size),
     )
     return loss, kl_estimate.view(tokens.shape)
 
@@ -302,14 +302,14 @@ def fused_gathered_logits(
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """(h·Wᵀ + b).gather(-1, ids) without materialising [N, V]: [..., H], [V, H], [..., K] -> [..., K] float32."""
-    _check_chunk_size(chunk_size)
+    check_chunk_size(chunk_size)
     _check_head("hidden", hidden, weight, bias)
     if ids.shape[:-1] != hidden.shape[:-1]:
         raise ValueError(f"ids must be [..., K] over hidden's positions, got hidden {tuple(hidden.shape)} and ids "
                          f"{tuple(ids.shape)}")
     flat = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
     out = _FusedGatheredLogits.apply(flat, weight, bias, ids.reshape(flat.shape[0], -1).long(),
-                                     _rows_per_chunk(flat.shape[0], weight.shape[0], chunk_size))  # [N, K]
+                                     rows_per_chunk(flat.shape[0], weight.shape[0], chunk_size))  # [N, K]
     return out.view(ids.shape)
 
 
@@ -363,7 +363,7 @@ def fused_excluded_logsumexp(
 ) -> torch.Tensor:
     """logsumexp of h·Wᵀ + b except at the kept ids, without materialising [N, V]:
     [..., H], [V, H], [..., K] ids, [..., K] bool -> [...] float32 (the student's tail in ``losses.tail``)."""
-    _check_chunk_size(chunk_size)
+    check_chunk_size(chunk_size)
     _check_head("hidden", hidden, weight, bias)
     if ids.shape[:-1] != hidden.shape[:-1] or keep.shape != ids.shape:
         raise ValueError(f"ids and keep must be [..., K] over hidden's positions, got hidden {tuple(hidden.shape)}, "
@@ -371,7 +371,7 @@ def fused_excluded_logsumexp(
     flat = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
     out = _FusedExcludedLogsumexp.apply(flat, weight, bias, ids.reshape(flat.shape[0], -1).long(),
                                         keep.reshape(flat.shape[0], -1).bool(),
-                                        _rows_per_chunk(flat.shape[0], weight.shape[0], chunk_size))  # [N]
+                                        rows_per_chunk(flat.shape[0], weight.shape[0], chunk_size))  # [N]
     return out.view(hidden.shape[:-1])
 
 
@@ -401,10 +401,10 @@ def _check_fused(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias) -> None
 def _fused_args(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, kind, beta, temperature, chunk_size):
     """Check the inputs of a fused divergence; return its heads flattened to [N, H] rows and its settings."""
     _check_fused(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias)
-    _check_divergence(kind, beta, temperature, chunk_size)
+    check_divergence(kind, beta, temperature, chunk_size)
     s_flat = s_hidden.reshape(-1, s_hidden.shape[-1])  # [N, H_S]
     t_flat = t_hidden.reshape(-1, t_hidden.shape[-1])  # [N, H_T]
-    rows = _rows_per_chunk(s_flat.shape[0], s_weight.shape[0], chunk_size)
+    rows = rows_per_chunk(s_flat.shape[0], s_weight.shape[0], chunk_size)
     return (s_flat, s_weight, s_bias, t_flat, t_weight, t_bias), (kind, float(beta), float(temperature), rows)
 
 
@@ -466,8 +466,8 @@ def fused_token_logprobs(
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """sampled_token_logprobs(h·Wᵀ + b, tokens) without materialising [N, V]: [..., H], [V, H], [...] -> [...]."""
-    _check_temperature(temperature)
-    _check_chunk_size(chunk_size)
+    check_temperature(temperature)
+    check_chunk_size(chunk_size)
     _check_head("hidden", hidden, weight, bias)
     if tokens.shape != hidden.shape[:-1]:
         raise ValueError(f"tokens must have the shape of hidden without its last dimension, got hidden "
@@ -475,7 +475,7 @@ def fused_token_logprobs(
     flat = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
     out = _FusedTokenLogprobs.apply(
         flat, weight, bias, tokens.reshape(-1).long(), float(temperature),
-        _rows_per_chunk(flat.shape[0], weight.shape[0], chunk_size),
+        rows_per_chunk(flat.shape[0], weight.shape[0], chunk_size),
     )  # [N]
     return out.view(tokens.shape)  # [...]
 
@@ -490,12 +490,12 @@ def fused_topk_logits(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of h·Wᵀ + b one chunk of rows at a time: [..., H], [V, H] -> ([..., K] float32, [..., K] long)."""
     _check_head("hidden", hidden, weight, bias)
-    _check_chunk_size(chunk_size)
+    check_chunk_size(chunk_size)
     flat = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
     k = min(k, weight.shape[0])
     values = torch.empty(flat.shape[0], k, dtype=torch.float32, device=flat.device)  # [N, K]
     ids = torch.empty(flat.shape[0], k, dtype=torch.long, device=flat.device)  # [N, K]
-    rows = _rows_per_chunk(flat.shape[0], weight.shape[0], chunk_size)
+    rows = rows_per_chunk(flat.shape[0], weight.shape[0], chunk_size)
     for start in range(0, flat.shape[0], rows):
         chunk = slice(start, start + rows)
         top = _head_logits(flat[chunk], weight, bias).float().topk(k, dim=-1)

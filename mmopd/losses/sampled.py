@@ -1,6 +1,6 @@
 r"""The sampled-token estimator over logits: log-probs of the sampled tokens and the policy-gradient loss.
 
-Notation as in ``mmopd.losses.exact``.
+Notation as in ``mmopd.losses.divergences``.
 
 Sampled-token estimator. For tokens ``x`` drawn from a behaviour policy π_b
 (usually the student that generated the rollout)::
@@ -41,12 +41,12 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from mmopd.losses.exact import LOGPROB_FLOOR, _check_chunk_size, _check_temperature, _rows_per_chunk, _scaled_float
+from mmopd.losses.chunks import LOGPROB_FLOOR, check_chunk_size, check_temperature, rows_per_chunk, scaled_float
 
 
 def _token_logprob(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
     """One chunk: [n, V], [n] -> log_softmax(z / τ) at the tokens [n] float32."""
-    z = _scaled_float(logits, temperature)  # [n, V]
+    z = scaled_float(logits, temperature)  # [n, V]
     return z.gather(1, tokens[:, None]).squeeze(1) - z.logsumexp(-1)
 
 
@@ -54,7 +54,7 @@ def _token_logprob_grad(logits: torch.Tensor, tokens: torch.Tensor, grad_out: to
                         temperature: float) -> torch.Tensor:
     """One chunk: grad_out[n] · (onehot(x) − p) / τ as [n, V] float32."""
     g = grad_out[:, None]  # [n, 1]
-    grad = torch.softmax(_scaled_float(logits, temperature), dim=-1)  # [n, V]
+    grad = torch.softmax(scaled_float(logits, temperature), dim=-1)  # [n, V]
     grad.mul_(-g).scatter_add_(1, tokens[:, None], g)
     return grad.div_(temperature)
 
@@ -66,7 +66,7 @@ class _ChunkedSampledLogprobs(torch.autograd.Function):
     def forward(ctx, logits, tokens, temperature, chunk_size):
         # logits: [N, V], tokens: [N] long
         num_rows, vocab = logits.shape
-        rows = _rows_per_chunk(num_rows, vocab, chunk_size)
+        rows = rows_per_chunk(num_rows, vocab, chunk_size)
         out = torch.empty(num_rows, dtype=torch.float32, device=logits.device)  # [N]
         for start in range(0, num_rows, rows):
             stop = start + rows
@@ -97,8 +97,8 @@ def sampled_token_logprobs(
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """log_softmax(logits / temperature) at the given tokens: [..., V], [...] -> [...] float32."""
-    _check_temperature(temperature)
-    _check_chunk_size(chunk_size)
+    check_temperature(temperature)
+    check_chunk_size(chunk_size)
     if logits.dim() == 0 or tokens.shape != logits.shape[:-1]:
         raise ValueError(
             f"tokens must have the shape of logits without its last (vocabulary) dimension, got "

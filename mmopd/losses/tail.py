@@ -1,7 +1,7 @@
 r"""The top-k + tail divergence: a served teacher's K largest log-probs per position, the rest of its mass as one
 class, against the student's mass on the same K ids and on everything else.
 
-Notation as in ``mmopd.losses.exact`` (temperature 1: a served teacher's log-probs are the raw model's). For one
+Notation as in ``mmopd.losses.divergences`` (temperature 1: a served teacher's log-probs are the raw model's). For one
 position, S_K is the set of the teacher's K ids (those inside the student's action space; the others fall into
 the tail), ``t_i = log p_T(i)`` for i in S_K as the teacher reported them (over its whole vocabulary), and::
 
@@ -10,7 +10,7 @@ the tail), ``t_i = log p_T(i)`` for i in S_K as the teacher reported them (over 
 
 (a teacher tail under 1e-6, the float32 rounding of a top-k sum near 1, counts as 0),
 so both are distributions over the same K + 1 classes, and ``d_{K+1} = divergence(ŝ, t̂)`` with the formulas of
-``exact`` (reverse_kl, forward_kl, jsd, tvd). The student's tail is its log-sum-exp over the complement of S_K,
+``divergences`` (reverse_kl, forward_kl, jsd, tvd). The student's tail is its log-sum-exp over the complement of S_K,
 never ``log(1 − Σ p)``, so it stays exact (and its gradient finite) when the top-K mass is near 1; the
 student's K+1 "logits" are ``[z_K, lse_{j∉S_K} z_j]``, whose log-softmax is ŝ exactly.
 

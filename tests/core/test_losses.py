@@ -107,12 +107,12 @@ def test_chunked_equals_unchunked(kind, chunk_size):
 
 
 def test_automatic_chunk_size_bounds_a_chunk_to_2_pow_25_float32_elements():
-    import mmopd.losses.exact as losses
+    import mmopd.losses.chunks as losses
 
-    assert losses._rows_per_chunk(10, 2**40, None) == 1
-    assert losses._rows_per_chunk(10, 1000, None) * 1000 <= 2**25
-    assert losses._rows_per_chunk(10, 1000, 0) == 10
-    assert losses._rows_per_chunk(10, 1000, 4) == 4
+    assert losses.rows_per_chunk(10, 2**40, None) == 1
+    assert losses.rows_per_chunk(10, 1000, None) * 1000 <= 2**25
+    assert losses.rows_per_chunk(10, 1000, 0) == 10
+    assert losses.rows_per_chunk(10, 1000, 4) == 4
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
