@@ -26,7 +26,7 @@ from typing import Any, Callable, Collection
 
 import yaml
 
-from mmopd.losses import DIVERGENCES
+from mmopd.losses import available_divergences
 from mmopd.objective_table import DISTRIBUTION, KINDS, TABLE, estimators_of, needs_teacher, scores_teacher
 
 
@@ -234,7 +234,7 @@ class ObjectiveConfig:
             raise ConfigError(f"objective.estimator={self.estimator} does not apply to objective.kind={self.kind}; "
                               f"use {' or '.join(estimators_of(self.kind))} (the sampled estimator is for on_policy "
                               "only)")
-        _choice("objective.divergence", self.divergence, DIVERGENCES)
+        _choice("objective.divergence", self.divergence, available_divergences())
         _choice("objective.fused", self.fused, FUSED)
         self._validate_shaping()
         if self.estimator == "sampled" and self.divergence != "reverse_kl":

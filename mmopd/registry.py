@@ -40,6 +40,9 @@ class Registry(Mapping[str, T], Generic[T]):
             raise self.error(f"unknown {self.what} {name!r}; valid ones are {', '.join(self._items)}")
         return self._items[name]
 
+    def __contains__(self, name: object) -> bool:  # Mapping's would call __getitem__, whose error is no KeyError
+        return name in self._items
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._items)
 
