@@ -36,7 +36,7 @@ from benchmarks.measure import GIB, MIB, device_of, machine, peak_bytes, rank_me
 from benchmarks.models import RandomPrompts, random_qwen2, random_records, shape_of
 from mmopd.batch import TokenSpace
 from mmopd.config import load_config
-from mmopd.objectives import Models, Timer, objective_step
+from mmopd.objectives import Models, Plan, Timer, objective_step
 from mmopd.sharding import reshard, shard
 
 VARIANTS = {
@@ -71,7 +71,7 @@ def _stepper(args: argparse.Namespace, overrides: dict, trained: torch.nn.Module
 
     def step(timer: Timer) -> dict:
         with autocast:
-            row = objective_step(models, records, config, torch.Generator(device).manual_seed(seed), timer,
+            row = objective_step(models, records, Plan.of(config), torch.Generator(device).manual_seed(seed), timer,
                                  lambda loss: loss.backward())
         reshard(teacher)
         optimizer.step()

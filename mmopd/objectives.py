@@ -5,7 +5,7 @@ inside the trainer's loop (`mmopd/trainer.py: train`, which calls `objective_ste
 `optimizer.step()`):
 
 1. `mmopd/objectives.py: objective_step` encodes the prompts (the adapter's `encode_prompts`, once per
-   model) and looks up the objective's row in `mmopd/objective_table.py`.
+   model); the objective's row of `mmopd/objective_table.py` is in the run's `Plan`, resolved once at start.
 2. rollout: `mmopd/engines/hf.py: HFRollout.sample` → `rollout` → the adapter's `start` / `step`
    (`mmopd/adapter.py`, the HF defaults) → `sample` per token.
 3. teacher: `mmopd/engines/hf.py: HFTeacher.score` → `model_scores` → the adapter's `response_hidden` →
@@ -39,7 +39,7 @@ from mmopd.engines import (DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, EngineError, Rol
 from mmopd.engines.routed import RECORDS, RoutedTeacher
 from mmopd.health import sample_health
 from mmopd.losses import Shaping, masked_mean
-from mmopd.objective_table import (ANSWERS, DIVERGENCE, NLL, SAMPLED, STUDENT_OR_ANSWERS, TEACHER, row_of,
+from mmopd.objective_table import (ANSWERS, DIVERGENCE, NLL, SAMPLED, STUDENT_OR_ANSWERS, TEACHER, Row, row_of,
                                    scores_teacher)
 from mmopd.registry import Registry
 from mmopd.scores import Scores
@@ -165,6 +165,7 @@ def _log_once(message: str) -> None:
 
 # (student's scores, teacher's or None, actions [B, T], responses, config) -> (loss [], metrics)
 Loss = Callable[[Scores, Any, Tensor, Rollout, Config], tuple[Tensor, dict[str, float]]]
+BoundLoss = Callable[[Scores, Any, Tensor, Rollout], tuple[Tensor, dict[str, float]]]  # a Loss with its config
 LOSSES: Registry[Loss] = Registry("loss")  # the objective table's `loss` column -> the loss
 
 
@@ -192,44 +193,66 @@ def nll_loss(student: Scores, teacher: None, actions: Tensor, responses: Rollout
     return loss, {"nll": loss.item()}
 
 
-def objective_step(m: Models, records: list[dict], config: Config, generator: torch.Generator,
+@dataclass(frozen=True)
+class Plan:
+    """What every micro-batch of a run does, resolved once from its config (`Plan.of`), not per micro-batch: the
+    objective's row of mmopd/objective_table.py, what the teacher supplies, how responses are sampled and the
+    row's loss, bound to its settings."""
+
+    row: Row
+    need: TeacherNeed  # what the teacher's scorer returns (unused where the row's teacher scores nothing)
+    sampling: Sampling
+    loss: BoundLoss  # the row's loss with the objective's settings
+    samples_per_prompt: int
+    lmbda: float  # gkd: the probability of the student's own samples
+    sft_weight: float
+    rollout: RolloutConfig  # an engine's log-probs are checked against the trainer's at its temperature
+
+    @classmethod
+    def of(cls, config: Config) -> "Plan":
+        obj = config.objective
+        row = row_of(obj.kind, obj.estimator)
+        return cls(row, teacher_need(config), sampling_of(config), functools.partial(LOSSES[row.loss], config=config),
+                   config.rollout.samples_per_prompt, obj.lmbda, obj.sft_weight, config.rollout)
+
+
+def objective_step(m: Models, records: list[dict], plan: Plan, generator: torch.Generator,
                    timer: Timer, backward: Callable[[Tensor], None]) -> dict[str, float]:
     """One micro-batch: build responses, score them, backpropagate the loss; return its metrics."""
-    obj = config.objective
-    row = row_of(obj.kind, obj.estimator)
+    row = plan.row
     if row.responses != ANSWERS:
-        records = [r for r in records for _ in range(config.rollout.samples_per_prompt)]
+        records = [r for r in records for _ in range(plan.samples_per_prompt)]
     s_prompts = m.adapter.encode_prompts(records, m.student_processor).to(m.device)
     t_prompts = m.teacher_prompts(records)
-    engine = response_engine(m, row.responses, obj.lmbda, generator)
+    engine = response_engine(m, row.responses, plan.lmbda, generator)
 
     with timer.phase("rollout"):  # 1. responses
         if engine is None:
             responses = answers(m, records)
         else:
-            responses = engine.sample(t_prompts if engine is m.teacher_rollout else s_prompts, sampling_of(config),
+            responses = engine.sample(t_prompts if engine is m.teacher_rollout else s_prompts, plan.sampling,
                                       generator)
     actions = m.space.to_actions(responses.tokens)  # [B, T]
-    metrics = response_metrics(m, engine, responses, timer, config)
+    metrics = response_metrics(m, engine, responses, timer, plan.rollout.max_new_tokens)
 
     with timer.phase("teacher"):  # 2. the teacher scores the same tokens
-        t_scores = m.scorer.score(t_prompts, responses.tokens, teacher_need(config)) if row.teacher else None
+        t_scores = m.scorer.score(t_prompts, responses.tokens, plan.need) if row.teacher else None
     if row.teacher:
         metrics["teacher_tokens_per_s"] = metrics["response_tokens"] / max(timer.last["teacher"], 1e-9)
 
     with timer.phase("student"):  # 3. the per-token divergence (or NLL), 4. the update's gradients
         s_scores = model_scores(m.adapter, m.student, s_prompts, responses.tokens, m.space, m.fused)
         if engine is not None and not engine.exact:  # another program sampled: measure, correct if asked
-            responses = against_trainer(s_scores, actions, responses, config.rollout, metrics)
-        loss, values = LOSSES[row.loss](s_scores, t_scores, actions, responses, config)
+            responses = against_trainer(s_scores, actions, responses, plan.rollout, metrics)
+        loss, values = plan.loss(s_scores, t_scores, actions, responses)
         metrics.update(values)
-        metrics.update(m.teacher_divergences(records, functools.partial(LOSSES[row.loss], s_scores, t_scores,
-                                                                        actions, config=config), responses))
-        if obj.sft_weight > 0:
+        metrics.update(m.teacher_divergences(records, functools.partial(plan.loss, s_scores, t_scores, actions),
+                                             responses))
+        if plan.sft_weight > 0:
             targets = answers(m, records)
             a_scores = model_scores(m.adapter, m.student, s_prompts, targets.tokens, m.space, m.fused)
             nll = a_scores.nll(m.space.to_actions(targets.tokens), targets.mask)
-            loss = loss + obj.sft_weight * nll
+            loss = loss + plan.sft_weight * nll
             metrics["sft_nll"] = nll.item()
         backward(loss)
     metrics["loss"] = loss.item()
@@ -237,14 +260,13 @@ def objective_step(m: Models, records: list[dict], config: Config, generator: to
 
 
 def response_metrics(m: Models, engine: RolloutEngine | None, responses: Rollout, timer: Timer,
-                     config: Config) -> dict[str, float]:
+                     max_new_tokens: int) -> dict[str, float]:
     """What a step logs about its responses: their count, length and sampling speed, and on the student's own
     samples their health (mmopd/health.py), whichever engine sampled them."""
     metrics = {"on_policy": float(engine is m.rollout), "response_tokens": responses.mask.sum().item(),
                "response_len": responses.mask.sum(1).mean().item(), "fused": float(m.fused)}
     if engine is m.rollout:  # the student's own samples: are they collapsing?
-        metrics.update(sample_health(responses.tokens, responses.mask, responses.logprobs,
-                                     config.rollout.max_new_tokens))
+        metrics.update(sample_health(responses.tokens, responses.mask, responses.logprobs, max_new_tokens))
     if engine is not None:
         metrics["rollout_tokens_per_s"] = metrics["response_tokens"] / max(timer.last["rollout"], 1e-9)
     return metrics

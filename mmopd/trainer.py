@@ -22,10 +22,10 @@ from accelerate import Accelerator, DistributedType
 
 from mmopd.adapter import prepare_trainable
 from mmopd.checkpoint import check_global_batch, set_rng_state, trainer_state
-from mmopd.config import Config, ConfigError, save_config
+from mmopd.config import Config, ConfigError, TrainConfig, save_config
 from mmopd.health import HealthMonitor
 from mmopd.lora import load_lora_weights
-from mmopd.objectives import Models, Timer, check_engine, objective_step
+from mmopd.objectives import Models, Plan, Timer, check_engine, objective_step
 from mmopd.report import MetricsLog, Progress, add_final_eval, eval_row, finish
 from mmopd.rundir import Run, apply_resume_changes, open_run, record_segment
 from mmopd.schedule import warmup_cosine
@@ -134,11 +134,11 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) 
     health = HealthMonitor(t.health_min_entropy, t.health_max_repeat, t.health_max_length, bool(session.eos_ids))
     progress = Progress(metrics_log, health, t.steps, state["step"], t.log_every, main, live, t.progress,
                         accelerator.log if t.report_to else None)
-    bad_in_row, stop_name = 0, None
+    bad_in_row, stop_name, plan = 0, None, Plan.of(c)
     par.student.train()
     for step in range(state["step"], t.steps):
         timer, started = Timer(), time.perf_counter()
-        row = _micro_batches(models, par, records, step, per_step, c, timer)
+        row = _micro_batches(models, plan, par, records, step, per_step, t, timer)
         row, stopping = par.mean_over_ranks(row, stop["signal"] is not None)  # any rank's SIGTERM stops all
         # a remote rank's stop reads as SIGTERM
         stop_name = signal.Signals(stop["signal"] or signal.SIGTERM).name if stopping else None
@@ -240,10 +240,9 @@ def _evaluate(session: Session, par: Parallel, metrics_log: MetricsLog, step: in
     return result, kl
 
 
-def _micro_batches(models: Models, par: Parallel, records: list[dict], step: int, per_step: int, c: Config,
-                   timer: Timer) -> dict[str, float]:
+def _micro_batches(models: Models, plan: Plan, par: Parallel, records: list[dict], step: int, per_step: int,
+                   t: TrainConfig, timer: Timer) -> dict[str, float]:
     """Forward and backward this rank's micro-batches of global batch `step`; their metrics' mean."""
-    t = c.train
     batch = step_indices(len(records), step, per_step, t.seed)
     rows = []
     for micro in range(t.grad_accum):
@@ -252,7 +251,7 @@ def _micro_batches(models: Models, par: Parallel, records: list[dict], step: int
         # seeded by global slot, so 2 processes × 1 micro-batch sample exactly what 1 × 2 does
         generator = torch.Generator(par.accelerator.device).manual_seed((t.seed * 1_000_003 + step) * 1_009 + slot)
         with par.accumulating(sync=micro == t.grad_accum - 1):
-            rows.append(objective_step(models, micro_records, c, generator, timer,
+            rows.append(objective_step(models, micro_records, plan, generator, timer,
                                        lambda loss: par.backward(loss / t.grad_accum)))
         par.reshard_teacher()
     return _mean_rows(rows)

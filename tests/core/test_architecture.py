@@ -79,3 +79,4 @@ def test_objective_step_has_no_type_or_rank_dispatch():
     source = inspect.getsource(objectives.objective_step)
     assert "isinstance" not in source and ".dim()" not in source
     assert len(source.splitlines()) <= 45
+    assert "config" not in source and "row_of" not in source and "LOSSES" not in source  # a Plan, resolved once

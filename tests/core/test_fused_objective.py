@@ -10,14 +10,14 @@ from mmopd.hf import ModelCalls
 from mmopd.config import ConfigError, ObjectiveConfig
 from mmopd.losses import fused_divergence_loss
 from mmopd.engines import DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, HFTeacher, TeacherNeed
-from mmopd.objectives import Timer, _log_once, objective_step, use_fused
+from mmopd.objectives import Plan, Timer, _log_once, objective_step, use_fused
 from mmopd.scores import Hidden
 from mmopd.session import Session
 
 
 def _step_loss_and_grads(session, config, records, seed=0):
     session.policy.zero_grad(set_to_none=True)
-    row = objective_step(session.models(), records, config, torch.Generator().manual_seed(seed), Timer(),
+    row = objective_step(session.models(), records, Plan.of(config), torch.Generator().manual_seed(seed), Timer(),
                          lambda loss: loss.backward())
     grads = {n: p.grad.clone() for n, p in session.policy.named_parameters() if p.grad is not None}
     return row, grads

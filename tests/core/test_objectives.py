@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mmopd.batch import answers_rollout
-from mmopd.objectives import Timer, objective_step
+from mmopd.objectives import Plan, Timer, objective_step
 from mmopd.session import Session
 
 
@@ -34,14 +34,14 @@ def test_a_few_steps_on_a_fixed_batch_lower_the_objective(text_config, kind, est
         """The objective's loss, averaged over fixed seeds, without updating."""
         values = []
         for seed in range(4):
-            row = objective_step(models, records, config, torch.Generator().manual_seed(seed), Timer(),
+            row = objective_step(models, records, Plan.of(config), torch.Generator().manual_seed(seed), Timer(),
                                  lambda loss: None)
             values.append(row["divergence"] if "divergence" in row and estimator == "full" else row["loss"])
         return sum(values) / len(values)
 
     before = measure()
     for step in range(25):
-        objective_step(models, records, config, torch.Generator().manual_seed(100 + step), Timer(),
+        objective_step(models, records, Plan.of(config), torch.Generator().manual_seed(100 + step), Timer(),
                        lambda loss: loss.backward())
         optimizer.step()
         optimizer.zero_grad()
@@ -60,7 +60,8 @@ def test_sampled_estimator_gradient_points_the_same_way_as_the_exact_reverse_kl(
         config = text_config(**{"objective.estimator": estimator, "rollout.samples_per_prompt": 64,
                                 "rollout.max_new_tokens": 4})
         session.policy.zero_grad()
-        objective_step(models, records, config, torch.Generator().manual_seed(0), Timer(), lambda l: l.backward())
+        objective_step(models, records, Plan.of(config), torch.Generator().manual_seed(0), Timer(),
+                       lambda l: l.backward())
         grads[estimator] = torch.cat([p.grad.flatten() for p in session.policy.parameters() if p.grad is not None])
     cosine = torch.nn.functional.cosine_similarity(grads["full"], grads["sampled"], dim=0)
     assert cosine > 0.5, cosine
@@ -75,6 +76,6 @@ def test_answers_become_right_padded_responses_ending_in_their_own_length():
 def test_sft_weight_adds_the_answers_nll_to_the_on_policy_loss(text_config):
     config = text_config(**{"objective.sft_weight": 0.5})
     session = Session(config)
-    row = objective_step(session.models(), session.train_data.records[:4], config,
+    row = objective_step(session.models(), session.train_data.records[:4], Plan.of(config),
                          torch.Generator().manual_seed(0), Timer(), lambda loss: None)
     assert row["loss"] == pytest.approx(row["divergence"] + 0.5 * row["sft_nll"], rel=1e-5)

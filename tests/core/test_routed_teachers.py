@@ -20,7 +20,7 @@ from mmopd.data import DataError
 from mmopd.engines import DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, HFTeacher, TeacherNeed
 from mmopd.engines.routed import RoutedTeacher
 from mmopd.losses import masked_mean
-from mmopd.objectives import Timer, model_scores, objective_step
+from mmopd.objectives import Plan, Timer, model_scores, objective_step
 from mmopd.session import Session, evaluate
 from modalities.text import toy
 
@@ -99,7 +99,7 @@ def test_per_teacher_divergences_are_the_divergence_over_each_teachers_rows(two_
     session = Session(_config(two_teachers, tmp_path, **{"objective.estimator": estimator}))
     models = session.models()
     records = [session.train_data.records[i] for i in range(8)]
-    metrics = objective_step(models, records, session.config, torch.Generator().manual_seed(5), Timer(),
+    metrics = objective_step(models, records, Plan.of(session.config), torch.Generator().manual_seed(5), Timer(),
                              lambda loss: None)
     # the same rollout again (the step's first draw from its generator), each teacher's rows scored alone
     s_prompts = session.adapter.encode_prompts(records, session.student_processor)

@@ -135,10 +135,10 @@ def test_non_finite_steps_are_skipped_counted_and_abort_after_five(text_config, 
     calls = {"n": 0}
     poisoned = {2, 3}
 
-    def poisoning(m, records, config, generator, timer, backward):
+    def poisoning(m, records, plan, generator, timer, backward):
         calls["n"] += 1
         bad = calls["n"] in poisoned
-        return real(m, records, config, generator, timer, lambda loss: backward(loss * math.nan if bad else loss))
+        return real(m, records, plan, generator, timer, lambda loss: backward(loss * math.nan if bad else loss))
 
     monkeypatch.setattr(trainer, "objective_step", poisoning)
     summary = train(text_config(**{"train.steps": 4, "train.out_dir": str(tmp_path / "a")}))
@@ -230,11 +230,11 @@ def test_sharding_on_one_process_is_refused(text_config):
 
 def test_the_non_finite_abort_advice_is_a_command_that_resumes(text_config, tmp_path, monkeypatch):
     real = trainer.objective_step
-    poisoned = {"on": True}
+    poisoned = {"lr": 1e-4}  # the run's train.lr: steps poison their loss while it is above 1e-5
 
-    def poisoning(m, records, config, generator, timer, backward):
-        return real(m, records, config, generator, timer,
-                    lambda loss: backward(loss * math.nan if poisoned["on"] and config.train.lr > 1e-5 else loss))
+    def poisoning(m, records, plan, generator, timer, backward):
+        return real(m, records, plan, generator, timer,
+                    lambda loss: backward(loss * math.nan if poisoned["lr"] > 1e-5 else loss))
 
     monkeypatch.setattr(trainer, "objective_step", poisoning)
     settings = {"train.steps": 8, "train.save_every": 1, "train.out_dir": str(tmp_path / "run"), "train.lr": 1e-4}
@@ -243,7 +243,7 @@ def test_the_non_finite_abort_advice_is_a_command_that_resumes(text_config, tmp_
         train(text_config(**settings))
     advice = re.search(r"train\.lr=(\S+) 'train\.resume_changes=\[train\.lr\]'", str(aborted.value))
     assert advice, aborted.value
-    lr = float(advice.group(1))
+    lr = poisoned["lr"] = float(advice.group(1))
     summary = train(text_config(**{**settings, "train.lr": lr, "train.resume_changes": ["train.lr"]}))
     assert summary["steps"] == 8
     rows = _train_rows(tmp_path / "run")

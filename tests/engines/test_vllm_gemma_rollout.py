@@ -18,7 +18,7 @@ from mmopd.batch import Sampling
 from mmopd.config import load_config
 from mmopd.engines import HFRollout, VLLMRollout
 from mmopd.engines.vllm import Served, ties_head, write_engine_checkpoint
-from mmopd.objectives import Timer, objective_step
+from mmopd.objectives import Plan, Timer, objective_step
 from mmopd.session import Session
 from tests.vllm_server import start_server
 
@@ -104,12 +104,13 @@ def test_the_tied_head_follows_an_optimizer_step_through_the_sync(pair, server, 
     m.rollout.sync(policy)
     optimizer = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=config.train.lr)
     before = policy.lm_head.weight.detach().clone()
-    row = objective_step(m, records, config, torch.Generator().manual_seed(0), Timer(), lambda loss: loss.backward())
+    row = objective_step(m, records, Plan.of(config), torch.Generator().manual_seed(0), Timer(),
+                         lambda loss: loss.backward())
     optimizer.step()
     assert row["rollout/logprob_mismatch"] < 1e-3  # the engine sampled from the trainer's weights
     assert (policy.lm_head.weight - before).abs().max() > 1e-3  # the step moved the tied head
 
-    mismatch = lambda: objective_step(m, records, config, torch.Generator().manual_seed(1), Timer(),
+    mismatch = lambda: objective_step(m, records, Plan.of(config), torch.Generator().manual_seed(1), Timer(),
                                       lambda loss: None)["rollout/logprob_mismatch"]
     tied = tmp_path / "tied"
     policy.save_pretrained(tied)  # every new weight, the head only as the tied embedding

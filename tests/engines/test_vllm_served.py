@@ -21,7 +21,7 @@ from mmopd.cli import main
 from mmopd.config import ConfigError, load_config, save_config
 from mmopd.engines import EngineError, HFRollout, VLLMRollout
 from mmopd.engines.vllm import Served, ties_head, write_engine_checkpoint
-from mmopd.objectives import Timer, check_engine, objective_step
+from mmopd.objectives import Plan, Timer, check_engine, objective_step
 from mmopd.session import Session
 from tests.vllm_models import build_text_pair
 from tests.vllm_server import free_port
@@ -108,7 +108,7 @@ def _step(session, config):
     m = session.models()
     optimizer = torch.optim.SGD([p for p in m.policy.parameters() if p.requires_grad], lr=config.train.lr)
     m.rollout.sync(m.policy)
-    row = objective_step(m, session.train_data.records[:8], config, torch.Generator().manual_seed(0), Timer(),
+    row = objective_step(m, session.train_data.records[:8], Plan.of(config), torch.Generator().manual_seed(0), Timer(),
                          lambda loss: loss.backward())
     optimizer.step()
     return m, row
@@ -127,7 +127,8 @@ def test_after_an_optimizer_step_and_a_sync_the_engine_samples_from_the_new_weig
     if trainable == "full":  # the engine loaded the written copy, which then went
         assert not (tmp_path / "sync" / "weights").exists() and (tmp_path / "sync").is_dir()
     records = session.train_data.records[:8]
-    rerun = lambda: objective_step(m, records, config, torch.Generator().manual_seed(1), Timer(), lambda loss: None)
+    rerun = lambda: objective_step(m, records, Plan.of(config), torch.Generator().manual_seed(1), Timer(),
+                                   lambda loss: None)
     stale = rerun()["rollout/logprob_mismatch"]
     m.rollout.sync(m.policy)
     fresh = rerun()["rollout/logprob_mismatch"]

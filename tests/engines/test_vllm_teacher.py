@@ -21,7 +21,7 @@ from mmopd.batch import Sampling
 from mmopd.cli import main
 from mmopd.config import load_config, save_config
 from mmopd.engines import DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, EngineError, HFTeacher, TeacherNeed, VLLMTeacher
-from mmopd.objectives import Timer, objective_step
+from mmopd.objectives import Plan, Timer, objective_step
 from mmopd.scores import TokenLogprobs, TopKTail
 from mmopd.session import Session
 from tests.vllm_models import build_text_pair, config_and_tokenizer
@@ -132,7 +132,7 @@ def test_the_first_steps_with_a_served_teacher_equal_those_with_the_hf_teacher(p
         steps = []
         for step in range(3):
             optimizer.zero_grad()
-            metrics = objective_step(m, records, session.config, torch.Generator().manual_seed(step), Timer(),
+            metrics = objective_step(m, records, Plan.of(session.config), torch.Generator().manual_seed(step), Timer(),
                                      lambda loss: loss.backward())
             optimizer.step()
             steps.append(metrics)

@@ -17,7 +17,7 @@ from mmopd.compat import IncompatibleModelsError
 from mmopd.config import ConfigError
 from mmopd.data import DataError
 from mmopd.losses import token_divergence
-from mmopd.objectives import Timer, objective_step
+from mmopd.objectives import Plan, Timer, objective_step
 from mmopd.batch import Sampling
 from mmopd.engines.hf import rollout
 from mmopd.session import Session
@@ -236,7 +236,7 @@ def test_sft_targets_are_the_vq_codes_of_the_record_pictures(config):
     answers = session.adapter.encode_answers(records, session.student_processor)
     pictures = shapes.to_tensor([Image.open(r["answer"]).convert("RGB") for r in records])
     assert answers == session.student_processor.encode_images(pictures).tolist()
-    row = objective_step(session.models(), records, config, torch.Generator().manual_seed(0), Timer(),
+    row = objective_step(session.models(), records, Plan.of(config), torch.Generator().manual_seed(0), Timer(),
                          lambda loss: loss.backward())
     assert row["response_tokens"] == 4 * GRID_TOKENS and np.isfinite(row["nll"])
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mmopd
-from mmopd.objectives import Timer, objective_step
+from mmopd.objectives import Plan, Timer, objective_step
 from mmopd.session import Session
 from mmopd.step_order import step_indices
 from tests.image_tokens.helpers import build_llamagen_task, llamagen_config
@@ -37,7 +37,7 @@ def test_image_features_give_the_jsonls_first_step_sft_loss(form, task, tmp_path
         config = llamagen_config(task, tmp_path / "run", **{"objective.kind": "sft", **overrides})
         session = Session(config)
         batch = [session.train_data.records[i] for i in step_indices(len(session.train_data), 0, 4, 0)]
-        row = objective_step(session.models(), batch, config, torch.Generator().manual_seed(0), Timer(),
+        row = objective_step(session.models(), batch, Plan.of(config), torch.Generator().manual_seed(0), Timer(),
                              lambda loss: None)
         losses.append(row["loss"])
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)

@@ -15,7 +15,7 @@ from mmopd.adapter import PolicySide
 from mmopd.compat import IncompatibleModelsError
 from mmopd.config import ConfigError, load_config
 from mmopd.losses import token_divergence
-from mmopd.objectives import Timer, objective_step
+from mmopd.objectives import Plan, Timer, objective_step
 from mmopd.batch import Sampling
 from mmopd.engines.hf import rollout
 from mmopd.session import Session
@@ -124,7 +124,7 @@ def test_emu3_distillation_step_learns_only_at_visual_positions(pair, tmp_path):
     per_token = token_divergence(s, t)  # [B, T]
     structural = session.student_processor.forced >= 0
     assert (per_token[:, structural] == 0).all() and (per_token[:, ~structural] > 0).all()
-    row = objective_step(session.models(), records, config, torch.Generator().manual_seed(0), Timer(),
+    row = objective_step(session.models(), records, Plan.of(config), torch.Generator().manual_seed(0), Timer(),
                          lambda loss: loss.backward())
     assert row["response_tokens"] == 3 * T and row["divergence"] > 0
     assert session.policy.lm_head.weight.grad.abs().sum() > 0

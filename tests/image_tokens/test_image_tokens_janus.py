@@ -17,7 +17,7 @@ from mmopd import train
 from mmopd.compat import IncompatibleModelsError
 from mmopd.config import load_config
 from mmopd.data import DataError
-from mmopd.objectives import Timer, objective_step
+from mmopd.objectives import Plan, Timer, objective_step
 from mmopd.batch import Sampling
 from mmopd.engines.hf import rollout
 from mmopd.session import Session
@@ -116,7 +116,8 @@ def test_janus_distillation_step_trains_the_student_from_the_guided_teacher(pair
     session = Session(config)
     head = session.policy.model.generation_head.vision_head.weight
     before = head.detach().clone()
-    row = objective_step(session.models(), session.train_data.records[:2], config, torch.Generator().manual_seed(0),
+    row = objective_step(session.models(), session.train_data.records[:2], Plan.of(config),
+                         torch.Generator().manual_seed(0),
                          Timer(), lambda loss: loss.backward())
     assert row["response_tokens"] == 2 * GRID_TOKENS and row["divergence"] > 0
     assert head.grad is not None and head.grad.abs().sum() > 0
@@ -173,6 +174,7 @@ def test_janus_sft_targets_are_its_vq_codes_of_the_record_pictures(pair, tmp_pat
     resized = shapes.to_tensor([p.resize((processor.image_size,) * 2, Image.BILINEAR) for p in pictures])
     assert answers == processor.encode_images(resized).tolist()
     assert all(len(a) == GRID_TOKENS and max(a) < 32 for a in answers)
-    row = objective_step(session.models(), session.train_data.records, config, torch.Generator().manual_seed(0),
+    row = objective_step(session.models(), session.train_data.records, Plan.of(config),
+                         torch.Generator().manual_seed(0),
                          Timer(), lambda loss: loss.backward())
     assert row["response_tokens"] == 2 * GRID_TOKENS and row["nll"] > 0

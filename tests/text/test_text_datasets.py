@@ -16,7 +16,7 @@ from PIL import Image
 import mmopd
 from mmopd.adapter import get_adapter
 from mmopd.data import WRITER_BATCH_ROWS, DataError, _converted, load_records
-from mmopd.objectives import Timer, objective_step
+from mmopd.objectives import Plan, Timer, objective_step
 from mmopd.session import Session
 from mmopd.step_order import step_indices
 from modalities.text.adapter import prompt_text
@@ -65,7 +65,7 @@ def test_a_save_to_disk_folder_trains_with_the_jsonls_first_step_loss(text_confi
         config = text_config(**{"data.train": str(source)})
         session = Session(config)
         batch = [session.train_data.records[i] for i in step_indices(len(session.train_data), 0, 4, 0)]
-        row = objective_step(session.models(), batch, config, torch.Generator().manual_seed(0), Timer(),
+        row = objective_step(session.models(), batch, Plan.of(config), torch.Generator().manual_seed(0), Timer(),
                              lambda loss: None)
         losses.append(row["loss"])
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)

@@ -14,7 +14,7 @@ import torch
 import mmopd
 from mmopd.adapter import get_adapter
 from mmopd.data import DataError, load_records
-from mmopd.objectives import Timer, objective_step
+from mmopd.objectives import Plan, Timer, objective_step
 from mmopd.session import Session
 from mmopd.step_order import step_indices
 from modalities.vlm.adapter import prompt_text
@@ -54,7 +54,7 @@ def test_image_features_give_the_jsonls_first_step_loss_and_train(vlm_config, vl
         session = Session(config)
         batch = [session.train_data.records[i] for i in step_indices(len(session.train_data), 0, 2, 0)]
         answers.append([r["answer"] for r in batch])
-        row = objective_step(session.models(), batch, config, torch.Generator().manual_seed(0), Timer(),
+        row = objective_step(session.models(), batch, Plan.of(config), torch.Generator().manual_seed(0), Timer(),
                              lambda loss: None)
         losses.append(row["loss"])
     assert answers[0] == answers[1] and losses[0] == pytest.approx(losses[1], rel=1e-6)

@@ -15,7 +15,7 @@ from mmopd.cli import main
 from mmopd.config import load_config
 from mmopd.data import load_jsonl
 from mmopd.engines import HFRollout, rollout_engine
-from mmopd.objectives import Timer, objective_step
+from mmopd.objectives import Plan, Timer, objective_step
 from mmopd.session import Session
 from modalities.vlm import shapes
 from tests.vllm_models import build_image_tokens, build_llava, build_text_pair
@@ -60,10 +60,12 @@ def test_after_an_optimizer_step_and_a_sync_the_engine_samples_from_the_new_weig
     session, m = text
     config, records = session.config, session.train_data.records[:8]
     optimizer = torch.optim.SGD(m.policy.parameters(), lr=1e-2)
-    row = objective_step(m, records, config, torch.Generator().manual_seed(0), Timer(), lambda loss: loss.backward())
+    row = objective_step(m, records, Plan.of(config), torch.Generator().manual_seed(0), Timer(),
+                         lambda loss: loss.backward())
     assert row["rollout/logprob_mismatch"] < 1e-4
     optimizer.step()
-    rerun = lambda: objective_step(m, records, config, torch.Generator().manual_seed(1), Timer(), lambda loss: None)
+    rerun = lambda: objective_step(m, records, Plan.of(config), torch.Generator().manual_seed(1), Timer(),
+                                   lambda loss: None)
     stale = rerun()["rollout/logprob_mismatch"]
     m.rollout.sync(m.policy)
     fresh = rerun()["rollout/logprob_mismatch"]
@@ -78,9 +80,10 @@ def test_a_lora_student_syncs_as_a_new_adapter_version(tmp_path):
     m, records = session.models(), session.train_data.records[:8]
     optimizer = torch.optim.SGD([p for p in m.policy.parameters() if p.requires_grad], lr=0.5)
     m.rollout.sync(m.policy)
-    objective_step(m, records, config, torch.Generator().manual_seed(0), Timer(), lambda loss: loss.backward())
+    objective_step(m, records, Plan.of(config), torch.Generator().manual_seed(0), Timer(), lambda loss: loss.backward())
     optimizer.step()
-    rerun = lambda: objective_step(m, records, config, torch.Generator().manual_seed(1), Timer(), lambda loss: None)
+    rerun = lambda: objective_step(m, records, Plan.of(config), torch.Generator().manual_seed(1), Timer(),
+                                   lambda loss: None)
     stale = rerun()["rollout/logprob_mismatch"]
     m.rollout.sync(m.policy)
     fresh = rerun()["rollout/logprob_mismatch"]
