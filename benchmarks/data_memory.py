@@ -4,7 +4,7 @@ apart from the file pages it maps.
     python -m benchmarks.data_memory [--rows 10k,1m] [--steps 1000] [--batch 8] [--json PATH]
 
 Each size is a generated parquet file of text records ({"prompt": "a+b=", "answer": "c"}). A fresh process
-loads it as a run does (`mmopd.data.load_records` with the text adapter's check: every row checked once in a
+loads it as a run does (`mmopd.data.records.load_records` with the text adapter's check: every row checked once in a
 streaming pass) and reads `--steps` global batches in the training order (`step_indices`); it does so twice
 per size: the first run, where `datasets` converts the parquet file to its arrow cache, and a later run that
 maps that cache. Memory is above the process after its imports:
@@ -33,8 +33,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from benchmarks.measure import MIB, _rss_kib, run_child, table
-from mmopd.data import load_records
-from mmopd.step_order import step_indices
+from mmopd.data.records import load_records
+from mmopd.data.step_order import step_indices
 from modalities.text.adapter import TextAdapter
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM  # imported now, not inside a measured section
 
-from mmopd.adapter import ModalityAdapter
-from mmopd.batch import PromptBatch
+from mmopd.models.adapter import ModalityAdapter
+from mmopd.step.batch import PromptBatch
 
 # (hidden, layers, heads, kv heads, intermediate, vocab, tied head) of the real checkpoints
 QWEN25 = {

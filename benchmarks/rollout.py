@@ -21,11 +21,10 @@ import torch
 
 from benchmarks.measure import device_of, machine, seconds, sizes, table
 from benchmarks.models import RandomPrompts, random_qwen2, random_records, shape_of
-from mmopd.adapter import PolicySide
-from mmopd.batch import TokenSpace
-from mmopd.batch import Sampling
 from mmopd.engines.hf import rollout
 from mmopd.engines.vllm import Colocated, VLLMRollout, write_engine_checkpoint
+from mmopd.models.adapter import PolicySide
+from mmopd.step.batch import Sampling, TokenSpace
 
 
 def main() -> None:

@@ -34,10 +34,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from benchmarks.measure import GIB, MIB, device_of, machine, peak_bytes, rank_memory, reset_peak, run_child, table
 from benchmarks.models import RandomPrompts, random_qwen2, random_records, shape_of
-from mmopd.batch import TokenSpace
 from mmopd.config import load_config
-from mmopd.objectives import Models, Plan, Timer, objective_step
-from mmopd.sharding import reshard, shard
+from mmopd.models.sharding import reshard, shard
+from mmopd.run.objectives import Models, Plan, Timer, objective_step
+from mmopd.step.batch import TokenSpace
 
 VARIANTS = {
     "logits": {"objective.fused": "never"},

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 import transformers
 
-from mmopd.adapter import get_adapter
-from mmopd.batch import PromptBatch, TokenSpace
 from mmopd.engines import TOKEN_LOGPROBS, TOP_K, HFTeacher, TeacherNeed, VLLMTeacher
 from mmopd.engines.vllm import Served
+from mmopd.models.adapter import get_adapter
+from mmopd.step.batch import PromptBatch, TokenSpace
 from modalities.text import toy
 from tests.vllm_server import start_server
 

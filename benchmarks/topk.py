@@ -20,8 +20,8 @@ import torch
 from benchmarks.measure import machine, sizes, table
 from mmopd.config import load_config
 from mmopd.losses import masked_mean, token_divergence, topk_token_divergence
-from mmopd.objectives import sampling_of
-from mmopd.session import Session
+from mmopd.run.objectives import sampling_of
+from mmopd.run.session import Session
 
 
 def main() -> None:

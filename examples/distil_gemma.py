@@ -35,9 +35,9 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import mmopd  # noqa: E402
-from mmopd.pretrained import export_gguf, packaged_gguf  # noqa: E402
-from mmopd.pruning import parse_keep, prune_checkpoint  # noqa: E402
-from mmopd.report import read_metrics  # noqa: E402
+from mmopd.models.pretrained import export_gguf, packaged_gguf  # noqa: E402
+from mmopd.models.pruning import parse_keep, prune_checkpoint  # noqa: E402
+from mmopd.run.report import read_metrics  # noqa: E402
 from modalities.text.fewshot import task_accuracy  # noqa: E402
 from modalities.text.heldout import docstring_task_data, greedy_responses, measure  # noqa: E402
 

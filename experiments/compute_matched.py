@@ -24,8 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments.modality_task import build_modality_task, dataset_through_vq  # noqa: E402
-from experiments.text_task import (SIZES, band, base_overrides, build_task, curve, mean_std,  # noqa: E402
-                                            save_results, run_config, step_flops)
+from experiments.text_task import (SIZES, band, base_overrides, build_task, curve, mean_std, run_config,  # noqa: E402
+                                   save_results, step_flops)
 
 NAME = "compute_matched"
 # name: (overrides, steps at the full size); steps make each method's FLOPs ≥ 200 on_policy steps'

@@ -30,7 +30,7 @@ import transformers  # noqa: E402
 
 import mmopd  # noqa: E402
 from experiments.text_task import save_results  # noqa: E402
-from mmopd.report import read_metrics  # noqa: E402
+from mmopd.run.report import read_metrics  # noqa: E402
 from modalities.text.heldout import docstring_task_data, measure  # noqa: E402
 
 NAME = "gemma_recovery"

@@ -62,8 +62,8 @@ def build_modality_task(out: Path, size: str, modality: str) -> dict[str, Any]:
         return json.loads(info_path.read_text())
     import transformers
 
-    from mmopd.adapter import get_adapter, settings_of
-    from mmopd.data import load_jsonl
+    from mmopd.data.records import load_jsonl
+    from mmopd.models.adapter import get_adapter, settings_of
 
     config_path = build_toy(out, size, modality)
     base = flat_overrides(config_path)
@@ -101,8 +101,8 @@ def dataset_through_vq(task: dict[str, Any]) -> dict[str, float]:
     """The judge's accuracy and toy FID on the image toy's eval pictures after a round trip through the VQ
     (the adapter's own encode_answers, as sft trains on them, then decode and score): what a student that drew
     the dataset's own codes would score."""
-    from mmopd.adapter import get_adapter, settings_of
-    from mmopd.data import load_jsonl
+    from mmopd.data.records import load_jsonl
+    from mmopd.models.adapter import get_adapter, settings_of
 
     config = load_config(task["paths"]["config"])
     adapter = get_adapter(config.modality, settings_of(config))

@@ -37,7 +37,8 @@ import transformers  # noqa: E402
 
 import mmopd  # noqa: E402
 from experiments.self_distill import sample  # noqa: E402
-from experiments.text_task import SIZES, base_overrides, build_task, curve, mean_std, run_config, save_results  # noqa: E402
+from experiments.text_task import (SIZES, base_overrides, build_task, curve, mean_std, run_config,  # noqa: E402
+                                   save_results)
 from mmopd.config import load_config  # noqa: E402
 from modalities.text import toy  # noqa: E402
 

@@ -32,11 +32,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 import mmopd  # noqa: E402
-from experiments.compute_matched import (LABELS, METHODS, first_reach, matched_steps, seed_runs,  # noqa: E402
-                                         summarize)
+from experiments.compute_matched import LABELS, METHODS, first_reach, matched_steps, seed_runs, summarize  # noqa: E402
 from experiments.compute_matched import table as compare_table  # noqa: E402
-from experiments.text_task import (SIZES, band, base_overrides, build_task, checkpointed_run,  # noqa: E402
-                                   mean_std, save_results)
+from experiments.text_task import (SIZES, band, base_overrides, build_task, checkpointed_run, mean_std,  # noqa: E402
+                                   save_results)
 from mmopd.config import load_config  # noqa: E402
 from modalities.text.adapter import is_correct  # noqa: E402
 from modalities.text.toy import FINAL_MARKER, STEP_SEP  # noqa: E402

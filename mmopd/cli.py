@@ -12,20 +12,20 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
-from mmopd.adapter import ModelLoadError, get_adapter, settings_of
-from mmopd.checkpoint import CheckpointError
-from mmopd.compat import IncompatibleModelsError
 from mmopd.config import ConfigError, load_config
-from mmopd.data import DataError, RecordError
+from mmopd.data.records import DataError, RecordError
 from mmopd.engines import EngineError
 from mmopd.engines.vllm import write_engine_checkpoint
 from mmopd.engines.vllm.families import engine_key
-from mmopd.pretrained import EXPORT_DTYPES, PACKAGED, ExportError, export_gguf, packaged_gguf
-from mmopd.pruning import PruneError, parse_keep, prune_checkpoint
-from mmopd.rundir import RunDirError
-from mmopd.session import evaluate, resolve_dtype
-from mmopd.toys import build_toy, one_thread
-from mmopd.trainer import TrainingAborted, train
+from mmopd.models.adapter import ModelLoadError, get_adapter, settings_of
+from mmopd.models.checkpoint import CheckpointError
+from mmopd.models.compat import IncompatibleModelsError
+from mmopd.models.pretrained import EXPORT_DTYPES, PACKAGED, ExportError, export_gguf, packaged_gguf
+from mmopd.models.pruning import PruneError, parse_keep, prune_checkpoint
+from mmopd.run.rundir import RunDirError
+from mmopd.run.session import evaluate, resolve_dtype
+from mmopd.run.toys import build_toy, one_thread
+from mmopd.run.trainer import TrainingAborted, train
 
 TOY_MODALITIES = {"text": "text", "vlm": "vlm", "image": "image_tokens"}
 # exit codes: 2 a user error before training (config, data, models, run directory); 1 a deliberate stop

@@ -27,7 +27,7 @@ from typing import Any, Callable, Collection
 import yaml
 
 from mmopd.losses import available_divergences
-from mmopd.objective_table import DISTRIBUTION, KINDS, TABLE, estimators_of, needs_teacher, scores_teacher
+from mmopd.step.objective_table import DISTRIBUTION, KINDS, TABLE, estimators_of, needs_teacher, scores_teacher
 
 
 class ConfigError(ValueError):
@@ -311,7 +311,7 @@ class TrainConfig:
     progress: bool = safe_key(True)
     sharding: str = layout_key("none")  # the student: none (data parallel, DDP) | fsdp (sharded over the processes)
     fsdp_cpu_offload: bool = layout_key(False)  # sharding: fsdp: the student's shards, grads and optimizer on the CPU
-    # sample health (mmopd/health.py): warn once when the student's samples collapse
+    # sample health (mmopd/step/health.py): warn once when the student's samples collapse
     health_min_entropy: float = run_key(0.5)  # nats of the batch's sampled tokens; below it: collapsing (0: off)
     health_max_repeat: float = run_key(0.5)  # share of tokens that repeat an earlier 3-gram of their response (1: off)
     health_max_length: float = run_key(0.95)  # mean length / rollout.max_new_tokens, having started below it (1: off)

@@ -24,15 +24,15 @@ from pathlib import Path
 
 from filelock import FileLock
 
-import mmopd.pretrained
-import mmopd.pruning
+import mmopd.models.pretrained
+import mmopd.models.pruning
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STUDENT_LAYERS = (0, 2, 5, 8, 11, 14, 17)  # 6 sliding-window layers and the last full-attention one
 
 
 def _cache_dir() -> Path:
-    code = b"".join(Path(m.__file__).read_bytes() for m in (mmopd.pretrained, mmopd.pruning))
+    code = b"".join(Path(m.__file__).read_bytes() for m in (mmopd.models.pretrained, mmopd.models.pruning))
     return REPO_ROOT / ".cache" / f"gemma3-270m-{hashlib.sha1(code).hexdigest()[:10]}"
 
 
@@ -44,8 +44,8 @@ def gemma_pair() -> dict[str, Path]:
     with FileLock(f"{out}.lock"):
         if not (out / "COMPLETE").exists():
             shutil.rmtree(out, ignore_errors=True)  # a build that was killed half way
-            mmopd.pretrained.export_gguf(mmopd.pretrained.packaged_gguf("gemma3-270m"), paths["teacher"])
-            mmopd.pruning.prune_checkpoint(paths["teacher"], paths["student"], list(STUDENT_LAYERS))
+            mmopd.models.pretrained.export_gguf(mmopd.models.pretrained.packaged_gguf("gemma3-270m"), paths["teacher"])
+            mmopd.models.pruning.prune_checkpoint(paths["teacher"], paths["student"], list(STUDENT_LAYERS))
             (out / "COMPLETE").write_text(str(os.getpid()))
     return paths
 

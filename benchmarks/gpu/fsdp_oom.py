@@ -10,7 +10,7 @@ behaves like an 80 GB one.
 The student is Qwen2.5-7B-shaped (7.6e9 parameters, random weights), trained as `mmopd train` trains it: fp32
 weights, bf16 compute, AdamW. Weights, gradients and AdamW's two moments take 16 bytes a parameter, 122 GB; DDP
 holds all of it on every GPU (and a gradient bucket copy), FSDP holds 122/N GB. The sharding is mmopd's own
-`mmopd.sharding.shard`, loaded from its file, so the script needs only torch and transformers (no datasets, vLLM).
+`mmopd.models.sharding.shard`, loaded from its file, so the script needs only torch and transformers (no datasets, vLLM).
 """
 
 from __future__ import annotations

@@ -10,8 +10,6 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from mmopd.adapter import ModalityAdapter, PolicySide
-from mmopd.batch import TokenSpace
 from mmopd.config import Config, ConfigError
 from mmopd.engines.base import DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, RolloutEngine, TeacherNeed, TeacherScorer
 from mmopd.engines.hf import HFRollout, HFTeacher, model_scores, rollout
@@ -19,8 +17,10 @@ from mmopd.engines.vllm import (Colocated, EngineError, Served, VLLMRollout, VLL
                                 write_engine_checkpoint)
 from mmopd.engines.vllm.families import engine_key as vllm_engine_key
 from mmopd.engines.vllm.families import vllm_unsupported
-from mmopd.hf import context_length, text_config
+from mmopd.models.adapter import ModalityAdapter, PolicySide
+from mmopd.models.hf import context_length, text_config
 from mmopd.registry import Registry
+from mmopd.step.batch import TokenSpace
 
 log = logging.getLogger("mmopd")
 

@@ -18,9 +18,9 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from mmopd.batch import PromptBatch, Rollout, Sampling
-from mmopd.objective_table import DISTRIBUTION, TOKEN_LOGPROBS
-from mmopd.scores import Scores
+from mmopd.step.batch import PromptBatch, Rollout, Sampling
+from mmopd.step.objective_table import DISTRIBUTION, TOKEN_LOGPROBS
+from mmopd.step.scores import Scores
 
 TOP_K = "top_k"  # a DISTRIBUTION teacher asked for its top-k only (teacher.top_k)
 

@@ -19,12 +19,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mmopd.adapter import ModalityAdapter, PolicySide
-from mmopd.batch import PromptBatch, Rollout, Sampling, TokenSpace
 from mmopd.engines.base import DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, TeacherNeed
 from mmopd.losses import fused_excluded_logsumexp, fused_topk_logits
-from mmopd.scores import Hidden, Logits, Scores, TokenLogprobs, TopK, TopKTail
-from mmopd.sharding import any_rank
+from mmopd.models.adapter import ModalityAdapter, PolicySide
+from mmopd.models.sharding import any_rank
+from mmopd.step.batch import PromptBatch, Rollout, Sampling, TokenSpace
+from mmopd.step.scores import Hidden, Logits, Scores, TokenLogprobs, TopK, TopKTail
 
 
 def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:

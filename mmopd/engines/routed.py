@@ -23,12 +23,12 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from mmopd.adapter import ModalityAdapter
-from mmopd.batch import PromptBatch, Rollout
-from mmopd.compat import IncompatibleModelsError
-from mmopd.data import RecordError
+from mmopd.data.records import RecordError
 from mmopd.engines.base import TeacherNeed, TeacherScorer
-from mmopd.scores import Hidden, Scores
+from mmopd.models.adapter import ModalityAdapter
+from mmopd.models.compat import IncompatibleModelsError
+from mmopd.step.batch import PromptBatch, Rollout
+from mmopd.step.scores import Hidden, Scores
 
 ROUTE = "_teacher"  # the record key holding the checked teacher name
 RECORDS = "records"  # the PromptBatch.state key holding the step's records (what RoutedTeacher routes by)

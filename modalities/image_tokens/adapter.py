@@ -27,14 +27,14 @@ from PIL import Image
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, Emu3ForConditionalGeneration, JanusForConditionalGeneration
 
-from mmopd import hf
-from mmopd.adapter import ModalityAdapter, ModelLoadError, RunSettings, load_pretrained, register_adapter
-from mmopd.batch import PromptBatch, Sampling, TokenSpace
-from mmopd.compat import IncompatibleModelsError, check_embedding_rows
 from mmopd.config import ConfigError
-from mmopd.data import RecordError
+from mmopd.data.records import RecordError
 from mmopd.engines.vllm.families import register_unsupported
-from mmopd.hf import ModelCalls
+from mmopd.models import hf
+from mmopd.models.adapter import ModalityAdapter, ModelLoadError, RunSettings, load_pretrained, register_adapter
+from mmopd.models.compat import IncompatibleModelsError, check_embedding_rows
+from mmopd.models.hf import ModelCalls
+from mmopd.step.batch import PromptBatch, Sampling, TokenSpace
 from modalities.image_tokens import emu3, janus
 from modalities.image_tokens.guidance import guide, with_unconditional
 from modalities.image_tokens.judge import Judge

@@ -21,11 +21,11 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from torch import Tensor, nn
-from transformers import (AutoConfig, AutoProcessor, JanusConfig, JanusForConditionalGeneration, JanusImageProcessor,
-                          JanusProcessor, JanusVisionConfig, JanusVQVAE, JanusVQVAEConfig, GenerationConfig,
+from transformers import (AutoConfig, AutoProcessor, GenerationConfig, JanusConfig, JanusForConditionalGeneration,
+                          JanusImageProcessor, JanusProcessor, JanusVisionConfig, JanusVQVAE, JanusVQVAEConfig,
                           LlamaConfig, PreTrainedTokenizerFast)
 
-from mmopd import hf
+from mmopd.models import hf
 from modalities.image_tokens.shapes import to_images
 from modalities.image_tokens.vq_weights import load_vq_weights
 

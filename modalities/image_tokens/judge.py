@@ -21,9 +21,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from mmopd.config import ConfigError
-from mmopd.schedule import warmup_cosine
+from mmopd.run.schedule import warmup_cosine
 from modalities.image_tokens.shapes import to_tensor
-
 
 JUDGE_FILE, WEIGHTS_FILE = "judge.json", "judge.safetensors"
 ARCHITECTURE = "test_resnet"  # timm's smallest ResNet (~0.4M parameters, 96 pooled features)

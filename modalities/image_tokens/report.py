@@ -17,9 +17,9 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
-from mmopd.losses import masked_mean, token_divergence
-from mmopd.report import write_summary
 from mmopd.engines.hf import rollout
+from mmopd.losses import masked_mean, token_divergence
+from mmopd.run.report import write_summary
 from modalities.image_tokens.llamagen import normalize_prompt
 
 log = logging.getLogger("mmopd")

@@ -19,7 +19,7 @@ import yaml
 from transformers import LlamaForCausalLM
 
 from mmopd.config import ConfigError
-from mmopd.schedule import warmup_cosine
+from mmopd.run.schedule import warmup_cosine
 from modalities.image_tokens import shapes
 from modalities.image_tokens.judge import Judge
 from modalities.image_tokens.llamagen import LlamaGenTokenizer, build_generator

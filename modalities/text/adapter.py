@@ -9,10 +9,10 @@ from typing import Any
 from torch import Tensor, nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from mmopd.adapter import ModalityAdapter, ModelLoadError, load_pretrained, register_adapter
-from mmopd.batch import PromptBatch, TokenSpace
-from mmopd.compat import IncompatibleModelsError, check_embedding_rows, check_same_vocab
-from mmopd.data import RecordError, image_parts, text_of
+from mmopd.data.records import RecordError, image_parts, text_of
+from mmopd.models.adapter import ModalityAdapter, ModelLoadError, load_pretrained, register_adapter
+from mmopd.models.compat import IncompatibleModelsError, check_embedding_rows, check_same_vocab
+from mmopd.step.batch import PromptBatch, TokenSpace
 
 
 def final_answer(text: str) -> str:

@@ -1,5 +1,5 @@
 """Held-out measurements of a student against its teacher, for causal LMs that share a tokenizer, on saved
-checkpoints (the trainer's own eval reports the same two KLs through `mmopd.evaluation.kl_to_teacher`).
+checkpoints (the trainer's own eval reports the same two KLs through `mmopd.run.evaluation.kl_to_teacher`).
 
 Two KLs that a collapsed student cannot fake together:
 
@@ -12,7 +12,7 @@ Two KLs that a collapsed student cannot fake together:
     heldout_kls(student, teacher, tokenizer, prompts, samples, max_new_tokens=24)  # {"reverse_kl", "forward_kl", ...}
 
 Both are exact over the whole vocabulary, one row at a time (a 262k vocabulary makes [B, T, V] large).
-`measure` adds the health of the student's samples (`mmopd.health`) and its accuracy on a task with checkable
+`measure` adds the health of the student's samples (`mmopd.step.health`) and its accuracy on a task with checkable
 answers (`modalities.text.fewshot`); `teacher_records` turns prompts into records whose answers are the teacher's
 samples, for the objectives that train on answers (sft as seq-KD, supervised_kd, gkd).
 """
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from mmopd.health import SURPRISAL, sample_health
+from mmopd.step.health import SURPRISAL, sample_health
 from modalities.text.fewshot import task_accuracy, task_records
 from modalities.text.stdlib_prompts import HELD_OUT_MODULES, TRAIN_MODULES, docstring_prompts
 

@@ -15,7 +15,7 @@ import yaml
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from mmopd.config import ConfigError
-from mmopd.schedule import warmup_cosine
+from mmopd.run.schedule import warmup_cosine
 from modalities.text.adapter import is_correct
 
 TASK_NAME = "addition"

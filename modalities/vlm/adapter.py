@@ -21,13 +21,13 @@ from PIL import Image
 from torch import Tensor, nn
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from mmopd import hf
-from mmopd.adapter import ModalityAdapter, ModelLoadError, load_pretrained, register_adapter
-from mmopd.hf import ModelCalls
-from mmopd.batch import PromptBatch, TokenSpace
-from mmopd.compat import check_embedding_rows, check_same_vocab
 from mmopd.config import ConfigError
-from mmopd.data import RecordError, image_parts
+from mmopd.data.records import RecordError, image_parts
+from mmopd.models import hf
+from mmopd.models.adapter import ModalityAdapter, ModelLoadError, load_pretrained, register_adapter
+from mmopd.models.compat import check_embedding_rows, check_same_vocab
+from mmopd.models.hf import ModelCalls
+from mmopd.step.batch import PromptBatch, TokenSpace
 from modalities.vlm.images import check_image, load_rgb, picture_of
 
 TOKEN_ALIGNED = ("mm_token_type_ids", "token_type_ids")  # extras with one entry per prompt token: [B, P]

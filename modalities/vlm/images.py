@@ -6,15 +6,15 @@ from __future__ import annotations
 import io
 import os
 import struct
-import zlib
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from mmopd.data import RecordError
+from mmopd.data.records import RecordError
 
 MAX_PIXELS = 89_478_485  # Pillow's decompression-bomb threshold (MAX_IMAGE_PIXELS); above it we refuse
 Picture = str | Path | bytes | Image.Image  # a path or URL, a picture file's bytes, or a decoded picture

@@ -9,7 +9,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from mmopd.evaluation import evaluate_policy
+from mmopd.run.evaluation import evaluate_policy
 from modalities.vlm.adapter import normalize_answer
 from modalities.vlm.images import load_rgb
 

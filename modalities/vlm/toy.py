@@ -18,13 +18,13 @@ import torch
 import yaml
 from torch import nn
 
-from mmopd.adapter import ModalityAdapter, PolicySide
-from mmopd.batch import answers_rollout
 from mmopd.config import ConfigError
-from mmopd.data import load_jsonl
-from mmopd.evaluation import evaluate_policy
+from mmopd.data.records import load_jsonl
 from mmopd.losses import masked_mean, sampled_token_logprobs
-from mmopd.schedule import warmup_cosine
+from mmopd.models.adapter import ModalityAdapter, PolicySide
+from mmopd.run.evaluation import evaluate_policy
+from mmopd.run.schedule import warmup_cosine
+from mmopd.step.batch import answers_rollout
 from modalities.vlm import shapes
 from modalities.vlm.adapter import VLMAdapter
 from modalities.vlm.families import FAMILIES, Dims, build_family_model, save_family_model

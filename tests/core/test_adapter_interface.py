@@ -1,5 +1,5 @@
 """The small interfaces: the adapter protocol holds at most 12 methods, the HF model calls have one default
-(`mmopd.hf.ModelCalls`), and what vLLM needs of a model family is keyed by the family in the engine code."""
+(`mmopd.models.hf.ModelCalls`), and what vLLM needs of a model family is keyed by the family in the engine code."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import pytest
 from torch import nn
 
-from mmopd.adapter import ModalityAdapter, get_adapter, prepare_trainable, settings_of
 from mmopd.config import ConfigError, load_config
 from mmopd.engines.vllm import families
-from mmopd.hf import ModelCalls
+from mmopd.models.adapter import ModalityAdapter, get_adapter, prepare_trainable, settings_of
+from mmopd.models.hf import ModelCalls
 
 
 def _model(model_type: str, cls: type = nn.Module) -> nn.Module:

@@ -7,7 +7,7 @@ import ast
 import inspect
 from pathlib import Path
 
-from mmopd import objectives
+from mmopd.run import objectives
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("mmopd", "modalities")
@@ -80,3 +80,16 @@ def test_objective_step_has_no_type_or_rank_dispatch():
     assert "isinstance" not in source and ".dim()" not in source
     assert len(source.splitlines()) <= 45
     assert "config" not in source and "row_of" not in source and "LOSSES" not in source  # a Plan, resolved once
+
+
+FLOORS = ("data", "registry", "losses", "step", "config", "models", "engines", "run", "cli")  # mmopd/, bottom up
+
+
+def test_each_folder_of_the_core_imports_only_from_its_own_floor_and_the_floors_under_it():
+    edges, _ = _graph()
+    part = lambda module: module.split(".")[1]  # mmopd.run.trainer -> run; mmopd.config -> config
+    core = [name for name in edges if name.startswith("mmopd.")]
+    assert {part(name) for name in core} == set(FLOORS), "a new folder of mmopd/ needs its floor in FLOORS"
+    upward = sorted(f"{a} -> {b}" for a in core for b in edges[a]
+                    if b.startswith("mmopd.") and FLOORS.index(part(b)) > FLOORS.index(part(a)))
+    assert upward == []

@@ -7,7 +7,7 @@ import json
 import torch
 
 from mmopd import train
-from mmopd.checkpoint import complete_checkpoints, latest_checkpoint, load_trainer_state, save_checkpoint
+from mmopd.models.checkpoint import complete_checkpoints, latest_checkpoint, load_trainer_state, save_checkpoint
 from modalities.text import toy
 
 

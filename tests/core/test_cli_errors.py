@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
 from mmopd.cli import main
-from mmopd.compat import IncompatibleModelsError, check_embedding_rows, check_same_vocab
+from mmopd.models.compat import IncompatibleModelsError, check_embedding_rows, check_same_vocab
 from modalities.text import toy
 from tests.conftest import write_jsonl
 

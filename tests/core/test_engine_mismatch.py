@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from mmopd.batch import Rollout
 from mmopd.config import RolloutConfig
-from mmopd.objectives import against_trainer
-from mmopd.scores import Logits
+from mmopd.run.objectives import against_trainer
+from mmopd.step.batch import Rollout
+from mmopd.step.scores import Logits
 
 
 def _case():

@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 
 import mmopd
-from mmopd import evaluation
-from mmopd.batch import Sampling
 from mmopd.engines.hf import rollout
-from mmopd.evaluation import kl_to_teacher
-from mmopd.hf import positions
-from mmopd.report import format_table, read_metrics
-from mmopd.session import Session
+from mmopd.models.hf import positions
+from mmopd.run import evaluation
+from mmopd.run.evaluation import kl_to_teacher
+from mmopd.run.report import format_table, read_metrics
+from mmopd.run.session import Session
+from mmopd.step.batch import Sampling
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

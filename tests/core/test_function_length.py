@@ -1,5 +1,5 @@
 """Code that fits on a screen: the training loop (`trainer._train`) at most 60 lines with no branch on the sharding
-mode (that lives in `mmopd/sharding.py: Parallel`), and no function in mmopd/ over 80 lines."""
+mode (that lives in `mmopd/models/sharding.py: Parallel`), and no function in mmopd/ over 80 lines."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def _lines(node: ast.AST) -> int:
 
 
 def test_the_training_loop_is_at_most_60_lines_and_never_branches_on_the_sharding_mode():
-    loop = _functions()["mmopd/trainer.py: _train"]
+    loop = _functions()["mmopd/run/trainer.py: _train"]
     assert _lines(loop) <= LOOP_LINES
     tests = [ast.unparse(node.test) for node in ast.walk(loop) if isinstance(node, (ast.If, ast.IfExp, ast.While))]
     assert tests and [test for test in tests if "shard" in test.lower() or "fsdp" in test.lower()] == []

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmopd.adapter import fused_unsupported, prepare_trainable
-from mmopd.hf import ModelCalls
 from mmopd.config import ConfigError, ObjectiveConfig
-from mmopd.losses import fused_divergence_loss
 from mmopd.engines import DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, HFTeacher, TeacherNeed
-from mmopd.objectives import Plan, Timer, _log_once, objective_step, use_fused
-from mmopd.scores import Hidden
-from mmopd.session import Session
+from mmopd.losses import fused_divergence_loss
+from mmopd.models.adapter import fused_unsupported, prepare_trainable
+from mmopd.models.hf import ModelCalls
+from mmopd.run.objectives import Plan, Timer, _log_once, objective_step, use_fused
+from mmopd.run.session import Session
+from mmopd.step.scores import Hidden
 
 
 def _step_loss_and_grads(session, config, records, seed=0):

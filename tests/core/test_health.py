@@ -12,8 +12,9 @@ import torch
 
 import mmopd
 from mmopd.config import ConfigError
-from mmopd.health import ENTROPY, LENGTH, REPEAT, SURPRISAL, HealthMonitor, repeat_share, sample_health, token_entropy
-from mmopd.report import format_table, read_metrics
+from mmopd.run.report import format_table, read_metrics
+from mmopd.step.health import (ENTROPY, LENGTH, REPEAT, SURPRISAL, HealthMonitor, repeat_share, sample_health,
+                               token_entropy)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

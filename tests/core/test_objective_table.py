@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mmopd.config import ConfigError, load_config
-from mmopd.objective_table import TABLE, needs_answers, needs_teacher, scores_teacher
+from mmopd.step.objective_table import TABLE, needs_answers, needs_teacher, scores_teacher
 
 REQUIRED = {"student.path": "s", "teacher.path": "t", "data.train": "train.jsonl"}
 

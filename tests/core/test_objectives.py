@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmopd.batch import answers_rollout
-from mmopd.objectives import Plan, Timer, objective_step
-from mmopd.session import Session
+from mmopd.run.objectives import Plan, Timer, objective_step
+from mmopd.run.session import Session
+from mmopd.step.batch import answers_rollout
 
 
 def _sharpen(teacher: torch.nn.Module, factor: float = 8.0) -> None:

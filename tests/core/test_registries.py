@@ -12,8 +12,8 @@ from mmopd.config import ConfigError
 from mmopd.engines import ROLLOUT_ENGINES, TEACHER_ENGINES
 from mmopd.losses import (DIVERGENCES, available_divergences, fused_divergence_loss, register_divergence,
                           through_softmax, token_divergence, unregister_divergence)
-from mmopd.objective_table import TABLE
-from mmopd.objectives import LOSSES
+from mmopd.run.objectives import LOSSES
+from mmopd.step.objective_table import TABLE
 from tests.core.test_fused_objective import _assert_fused_step_equals_logits_step
 
 

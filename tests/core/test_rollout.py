@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from mmopd.adapter import ModalityAdapter, PolicySide
-from mmopd.hf import ModelCalls
-from mmopd.batch import PromptBatch, TokenSpace
-from mmopd.batch import Sampling
 from mmopd.engines.hf import filter_logits, rollout, sample
-from mmopd.session import Session
+from mmopd.models.adapter import ModalityAdapter, PolicySide
+from mmopd.models.hf import ModelCalls
+from mmopd.run.session import Session
+from mmopd.step.batch import PromptBatch, Sampling, TokenSpace
 
 EOS, PAD = 3, 0
 

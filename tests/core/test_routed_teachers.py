@@ -12,16 +12,16 @@ import torch
 import transformers
 import yaml
 
-from mmopd.batch import Sampling
 from mmopd.cli import main
-from mmopd.compat import IncompatibleModelsError
 from mmopd.config import ConfigError, config_from_dict, load_config
-from mmopd.data import DataError
+from mmopd.data.records import DataError
 from mmopd.engines import DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, HFTeacher, TeacherNeed
 from mmopd.engines.routed import RoutedTeacher
 from mmopd.losses import masked_mean
-from mmopd.objectives import Plan, Timer, model_scores, objective_step
-from mmopd.session import Session, evaluate
+from mmopd.models.compat import IncompatibleModelsError
+from mmopd.run.objectives import Plan, Timer, model_scores, objective_step
+from mmopd.run.session import Session, evaluate
+from mmopd.step.batch import Sampling
 from modalities.text import toy
 
 pytestmark = pytest.mark.usefixtures("one_thread")

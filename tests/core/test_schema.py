@@ -12,11 +12,11 @@ import pytest
 import yaml
 
 from mmopd import config as schema
-from mmopd import rundir
-from mmopd.session import Session
 from mmopd.config import (RESUME_ROLES, Config, ConfigError, EngineSettings, ModalityOptions, RolloutConfig,
                           TeacherConfig, _build_config, check_modality_options, config_keys, load_config,
                           modality_options, register_modality_options, resume_keys)
+from mmopd.run import rundir
+from mmopd.run.session import Session
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = {"student.path": "s", "teacher.path": "t", "data.train": "d.jsonl"}

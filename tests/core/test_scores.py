@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmopd.batch import Rollout
 from mmopd.losses import Shaping, masked_mean, token_divergence, topk_token_divergence
-from mmopd.scores import Hidden, Logits, TokenLogprobs, TopK
+from mmopd.step.batch import Rollout
+from mmopd.step.scores import Hidden, Logits, TokenLogprobs, TopK
 
 
 def _pair():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mmopd.step_order import permute, step_indices
+from mmopd.data.step_order import permute, step_indices
 
 SIZES = (1, 2, 3, 4, 5, 7, 8, 16, 97, 256, 1000, 1024, 4099, 65536, 65537)
 

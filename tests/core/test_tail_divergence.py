@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mmopd.losses import DIVERGENCES, token_divergence
-from mmopd.scores import Hidden, Logits, TopKTail
+from mmopd.step.scores import Hidden, Logits, TopKTail
 
 B, T, A, H, K = 2, 3, 11, 8, 4
 

@@ -7,9 +7,9 @@ import torch
 
 from mmopd.config import ConfigError
 from mmopd.engines import DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, HFTeacher, TeacherNeed
-from mmopd.objectives import teacher_need
-from mmopd.scores import TopK, TopKTail
-from mmopd.session import Session
+from mmopd.run.objectives import teacher_need
+from mmopd.run.session import Session
+from mmopd.step.scores import TopK, TopKTail
 
 
 def test_teacher_logits_at_t_are_the_next_token_logits_after_prompt_and_first_t_tokens(text_config):

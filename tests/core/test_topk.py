@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from mmopd.config import ConfigError
-from mmopd.losses import (DIVERGENCES, fused_gathered_logits, fused_topk_logits, token_divergence,
-                          topk_token_divergence)
+from mmopd.losses import DIVERGENCES, fused_gathered_logits, fused_topk_logits, token_divergence, topk_token_divergence
 
 N, V = 6, 13
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-import re
 import os
+import re
 import shutil
 import signal
 import socket
@@ -17,10 +17,10 @@ import pytest
 import torch
 import yaml
 
-import mmopd.trainer as trainer
+import mmopd.run.trainer as trainer
 from mmopd import train
-from mmopd.checkpoint import complete_checkpoints
-from mmopd.report import read_metrics
+from mmopd.models.checkpoint import complete_checkpoints
+from mmopd.run.report import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -93,9 +93,9 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_whole(text_co
     # a child process that SIGKILLs itself inside save_checkpoint for step 4, after the files, before the rename
     script = f"""
 import os, signal, yaml
-import mmopd.checkpoint as ck
+import mmopd.models.checkpoint as ck
 from mmopd.config import config_from_dict
-from mmopd.trainer import train
+from mmopd.run.trainer import train
 real = ck.os.replace
 def replace(src, dst):
     if str(dst).endswith("step-4"):

@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from mmopd import ConfigError, train
-from mmopd.checkpoint import complete_checkpoints
-from mmopd.report import read_metrics
+from mmopd.models.checkpoint import complete_checkpoints
+from mmopd.run.report import read_metrics
 from modalities.image_tokens import toy as image_toy
 from modalities.vlm import toy as vlm_toy
 
@@ -216,10 +216,10 @@ UNEVEN = """
 import sys
 import torch
 from accelerate import Accelerator
-from mmopd.adapter import PolicySide, get_adapter
-from mmopd.batch import Sampling
+from mmopd.models.adapter import PolicySide, get_adapter
+from mmopd.step.batch import Sampling
 from mmopd.engines.hf import rollout
-from mmopd.sharding import shard
+from mmopd.models.sharding import shard
 
 accelerator = Accelerator(cpu=True)
 rank = accelerator.process_index

@@ -23,10 +23,10 @@ import pytest
 import torch
 import yaml
 
-import mmopd.checkpoint as checkpoint
+import mmopd.models.checkpoint as checkpoint
 from mmopd.cli import main
-from mmopd.report import read_metrics
-from mmopd.schedule import warmup_cosine
+from mmopd.run.report import read_metrics
+from mmopd.run.schedule import warmup_cosine
 from tests.image_tokens.helpers import GRID_TOKENS, build_llamagen_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,14 +12,14 @@ import shutil
 import pytest
 import torch
 
-from mmopd.adapter import PolicySide
 from mmopd import train
-from mmopd.batch import Sampling
 from mmopd.config import load_config
 from mmopd.engines import HFRollout, VLLMRollout
 from mmopd.engines.vllm import Served, ties_head, write_engine_checkpoint
-from mmopd.objectives import Plan, Timer, objective_step
-from mmopd.session import Session
+from mmopd.models.adapter import PolicySide
+from mmopd.run.objectives import Plan, Timer, objective_step
+from mmopd.run.session import Session
+from mmopd.step.batch import Sampling
 from tests.vllm_server import start_server
 
 pytestmark = pytest.mark.slow  # the real model: a server start of about a minute, seconds a call

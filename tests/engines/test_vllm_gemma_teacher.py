@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmopd.adapter import PolicySide
 from mmopd import train
-from mmopd.batch import Sampling
 from mmopd.config import load_config
 from mmopd.engines import DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, HFRollout, HFTeacher, TeacherNeed, VLLMTeacher
 from mmopd.engines.vllm import Served, VLLMRollout
-from mmopd.scores import TokenLogprobs, TopKTail
-from mmopd.session import Session
+from mmopd.models.adapter import PolicySide
+from mmopd.run.session import Session
+from mmopd.step.batch import Sampling
+from mmopd.step.scores import TokenLogprobs, TopKTail
 from tests.vllm_server import start_server
 
 pytestmark = pytest.mark.slow  # the real model: a server start of about a minute, seconds a call

@@ -15,14 +15,14 @@ import pytest
 import torch
 
 from mmopd import train
-from mmopd.adapter import prepare_trainable
-from mmopd.batch import Sampling
 from mmopd.cli import main
 from mmopd.config import ConfigError, load_config, save_config
 from mmopd.engines import EngineError, HFRollout, VLLMRollout
 from mmopd.engines.vllm import Served, ties_head, write_engine_checkpoint
-from mmopd.objectives import Plan, Timer, check_engine, objective_step
-from mmopd.session import Session
+from mmopd.models.adapter import prepare_trainable
+from mmopd.run.objectives import Plan, Timer, check_engine, objective_step
+from mmopd.run.session import Session
+from mmopd.step.batch import Sampling
 from tests.vllm_models import build_text_pair
 from tests.vllm_server import free_port
 

@@ -17,13 +17,13 @@ import pytest
 import torch
 import transformers
 
-from mmopd.batch import Sampling
 from mmopd.cli import main
 from mmopd.config import load_config, save_config
 from mmopd.engines import DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, EngineError, HFTeacher, TeacherNeed, VLLMTeacher
-from mmopd.objectives import Plan, Timer, objective_step
-from mmopd.scores import TokenLogprobs, TopKTail
-from mmopd.session import Session
+from mmopd.run.objectives import Plan, Timer, objective_step
+from mmopd.run.session import Session
+from mmopd.step.batch import Sampling
+from mmopd.step.scores import TokenLogprobs, TopKTail
 from tests.vllm_models import build_text_pair, config_and_tokenizer
 
 pytestmark = pytest.mark.slow  # a vLLM server starts in about a minute

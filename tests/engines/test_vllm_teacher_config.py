@@ -8,13 +8,13 @@ import json
 import pytest
 import torch
 
-from mmopd.adapter import ModelLoadError
-from mmopd.batch import PromptBatch, TokenSpace
-from mmopd.compat import IncompatibleModelsError
 from mmopd.config import ConfigError, load_config
 from mmopd.engines import TOKEN_LOGPROBS, EngineError, TeacherNeed, VLLMTeacher
 from mmopd.engines.vllm import Served
-from mmopd.session import Session
+from mmopd.models.adapter import ModelLoadError
+from mmopd.models.compat import IncompatibleModelsError
+from mmopd.run.session import Session
+from mmopd.step.batch import PromptBatch, TokenSpace
 from tests.vllm_models import build_text_pair, config_and_tokenizer
 
 URL = "http://127.0.0.1:9"

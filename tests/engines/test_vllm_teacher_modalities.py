@@ -12,12 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmopd.adapter import get_adapter, settings_of
-from mmopd.batch import Sampling
 from mmopd.config import load_config
 from mmopd.engines import TOKEN_LOGPROBS, TOP_K, HFTeacher, TeacherNeed, VLLMTeacher
 from mmopd.engines.vllm import Served
-from mmopd.session import Session
+from mmopd.models.adapter import get_adapter, settings_of
+from mmopd.run.session import Session
+from mmopd.step.batch import Sampling
 from modalities.vlm import shapes
 from tests.vllm_models import build_image_tokens, build_llava, config_and_tokenizer
 

@@ -12,22 +12,21 @@ import torch
 from PIL import Image
 from transformers import ChameleonConfig
 
-from mmopd.adapter import ModelLoadError, PolicySide
-from mmopd.compat import IncompatibleModelsError
 from mmopd.config import ConfigError
-from mmopd.data import DataError
-from mmopd.losses import token_divergence
-from mmopd.objectives import Plan, Timer, objective_step
-from mmopd.batch import Sampling
+from mmopd.data.records import DataError
 from mmopd.engines.hf import rollout
-from mmopd.session import Session
+from mmopd.losses import token_divergence
+from mmopd.models.adapter import ModelLoadError, PolicySide
+from mmopd.models.compat import IncompatibleModelsError
+from mmopd.run.objectives import Plan, Timer, objective_step
+from mmopd.run.session import Session
+from mmopd.step.batch import Sampling
 from modalities.image_tokens import shapes, toy
 from modalities.image_tokens.adapter import family_of
 from modalities.image_tokens.judge import feature_stats, frechet_distance
 from modalities.image_tokens.llamagen import LlamaGenTokenizer
 from modalities.image_tokens.vq import VQConfig, VQModel
-from tests.image_tokens.helpers import (GRID_TOKENS, build_llamagen_task, llamagen_config, save_llamagen,
-                                        tiny_tokenizer)
+from tests.image_tokens.helpers import GRID_TOKENS, build_llamagen_task, llamagen_config, save_llamagen, tiny_tokenizer
 
 K = 16  # codes in the tiny VQ
 

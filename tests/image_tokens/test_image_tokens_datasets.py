@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import mmopd
-from mmopd.objectives import Plan, Timer, objective_step
-from mmopd.session import Session
-from mmopd.step_order import step_indices
+from mmopd.data.step_order import step_indices
+from mmopd.run.objectives import Plan, Timer, objective_step
+from mmopd.run.session import Session
 from tests.image_tokens.helpers import build_llamagen_task, llamagen_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -11,14 +11,14 @@ import pytest
 import torch
 from transformers import Emu3ForConditionalGeneration
 
-from mmopd.adapter import PolicySide
-from mmopd.compat import IncompatibleModelsError
 from mmopd.config import ConfigError, load_config
-from mmopd.losses import token_divergence
-from mmopd.objectives import Plan, Timer, objective_step
-from mmopd.batch import Sampling
 from mmopd.engines.hf import rollout
-from mmopd.session import Session
+from mmopd.losses import token_divergence
+from mmopd.models.adapter import PolicySide
+from mmopd.models.compat import IncompatibleModelsError
+from mmopd.run.objectives import Plan, Timer, objective_step
+from mmopd.run.session import Session
+from mmopd.step.batch import Sampling
 from tests.image_tokens.helpers import build_emu3_pair
 
 T = 4 * (4 + 1) + 3  # 4 rows of 4 codes + end-of-line, then end-of-frame, end-of-image, EOS

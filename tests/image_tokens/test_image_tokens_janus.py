@@ -12,15 +12,15 @@ import yaml
 from PIL import Image
 from transformers import JanusForConditionalGeneration
 
-from mmopd.adapter import PolicySide
 from mmopd import train
-from mmopd.compat import IncompatibleModelsError
 from mmopd.config import load_config
-from mmopd.data import DataError
-from mmopd.objectives import Plan, Timer, objective_step
-from mmopd.batch import Sampling
+from mmopd.data.records import DataError
 from mmopd.engines.hf import rollout
-from mmopd.session import Session
+from mmopd.models.adapter import PolicySide
+from mmopd.models.compat import IncompatibleModelsError
+from mmopd.run.objectives import Plan, Timer, objective_step
+from mmopd.run.session import Session
+from mmopd.step.batch import Sampling
 from modalities.image_tokens import janus, shapes
 from tests.image_tokens.helpers import GRID_TOKENS, build_janus_pair, build_llamagen_task
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from mmopd.toys import build_toy
+from mmopd.run.toys import build_toy
 from modalities.image_tokens import toy
 
 

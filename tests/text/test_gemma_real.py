@@ -13,13 +13,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import mmopd
-from mmopd.adapter import PolicySide, get_adapter
-from mmopd.batch import Sampling, TokenSpace
 from mmopd.cli import main
 from mmopd.config import load_config
 from mmopd.engines.hf import rollout
-from mmopd.pruning import prune_layers
-from mmopd.report import read_metrics
+from mmopd.models.adapter import PolicySide, get_adapter
+from mmopd.models.pruning import prune_layers
+from mmopd.run.report import read_metrics
+from mmopd.step.batch import Sampling, TokenSpace
 from tests.conftest import write_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]

@@ -11,14 +11,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import mmopd
-from mmopd.adapter import PolicySide, get_adapter
-from mmopd.batch import Sampling, TokenSpace
 from mmopd.cli import main
 from mmopd.config import load_config
 from mmopd.engines.hf import rollout
-from mmopd.pretrained import ExportError, export_gguf, packaged_gguf
-from mmopd.pruning import PruneError, layer_list, prune_layers
-from mmopd.report import read_metrics
+from mmopd.models.adapter import PolicySide, get_adapter
+from mmopd.models.pretrained import ExportError, export_gguf, packaged_gguf
+from mmopd.models.pruning import PruneError, layer_list, prune_layers
+from mmopd.run.report import read_metrics
+from mmopd.step.batch import Sampling, TokenSpace
 from tests.conftest import write_jsonl
 from tests.text.tiny_gemma import LAYER_TYPES, WINDOW, build_model, build_tokenizer, save_pair
 

@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 
 import mmopd
-from mmopd.adapter import get_adapter
-from mmopd.data import WRITER_BATCH_ROWS, DataError, _converted, load_records
-from mmopd.objectives import Plan, Timer, objective_step
-from mmopd.session import Session
-from mmopd.step_order import step_indices
+from mmopd.data.records import WRITER_BATCH_ROWS, DataError, _converted, load_records
+from mmopd.data.step_order import step_indices
+from mmopd.models.adapter import get_adapter
+from mmopd.run.objectives import Plan, Timer, objective_step
+from mmopd.run.session import Session
 from modalities.text.adapter import prompt_text
 
 pytestmark = pytest.mark.usefixtures("one_thread")

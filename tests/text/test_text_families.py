@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import mmopd
 from mmopd.config import load_config
-from mmopd.report import read_metrics
+from mmopd.run.report import read_metrics
 from modalities.text import toy
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmopd.adapter import PolicySide, get_adapter
-from mmopd.batch import Sampling
-from mmopd.engines.hf import rollout
 from mmopd.engines import DISTRIBUTION, HFTeacher, TeacherNeed
+from mmopd.engines.hf import rollout
+from mmopd.models.adapter import PolicySide, get_adapter
+from mmopd.step.batch import Sampling
 from modalities.vlm.adapter import TOKEN_ALIGNED
 from modalities.vlm.families import FAMILIES
 

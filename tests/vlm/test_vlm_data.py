@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 
 import mmopd
-from mmopd.adapter import ModelLoadError, get_adapter
-from mmopd.compat import IncompatibleModelsError
-from mmopd.data import DataError, RecordError, load_jsonl
-from modalities.vlm.families import FAMILIES
+from mmopd.data.records import DataError, RecordError, load_jsonl
+from mmopd.models.adapter import ModelLoadError, get_adapter
+from mmopd.models.compat import IncompatibleModelsError
 from modalities.vlm import images
+from modalities.vlm.families import FAMILIES
 from modalities.vlm.images import load_rgb
 
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import mmopd
-from mmopd.adapter import get_adapter
-from mmopd.data import DataError, load_records
-from mmopd.objectives import Plan, Timer, objective_step
-from mmopd.session import Session
-from mmopd.step_order import step_indices
+from mmopd.data.records import DataError, load_records
+from mmopd.data.step_order import step_indices
+from mmopd.models.adapter import get_adapter
+from mmopd.run.objectives import Plan, Timer, objective_step
+from mmopd.run.session import Session
 from modalities.vlm.adapter import prompt_text
 from modalities.vlm.images import load_rgb
 

@@ -10,8 +10,8 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 import mmopd
-from mmopd.adapter import get_adapter
-from mmopd.report import read_metrics
+from mmopd.models.adapter import get_adapter
+from mmopd.run.report import read_metrics
 from modalities.vlm.families import FAMILIES
 from tests.vlm.fixtures import STUDENT_IMAGE_TOKENS, TEACHER_IMAGE_TOKENS
 

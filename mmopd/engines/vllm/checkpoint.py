@@ -13,8 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mmopd.hf import base_model
-from mmopd.sharding import same_parameter, write_full_model
+from mmopd.models.hf import base_model
+from mmopd.models.sharding import same_parameter, write_full_model
 
 UNTIED_HEAD_FILE = "lm-head-untied.safetensors"  # the untied LM head in an engine checkpoint
 

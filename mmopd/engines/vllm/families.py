@@ -9,7 +9,7 @@ from typing import Callable
 
 from torch import nn
 
-from mmopd.hf import base_model
+from mmopd.models.hf import base_model
 
 KeyMap = Callable[[str], str]  # a checkpoint key as transformers writes it -> as vLLM's loader reads it
 Refusal = Callable[[nn.Module, bool], "str | None"]  # (model, served) -> why vLLM cannot sample from it, or None

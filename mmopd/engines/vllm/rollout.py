@@ -25,10 +25,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from mmopd.batch import PromptBatch, Rollout, Sampling, TokenSpace
 from mmopd.engines.vllm.checkpoint import write_engine_checkpoint
 from mmopd.engines.vllm.transport import Completion, EngineError, Transport
-from mmopd.sharding import full_state_dict, is_sharded
+from mmopd.models.sharding import full_state_dict, is_sharded
+from mmopd.step.batch import PromptBatch, Rollout, Sampling, TokenSpace
 
 
 def default_sync_dir() -> Path:

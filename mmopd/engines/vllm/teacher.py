@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from mmopd.batch import PromptBatch, TokenSpace
 from mmopd.engines.base import TOKEN_LOGPROBS, TOP_K, TeacherNeed
 from mmopd.engines.vllm.transport import EngineError, Entries, Scoring
-from mmopd.scores import Scores, TokenLogprobs, TopKTail
+from mmopd.step.batch import PromptBatch, TokenSpace
+from mmopd.step.scores import Scores, TokenLogprobs, TopKTail
 
 
 class VLLMTeacher:

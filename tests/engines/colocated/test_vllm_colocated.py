@@ -9,14 +9,14 @@ import json
 import pytest
 import torch
 
-from mmopd.adapter import PolicySide, get_adapter, prepare_trainable, settings_of
-from mmopd.batch import Sampling
 from mmopd.cli import main
 from mmopd.config import load_config
-from mmopd.data import load_jsonl
+from mmopd.data.records import load_jsonl
 from mmopd.engines import HFRollout, rollout_engine
-from mmopd.objectives import Plan, Timer, objective_step
-from mmopd.session import Session
+from mmopd.models.adapter import PolicySide, get_adapter, prepare_trainable, settings_of
+from mmopd.run.objectives import Plan, Timer, objective_step
+from mmopd.run.session import Session
+from mmopd.step.batch import Sampling
 from modalities.vlm import shapes
 from tests.vllm_models import build_image_tokens, build_llava, build_text_pair
 

@@ -11,7 +11,7 @@ import torch
 from mmopd.config import load_config
 from mmopd.engines import DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, HFTeacher, TeacherNeed, VLLMTeacher
 from mmopd.engines.vllm import Colocated
-from mmopd.session import Session
+from mmopd.run.session import Session
 from modalities.vlm import shapes
 from tests.engines.test_vllm_teacher import build_scoring_pair, responses_of_different_lengths
 from tests.engines.test_vllm_teacher_modalities import check_llava_teacher

@@ -1,21 +1,21 @@
 """One distillation step, for every objective and modality: the four moves of docs/architecture.md.
 
 Trace of one on_policy step with the fused full estimator (prompt → rollout → teacher → divergence → update),
-inside the trainer's loop (`mmopd/trainer.py: train`, which calls `objective_step` per micro-batch and then
+inside the trainer's loop (`mmopd/run/trainer.py: train`, which calls `objective_step` per micro-batch and then
 `optimizer.step()`):
 
-1. `mmopd/objectives.py: objective_step` encodes the prompts (the adapter's `encode_prompts`, once per
-   model); the objective's row of `mmopd/objective_table.py` is in the run's `Plan`, resolved once at start.
+1. `mmopd/run/objectives.py: objective_step` encodes the prompts (the adapter's `encode_prompts`, once per
+   model); the objective's row of `mmopd/step/objective_table.py` is in the run's `Plan`, resolved once at start.
 2. rollout: `mmopd/engines/hf.py: HFRollout.sample` → `rollout` → the adapter's `start` / `step`
-   (`mmopd/adapter.py`, the HF defaults) → `sample` per token.
+   (`mmopd/models/adapter.py`, the HF defaults) → `sample` per token.
 3. teacher: `mmopd/engines/hf.py: HFTeacher.score` → `model_scores` → the adapter's `response_hidden` →
-   a `Hidden` score (`mmopd/scores.py`).
-4. divergence: the student's `model_scores` → `Hidden.divergence(teacher)` (`mmopd/scores.py`) →
+   a `Hidden` score (`mmopd/step/scores.py`).
+4. divergence: the student's `model_scores` → `Hidden.divergence(teacher)` (`mmopd/step/scores.py`) →
    `fused_divergence_loss` (`mmopd/losses/fused.py`), which computes the loss and its gradients together.
 5. update: `backward(loss)`, then the trainer steps the optimizer and calls `rollout.sync(student)`.
 
 Where each objective's responses come from, what its teacher supplies and which loss applies is the table
-in `mmopd/objective_table.py`; `objective.sft_weight > 0` adds that weight times the answers' NLL.
+in `mmopd/step/objective_table.py`; `objective.sft_weight > 0` adds that weight times the answers' NLL.
 """
 
 from __future__ import annotations
@@ -31,18 +31,18 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from mmopd.adapter import ModalityAdapter, fused_unsupported
-from mmopd.batch import PromptBatch, Rollout, Sampling, TokenSpace, answers_rollout
 from mmopd.config import Config, ConfigError, RolloutConfig
-from mmopd.engines import (DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, EngineError, RolloutEngine, TeacherNeed,
-                           TeacherScorer, model_scores, rollout_engine, teacher_scorer)
+from mmopd.engines import (DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, EngineError, RolloutEngine, TeacherNeed, TeacherScorer,
+                           model_scores, rollout_engine, teacher_scorer)
 from mmopd.engines.routed import RECORDS, RoutedTeacher
-from mmopd.health import sample_health
 from mmopd.losses import Shaping, masked_mean
-from mmopd.objective_table import (ANSWERS, DIVERGENCE, NLL, SAMPLED, STUDENT_OR_ANSWERS, TEACHER, Row, row_of,
-                                   scores_teacher)
+from mmopd.models.adapter import ModalityAdapter, fused_unsupported
 from mmopd.registry import Registry
-from mmopd.scores import Scores
+from mmopd.step.batch import PromptBatch, Rollout, Sampling, TokenSpace, answers_rollout
+from mmopd.step.health import sample_health
+from mmopd.step.objective_table import (ANSWERS, DIVERGENCE, NLL, SAMPLED, STUDENT_OR_ANSWERS, TEACHER, Row, row_of,
+                                        scores_teacher)
+from mmopd.step.scores import Scores
 
 log = logging.getLogger("mmopd")
 
@@ -196,7 +196,7 @@ def nll_loss(student: Scores, teacher: None, actions: Tensor, responses: Rollout
 @dataclass(frozen=True)
 class Plan:
     """What every micro-batch of a run does, resolved once from its config (`Plan.of`), not per micro-batch: the
-    objective's row of mmopd/objective_table.py, what the teacher supplies, how responses are sampled and the
+    objective's row of mmopd/step/objective_table.py, what the teacher supplies, how responses are sampled and the
     row's loss, bound to its settings."""
 
     row: Row
@@ -262,7 +262,7 @@ def objective_step(m: Models, records: list[dict], plan: Plan, generator: torch.
 def response_metrics(m: Models, engine: RolloutEngine | None, responses: Rollout, timer: Timer,
                      max_new_tokens: int) -> dict[str, float]:
     """What a step logs about its responses: their count, length and sampling speed, and on the student's own
-    samples their health (mmopd/health.py), whichever engine sampled them."""
+    samples their health (mmopd/step/health.py), whichever engine sampled them."""
     metrics = {"on_policy": float(engine is m.rollout), "response_tokens": responses.mask.sum().item(),
                "response_len": responses.mask.sum(1).mean().item(), "fused": float(m.fused)}
     if engine is m.rollout:  # the student's own samples: are they collapsing?

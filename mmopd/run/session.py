@@ -13,15 +13,15 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from mmopd.adapter import ModelLoadError, PolicySide, get_adapter, settings_of
-from mmopd.compat import IncompatibleModelsError
 from mmopd.config import Config, ConfigError, TeacherConfig, check_modality_options
-from mmopd.data import DataError, Dataset, load_records
+from mmopd.data.records import DataError, Dataset, load_records
 from mmopd.engines.routed import check_same_vocabulary, routing_check
-from mmopd.evaluation import evaluate_policy, kl_to_teacher
-from mmopd.hf import context_length
-from mmopd.objective_table import needs_answers, needs_teacher, scores_teacher
-from mmopd.objectives import Models
+from mmopd.models.adapter import ModelLoadError, PolicySide, get_adapter, settings_of
+from mmopd.models.compat import IncompatibleModelsError
+from mmopd.models.hf import context_length
+from mmopd.run.evaluation import evaluate_policy, kl_to_teacher
+from mmopd.run.objectives import Models
+from mmopd.step.objective_table import needs_answers, needs_teacher, scores_teacher
 
 log = logging.getLogger("mmopd")
 

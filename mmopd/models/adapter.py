@@ -3,10 +3,10 @@
 The core speaks tokens, logits and masks. An adapter turns records into model inputs, says which token
 ids the policy may emit, and shows responses to people. Adapters register by name; the core finds one
 by the config's `modality` through `register_adapter` or the `mmopd.modalities` entry point group.
-How the models are loaded and called is the adapter's `calls` (`mmopd.hf.ModelCalls`, whose defaults drive
+How the models are loaded and called is the adapter's `calls` (`mmopd.models.hf.ModelCalls`, whose defaults drive
 any Hugging Face causal model; a modality subclasses it where its models differ). What vLLM needs of a model
 family is keyed by the family in the engine code (`mmopd.engines.vllm.families`). Toy tasks and end-of-run
-reports are not model I/O: they live in `mmopd.toys`.
+reports are not model I/O: they live in `mmopd.run.toys`.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ from typing import Any, Callable
 
 from torch import Tensor, nn
 
-from mmopd.batch import PromptBatch, Sampling, TokenSpace
 from mmopd.config import Config, ConfigError, StudentConfig
-from mmopd.hf import ModelCalls, ModelLoadError, load_pretrained
-from mmopd.hf import fused_unsupported as _head_unsupported
-from mmopd.lora import add_lora, linear_layers_of_language_model
-from mmopd.objective_table import needs_answers
+from mmopd.models.hf import ModelCalls, ModelLoadError
+from mmopd.models.hf import fused_unsupported as _head_unsupported
+from mmopd.models.hf import load_pretrained
+from mmopd.models.lora import add_lora, linear_layers_of_language_model
+from mmopd.step.batch import PromptBatch, Sampling, TokenSpace
+from mmopd.step.objective_table import needs_answers
 
 __all__ = ["ModalityAdapter", "ModelCalls", "ModelLoadError", "PolicySide", "RunSettings", "available_adapters",
            "fused_unsupported", "get_adapter", "load_pretrained", "prepare_trainable", "register_adapter",

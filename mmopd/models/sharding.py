@@ -33,14 +33,14 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from mmopd.checkpoint import checkpoint_dir, commit_checkpoint, save_checkpoint
-from mmopd.lora import is_lora, merged_weights
+from mmopd.models.checkpoint import checkpoint_dir, commit_checkpoint, save_checkpoint
+from mmopd.models.lora import is_lora, merged_weights
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

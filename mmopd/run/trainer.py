@@ -20,18 +20,18 @@ from typing import Any, Callable
 import torch
 from accelerate import Accelerator, DistributedType
 
-from mmopd.adapter import prepare_trainable
-from mmopd.checkpoint import check_global_batch, set_rng_state, trainer_state
 from mmopd.config import Config, ConfigError, TrainConfig, save_config
-from mmopd.health import HealthMonitor
-from mmopd.lora import load_lora_weights
-from mmopd.objectives import Models, Plan, Timer, check_engine, objective_step
-from mmopd.report import MetricsLog, Progress, add_final_eval, eval_row, finish
-from mmopd.rundir import Run, apply_resume_changes, open_run, record_segment
-from mmopd.schedule import warmup_cosine
-from mmopd.session import Session
-from mmopd.sharding import Parallel, decoder_layers, parallel, parameter_bytes, shard
-from mmopd.step_order import step_indices
+from mmopd.data.step_order import step_indices
+from mmopd.models.adapter import prepare_trainable
+from mmopd.models.checkpoint import check_global_batch, set_rng_state, trainer_state
+from mmopd.models.lora import load_lora_weights
+from mmopd.models.sharding import Parallel, decoder_layers, parallel, parameter_bytes, shard
+from mmopd.run.objectives import Models, Plan, Timer, check_engine, objective_step
+from mmopd.run.report import MetricsLog, Progress, add_final_eval, eval_row, finish
+from mmopd.run.rundir import Run, apply_resume_changes, open_run, record_segment
+from mmopd.run.schedule import warmup_cosine
+from mmopd.run.session import Session
+from mmopd.step.health import HealthMonitor
 
 log = logging.getLogger("mmopd")
 

@@ -8,7 +8,7 @@ renames the set's columns onto record fields, and TRL's conversational records (
 Records stay in the source (a memory-mapped arrow table, or byte offsets into the JSONL file): loading checks
 every row once in a streaming pass and keeps only the indices of the rows it skipped, and `Records[i]` reads
 and checks its row again when a batch asks for it. A million arrow rows cost no per-row memory here (a JSONL
-file costs its offset and line-number arrays, 16 bytes a row); the step order (`mmopd.step_order`) is computed,
+file costs its offset and line-number arrays, 16 bytes a row); the step order (`mmopd.data.step_order`) is computed,
 not stored.
 """
 

@@ -13,8 +13,8 @@ from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
-from mmopd.health import HealthMonitor
-from mmopd.toys import write_report
+from mmopd.run.toys import write_report
+from mmopd.step.health import HealthMonitor
 
 log = logging.getLogger("mmopd")
 

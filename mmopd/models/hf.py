@@ -16,8 +16,8 @@ from safetensors import SafetensorError
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from mmopd.batch import PromptBatch
-from mmopd.scores import Hidden
+from mmopd.step.batch import PromptBatch
+from mmopd.step.scores import Hidden
 
 # config fields that transform h·Wᵀ before it becomes logits (a fused head would miss them)
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")

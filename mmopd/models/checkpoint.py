@@ -3,7 +3,7 @@
 A checkpoint `checkpoints/step-N/` holds `model/` (the student via `save_pretrained`, with its
 processor; LoRA adapters merged in, and saved unmerged in `lora/`), `trainer_state.pt` (optimizer, scheduler, RNG
 states, step) and a `COMPLETE` marker. A sharded student's optimizer state is not in `trainer_state.pt` but in
-`optimizer/`, each rank's shards written by `torch.distributed.checkpoint` (`mmopd/sharding.py: Sharded.save`). It is
+`optimizer/`, each rank's shards written by `torch.distributed.checkpoint` (`mmopd/models/sharding.py: Sharded.save`). It is
 written to a hidden temp dir that is renamed into place only when whole, so a crash mid-write never
 leaves a directory that looks complete.
 """
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from mmopd.config import ConfigError
-from mmopd.lora import is_lora, merged_model
-from mmopd.step_order import STEP_ORDER
+from mmopd.data.step_order import STEP_ORDER
+from mmopd.models.lora import is_lora, merged_model
 
 MARKER = "COMPLETE"
 _STEP = re.compile(r"^step-(\d+)$")

@@ -6,7 +6,7 @@ left, and decides where the run starts:
 - `train.resume: auto` continues from the newest *valid* checkpoint (an unusable newer one is named in a
   warning and skipped). The resolved config must be the checkpoint's, except for `SAFE_TO_CHANGE` keys
   and the keys listed in `train.resume_changes`; anything else is refused with each key's old → new value.
-  A checkpoint written with another step order (`mmopd.step_order.STEP_ORDER`) is refused too.
+  A checkpoint written with another step order (`mmopd.data.step_order.STEP_ORDER`) is refused too.
 - `train.resume: never` starts a new run; in a directory that already holds one, `train.existing` says
   whether to refuse (the default) or move the old contents to a sibling `NAME.old-N`.
 Each segment (start or resume) appends its config and its changes to `segments.jsonl`.
@@ -27,9 +27,9 @@ from typing import Any
 import yaml
 from safetensors import safe_open
 
-from mmopd.checkpoint import MARKER, checkpoint_dir, complete_checkpoints, load_trainer_state
 from mmopd.config import Config, TrainConfig, config_from_dict, resume_keys
-from mmopd.step_order import STEP_ORDER
+from mmopd.data.step_order import STEP_ORDER
+from mmopd.models.checkpoint import MARKER, checkpoint_dir, complete_checkpoints, load_trainer_state
 
 log = logging.getLogger("mmopd")
 

@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mmopd.batch import Rollout, TokenSpace
-from mmopd.losses import (excluded_logsumexp, fused_divergence_loss, fused_excluded_logsumexp,
+from mmopd.losses import (Shaping, excluded_logsumexp, fused_divergence_loss, fused_excluded_logsumexp,
                           fused_gathered_logits, fused_sampled_reverse_kl_loss, fused_token_logprobs, masked_mean,
-                          Shaping, sampled_token_logprobs, shaped_sampled_loss, tail_token_divergence,
-                          token_divergence, topk_token_divergence)
+                          sampled_token_logprobs, shaped_sampled_loss, tail_token_divergence, token_divergence,
+                          topk_token_divergence)
+from mmopd.step.batch import Rollout, TokenSpace
 
 
 class Scores:

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mmopd.adapter import ModalityAdapter, PolicySide
-from mmopd.batch import PromptBatch, Rollout, Sampling, TokenSpace
 from mmopd.engines.hf import rollout
+from mmopd.models.adapter import ModalityAdapter, PolicySide
+from mmopd.step.batch import PromptBatch, Rollout, Sampling, TokenSpace
 
 
 @torch.no_grad()

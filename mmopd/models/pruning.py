@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mmopd.hf import text_config
-from mmopd.sharding import decoder_layers
+from mmopd.models.hf import text_config
+from mmopd.models.sharding import decoder_layers
 
 
 class PruneError(ValueError):
