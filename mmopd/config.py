@@ -153,7 +153,8 @@ class TeacherConfig(EngineSettings):
     top_k: int = run_key(0)  # full estimator: keep only the teacher's top-k logits per token (0 keeps all)
     tail: bool = run_key(False)  # top_k: the rest of the teacher's mass as one more class (a vLLM teacher sends it)
     sharding: str = layout_key("none")  # none (a full copy per process) | fsdp (sharded over the processes, FSDP2)
-    # engine: who scores: hf | vllm (prompt_logprobs; served: `vllm serve` without LoRA, --max-logprobs >= top_k)
+    # engine: who scores: hf | vllm (prompt_logprobs; served: `vllm serve` without LoRA, --max-logprobs >= top_k;
+    # the full distribution: served as a pooling model, its last hidden states for the head read from path)
 
     _section, _does, _use, _example = "teacher", "scores", "score with", "http://127.0.0.1:8001"
 
@@ -168,8 +169,8 @@ class TeacherConfig(EngineSettings):
         _positive("teacher.top_k", self.top_k, allow_zero=True)
 
     def validate_scoring(self, objective: ObjectiveConfig) -> None:
-        """A vLLM teacher (served or colocated) returns temperature-1 log-probs of given ids (or its top-k): refuse
-        what needs more."""
+        """A vLLM teacher (served or colocated) returns temperature-1 log-probs of given ids (or its top-k), and a
+        served one its last hidden states (the full distribution, at any temperature): refuse what needs more."""
         if self.engine != "vllm" or not scores_teacher(objective.kind, objective.estimator):
             return
         if self.sharding != "none":
@@ -177,11 +178,13 @@ class TeacherConfig(EngineSettings):
                               "holds the teacher's weights in its engine; set teacher.sharding=none or "
                               "teacher.engine=hf")
         self.validate_vllm()
-        if TABLE[(objective.kind, objective.estimator)].teacher == DISTRIBUTION and not self.top_k:
+        hidden = TABLE[(objective.kind, objective.estimator)].teacher == DISTRIBUTION and not self.top_k
+        if hidden and not self.url:
             raise ConfigError(f"objective.kind={objective.kind} with estimator={objective.estimator} needs the "
-                              "teacher's full distribution, which a vLLM teacher cannot send; set teacher.top_k: K "
+                              "teacher's full distribution, which a colocated vLLM teacher cannot send; serve it as a "
+                              "pooling model and set teacher.url (its last hidden states), or set teacher.top_k: K "
                               "(its top-k plus a tail class), objective.estimator: sampled, or teacher.engine: hf")
-        if objective.temperature != 1.0:
+        if objective.temperature != 1.0 and not hidden:
             raise ConfigError(f"objective.temperature={objective.temperature}, but a vLLM teacher's log-probs are at "
                               "temperature 1 and one log-prob (or a top-k) cannot be rescaled exactly; set "
                               "objective.temperature=1 or teacher.engine=hf")

@@ -17,10 +17,12 @@ from mmopd.engines.vllm import (Colocated, EngineError, Served, VLLMRollout, VLL
                                 write_engine_checkpoint)
 from mmopd.engines.vllm.families import engine_key as vllm_engine_key
 from mmopd.engines.vllm.families import vllm_unsupported
-from mmopd.models.adapter import ModalityAdapter, PolicySide
+from mmopd.engines.vllm.head import load_head
+from mmopd.models.adapter import ModalityAdapter, PolicySide, fused_unsupported
 from mmopd.models.hf import context_length, text_config
 from mmopd.registry import Registry
 from mmopd.step.batch import TokenSpace
+from mmopd.step.objective_table import row_of
 
 log = logging.getLogger("mmopd")
 
@@ -118,6 +120,8 @@ def vllm_teacher(config: Config, adapter: ModalityAdapter, model: nn.Module, pro
     why = vllm_unsupported(model, served=False) or _cpu_attention_unsupported(model, bool(t.url), cuda)
     if why is not None:
         raise ConfigError(f"teacher.engine=vllm cannot score with this teacher: {why}; use teacher.engine=hf")
+    if row_of(config.objective.kind, config.objective.estimator).teacher == DISTRIBUTION and not t.top_k:
+        return _hidden_state_teacher(config, adapter, model, space, fused, eos_ids)
     vocab = text_config(model).vocab_size
     if space.size < vocab:
         log.info("teacher.engine=vllm: the vLLM teacher's log-probs are over its %d-token vocabulary; the "
@@ -126,6 +130,20 @@ def vllm_teacher(config: Config, adapter: ModalityAdapter, model: nn.Module, pro
     transport: Any = Served(t.url, t.timeout, t.retries, role="teacher") if t.url else \
         Colocated(t.path, engine_dtype(t.dtype, cuda), None, t.gpu_memory_utilization, False, 0)
     return VLLMTeacher(transport, space, eos_ids)
+
+
+def _hidden_state_teacher(config: Config, adapter: ModalityAdapter, model: nn.Module, space: TokenSpace,
+                          fused: bool, eos_ids: list[int]) -> TeacherScorer:
+    """A served teacher that sends its last hidden states, with its LM head read from teacher.path (the full
+    distribution, exact)."""
+    t = config.teacher
+    why = fused_unsupported(adapter, model)
+    if why is not None:
+        raise ConfigError(f"teacher.engine=vllm sends the full distribution as the teacher's last hidden states, for "
+                          f"the trainer's copy of its LM head, and this teacher's head cannot take them: {why}; set "
+                          "teacher.top_k: K, objective.estimator: sampled, or teacher.engine: hf")
+    head = load_head(t.path, model, getattr(torch, engine_dtype(t.dtype, torch.cuda.is_available())))
+    return VLLMTeacher(Served(t.url, t.timeout, t.retries, role="teacher"), space, eos_ids, head, fused)
 
 
 def engine_dtype(name: str, cuda: bool) -> str:

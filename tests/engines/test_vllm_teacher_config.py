@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import transformers
 
 from mmopd.config import ConfigError, load_config
 from mmopd.engines import TOKEN_LOGPROBS, EngineError, TeacherNeed, VLLMTeacher
@@ -26,9 +27,10 @@ def _load(**overrides):
     return load_config(None, {**base, **overrides})
 
 
-def test_a_served_teacher_without_top_k_refuses_the_full_distribution_naming_the_options():
-    with pytest.raises(ConfigError, match="teacher.top_k: K .*objective.estimator: sampled.*teacher.engine: hf"):
-        _load(**{"objective.divergence": "forward_kl"})
+def test_a_served_teacher_without_top_k_takes_the_full_distribution_at_any_temperature():
+    """Its last hidden states and the trainer's copy of its head: any divergence, any temperature."""
+    config = _load(**{"objective.divergence": "forward_kl", "objective.temperature": 2.0})
+    assert (config.teacher.top_k, config.objective.temperature) == (0, 2.0)
 
 
 def test_a_served_teacher_accepts_top_k_and_the_sampled_estimator():
@@ -36,14 +38,16 @@ def test_a_served_teacher_accepts_top_k_and_the_sampled_estimator():
     assert _load(**{"objective.estimator": "sampled"}).teacher.engine == "vllm"
 
 
-def test_a_vllm_teacher_without_a_url_is_colocated_and_refuses_the_same_as_a_served_one():
+def test_a_colocated_vllm_teacher_refuses_the_full_distribution_naming_the_options():
     assert _load(**{"teacher.top_k": 8, "teacher.url": ""}).teacher.url == ""
-    with pytest.raises(ConfigError, match="teacher.top_k: K"):
+    with pytest.raises(ConfigError, match="colocated .*teacher.url .*teacher.top_k: K .*objective.estimator: sampled"
+                                          ".*teacher.engine: hf"):
         _load(**{"teacher.url": ""})
 
 
 @pytest.mark.parametrize("overrides, match", [
     ({"objective.estimator": "sampled", "objective.temperature": 2.0}, "temperature 1"),
+    ({"teacher.top_k": 8, "objective.temperature": 2.0}, "temperature 1"),
     ({"teacher.top_k": 8, "teacher.cfg_scale": 3.0}, "conditional and unconditional"),
     ({"teacher.top_k": 8, "teacher.sharding": "fsdp"}, "teacher.sharding=fsdp shards an in-process teacher"),
     ({"teacher.top_k": 8, "teacher.url": "", "teacher.gpu_memory_utilization": 0.0}, r"must lie in \(0, 1\]"),
@@ -99,3 +103,19 @@ def test_a_vllm_teacher_path_without_its_tokenizer_is_one_clear_error(text_pair,
     with pytest.raises(ModelLoadError, match=r"teacher.path=.*cannot load.*config and tokenizer") as err:
         _session(text_pair, teacher)
     assert "\n" not in str(err.value)
+
+
+def test_a_served_teacher_of_the_full_distribution_reads_its_head_from_teacher_path(text_pair):
+    """The trainer's copy of the head equals the teacher's own (a tied head: read from the embeddings' key)."""
+    session = _session(text_pair, text_pair["teacher"], **{"objective.estimator": "full"})
+    scorer = session.models().scorer
+    teacher = transformers.AutoModelForCausalLM.from_pretrained(text_pair["teacher"])
+    assert teacher.config.tie_word_embeddings and scorer.head.bias is None
+    assert torch.equal(scorer.head.weight, teacher.get_output_embeddings().weight)
+    assert all(p.is_meta for p in session.teacher.parameters())  # the rest of the teacher stays unloaded
+
+
+def test_a_served_teacher_of_the_full_distribution_without_weights_at_teacher_path_is_refused(text_pair, tmp_path):
+    weightless = config_and_tokenizer(text_pair["teacher"], tmp_path / "teacher")
+    with pytest.raises(ConfigError, match=r"holds no LM head \(lm_head.weight or model.embed_tokens.weight\)"):
+        _session(text_pair, weightless, **{"objective.estimator": "full"}).models()

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mmopd.engines.vllm.transport import Completion, Entries
+from mmopd.engines.vllm.transport import Completion, EngineError, Entries
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # LoRAConfig.max_lora_rank's choices (vLLM 0.32)
 
@@ -40,6 +40,11 @@ class Colocated:
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         return [[None if e is None else {token: lp.logprob for token, lp in e.items()} for e in out.prompt_logprobs]
                 for out in outputs]
+
+    def hidden_states(self, ids: list[list[int]]) -> list[Any]:
+        """Refused: this engine generates, and vLLM pools hidden states only in an engine of its own."""
+        raise EngineError("a colocated vLLM teacher sends log-probs only; for its hidden states (the full "
+                          "distribution) serve it as a pooling model and set teacher.url (README: A vLLM teacher)")
 
     def generate(self, prompts: list[dict[str, Any]], params: list[dict[str, Any]]) -> list[Completion]:
         from vllm import SamplingParams

@@ -16,10 +16,20 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from torch import Tensor
+
 from mmopd.engines.vllm.checkpoint import ties_head
 from mmopd.engines.vllm.transport import Completion, EngineError, Entries
 
 log = logging.getLogger("mmopd")
+
+# how a teacher server that sends its last hidden states starts: a pooling model of per-token embeddings, pooled at
+# every position (ALL), without normalisation (`use_activation`), of the model's last hidden states (after its final
+# norm: what the LM head reads), e.g. `python -m vllm.entrypoints.openai.api_server --model DIR ${POOLING_ARGS}`
+POOLING_CONFIG = '{"task": "token_embed", "pooling_type": "ALL", "use_activation": false}'
+POOLING_ARGS = ("--runner", "pooling", "--convert", "embed", "--pooler-config", POOLING_CONFIG)
 
 
 class Served:
@@ -134,6 +144,28 @@ class Served:
                 for i, row in zip(rows, entries):
                     answers[i] = row
         return answers
+
+    def hidden_states(self, ids: list[list[int]], rows_per_request: int = 8) -> list[Tensor]:
+        """Each id list's last hidden states, flat float32 [len(ids[i]) * H], from a pooling server (POOLING_ARGS:
+        per-token embeddings of the final norm's output, no normalisation) over `POST /pooling`, `rows_per_request`
+        lists a request, the requests concurrent. They come as base64 of little-endian float32: exact, 4 bytes a
+        number (JSON floats are exact too, at about 20)."""
+        model = self.served_model()
+        jobs = [ids[i: i + rows_per_request] for i in range(0, len(ids), rows_per_request)]
+
+        def one(rows: list[list[int]]) -> list[Tensor]:
+            answer = self.post("/pooling", {"model": model, "input": rows, "task": "token_embed",
+                                            "use_activation": False, "encoding_format": "base64",
+                                            "embed_dtype": "float32", "endianness": "little"})
+            items = sorted(answer["data"], key=lambda item: item["index"])
+            if len(items) != len(rows):
+                raise EngineError(f"the teacher at {self.url} answered {len(rows)} sequences with {len(items)} "
+                                  "hidden-state lists")
+            return [torch.from_numpy(np.frombuffer(base64.b64decode(item["data"]), dtype="<f4").copy())
+                    for item in items]
+
+        with ThreadPoolExecutor(max_workers=min(16, max(1, len(jobs)))) as pool:
+            return [states for batch in pool.map(one, jobs) for states in batch]
 
     def reload_weights(self, directory: Path) -> None:
         self.post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(directory)}})

@@ -1,13 +1,15 @@
-"""The vLLM teacher scorer: a teacher served (`teacher.url`) or colocated scores the responses by prompt log-probs."""
+"""The vLLM teacher scorer: a teacher served (`teacher.url`) or colocated scores the responses by prompt log-probs,
+or, served as a pooling model, sends its last hidden states for the trainer's copy of its LM head."""
 
 from __future__ import annotations
 
 import torch
 
-from mmopd.engines.base import TOKEN_LOGPROBS, TOP_K, TeacherNeed
+from mmopd.engines.base import DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, TeacherNeed
+from mmopd.engines.vllm.head import TeacherHead
 from mmopd.engines.vllm.transport import EngineError, Entries, Scoring
 from mmopd.step.batch import PromptBatch, TokenSpace
-from mmopd.step.scores import Scores, TokenLogprobs, TopKTail
+from mmopd.step.scores import Hidden, Logits, Scores, TokenLogprobs, TopKTail
 
 
 class VLLMTeacher:
@@ -17,24 +19,33 @@ class VLLMTeacher:
     `max_tokens: 1` and `prompt_logprobs`. The engine expands each picture's placeholder as the HF processor does,
     so for a prompt of P expanded ids `prompt_logprobs[P + t]` scores response token t.
 
-    | TeacherNeed     | prompt_logprobs | returns                                                          |
-    |-----------------|-----------------|------------------------------------------------------------------|
-    | token_logprobs  | 0               | TokenLogprobs: log p_T of each response token (exact)             |
-    | top_k           | K               | TopKTail: the K largest log-probs, the rest one tail class        |
-    | distribution    | —               | refused: a server sends at most --max-logprobs entries a position |
+    | TeacherNeed     | the engine sends                      | returns                                          |
+    |-----------------|---------------------------------------|--------------------------------------------------|
+    | token_logprobs  | prompt_logprobs 0                     | TokenLogprobs: log p_T of each response token     |
+    | top_k           | prompt_logprobs K                     | TopKTail: the K largest log-probs, the rest a tail |
+    | distribution    | its last hidden states (`/pooling`)   | Hidden with the teacher's head (`head`): exact    |
 
     The log-probs are the raw model's: temperature 1, over the teacher's whole vocabulary (the in-process teacher
     renormalises over the TokenSpace; the two agree where the teacher puts no mass outside it). Top-k ids outside
     the TokenSpace fall into the tail. Positions past a row's response (after EOS) get log-prob 0 (TokenLogprobs)
     or no slots (TopKTail); the loss masks them. An answer of the wrong length, or with a NaN or +inf log-prob,
-    is an error naming the row."""
+    is an error naming the row.
 
-    def __init__(self, transport: Scoring, space: TokenSpace, eos_ids: list[int]):
-        self.transport, self.space, self.eos_ids = transport, space, eos_ids
+    The full distribution comes from a server of per-token embeddings (`served.POOLING_ARGS`): the hidden state
+    at position P + t − 1 of prompt + response, the final norm's output, is what the teacher's head turns into
+    the logits that score response token t. With the head read from the teacher's checkpoint (`head.load_head`)
+    the trainer's divergence is the in-process teacher's, at any temperature, over the TokenSpace: `Hidden`
+    scores where the run fuses (`fused`), else the logits they make. Text prompts only."""
+
+    def __init__(self, transport: Scoring, space: TokenSpace, eos_ids: list[int], head: TeacherHead | None = None,
+                 fused: bool = True):
+        self.transport, self.space, self.eos_ids, self.head, self.fused = transport, space, eos_ids, head, fused
         self.action_of = {token: action for action, token in enumerate(space.token_ids())}
 
     def score(self, prompts: PromptBatch, tokens: torch.Tensor, need: TeacherNeed) -> Scores:
         where = self.transport.url
+        if need.what == DISTRIBUTION and self.head is not None:
+            return self._distribution(prompts, tokens)
         if need.what not in (TOKEN_LOGPROBS, TOP_K):
             raise EngineError(f"a vLLM teacher ({where}) cannot send its full distribution; set teacher.top_k: K, "
                               "objective.estimator: sampled, or teacher.engine: hf")
@@ -65,6 +76,41 @@ class VLLMTeacher:
                     logprobs[i, t, : len(kept)] = torch.tensor([lp for lp, _ in kept])
                     actions[i, t, : len(kept)] = torch.tensor([a for _, a in kept])
         return TopKTail(logprobs.to(tokens.device), actions.to(tokens.device))
+
+    def _distribution(self, prompts: PromptBatch, tokens: torch.Tensor) -> Hidden | Logits:
+        """The teacher's last hidden states at the response positions [B, T, H] with its head, restricted to the
+        TokenSpace; positions past a row's response are zeros (the loss masks them)."""
+        if prompts.state.get("images"):
+            raise EngineError(f"the teacher at {self.transport.url} sends hidden states for token ids only, not "
+                              "pictures; set teacher.top_k: K for a VLM teacher")
+        ids = prompts.unpadded_ids()  # [B] lists, left padding removed
+        responses = [self._response(row) for row in tokens.tolist()]  # [B] lists, padding after EOS removed
+        states = self.transport.hidden_states([p + r for p, r in zip(ids, responses)])
+        head = self._head_on(tokens.device)
+        B, T = tokens.shape
+        H = head.weight.shape[1]
+        hidden = torch.zeros(B, T, H, dtype=head.weight.dtype)  # [B, T, H]
+        for i, (prompt, response, flat) in enumerate(zip(ids, responses, states)):
+            if flat.numel() != (len(prompt) + len(response)) * H:
+                raise EngineError(f"the teacher ({self.transport.url}) sent row {i} (prompt {prompt[:8]}…) "
+                                  f"{flat.numel()} numbers for {len(prompt)} prompt + {len(response)} response ids of "
+                                  f"{H} hidden units; it does not read the ids it was sent, or is another model")
+            rows = flat.view(-1, H)[len(prompt) - 1: len(prompt) - 1 + len(response)]  # row t predicts token t
+            if not torch.isfinite(rows).all():
+                raise EngineError(f"the teacher ({self.transport.url}) sent non-finite hidden states for row "
+                                  f"{i} (prompt {prompt[:8]}…): its numerics failed (check its dtype and weights)")
+            hidden[i, : len(response)] = rows.to(hidden.dtype)
+        scores = Hidden(hidden.to(tokens.device), head.weight, head.bias).restrict(self.space)
+        if self.fused:
+            return scores
+        return Logits(torch.nn.functional.linear(scores.hidden, scores.weight, scores.bias))  # [B, T, A]
+
+    def _head_on(self, device: torch.device) -> TeacherHead:
+        """The teacher's head, moved to `device` once."""
+        if self.head.weight.device != device:
+            self.head = TeacherHead(self.head.weight.to(device),
+                                    None if self.head.bias is None else self.head.bias.to(device))
+        return self.head
 
     def _response(self, row: list[int]) -> list[int]:
         """The response ids up to and including the first EOS (all of them when none ends it)."""

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from torch import Tensor
+
 
 class EngineError(RuntimeError):
     """An inference engine that cannot be reached or answers wrongly, with what to check."""
@@ -38,4 +40,8 @@ class Scoring(Protocol):
 
     def prompt_logprobs(self, requests: list[dict[str, Any]], k: int) -> list[Entries]:
         """Each request's log-prob of every given id (and its top k) per position; entry 0 is None."""
+        ...
+
+    def hidden_states(self, ids: list[list[int]]) -> list[Tensor]:
+        """Each id list's last hidden states (what the LM head reads), flat float32: [len(ids[i]) * H] each."""
         ...
