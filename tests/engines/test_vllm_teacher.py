@@ -145,6 +145,19 @@ def test_the_first_steps_with_a_served_teacher_equal_those_with_the_hf_teacher(p
         assert abs(a["loss"] - b["loss"]) < 1e-3, (a["loss"], b["loss"])
 
 
+def test_a_generating_server_asked_for_hidden_states_names_the_pooling_flags(pair, server, tmp_path):
+    """The full distribution needs a pooling server; a generating one at teacher.url is one error saying how to
+    start the right one."""
+    session = Session(_config(pair, server, tmp_path, **{"objective.estimator": "full",
+                                                         "teacher.path": str(pair["teacher"])}))
+    m = session.models()
+    prompts, rollout = responses_of_different_lengths(m, session.train_data.records[:8])
+    with pytest.raises(EngineError, match=r"refused /pooling: HTTP 404.*--runner pooling --convert embed "
+                                          r"--pooler-config '\{\"task\": \"token_embed\"") as err:
+        m.scorer.score(prompts, rollout.tokens, TeacherNeed(DISTRIBUTION))
+    assert server.url in str(err.value) and "\n" not in str(err.value)
+
+
 class Corrupting:
     """The real served transport, with one answer corrupted after the engine sent it: what a misbehaving server
     (another tokenizer, broken numerics) would send."""

@@ -7,16 +7,18 @@ One module a job:
 - `colocated`: the in-process transport, a `vllm.LLM` in the trainer's process (the only module that imports vLLM);
 - `checkpoint`: the engine checkpoint writer (untied head, vLLM's key layout);
 - `rollout`: the rollout engine (`VLLMRollout`) and its weight sync;
-- `teacher`: the teacher scorer (`VLLMTeacher`).
+- `teacher`: the teacher scorer (`VLLMTeacher`);
+- `head`: the teacher's LM head read from its checkpoint, for a served teacher that sends its last hidden states.
 """
 
 from mmopd.engines.vllm.checkpoint import UNTIED_HEAD_FILE, ties_head, write_engine_checkpoint
 from mmopd.engines.vllm.colocated import VLLM_LORA_RANKS, Colocated
+from mmopd.engines.vllm.head import TeacherHead, load_head
 from mmopd.engines.vllm.rollout import VLLMRollout, default_sync_dir
-from mmopd.engines.vllm.served import Served, data_uri
+from mmopd.engines.vllm.served import POOLING_ARGS, POOLING_CONFIG, Served, data_uri
 from mmopd.engines.vllm.teacher import VLLMTeacher
 from mmopd.engines.vllm.transport import Completion, EngineError, Entries, Scoring, Transport
 
-__all__ = ["UNTIED_HEAD_FILE", "VLLM_LORA_RANKS", "Colocated", "Completion", "EngineError", "Entries", "Scoring",
-           "Served", "Transport", "VLLMRollout", "VLLMTeacher", "data_uri", "default_sync_dir", "ties_head",
-           "write_engine_checkpoint"]
+__all__ = ["POOLING_ARGS", "POOLING_CONFIG", "UNTIED_HEAD_FILE", "VLLM_LORA_RANKS", "Colocated", "Completion",
+           "EngineError", "Entries", "Scoring", "Served", "TeacherHead", "Transport", "VLLMRollout", "VLLMTeacher",
+           "data_uri", "default_sync_dir", "load_head", "ties_head", "write_engine_checkpoint"]

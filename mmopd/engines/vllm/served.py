@@ -154,9 +154,16 @@ class Served:
         jobs = [ids[i: i + rows_per_request] for i in range(0, len(ids), rows_per_request)]
 
         def one(rows: list[list[int]]) -> list[Tensor]:
-            answer = self.post("/pooling", {"model": model, "input": rows, "task": "token_embed",
-                                            "use_activation": False, "encoding_format": "base64",
-                                            "embed_dtype": "float32", "endianness": "little"})
+            try:
+                answer = self.post("/pooling", {"model": model, "input": rows, "task": "token_embed",
+                                                "use_activation": False, "encoding_format": "base64",
+                                                "embed_dtype": "float32", "endianness": "little"})
+            except EngineError as err:
+                if "refused" not in str(err):  # not reached: the retries' message says what to check
+                    raise
+                raise EngineError(f"{err}; a teacher that sends its hidden states (the full distribution) is served "
+                                  f"as a pooling model: start it with {' '.join(POOLING_ARGS[:-1])} "
+                                  f"'{POOLING_CONFIG}'") from err
             items = sorted(answer["data"], key=lambda item: item["index"])
             if len(items) != len(rows):
                 raise EngineError(f"the teacher at {self.url} answered {len(rows)} sequences with {len(items)} "
