@@ -144,11 +144,12 @@ def use_fused(m: Models, config: Config) -> bool:
     mode = config.objective.fused
     if mode == "never":
         return False
-    scored = scores_teacher(config.objective.kind, config.objective.estimator) and config.teacher.engine == "hf"
-    roles = {"student": m.student, "teacher": m.teacher if scored else None}  # a vLLM teacher sends log-probs
+    scores = scores_teacher(config.objective.kind, config.objective.estimator)
+    scored = scores and config.teacher.engine == "hf"  # a vLLM teacher's engine checks its own head
+    roles = {"student": m.student, "teacher": m.teacher if scored else None}
     problems = [f"{role}: {why}" for role, model in roles.items()
                 if model is not None and (why := fused_unsupported(m.adapter, model)) is not None]
-    if m.teachers and scored and teacher_need(config).what == DISTRIBUTION:
+    if m.teachers and scores and teacher_need(config).what == DISTRIBUTION:
         problems.append("several teachers: their full distributions are stacked as logits, each with its own head")
     if problems and mode == "always":
         raise ConfigError(f"objective.fused=always, but {'; '.join(problems)}. Set objective.fused=auto (falls "

@@ -8,6 +8,8 @@ TokenSpace as the in-process teacher's is."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -134,3 +136,27 @@ def test_an_unfused_run_gets_the_logits_of_the_served_hidden_states(pair, hidden
     assert isinstance(served, Logits) and served.values.shape == local.values.shape
     mask = rollout.mask[..., None]
     torch.testing.assert_close(served.values * mask, local.values * mask, atol=1e-4, rtol=0)
+
+
+def test_routed_rows_get_the_served_teachers_full_distribution_beside_an_hf_teachers(pair, hidden_server, tmp_path):
+    """Several teachers (scored as logits), one served from its hidden states and one in process (the student
+    checkpoint as a second teacher): the served rows equal the hf teacher's logits over the TokenSpace."""
+    records = [json.loads(line) for line in pair["train"].read_text().splitlines()]
+    routed = tmp_path / "routed.jsonl"
+    routed.write_text("".join(json.dumps({**r, "teacher": ("served", "local")[i % 2]}) + "\n"
+                              for i, r in enumerate(records)))
+    teachers = [{"name": "served", "path": str(pair["teacher"]), "engine": "vllm", "url": hidden_server.url},
+                {"name": "local", "path": str(pair["student"])}]
+    session = Session(_config(pair, hidden_server, tmp_path, teacher=teachers, **{"data.train": str(routed)}))
+    m = session.models()
+    batch = [session.train_data.records[i] for i in range(8)]
+    prompts, rollout = responses_of_different_lengths(m, batch)
+    prompts.state["records"] = batch
+    got = m.scorer.score(prompts, rollout.tokens, TeacherNeed(DISTRIBUTION))
+    assert isinstance(got, Logits)
+    full = Session(_config(pair, hidden_server, tmp_path / "hf", **{"teacher.engine": "hf"})).models().teacher
+    rows = torch.tensor([i for i, r in enumerate(batch) if r["_teacher"] == "served"])
+    sub = session.adapter.encode_prompts([batch[i] for i in rows], session.teachers["served"][1])
+    hf = HFTeacher(m.adapter, full, m.space, fused=False).score(sub, rollout.tokens[rows], TeacherNeed(DISTRIBUTION))
+    mask = rollout.mask[rows][..., None]
+    torch.testing.assert_close(got.values[rows] * mask, hf.values * mask, atol=1e-4, rtol=0)
