@@ -13,7 +13,8 @@ import json
 import pytest
 import torch
 
-from mmopd.config import load_config
+from mmopd.cli import main
+from mmopd.config import load_config, save_config
 from mmopd.engines import DISTRIBUTION, EngineError, HFTeacher, TeacherNeed, VLLMTeacher, model_scores
 from mmopd.engines.vllm.served import POOLING_ARGS
 from mmopd.run.objectives import Plan, Timer, objective_step
@@ -160,3 +161,17 @@ def test_routed_rows_get_the_served_teachers_full_distribution_beside_an_hf_teac
     hf = HFTeacher(m.adapter, full, m.space, fused=False).score(sub, rollout.tokens[rows], TeacherNeed(DISTRIBUTION))
     mask = rollout.mask[rows][..., None]
     torch.testing.assert_close(got.values[rows] * mask, hf.values * mask, atol=1e-4, rtol=0)
+
+
+def test_mmopd_train_with_the_served_exact_teacher_logs_the_hf_teachers_losses(pair, hidden_server, tmp_path):
+    """The whole loop (`mmopd train`), two steps at temperature 2: the same metrics.jsonl losses as the hf teacher's."""
+    losses = {}
+    for engine in ("vllm", "hf"):
+        config = _config(pair, hidden_server, tmp_path / engine, **{"teacher.engine": engine, "train.steps": 2,
+                                                                   "objective.temperature": 2.0})
+        save_config(config, tmp_path / f"{engine}.yaml")
+        assert main(["train", str(tmp_path / f"{engine}.yaml")]) == 0
+        rows = [json.loads(line) for line in (tmp_path / engine / "run" / "metrics.jsonl").read_text().splitlines()]
+        losses[engine] = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses["vllm"]) == 2
+    assert losses["vllm"] == pytest.approx(losses["hf"], abs=1e-4)

@@ -158,8 +158,8 @@ class Served:
                 answer = self.post("/pooling", {"model": model, "input": rows, "task": "token_embed",
                                                 "use_activation": False, "encoding_format": "base64",
                                                 "embed_dtype": "float32", "endianness": "little"})
-            except EngineError as err:
-                if "refused" not in str(err):  # not reached: the retries' message says what to check
+            except EngineError as err:  # no /pooling (a generating server), or a pooling server of another task
+                if "HTTP 404" not in str(err) and "pooling_task" not in str(err):
                     raise
                 raise EngineError(f"{err}; a teacher that sends its hidden states (the full distribution) is served "
                                   f"as a pooling model: start it with {' '.join(POOLING_ARGS[:-1])} "
