@@ -20,7 +20,7 @@ from mmopd.engines.vllm.served import POOLING_ARGS
 from mmopd.run.objectives import Plan, Timer, objective_step
 from mmopd.run.session import Session
 from mmopd.step.scores import Hidden, Logits
-from tests.engines.test_vllm_teacher import responses_of_different_lengths
+from tests.engines.test_vllm_teacher import responses_of_different_lengths, routed_train
 from tests.vllm_models import build_text_pair
 
 pytestmark = pytest.mark.slow  # a vLLM server starts in about a minute
@@ -142,10 +142,7 @@ def test_an_unfused_run_gets_the_logits_of_the_served_hidden_states(pair, hidden
 def test_routed_rows_get_the_served_teachers_full_distribution_beside_an_hf_teachers(pair, hidden_server, tmp_path):
     """Several teachers (scored as logits), one served from its hidden states and one in process (the student
     checkpoint as a second teacher): the served rows equal the hf teacher's logits over the TokenSpace."""
-    records = [json.loads(line) for line in pair["train"].read_text().splitlines()]
-    routed = tmp_path / "routed.jsonl"
-    routed.write_text("".join(json.dumps({**r, "teacher": ("served", "local")[i % 2]}) + "\n"
-                              for i, r in enumerate(records)))
+    routed = routed_train(pair["train"], tmp_path / "routed.jsonl")
     teachers = [{"name": "served", "path": str(pair["teacher"]), "engine": "vllm", "url": hidden_server.url},
                 {"name": "local", "path": str(pair["student"])}]
     session = Session(_config(pair, hidden_server, tmp_path, teacher=teachers, **{"data.train": str(routed)}))

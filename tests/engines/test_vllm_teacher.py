@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,6 +69,14 @@ def _config(pair, server, tmp_path, **overrides):
             "train.save_every": 0, "train.warmup": 0, "train.out_dir": str(tmp_path / "run"),
             "train.progress": False, "objective.estimator": "sampled"}
     return load_config(None, {**base, **overrides})
+
+
+def routed_train(train: Path, out: Path) -> Path:
+    """`train`'s records, each routed by its "teacher" field: "served" and "local" in turn."""
+    records = [json.loads(line) for line in train.read_text().splitlines()]
+    out.write_text("".join(json.dumps({**r, "teacher": ("served", "local")[i % 2]}) + "\n"
+                           for i, r in enumerate(records)))
+    return out
 
 
 def responses_of_different_lengths(m, records):
@@ -203,10 +212,7 @@ def test_a_misaligned_or_non_finite_teacher_answer_is_refused_naming_the_row(pai
 def test_routed_rows_reach_a_served_teacher_and_an_hf_teacher(pair, server, tmp_path):
     """Several teachers, one served (its path without weights) and one in-process (the student checkpoint as a
     second teacher): each row's scores are its own teacher's, the served rows equal to the hf teacher's."""
-    records = [json.loads(line) for line in pair["train"].read_text().splitlines()]
-    routed = tmp_path / "routed.jsonl"
-    routed.write_text("".join(json.dumps({**r, "teacher": ("served", "local")[i % 2]}) + "\n"
-                              for i, r in enumerate(records)))
+    routed = routed_train(pair["train"], tmp_path / "routed.jsonl")
     teachers = [{"name": "served", "path": str(pair["teacher_config"]), "engine": "vllm", "url": server.url},
                 {"name": "local", "path": str(pair["student"])}]
     session = Session(_config(pair, server, tmp_path, teacher=teachers, **{"data.train": str(routed)}))
