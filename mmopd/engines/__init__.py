@@ -18,6 +18,7 @@ from mmopd.engines.vllm import (Colocated, EngineError, Served, VLLMRollout, VLL
 from mmopd.engines.vllm.families import engine_key as vllm_engine_key
 from mmopd.engines.vllm.families import vllm_unsupported
 from mmopd.engines.vllm.head import load_head
+from mmopd.engines.vllm.serve import engine_dtype
 from mmopd.models.adapter import ModalityAdapter, PolicySide, fused_unsupported
 from mmopd.models.hf import context_length, text_config
 from mmopd.registry import Registry
@@ -145,7 +146,3 @@ def _hidden_state_teacher(config: Config, adapter: ModalityAdapter, model: nn.Mo
     head = load_head(t.path, model, getattr(torch, engine_dtype(t.dtype, torch.cuda.is_available())))
     return VLLMTeacher(Served(t.url, t.timeout, t.retries, role="teacher"), space, eos_ids, head, fused)
 
-
-def engine_dtype(name: str, cuda: bool) -> str:
-    """A model's `dtype` setting as vLLM's: `auto` is bfloat16 on a GPU and float32 on the CPU, as in training."""
-    return "bfloat16" if cuda and name == "auto" else {"auto": "float32"}.get(name, name)

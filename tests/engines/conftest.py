@@ -30,16 +30,17 @@ class SharedServers:
 
     def __init__(self) -> None:
         self.servers: dict[str, Server] = {}
-        self.launches: dict[str, tuple[Path, tuple[str, ...], dict[str, str]]] = {}
+        self.launches: dict[str, tuple[Path, tuple[str, ...], dict[str, str], str]] = {}
 
     def get(self, name: str, model_dir: str | Path, extra_args: Sequence[str] = (),
-            env: Mapping[str, str] | None = None) -> Server:
-        """The server `name` serving `model_dir` with `extra_args`, started here if it is not running."""
-        launch = (Path(model_dir), tuple(extra_args), dict(env or {}))
+            env: Mapping[str, str] | None = None, role: str = "") -> Server:
+        """The server `name` serving `model_dir` with `extra_args` (with a `role`: `mmopd serve ROLE` of the config
+        `model_dir`), started here if it is not running."""
+        launch = (Path(model_dir), tuple(extra_args), dict(env or {}), role)
         if self.launches.setdefault(name, launch) != launch:
             raise ValueError(f"shared server {name!r} was started as {self.launches[name]}, not as {launch}")
         if name not in self.servers:
-            self.servers[name] = start_server(model_dir, extra_args=extra_args, env=env)
+            self.servers[name] = start_server(model_dir, extra_args=extra_args, env=env, role=role)
         return self.revive(name)
 
     def revive(self, name: str) -> Server:
@@ -49,8 +50,9 @@ class SharedServers:
         server = self.servers[name]
         if server.process.poll() is None:
             return server
-        model_dir, extra_args, env = self.launches[name]
-        restarted = start_server(model_dir, port=int(server.url.rsplit(":", 1)[1]), extra_args=extra_args, env=env)
+        model_dir, extra_args, env, role = self.launches[name]
+        restarted = start_server(model_dir, port=int(server.url.rsplit(":", 1)[1]), extra_args=extra_args, env=env,
+                                 role=role)
         server.process, server.log_path = restarted.process, restarted.log_path
         server.post("/v1/completions", {"prompt": [[1, 2]], "max_tokens": 1}, timeout=300)
         return server

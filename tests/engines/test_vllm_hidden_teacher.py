@@ -33,8 +33,15 @@ def pair(tmp_path_factory):
 
 @pytest.fixture
 def hidden_server(pair, vllm_servers):
-    """The session's pooling server of the text teacher: its last hidden states at every position."""
-    return vllm_servers.get("hidden_server", pair["teacher"], (*POOLING_ARGS, "--max-model-len", "64"))
+    """The session's pooling server of the text teacher, its last hidden states at every position, started as a user
+    starts it: `mmopd serve teacher CONFIG` with a config of this mode (the full estimator, no teacher.top_k)."""
+    config = pair["teacher"].parent / "serve-teacher.yaml"
+    save_config(load_config(None, {"modality": "text", "student.path": str(pair["student"]),
+                                   "teacher.path": str(pair["teacher"]), "data.train": str(pair["train"]),
+                                   "teacher.engine": "vllm", "teacher.url": "http://127.0.0.1:1"}), config)
+    server = vllm_servers.get("hidden_server", config, ("--max-model-len", "64"), role="teacher")
+    assert " ".join(POOLING_ARGS[:-1]) in server.log_path.read_text()  # the command `mmopd serve` printed
+    return server
 
 
 def _config(pair, server, tmp_path, **overrides):

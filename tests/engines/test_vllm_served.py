@@ -27,27 +27,30 @@ from tests.vllm_models import build_text_pair
 from tests.vllm_server import free_port
 
 pytestmark = pytest.mark.slow  # a vLLM server starts in about a minute
-SERVED_ARGS = ("--logprobs-mode", "processed_logprobs", "--enable-lora", "--max-lora-rank", "8", "--max-loras", "2")
-
-
 @pytest.fixture(scope="session")
 def pair(tmp_path_factory):
-    """head_dim-32 text models and data, and the student as a served engine loads it (untied LM head)."""
+    """head_dim-32 text models and data, the student as a served engine loads it (untied LM head, in the folder
+    `mmopd serve rollout` writes it to: train.out_dir/engine-start) and the config the server starts from."""
     root = tmp_path_factory.mktemp("vllm_text")
     paths = build_text_pair(root)
     config = load_config(None, {"student.path": str(paths["student"]), "teacher.path": str(paths["teacher"]),
-                                "data.train": str(paths["train"]), "rollout.max_new_tokens": 8})
+                                "data.train": str(paths["train"]), "rollout.max_new_tokens": 8,
+                                "train.out_dir": str(root), "student.trainable": "lora", "student.lora_rank": 8})
     session = Session(config)
-    paths["engine"] = write_engine_checkpoint(session.policy, root / "engine", lambda key: key,
+    paths["engine"] = write_engine_checkpoint(session.policy, root / "engine-start", lambda key: key,
                                               session.student_processor)
+    paths["serve_config"] = root / "serve-rollout.yaml"
+    save_config(config, paths["serve_config"])
     return paths
 
 
 @pytest.fixture
 def served_student(pair, vllm_servers):
-    """The session's server of the student's engine copy (LoRA adapters allowed, updated at run time)."""
-    return vllm_servers.get("served_student", pair["engine"], SERVED_ARGS,
-                            env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"})
+    """The session's server of the student's engine copy, started as a user starts it: `mmopd serve rollout CONFIG`
+    (a LoRA student's config: adapters allowed, updated at run time)."""
+    server = vllm_servers.get("served_student", pair["serve_config"], ("--max-loras", "2"), role="rollout")
+    assert "--enable-lora --max-lora-rank 8" in server.log_path.read_text()  # the command `mmopd serve` printed
+    return server
 
 
 @pytest.fixture

@@ -8,7 +8,8 @@ One module a job:
 - `checkpoint`: the engine checkpoint writer (untied head, vLLM's key layout);
 - `rollout`: the rollout engine (`VLLMRollout`) and its weight sync;
 - `teacher`: the teacher scorer (`VLLMTeacher`);
-- `head`: the teacher's LM head read from its checkpoint, for a served teacher that sends its last hidden states.
+- `head`: the teacher's LM head read from its checkpoint, for a served teacher that sends its last hidden states;
+- `serve`: the `vllm serve` command a config needs (`mmopd serve teacher|rollout CONFIG`).
 """
 
 from mmopd.engines.vllm.checkpoint import UNTIED_HEAD_FILE, ties_head, write_engine_checkpoint
