@@ -188,7 +188,8 @@ def weighted_advantage(responses: Rollout, config: Config) -> Tensor | None:
 @LOSSES.register(DIVERGENCE)
 def divergence_loss(student: Scores, teacher: Scores, actions: Tensor, responses: Rollout,
                     config: Config) -> tuple[Tensor, dict[str, float]]:
-    """kl_weight × the divergence, plus a task reward's term −λ_R·Â·log p_S(x_t) over the same tokens."""
+    """kl_weight × the divergence, plus a task reward's term −λ_R·Â·log p_S(x_t) over the same tokens (log p_S at
+    the rollout's temperature: the policy that sampled them)."""
     obj = config.objective
     loss = student.divergence(teacher, responses.mask, obj.divergence, obj.beta, obj.temperature)
     values = {"divergence": loss.item()}
@@ -196,8 +197,8 @@ def divergence_loss(student: Scores, teacher: Scores, actions: Tensor, responses
         loss = obj.kl_weight * loss
     reward = weighted_advantage(responses, config)
     if reward is not None:
-        loss = loss + masked_mean(policy_gradient_loss(student.logprobs(actions, obj.temperature), reward),
-                                  responses.mask)
+        logprobs = student.logprobs(actions, config.rollout.temperature or 1.0)
+        loss = loss + masked_mean(policy_gradient_loss(logprobs, reward), responses.mask)
     return loss, values
 
 
@@ -215,11 +216,11 @@ def sampled_loss(student: Scores, teacher: Scores, actions: Tensor, responses: R
 @LOSSES.register(POLICY_GRADIENT)
 def reward_only_loss(student: Scores, teacher: None, actions: Tensor, responses: Rollout,
                      config: Config) -> tuple[Tensor, dict[str, float]]:
-    """kl_weight 0: the task reward's policy gradient alone (plain on-policy RL), in the estimator's form."""
-    obj = config.objective
-    behaviour = responses.logprobs if obj.estimator == "sampled" else None
-    per_token = policy_gradient_loss(student.logprobs(actions, obj.temperature), weighted_advantage(responses, config),
-                                     behaviour)
+    """kl_weight 0: the task reward's policy gradient alone (plain on-policy RL), in the estimator's form, with
+    log p_S at the rollout's temperature (the policy that sampled)."""
+    behaviour = responses.logprobs if config.objective.estimator == "sampled" else None
+    logprobs = student.logprobs(actions, config.rollout.temperature or 1.0)
+    per_token = policy_gradient_loss(logprobs, weighted_advantage(responses, config), behaviour)
     loss = masked_mean(per_token, responses.mask)
     return loss, {"policy_gradient": loss.item()}
 
