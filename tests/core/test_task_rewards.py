@@ -65,9 +65,10 @@ def _advantage(baseline: bool, scale: bool) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float64)
 
 
-def _config(text_config, baseline: str, scale: bool, estimator: str, kl_weight: float = 0.7, reward_weight: float = 2.0):
-    return text_config(**{"objective.reward": "exact_match", "objective.reward_weight": reward_weight,
-                          "objective.kl_weight": kl_weight, "objective.reward_baseline": baseline,
+def _config(text_config, baseline: str, scale: bool, estimator: str):
+    """kl_weight 0.7, reward_weight 2."""
+    return text_config(**{"objective.reward": "exact_match", "objective.reward_weight": 2.0,
+                          "objective.kl_weight": 0.7, "objective.reward_baseline": baseline,
                           "objective.reward_std": scale, "objective.estimator": estimator,
                           "rollout.samples_per_prompt": GROUP})
 
