@@ -28,14 +28,16 @@ from mmopd.run.rundir import RunDirError
 from mmopd.run.session import evaluate, resolve_dtype
 from mmopd.run.toys import build_toy, one_thread
 from mmopd.run.trainer import TrainingAborted, train
+from mmopd.step.rewards import RewardError
 
 TOY_MODALITIES = {"text": "text", "vlm": "vlm", "image": "image_tokens"}
 # exit codes: 2 a user error before training (config, data, models, run directory); 1 a deliberate stop
-# during training (non-finite losses, a checkpoint that could not be written, an inference engine that failed);
+# during training (non-finite losses, a checkpoint that could not be written, an inference engine that failed, a
+# reward function that failed);
 # 130 a second Ctrl-C
 USER_ERRORS = (ConfigError, DataError, RecordError, ModelLoadError, IncompatibleModelsError, RunDirError, ExportError,
                PruneError)
-STOPS = (TrainingAborted, CheckpointError, EngineError)
+STOPS = (TrainingAborted, CheckpointError, EngineError, RewardError)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -28,6 +28,7 @@ import yaml
 
 from mmopd.losses import available_divergences
 from mmopd.step.objective_table import DISTRIBUTION, KINDS, TABLE, estimators_of, needs_teacher, scores_teacher
+from mmopd.step.rewards import resolve_reward
 
 
 class ConfigError(ValueError):
@@ -38,6 +39,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 OBJECTIVES = KINDS
 SAMPLED_KLS = ("k1", "k3")  # objective.sampled_kl (mmopd.losses.sampled.Shaping)
 BASELINES = ("none", "loo", "batch")
+REWARD_BASELINES = ("group", "none")  # objective.reward_baseline: the mean reward of the prompt's samples, or 0
 FUSED = ("auto", "always", "never")
 ESTIMATORS = ("full", "sampled")
 TRAINABLE = ("full", "lora")  # every modality's student.trainable modes; a modality may add its own
@@ -171,7 +173,7 @@ class TeacherConfig(EngineSettings):
     def validate_scoring(self, objective: ObjectiveConfig) -> None:
         """A vLLM teacher (served or colocated) returns temperature-1 log-probs of given ids (or its top-k), and a
         served one its last hidden states (the full distribution, at any temperature): refuse what needs more."""
-        if self.engine != "vllm" or not scores_teacher(objective.kind, objective.estimator):
+        if self.engine != "vllm" or not scores_teacher(objective.kind, objective.estimator, objective.kl_weight):
             return
         if self.sharding != "none":
             raise ConfigError(f"teacher.sharding={self.sharding} shards an in-process teacher, but teacher.engine=vllm "
@@ -229,6 +231,13 @@ class ObjectiveConfig:
     # batch (all rows)
     baseline: str = run_key("none")
     advantage_clip: float = run_key(0.0)  # sampled, k1: clip the log-ratio to ±C (biased; 0: no clip)
+    # a task reward (mmopd/step/rewards.py): a built-in (exact_match) or module:function, fn(records, responses) ->
+    # list[float]; empty: none. Per token A_t = −kl_weight·k_t + reward_weight·(R − b) (mmopd/losses/sampled.py)
+    reward: str = run_key("")
+    reward_weight: float = run_key(0.0)  # 0: the reward is only logged (reward/mean, ...), the loss is pure OPD
+    kl_weight: float = run_key(1.0)  # the KL term's weight; 0 (on_policy, with a reward): plain RL, no teacher
+    reward_baseline: str = run_key("group")  # group: b = the mean reward of the prompt's samples | none: b = 0
+    reward_std: bool = run_key(False)  # divide R − b by the std of the prompt's rewards (GRPO)
 
     def validate(self) -> None:
         _choice("objective.kind", self.kind, OBJECTIVES)
@@ -247,6 +256,38 @@ class ObjectiveConfig:
         _unit("objective.lmbda", self.lmbda)
         _positive("objective.sft_weight", self.sft_weight, allow_zero=True)
         _positive("objective.temperature", self.temperature)
+        self._validate_reward()
+
+    def _validate_reward(self) -> None:
+        """objective.reward names a reward that resolves; its weights, baseline and the KL term's weight agree."""
+        _positive("objective.reward_weight", self.reward_weight, allow_zero=True)
+        _positive("objective.kl_weight", self.kl_weight, allow_zero=True)
+        _choice("objective.reward_baseline", self.reward_baseline, REWARD_BASELINES)
+        if self.reward:
+            try:
+                resolve_reward(self.reward)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+            if self.kind != "on_policy":
+                raise ConfigError(f"objective.reward scores the student's own samples: it needs objective.kind="
+                                  f"on_policy (got {self.kind}); clear objective.reward for {self.kind}")
+        elif self.reward_weight > 0:
+            raise ConfigError(f"objective.reward_weight={self.reward_weight} weighs a task reward, but "
+                              "objective.reward is empty; name one (exact_match, or module:function) or set reward_weight=0")
+        if self.reward_std and self.reward_baseline != "group":
+            raise ConfigError("objective.reward_std divides R − b by the std of the prompt's rewards; it needs "
+                              "objective.reward_baseline=group")
+        if self.kl_weight != 1 and self.kind != "on_policy":
+            raise ConfigError(f"objective.kl_weight weighs the KL term against a task reward, on_policy only; set "
+                              f"kl_weight=1 for objective.kind={self.kind}")
+        if self.kl_weight == 0 and self.reward_weight == 0:
+            raise ConfigError("objective.kl_weight=0 turns the KL term off, which leaves nothing to train; set "
+                              "objective.reward and objective.reward_weight > 0 (plain on-policy RL), or kl_weight > 0")
+        shaped = [name for name, value, plain in (("sampled_kl", self.sampled_kl, "k1"), ("baseline", self.baseline,
+                  "none"), ("advantage_clip", self.advantage_clip, 0.0)) if value != plain]
+        if self.kl_weight == 0 and shaped:
+            raise ConfigError(f"objective.{shaped[0]} shapes the KL term, which objective.kl_weight=0 turns off; "
+                              "leave it at its default or set kl_weight > 0")
 
     def _validate_shaping(self) -> None:
         """objective.sampled_kl, .baseline and .advantage_clip shape the sampled estimator only, one way at a time."""
@@ -562,7 +603,7 @@ def _check_teacher_side(teachers: list[TeacherConfig], routed: bool, objective: 
     (a path, what a vLLM teacher can send)."""
     for t in teachers:
         where = f"teacher {t.name!r}: " if routed else "teacher."
-        if needs_teacher(objective.kind, objective.estimator) and not t.path:
+        if needs_teacher(objective.kind, objective.estimator, objective.kl_weight) and not t.path:
             raise ConfigError(f"{where}path is required for objective.kind={objective.kind}")
         t.validate(where)
     if routed:
@@ -580,6 +621,9 @@ def _check_student_side(s: StudentConfig, r: RolloutConfig, t: TrainConfig, obj:
         raise ConfigError("rollout.tis_cap corrects the sampled estimator for the engine's numerics; the full "
                           "estimator does not use behaviour log-probs. Set rollout.tis_cap=0 or "
                           "objective.estimator=sampled")
+    if obj.reward_weight > 0 and obj.reward_baseline == "group" and r.samples_per_prompt < 2:
+        raise ConfigError("objective.reward_baseline=group subtracts the mean reward of a prompt's samples; set "
+                          f"rollout.samples_per_prompt >= 2 (got {r.samples_per_prompt}), or reward_baseline=none")
     if obj.baseline == "loo" and r.samples_per_prompt < 2:
         raise ConfigError("objective.baseline=loo averages a prompt's other samples; set rollout.samples_per_prompt "
                           f">= 2 (got {r.samples_per_prompt})")

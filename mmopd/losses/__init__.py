@@ -5,7 +5,8 @@ as a plain function of tensors. One module per line of the math (each docstring 
   of rows that every divergence kernel runs (`chunk_divergence`);
 - `chunks`: how kernels walk [N, V] rows a chunk at a time, and the checks of their settings;
 - `exact`: divergences over logits ([..., V] in, [...] out), their top-k form, and `masked_mean`;
-- `sampled`: the sampled-token estimator's log-probs and policy-gradient loss over logits;
+- `sampled`: the sampled-token estimator's log-probs and policy-gradient loss over logits, and a task reward's
+  advantage and term;
 - `fused`: the same values from last hidden states and the LM head, one chunk of rows at a time;
 - `tail`: a served teacher's top-k with the rest of its mass as one class (a lower bound on the exact divergence).
 """
@@ -17,8 +18,8 @@ from mmopd.losses.exact import masked_mean, token_divergence, topk_token_diverge
 from mmopd.losses.fused import (fused_divergence_loss, fused_excluded_logsumexp, fused_gathered_logits,
                                 fused_sampled_reverse_kl_loss, fused_token_divergence, fused_token_logprobs,
                                 fused_topk_logits)
-from mmopd.losses.sampled import (Shaping, leave_one_out_mean, sampled_reverse_kl_loss,
-                                  sampled_token_logprobs, shaped_sampled_loss)
+from mmopd.losses.sampled import (Shaping, leave_one_out_mean, policy_gradient_loss, reward_advantage,
+                                  sampled_reverse_kl_loss, sampled_token_logprobs, shaped_sampled_loss)
 from mmopd.losses.tail import excluded_logsumexp, tail_token_divergence, teacher_tail_logprob
 
 __all__ = [
@@ -36,6 +37,8 @@ __all__ = [
     "sampled_reverse_kl_loss",
     "shaped_sampled_loss",
     "leave_one_out_mean",
+    "reward_advantage",
+    "policy_gradient_loss",
     "Shaping",
     "masked_mean",
     "fused_token_divergence",

@@ -32,6 +32,19 @@ Shaped variants (``shaped_sampled_loss``: loss = ρ·c with a detached coefficie
                       ∇k3 = (1 − r)·∇log p_S(x),  E_{p_S}[(1 − r)·∇log p_S] = −Σ p_T·∇log p_S
                                                                          = ∇KL(T‖S)
                       (the forward KL's gradient, not the reverse KL's, where no clamp binds)
+
+Task rewards (objective.reward; ``reward_advantage``, ``policy_gradient_loss``). A response's reward R enters
+every one of its tokens' advantage beside the KL term, weighted (kl weight λ_KL, reward weight λ_R)::
+
+    A_t = −λ_KL·c_t + λ_R·Â,   Â = R − b            (b: the mean reward of the prompt's samples, or 0)
+                               Â = (R − b) / (σ + ε) (std scaling as in GRPO: σ the unbiased std of the
+                                                      prompt's rewards, ε = 1e-6)
+    loss = −ρ·A_t  (c_t the shaped coefficient above; with k3, λ_KL·ρ·k3 − ρ·λ_R·Â)
+
+The reward's gradient is λ_R·Â·∇log p_S(x_t) summed over the response, the REINFORCE estimate of
+∇E[R]; b depends on the other samples of the prompt only through its mean, which includes the sample
+itself (GRPO's group mean: biased by a factor (G − 1)/G, a scale). Beside the exact KL (the full
+estimator) the same term is −λ_R·Â·log p_S(x_t), masked and normalised as the divergence is.
 """
 
 from __future__ import annotations
@@ -150,11 +163,12 @@ class Shaping:
     baseline: str = "none"
     group: int = 1  # rollout.samples_per_prompt: consecutive rows that share a prompt
     clip: float = 0.0
+    kl_weight: float = 1.0  # objective.kl_weight: λ_KL, the KL term's weight in the advantage
 
     @property
     def plain(self) -> bool:
         """Whether this is the unshaped estimator, sampled_reverse_kl_loss."""
-        return self.kl == "k1" and self.baseline == "none" and self.clip == 0
+        return self.kl == "k1" and self.baseline == "none" and self.clip == 0 and self.kl_weight == 1
 
 
 def leave_one_out_mean(values: torch.Tensor, mask: torch.Tensor, group: int) -> torch.Tensor:
@@ -173,10 +187,11 @@ def shaped_sampled_loss(
     mask: torch.Tensor,
     shaping: Shaping,
     behaviour_logprobs: torch.Tensor | None = None,
+    reward: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """sampled_reverse_kl_loss with its coefficient shaped (module docstring): a leave-one-out baseline over
     groups of `shaping.group` rows or over the batch, a clip of the log-ratio at ±`shaping.clip` (0: none), or verl's k3 in
-    place of k.
+    place of k; weighted by `shaping.kl_weight`, with `reward` (λ_R·Â per row [B], or None) in the advantage.
     [B, T] each -> ([B, T] per-token loss, [B, T] reverse-KL estimate k), float32."""
     student = student_logprobs.float()  # [B, T]
     behaviour = student if behaviour_logprobs is None else behaviour_logprobs.float()  # [B, T]
@@ -185,11 +200,46 @@ def shaped_sampled_loss(
     if shaping.kl == "k3":  # the pathwise gradient of verl's low_var_kl
         log_ratio = (teacher - student.clamp(min=LOGPROB_FLOOR)).clamp(-20.0, 20.0)  # log r, with gradient
         k3 = (log_ratio.exp() - log_ratio - 1).clamp(-10.0, 10.0)
-        return torch.exp(student - behaviour).detach() * k3, kl_estimate
+        per_token = torch.exp(student - behaviour).detach() * k3
+        if shaping.kl_weight != 1 or reward is not None:
+            per_token = shaping.kl_weight * per_token + _reward_term(student, behaviour, reward)
+        return per_token, kl_estimate
     coefficient = kl_estimate
     if shaping.baseline != "none":  # loo: over the prompt's samples; batch: over every row of the batch
         group = shaping.group if shaping.baseline == "loo" else kl_estimate.shape[0]
         coefficient = coefficient - leave_one_out_mean(kl_estimate, mask, group)
     if shaping.clip > 0:
         coefficient = coefficient.clamp(-shaping.clip, shaping.clip)
+    if shaping.kl_weight != 1 or reward is not None:  # A_t = −λ_KL·c_t + λ_R·Â
+        coefficient = shaping.kl_weight * coefficient - (0.0 if reward is None else reward[:, None])
     return torch.exp(student - behaviour.detach()) * coefficient, kl_estimate
+
+
+def _reward_term(student: torch.Tensor, behaviour: torch.Tensor, reward: torch.Tensor | None) -> torch.Tensor:
+    """−ρ·λ_R·Â per token: [B, T], [B, T], [B] or None -> [B, T] (0 without a reward)."""
+    if reward is None:
+        return torch.zeros_like(student)
+    return -torch.exp(student - behaviour.detach()) * reward[:, None]
+
+
+def reward_advantage(rewards: torch.Tensor, group: int, baseline: bool, scale: bool) -> torch.Tensor:
+    """Â per response: R − b, b the mean reward of its prompt's samples (`group` consecutive rows) where
+    `baseline`, divided by (σ + 1e-6), σ their unbiased std, where `scale` (GRPO). [B] -> [B] float32"""
+    advantage = rewards.float()  # [B]
+    grouped = advantage.view(-1, group)  # [P, G]
+    if baseline:
+        grouped = grouped - grouped.mean(1, keepdim=True)
+    if scale:
+        grouped = grouped / (advantage.view(-1, group).std(1, keepdim=True) + 1e-6)
+    return grouped.reshape(-1)
+
+
+def policy_gradient_loss(student_logprobs: torch.Tensor, reward: torch.Tensor,
+                         behaviour_logprobs: torch.Tensor | None = None) -> torch.Tensor:
+    """The reward's term alone, per token: −λ_R·Â·log p_S(x) (no behaviour: the score-function form beside the
+    exact KL), or −ρ·λ_R·Â with ρ = exp(log p_S − log π_b) (the sampled estimator's form: the same gradient
+    on-policy). [B, T], [B] (λ_R·Â) -> [B, T] float32"""
+    student = student_logprobs.float()  # [B, T]
+    if behaviour_logprobs is None:
+        return -student * reward[:, None]
+    return _reward_term(student, behaviour_logprobs.float(), reward)

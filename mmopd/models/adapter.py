@@ -25,6 +25,7 @@ from mmopd.models.hf import load_pretrained
 from mmopd.models.lora import add_lora, linear_layers_of_language_model
 from mmopd.step.batch import PromptBatch, Sampling, TokenSpace
 from mmopd.step.objective_table import needs_answers
+from mmopd.step.rewards import reads_answers
 
 __all__ = ["ModalityAdapter", "ModelCalls", "ModelLoadError", "PolicySide", "RunSettings", "available_adapters",
            "fused_unsupported", "get_adapter", "load_pretrained", "prepare_trainable", "register_adapter",
@@ -55,7 +56,9 @@ def settings_of(config: Config) -> RunSettings:
     return RunSettings(student_path=config.student.path, max_new_tokens=r.max_new_tokens,
                        sampling=Sampling(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p),
                        cfg_scale=config.teacher.cfg_scale, judge=config.data.judge, evaluates=bool(config.data.eval),
-                       trains_on_answers=needs_answers(o.kind, o.estimator, o.lmbda, o.sft_weight), objective=o.kind)
+                       trains_on_answers=needs_answers(o.kind, o.estimator, o.lmbda, o.sft_weight,
+                                                       reads_answers(o.reward)),
+                       objective=o.kind)
 
 
 class ModalityAdapter:

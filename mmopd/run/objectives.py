@@ -16,6 +16,8 @@ inside the trainer's loop (`mmopd/run/trainer.py: train`, which calls `objective
 
 Where each objective's responses come from, what its teacher supplies and which loss applies is the table
 in `mmopd/step/objective_table.py`; `objective.sft_weight > 0` adds that weight times the answers' NLL.
+A task reward (`objective.reward`, resolved once into the Plan) scores the decoded responses after the rollout
+(`rewarded`); the losses put it in the advantage beside the KL term (`reward_weight`, `kl_weight`).
 """
 
 from __future__ import annotations
@@ -35,13 +37,14 @@ from mmopd.config import Config, ConfigError, RolloutConfig
 from mmopd.engines import (DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, EngineError, RolloutEngine, TeacherNeed, TeacherScorer,
                            model_scores, rollout_engine, teacher_scorer)
 from mmopd.engines.routed import RECORDS, RoutedTeacher
-from mmopd.losses import Shaping, masked_mean
+from mmopd.losses import Shaping, masked_mean, policy_gradient_loss, reward_advantage
 from mmopd.models.adapter import ModalityAdapter, fused_unsupported
 from mmopd.registry import Registry
 from mmopd.step.batch import PromptBatch, Rollout, Sampling, TokenSpace, answers_rollout
 from mmopd.step.health import sample_health
-from mmopd.step.objective_table import (ANSWERS, DIVERGENCE, NLL, SAMPLED, STUDENT_OR_ANSWERS, TEACHER, Row, row_of,
-                                        scores_teacher)
+from mmopd.step.objective_table import (ANSWERS, DIVERGENCE, NLL, POLICY_GRADIENT, SAMPLED, STUDENT_OR_ANSWERS,
+                                        TEACHER, Row, row_of, scores_teacher)
+from mmopd.step.rewards import Reward, resolve_reward, reward_metrics, rewards_of
 from mmopd.step.scores import Scores
 
 log = logging.getLogger("mmopd")
@@ -78,7 +81,8 @@ class Models:
         if self.teacher is not None:
             self.teacher_rollout = rollout_engine("hf", config, self.adapter, self.teacher, self.teacher_processor,
                                                   self.space, self.eos_ids, self.pad_id)
-        scored = self.teacher is not None and scores_teacher(config.objective.kind, config.objective.estimator)
+        obj = config.objective
+        scored = self.teacher is not None and scores_teacher(obj.kind, obj.estimator, obj.kl_weight)
         if scored and self.teachers:  # one scorer per teacher (a colocated vLLM teacher's engine starts once)
             self.scorer = RoutedTeacher(self.adapter, {
                 t.name: teacher_scorer(replace(config, teacher=t), self.adapter, *self.teachers[t.name], self.space,
@@ -131,7 +135,7 @@ def sampling_of(config: Config) -> Sampling:
 def teacher_need(config: Config) -> TeacherNeed:
     """What the objective's row asks the teacher for: the distribution (or its top-k), or token log-probs."""
     obj = config.objective
-    if row_of(obj.kind, obj.estimator).teacher == TOKEN_LOGPROBS:
+    if row_of(obj.kind, obj.estimator, obj.kl_weight).teacher == TOKEN_LOGPROBS:
         return TeacherNeed(TOKEN_LOGPROBS, temperature=obj.temperature)
     t = config.teacher
     if not t.top_k:
@@ -144,7 +148,8 @@ def use_fused(m: Models, config: Config) -> bool:
     mode = config.objective.fused
     if mode == "never":
         return False
-    scores = scores_teacher(config.objective.kind, config.objective.estimator)
+    obj = config.objective
+    scores = scores_teacher(obj.kind, obj.estimator, obj.kl_weight)
     scored = scores and config.teacher.engine == "hf"  # a vLLM teacher's engine checks its own head
     roles = {"student": m.student, "teacher": m.teacher if scored else None}
     problems = [f"{role}: {why}" for role, model in roles.items()
@@ -170,21 +175,55 @@ BoundLoss = Callable[[Scores, Any, Tensor, Rollout], tuple[Tensor, dict[str, flo
 LOSSES: Registry[Loss] = Registry("loss")  # the objective table's `loss` column -> the loss
 
 
+def weighted_advantage(responses: Rollout, config: Config) -> Tensor | None:
+    """λ_R·Â per response [B] (mmopd/losses/sampled.py: reward_advantage), or None where the reward is not trained
+    on (none, or objective.reward_weight 0)."""
+    obj = config.objective
+    if responses.rewards is None or obj.reward_weight == 0:
+        return None
+    advantage = reward_advantage(responses.rewards, config.rollout.samples_per_prompt,
+                                 obj.reward_baseline == "group", obj.reward_std)
+    return obj.reward_weight * advantage
+
+
 @LOSSES.register(DIVERGENCE)
 def divergence_loss(student: Scores, teacher: Scores, actions: Tensor, responses: Rollout,
                     config: Config) -> tuple[Tensor, dict[str, float]]:
+    """kl_weight × the divergence, plus a task reward's term −λ_R·Â·log p_S(x_t) over the same tokens (log p_S at
+    the rollout's temperature: the policy that sampled them)."""
     obj = config.objective
     loss = student.divergence(teacher, responses.mask, obj.divergence, obj.beta, obj.temperature)
-    return loss, {"divergence": loss.item()}
+    values = {"divergence": loss.item()}
+    if obj.kl_weight != 1:
+        loss = obj.kl_weight * loss
+    reward = weighted_advantage(responses, config)
+    if reward is not None:
+        logprobs = student.logprobs(actions, config.rollout.temperature or 1.0)
+        loss = loss + masked_mean(policy_gradient_loss(logprobs, reward), responses.mask)
+    return loss, values
 
 
 @LOSSES.register(SAMPLED)
 def sampled_loss(student: Scores, teacher: Scores, actions: Tensor, responses: Rollout,
                  config: Config) -> tuple[Tensor, dict[str, float]]:
     obj = config.objective
-    shaping = Shaping(obj.sampled_kl, obj.baseline, config.rollout.samples_per_prompt, obj.advantage_clip)
-    loss, kl_estimate = student.sampled_loss(teacher, actions, responses, obj.temperature, shaping)
+    shaping = Shaping(obj.sampled_kl, obj.baseline, config.rollout.samples_per_prompt, obj.advantage_clip,
+                      obj.kl_weight)
+    loss, kl_estimate = student.sampled_loss(teacher, actions, responses, obj.temperature, shaping,
+                                             weighted_advantage(responses, config))
     return loss, {"divergence": masked_mean(kl_estimate, responses.mask).item()}
+
+
+@LOSSES.register(POLICY_GRADIENT)
+def reward_only_loss(student: Scores, teacher: None, actions: Tensor, responses: Rollout,
+                     config: Config) -> tuple[Tensor, dict[str, float]]:
+    """kl_weight 0: the task reward's policy gradient alone (plain on-policy RL), in the estimator's form, with
+    log p_S at the rollout's temperature (the policy that sampled)."""
+    behaviour = responses.logprobs if config.objective.estimator == "sampled" else None
+    logprobs = student.logprobs(actions, config.rollout.temperature or 1.0)
+    per_token = policy_gradient_loss(logprobs, weighted_advantage(responses, config), behaviour)
+    loss = masked_mean(per_token, responses.mask)
+    return loss, {"policy_gradient": loss.item()}
 
 
 @LOSSES.register(NLL)
@@ -208,13 +247,16 @@ class Plan:
     lmbda: float  # gkd: the probability of the student's own samples
     sft_weight: float
     rollout: RolloutConfig  # an engine's log-probs are checked against the trainer's at its temperature
+    reward: Reward | None = None  # objective.reward, resolved: (adapter, records, responses) -> rewards
+    reward_name: str = ""  # as the config names it, for messages
 
     @classmethod
     def of(cls, config: Config) -> "Plan":
         obj = config.objective
-        row = row_of(obj.kind, obj.estimator)
+        row = row_of(obj.kind, obj.estimator, obj.kl_weight)
+        reward = resolve_reward(obj.reward)[0] if obj.reward else None
         return cls(row, teacher_need(config), sampling_of(config), functools.partial(LOSSES[row.loss], config=config),
-                   config.rollout.samples_per_prompt, obj.lmbda, obj.sft_weight, config.rollout)
+                   config.rollout.samples_per_prompt, obj.lmbda, obj.sft_weight, config.rollout, reward, obj.reward)
 
 
 def objective_step(m: Models, records: list[dict], plan: Plan, generator: torch.Generator,
@@ -235,6 +277,7 @@ def objective_step(m: Models, records: list[dict], plan: Plan, generator: torch.
                                       generator)
     actions = m.space.to_actions(responses.tokens)  # [B, T]
     metrics = response_metrics(m, engine, responses, timer, plan.rollout.max_new_tokens)
+    responses = rewarded(m, plan, records, responses, metrics, timer)  # their task rewards, where the plan has one
 
     with timer.phase("teacher"):  # 2. the teacher scores the same tokens
         t_scores = m.scorer.score(t_prompts, responses.tokens, plan.need) if row.teacher else None
@@ -258,6 +301,20 @@ def objective_step(m: Models, records: list[dict], plan: Plan, generator: torch.
         backward(loss)
     metrics["loss"] = loss.item()
     return metrics
+
+
+def rewarded(m: Models, plan: Plan, records: list[dict], responses: Rollout, metrics: dict[str, float],
+             timer: Timer) -> Rollout:
+    """The responses with their task rewards (the plan's reward on the texts the adapter decodes with the student's
+    processor) and their metrics (`reward/mean`, `reward/std`, `reward/all_equal_share`, `time/reward`); as they
+    are without one."""
+    if plan.reward is None:
+        return responses
+    with timer.phase("reward"):
+        texts = m.adapter.decode(responses.tokens, responses.mask, m.student_processor)
+        rewards = rewards_of(plan.reward, plan.reward_name, m.adapter, records, texts, m.device)
+    metrics.update(reward_metrics(rewards, plan.samples_per_prompt))
+    return replace(responses, rewards=rewards)
 
 
 def response_metrics(m: Models, engine: RolloutEngine | None, responses: Rollout, timer: Timer,
@@ -290,7 +347,7 @@ def against_trainer(student: Scores, actions: Tensor, responses: Rollout, rollou
     behaviour = trainer
     if rollout.tis_cap > 0:
         behaviour = trainer - torch.clamp(log_ratio, max=math.log(rollout.tis_cap))
-    return Rollout(responses.tokens, responses.mask, behaviour * responses.mask)
+    return replace(responses, logprobs=behaviour * responses.mask)
 
 
 def check_engine(m: Models, records: list[dict], config: Config) -> float:

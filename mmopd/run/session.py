@@ -22,6 +22,7 @@ from mmopd.models.hf import context_length
 from mmopd.run.evaluation import evaluate_policy, kl_to_teacher
 from mmopd.run.objectives import Models
 from mmopd.step.objective_table import needs_answers, needs_teacher, scores_teacher
+from mmopd.step.rewards import reads_answers
 
 log = logging.getLogger("mmopd")
 
@@ -61,12 +62,13 @@ class Session:
                               "records")
         else:
             self.eval_data = None
-        if self.train_data is not None and needs_answers(c.objective.kind, c.objective.estimator, c.objective.lmbda,
-                                                         c.objective.sft_weight):
+        o = c.objective
+        if self.train_data is not None and needs_answers(o.kind, o.estimator, o.lmbda, o.sft_weight,
+                                                         reads_answers(o.reward)):
             missing = next((r for r in self.train_data.records if not r.get("answer")), None)
             if missing is not None:
-                raise DataError(f"{missing['_where']}: objective {c.objective.kind}"
-                                f"{' with sft_weight' if c.objective.sft_weight else ''} needs an 'answer' in every "
+                why = " with sft_weight" if o.sft_weight else f" with reward {o.reward}" if o.reward else ""
+                raise DataError(f"{missing['_where']}: objective {o.kind}{why} needs an 'answer' in every "
                                 "record (a conversational record: a last assistant turn)")
 
         self.student_processor = self.adapter.load_processor(c.student.path, "student")
@@ -76,7 +78,7 @@ class Session:
         if c.student.dtype == "auto" and not for_eval:
             s_dtype = torch.float32  # fp32 master weights; accelerate autocasts to bf16 where supported
         self.policy = self.adapter.calls.load_model(student_path, "student", s_dtype).to(self.device)
-        want_teacher = needs_teacher(c.objective.kind, c.objective.estimator) if need_teacher is None else need_teacher
+        want_teacher = needs_teacher(o.kind, o.estimator, o.kl_weight) if need_teacher is None else need_teacher
         self.teacher, self.teacher_processor = None, None
         self.teachers: dict[str, tuple[torch.nn.Module, Any]] = {}  # several teachers: name -> (model, processor)
         if want_teacher and c.teacher.cfg_scale != 1.0 and not self.options.guidance:
@@ -85,7 +87,7 @@ class Session:
                 "models have no unconditional branch; set teacher.cfg_scale=1.0")
         # a vLLM teacher (served or colocated) only scores: its engine holds the weights, this process its
         # config and processor, for the prompt encoding and the pair checks
-        self.scored = not for_eval and scores_teacher(c.objective.kind, c.objective.estimator)
+        self.scored = not for_eval and scores_teacher(o.kind, o.estimator, o.kl_weight)
         self.teacher_in_process = self._in_process(c.teacher)
         if want_teacher:
             loaded = {t.name: self._load_teacher(t) for t in c.teachers or [c.teacher]}

@@ -81,6 +81,7 @@ class Rollout:
     tokens: Tensor  # [B, T] token ids; `pad_id` after the first EOS
     mask: Tensor  # [B, T] float32: 1 up to and including the first EOS
     logprobs: Tensor  # [B, T] float32 log-prob of each token under the sampling distribution
+    rewards: Tensor | None = None  # [B] float32 each response's task reward (objective.reward), or None
 
 
 def answers_rollout(answers: list[list[int]], pad_id: int, device: torch.device) -> Rollout:

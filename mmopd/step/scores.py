@@ -41,10 +41,12 @@ class Scores:
         raise TypeError(f"{type(self).__name__} scores cannot be a student's side of a divergence")
 
     def sampled_loss(self, teacher: "TokenLogprobs", actions: Tensor, responses: Rollout,
-                     temperature: float, shaping: Shaping = Shaping()) -> tuple[Tensor, Tensor]:
-        """The sampled-token estimator's loss (masked mean) and its per-token reverse-KL estimate. -> [], [B, T]"""
+                     temperature: float, shaping: Shaping = Shaping(),
+                     reward: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The sampled-token estimator's loss (masked mean) and its per-token reverse-KL estimate, with a task
+        reward's λ_R·Â per row [B] in the advantage where given. -> [], [B, T]"""
         per_token, kl_estimate = shaped_sampled_loss(self.logprobs(actions, temperature), teacher.values,
-                                                     responses.mask, shaping, responses.logprobs)
+                                                     responses.mask, shaping, responses.logprobs, reward)
         return masked_mean(per_token, responses.mask), kl_estimate
 
     def nll(self, actions: Tensor, mask: Tensor) -> Tensor:
@@ -114,9 +116,10 @@ class Hidden(Scores):
         raise TypeError(f"a student's Hidden scores cannot be compared with a teacher's {type(teacher).__name__}")
 
     def sampled_loss(self, teacher: "TokenLogprobs", actions: Tensor, responses: Rollout,
-                     temperature: float, shaping: Shaping = Shaping()) -> tuple[Tensor, Tensor]:
-        if not shaping.plain:  # the shaped coefficient needs every k first: log-probs, then the loss
-            return super().sampled_loss(teacher, actions, responses, temperature, shaping)
+                     temperature: float, shaping: Shaping = Shaping(),
+                     reward: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if not shaping.plain or reward is not None:  # the shaped coefficient needs every k first: log-probs, then
+            return super().sampled_loss(teacher, actions, responses, temperature, shaping, reward)  # the loss
         weights = responses.mask / responses.mask.sum().clamp(min=1)  # [B, T]
         with self.head_precision():  # gradients computed with the values: no logits recomputed
             return fused_sampled_reverse_kl_loss(self.hidden, self.weight, actions, teacher.values, weights,

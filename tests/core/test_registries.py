@@ -13,7 +13,7 @@ from mmopd.engines import ROLLOUT_ENGINES, TEACHER_ENGINES
 from mmopd.losses import (DIVERGENCES, available_divergences, fused_divergence_loss, register_divergence,
                           through_softmax, token_divergence, unregister_divergence)
 from mmopd.run.objectives import LOSSES
-from mmopd.step.objective_table import TABLE
+from mmopd.step.objective_table import REWARD_ONLY, TABLE
 from tests.core.test_fused_objective import _assert_fused_step_equals_logits_step
 
 
@@ -101,8 +101,10 @@ def test_registration_is_by_one_name_and_undone_by_unregistering():
 
 
 def test_every_row_of_the_objective_table_names_a_registered_loss_and_every_loss_serves_a_row():
-    assert {row.loss for row in TABLE.values()} == set(LOSSES) == {"divergence", "sampled", "nll"}
-    with pytest.raises(ValueError, match="unknown loss 'ppo'; valid ones are divergence, sampled, nll"):
+    rows = [*TABLE.values(), REWARD_ONLY]  # REWARD_ONLY: on_policy with objective.kl_weight 0
+    assert {row.loss for row in rows} == set(LOSSES) == {"divergence", "sampled", "nll", "policy_gradient"}
+    with pytest.raises(ValueError, match="unknown loss 'ppo'; valid ones are divergence, sampled, policy_gradient, "
+                       "nll"):
         LOSSES["ppo"]
 
 
