@@ -106,8 +106,17 @@ def run_child(module: str, args: list[str], timeout: float = 600) -> dict:
     out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
                          cwd=Path(__file__).resolve().parents[1])
     if out.returncode != 0:
-        return {"error": (out.stderr.strip().splitlines() or ["exit code %d" % out.returncode])[-1]}
+        return {"error": failure_line(out.stderr, out.returncode)}
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def failure_line(stderr: str, returncode: int) -> str:
+    """What a failed child says went wrong: its last exception line (a torchrun'd rank's comes before torchrun's
+    own ChildFailedError summary, between rules of `=` and `-`), else its last line, else its exit code."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip().strip("=-")]
+    raised = [line for line in lines if re.search(r"(^|\s)[\w.]*(Error|Exception):", line)
+              and "ChildFailedError" not in line]
+    return (raised or lines or [f"exit code {returncode}"])[-1]
 
 
 def table(headers: list[str], rows: list[list[object]]) -> str:
