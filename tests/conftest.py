@@ -16,11 +16,31 @@ from tests.gemma_models import gemma_pair, real_model_turn
 
 pytest_plugins = ("tests.vlm.fixtures",)  # the VLM fixtures: tiny data and model pairs of every family
 SLOWEST = 30
+REAL_MODEL = "real-model"  # the xdist group of the modules that run Gemma 3 270M (fixture `gemma_real`)
+# Modules whose tests take a minute or more in all (.test-times/main.txt), heaviest first: `make test` sends them
+# out first, so that the two workers end together instead of one finishing a demo alone.
+HEAVY_FIRST = ("tests/e2e/test_demo_text.py", "tests/e2e/test_demo_vlm.py", "tests/engines/test_vllm_served.py",
+               "tests/e2e/test_image_tokens_demo.py", "tests/e2e/test_sharding.py", "tests/engines/test_vllm_teacher.py")
 
 
 def pytest_addoption(parser) -> None:
     parser.addoption("--times-file", metavar="PATH", help=f"write the {SLOWEST} slowest tests (setup + call + "
                      "teardown, seconds) to PATH at the end of the run")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items) -> None:
+    """The work units of `make test` (`-n 2 --dist loadgroup`): a module's tests share a worker (its module-scoped
+    vLLM servers start once), and every module that runs the real model shares one: they take turns on it
+    (`real_model_turn`), and on two workers the second would wait for the first with its core idle. Units go out
+    in this order: the real model first, then HEAVY_FIRST, then the rest in collection order."""
+    def unit(item) -> str:
+        return REAL_MODEL if "gemma_real" in getattr(item, "fixturenames", ()) else item.nodeid.split("::")[0]
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(unit(item)))
+    rank = {REAL_MODEL: 0, **{path: i + 1 for i, path in enumerate(HEAVY_FIRST)}}
+    items.sort(key=lambda item: rank.get(unit(item), len(rank)))  # stable: the rest keep collection order
 
 
 def pytest_terminal_summary(terminalreporter, config) -> None:
@@ -32,7 +52,7 @@ def pytest_terminal_summary(terminalreporter, config) -> None:
     for reports in terminalreporter.stats.values():
         for report in reports:
             if getattr(report, "when", None) in ("setup", "call", "teardown"):
-                phases[report.nodeid][report.when] = report.duration
+                phases[report.nodeid.split("@")[0]][report.when] = report.duration  # less the xdist group
     slowest = sorted(phases.items(), key=lambda item: -sum(item[1].values()))[:SLOWEST]
     lines = [f"{sum(p.values()):8.1f} s  {nodeid}  (setup {p.get('setup', 0):.1f}, call {p.get('call', 0):.1f}, "
              f"teardown {p.get('teardown', 0):.1f})" for nodeid, p in slowest]

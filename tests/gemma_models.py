@@ -57,3 +57,8 @@ def real_model_turn() -> Iterator[None]:
     lock.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(lock)):
         yield
+
+
+if __name__ == "__main__":  # `make real-model`: export the pair once per clone, before the suite needs it
+    for role, path in gemma_pair().items():
+        print(f"{role}: {path}")
