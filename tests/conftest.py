@@ -37,8 +37,9 @@ def pytest_collection_modifyitems(config, items) -> None:
     def unit(item) -> str:
         return REAL_MODEL if "gemma_real" in getattr(item, "fixturenames", ()) else item.nodeid.split("::")[0]
 
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(unit(item)))
+    if getattr(config.option, "dist", "no") == "loadgroup":
+        for item in items:
+            item.add_marker(pytest.mark.xdist_group(unit(item)))
     rank = {REAL_MODEL: 0, **{path: i + 1 for i, path in enumerate(HEAVY_FIRST)}}
     items.sort(key=lambda item: rank.get(unit(item), len(rank)))  # stable: the rest keep collection order
 
