@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmopd.config import load_config
 from mmopd.data.records import DataError
-from mmopd.engines import DISTRIBUTION, TOKEN_LOGPROBS, TeacherNeed
+from mmopd.engines import DISTRIBUTION, TOKEN_LOGPROBS, HFTeacher, TeacherNeed
 from mmopd.run.objectives import Plan, Timer, model_scores, objective_step
 from mmopd.run.session import Session
 from mmopd.step.scores import Scores, TokenLogprobs
@@ -116,3 +117,26 @@ def test_a_teacher_prompt_too_long_for_the_context_is_refused_naming_the_record(
     rows[1]["teacher_prompt"] = "1" * 60
     with pytest.raises(DataError, match=r"train.jsonl:2: the teacher's prompt is 60 tokens"):
         _session(text_config, tmp_path, rows)
+
+
+def test_routed_teachers_each_score_their_rows_after_the_teacher_prompt(tiny_text, tmp_path):
+    """Several teachers by route: each encodes its own rows from the teacher's view of the records."""
+    rows = [{**r, "teacher": name} for r, name in zip(_privileged(), ["wide", "narrow", "wide", "narrow"])]
+    config = load_config(None, {
+        "modality": "text", "student.path": str(tiny_text["student"]),
+        "teacher": [{"name": "wide", "path": str(tiny_text["teacher"])},
+                    {"name": "narrow", "path": str(tiny_text["student"])}],
+        "data.train": str(write_jsonl(tmp_path / "train.jsonl", rows)), "objective.fused": "never",
+        "rollout.max_new_tokens": 8, "train.out_dir": str(tmp_path / "run")})
+    session = Session(config)
+    models = session.models()
+    records = list(session.train_data.records)
+    tokens = torch.randint(3, session.space.size, (4, 5), generator=torch.Generator().manual_seed(1))
+    need = TeacherNeed(TOKEN_LOGPROBS)
+    routed = models.scorer.score(models.teacher_prompts(records), tokens, need).values  # [B, T]
+    for b, row in enumerate(rows):
+        model, processor = session.teachers[row["teacher"]]
+        prompts = session.adapter.encode_prompts([{"prompt": row["teacher_prompt"]}], processor)
+        alone = HFTeacher(session.adapter, model, session.space, fused=False).score(prompts, tokens[b:b + 1], need)
+        torch.testing.assert_close(routed[b], alone.values[0], rtol=0, atol=1e-6)
+
