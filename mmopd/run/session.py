@@ -101,6 +101,7 @@ class Session:
                 self.adapter.check_pair(self.student_processor, processor, self.policy, model)
             self.teacher, self.teacher_processor = next(iter(loaded.values()))
         self.space = self.adapter.token_space(self.student_processor, self.policy)  # checks the response length
+        self.eval_privileged = 0  # eval records with a teacher-only prompt (counted with the prompts' check)
         for data in (self.train_data, self.eval_data):
             if data is not None:
                 self._drop_unusable_prompts(data)
@@ -178,6 +179,8 @@ class Session:
         """Say how many records give the teacher a prompt of its own (the rest give it `prompt`); refuse a
         data.teacher_prompt_field set to another field than the default that no training record carries."""
         field = self.config.data.teacher_prompt_field
+        if data is self.eval_data:
+            self.eval_privileged = privileged
         if privileged:
             uses = "the teacher reads 'prompt' for the rest" if self.teacher is not None else \
                 "this run loads no teacher, so none is read"
@@ -198,11 +201,15 @@ class Session:
                       self.pad_id, self.device, student_path=self.student_path,
                       writer=self.accelerator.is_main_process, teachers=self.teachers).with_engines(self.config)
 
-    def evaluate(self, model: torch.nn.Module, processor: Any, desc: str = "eval",
-                 progress: bool = False) -> dict[str, Any]:
+    def evaluate(self, model: torch.nn.Module, processor: Any, desc: str = "eval", progress: bool = False,
+                 privileged: bool = False) -> dict[str, Any]:
+        """`model`'s eval on data.eval; `privileged`: a teacher reading each record's teacher-only prompt (where it
+        has one), which the student never sees, so that score is no bar the student could reach."""
         records = self.eval_data.records
         if self.config.data.eval_limit:
             records = records[: self.config.data.eval_limit]
+        if privileged:
+            records = teacher_view(list(records))
         return evaluate_policy(self.side(model, processor), records, self.config.rollout.max_new_tokens,
                                self.config.train.eval_batch_size, self.device,
                                desc=desc, progress=progress)

@@ -140,3 +140,19 @@ def test_routed_teachers_each_score_their_rows_after_the_teacher_prompt(tiny_tex
         alone = HFTeacher(session.adapter, model, session.space, fused=False).score(prompts, tokens[b:b + 1], need)
         torch.testing.assert_close(routed[b], alone.values[0], rtol=0, atol=1e-6)
 
+
+
+def test_eval_kl_is_to_the_teacher_reading_its_own_prompt(text_config, tmp_path):
+    """The eval KL is to the teacher as training scores with it: self-distillation's KL is 0 on plain records, and
+    positive where the teacher reads its privileged prompt."""
+    rows = _privileged()
+    student = str(text_config().student.path)
+    kls = {}
+    for name, data in (("plain", [{k: v for k, v in r.items() if k != "teacher_prompt"} for r in rows]),
+                       ("privileged", rows)):
+        path = str(write_jsonl(tmp_path / f"{name}.jsonl", data))
+        session = Session(text_config(**{"teacher.path": student, "data.train": path, "data.eval": path}))
+        kls[name] = session.eval_kl(session.policy)
+        assert session.eval_privileged == (4 if name == "privileged" else 0)
+    assert kls["plain"] == {"reverse_kl": 0.0, "forward_kl": 0.0}
+    assert kls["privileged"]["reverse_kl"] > 1e-3 and kls["privileged"]["forward_kl"] > 1e-3, kls
