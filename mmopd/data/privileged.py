@@ -7,8 +7,8 @@ it samples, is scored and trained after `prompt`; the teacher scores the same re
     loss = Σ_t KL( p_S(· | prompt, x_<t) ‖ p_T(· | teacher_prompt, x_<t) ),
 
 so the teacher may be the student's own starting checkpoint, whose gradient without the privileged prompt is 0.
-A record without the field gives its teacher `prompt` (the count is logged at start; a configured field that no
-record carries is refused). For a VLM only the text differs: the record's pictures stay, placed as for a plain
+A record without the field gives its teacher `prompt` (the count is logged at start; a field other than the default
+that no training record carries is refused, as a misspelling). For a VLM only the text differs: the record's pictures stay, placed as for a plain
 prompt. The check is the adapter's record check wrapped (`privileged_check`); the step reads the teacher's view of
 its records (`teacher_view`), which every teacher engine then encodes as it encodes any prompt.
 """
