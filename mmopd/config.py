@@ -208,6 +208,8 @@ class DataConfig:
     subset: str = run_key("")  # a hub dataset's configuration (its subset), if it has several
     fields: dict[str, str] = run_key(factory=dict)  # record field -> the set's column, e.g. {prompt: question}
     teacher_field: str = run_key("teacher")  # several teachers: the record field naming each record's teacher
+    # a privileged teacher (mmopd/data/privileged.py): the record field holding the prompt only the teacher reads
+    teacher_prompt_field: str = run_key("teacher_prompt")
 
     def validate(self) -> None:
         if not self.train:

@@ -74,6 +74,8 @@ class ModalityAdapter:
     # whether evaluation reports the student's forward and reverse KL to an in-process teacher (train.eval_kl_prompts)
     reports_kl: bool = False
     prompt_pictures: bool = False  # whether prompts carry pictures (PromptBatch.state["images"]) for an engine
+    # why a record's teacher-only prompt (data.teacher_prompt_field) means nothing to this modality; None: supported
+    teacher_prompt_refusal: str | None = None
     calls: ModelCalls = ModelCalls()  # loading and calling the models
     # student.trainable modes beyond full and lora: name -> the model prepared for training (see prepare_trainable)
     trainable_modes: dict[str, Callable[[nn.Module], nn.Module]] = {}

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from mmopd.data.privileged import teacher_view
 from mmopd.engines.hf import rollout
 from mmopd.models.adapter import ModalityAdapter, PolicySide
 from mmopd.step.batch import PromptBatch, Rollout, Sampling, TokenSpace
@@ -81,7 +82,8 @@ def kl_to_teacher(student_side: PolicySide, teacher_side: PolicySide, records: l
                   batch_size: int, device: torch.device) -> dict[str, float]:
     """Per token, on `records`: `reverse_kl`, KL(student ‖ teacher) on the student's own samples (what on-policy
     distillation lowers), and `forward_kl`, KL(teacher ‖ student) on the teacher's samples (coverage: how well the
-    student predicts what the teacher writes, which a collapsed student cannot fake). Both models sample at
+    student predicts what the teacher writes, which a collapsed student cannot fake). The teacher reads a record's
+    teacher-only prompt where it has one, as it does in training; the student reads `prompt`. Both models sample at
     temperature 1 from fixed seeds, over the full action space (the student's: both sides share it)."""
     adapter, space, student, teacher = student_side.adapter, student_side.space, student_side.model, teacher_side.model
     models = {"student": student, "teacher": teacher}
@@ -93,7 +95,7 @@ def kl_to_teacher(student_side: PolicySide, teacher_side: PolicySide, records: l
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
         s_prompts = adapter.encode_prompts(chunk, student_side.processor).to(device)
-        t_prompts = adapter.encode_prompts(chunk, teacher_side.processor).to(device)
+        t_prompts = adapter.encode_prompts(teacher_view(chunk), teacher_side.processor).to(device)
         for name, side, other, own, theirs in (("reverse_kl", student_side, teacher, s_prompts, t_prompts),
                                                 ("forward_kl", teacher_side, student, t_prompts, s_prompts)):
             with _frozen(side.model, teacher):

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from mmopd.config import Config, ConfigError, RolloutConfig
+from mmopd.data.privileged import teacher_view
 from mmopd.engines import (DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, EngineError, RolloutEngine, TeacherNeed, TeacherScorer,
                            model_scores, rollout_engine, teacher_scorer)
 from mmopd.engines.routed import RECORDS, RoutedTeacher
@@ -94,9 +95,11 @@ class Models:
         return self
 
     def teacher_prompts(self, records: list[dict]) -> PromptBatch | None:
-        """The prompts as the teacher reads them; several teachers each encode their own rows, from the records."""
+        """The prompts as the teacher reads them: a record's teacher-only prompt where it has one
+        (mmopd/data/privileged.py), else its prompt; several teachers each encode their own rows, from the records."""
         if self.teacher is None:
             return None
+        records = teacher_view(records)
         prompts = self.adapter.encode_prompts(records, self.teacher_processor).to(self.device)
         if self.teachers:
             prompts.state[RECORDS] = records

@@ -193,7 +193,8 @@ def plot_metrics(out_dir: str | Path, metric: str, teacher_score: float | None =
 def format_table(summary: dict[str, Any]) -> str:
     """The before/after table printed at the end of a run."""
     metric = summary["metric"]
-    rows = [("teacher", summary.get("teacher")), ("student before", summary.get("student_before")),
+    rows = [("teacher", summary.get("teacher")), ("teacher, privileged prompts", summary.get("teacher_privileged")),
+            ("student before", summary.get("student_before")),
             ("student after", summary.get("student_after"))]
     width = max(len(name) for name, _ in rows)
     lines = [f"{'model':<{width}}  {metric}", f"{'-' * width}  {'-' * max(len(metric), 8)}"]

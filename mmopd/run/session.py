@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from mmopd.config import Config, ConfigError, TeacherConfig, check_modality_options
+from mmopd.config import Config, ConfigError, DataConfig, TeacherConfig, check_modality_options
+from mmopd.data.privileged import privileged_count, privileged_check, teacher_view
 from mmopd.data.records import DataError, Dataset, load_records
 from mmopd.engines.routed import check_same_vocabulary, routing_check
 from mmopd.models.adapter import ModelLoadError, PolicySide, get_adapter, settings_of
@@ -52,6 +53,8 @@ class Session:
         self.device = self.accelerator.device
         c = config
         d, check = c.data, self.adapter.check_record
+        if d.teacher_prompt_field:
+            check = privileged_check(check, d.teacher_prompt_field, self.adapter.teacher_prompt_refusal)
         train_check = routing_check(check, d.teacher_field, [t.name for t in c.teachers]) if c.teachers else check
         self.train_data = None if for_eval else load_records(d.train, train_check, d.skip_bad, "data.train",
                                                              d.fields, d.split, d.subset)
@@ -98,6 +101,7 @@ class Session:
                 self.adapter.check_pair(self.student_processor, processor, self.policy, model)
             self.teacher, self.teacher_processor = next(iter(loaded.values()))
         self.space = self.adapter.token_space(self.student_processor, self.policy)  # checks the response length
+        self.eval_privileged = 0  # eval records with a teacher-only prompt (counted with the prompts' check)
         for data in (self.train_data, self.eval_data):
             if data is not None:
                 self._drop_unusable_prompts(data)
@@ -130,24 +134,19 @@ class Session:
 
     def _drop_unusable_prompts(self, data: Dataset, chunk: int = 1024) -> None:
         """Refuse (or with data.skip_bad, skip and count) prompts that leave no room for the response, or that the
-        adapter finds the student cannot read."""
+        adapter finds the student cannot read; a teacher-only prompt likewise for the teacher."""
         teachers = [model for model, _ in self.teachers.values()] or [self.teacher]
         limits = [context_length(m) for m in (self.policy, *teachers) if m is not None]
         limit = min([n for n in limits if n is not None], default=None)
-        max_new = self.config.rollout.max_new_tokens
         dropped: list[int] = []
+        privileged = 0
         for start in range(0, len(data), chunk):
             records = data.records[start:start + chunk]
-            measured = self.adapter.measure_prompts(records, self.student_processor)  # lengths, or why not
-            for i, record in enumerate(records):
-                length = measured[i]
-                problem, fix = length if isinstance(length, str) else None, "use a tokenizer that does, fix the record"
-                if isinstance(length, int) and limit is not None and length + max_new > limit:
-                    problem = (f"the prompt is {length} tokens, and with rollout.max_new_tokens={max_new} it "
-                               f"exceeds the models' context of {limit} tokens")
-                    fix = "shorten it, lower rollout.max_new_tokens"
-                if problem is None:
+            privileged += privileged_count(records)
+            for i, (record, found) in enumerate(zip(records, self._prompt_problems(records, limit))):
+                if found is None:
                     continue
+                problem, fix = found
                 if not self.config.data.skip_bad:
                     raise DataError(f"{record['_where']}: {problem}; {fix} or set data.skip_bad=true")
                 log.warning("skipping %s: %s", record["_where"], problem)
@@ -155,6 +154,41 @@ class Session:
         if len(dropped) == len(data):
             raise DataError(f"{data.path} holds no prompt the models can use ({len(dropped)} skipped)")
         data.drop(dropped)
+        self._report_teacher_prompts(data, privileged)
+
+    def _prompt_problems(self, records: list[dict], limit: int | None) -> list[tuple[str, str] | None]:
+        """Per record, what makes its prompt unusable and how to fix it, or None: the student's prompt as the
+        student reads it, then a teacher-only prompt as the teacher reads it."""
+        max_new = self.config.rollout.max_new_tokens
+        sides = [("the prompt", records, self.student_processor)]
+        if self.teacher is not None and privileged_count(records):
+            sides.append(("the teacher's prompt", teacher_view(records), self.teacher_processor))
+        found: list[tuple[str, str] | None] = [None] * len(records)
+        for what, viewed, processor in sides:
+            for i, length in enumerate(self.adapter.measure_prompts(viewed, processor)):  # lengths, or why not
+                if found[i] is not None:
+                    continue
+                if isinstance(length, str):
+                    found[i] = (length, "use a tokenizer that does, fix the record")
+                elif isinstance(length, int) and limit is not None and length + max_new > limit:
+                    found[i] = (f"{what} is {length} tokens, and with rollout.max_new_tokens={max_new} it exceeds "
+                                f"the models' context of {limit} tokens", "shorten it, lower rollout.max_new_tokens")
+        return found
+
+    def _report_teacher_prompts(self, data: Dataset, privileged: int) -> None:
+        """Say how many records give the teacher a prompt of its own (the rest give it `prompt`); refuse a
+        data.teacher_prompt_field set to another field than the default that no training record carries."""
+        field = self.config.data.teacher_prompt_field
+        if data is self.eval_data:
+            self.eval_privileged = privileged
+        if privileged:
+            uses = "the teacher reads 'prompt' for the rest" if self.teacher is not None else \
+                "this run loads no teacher, so none is read"
+            log.info("%s: %d of %d records carry a teacher-only prompt (%r); %s", data.path, privileged, len(data),
+                     field, uses)
+        elif data is self.train_data and field and field != DataConfig.teacher_prompt_field:
+            raise DataError(f"data.teacher_prompt_field={field!r}, but no record of {data.path} carries {field!r}; "
+                            "name the field that holds the teacher's prompts, or clear data.teacher_prompt_field")
 
     def side(self, model: torch.nn.Module, processor: Any) -> PolicySide:
         """`model` with its processor and the run's token space, EOS ids and pad id: what sampling it needs."""
@@ -167,11 +201,15 @@ class Session:
                       self.pad_id, self.device, student_path=self.student_path,
                       writer=self.accelerator.is_main_process, teachers=self.teachers).with_engines(self.config)
 
-    def evaluate(self, model: torch.nn.Module, processor: Any, desc: str = "eval",
-                 progress: bool = False) -> dict[str, Any]:
+    def evaluate(self, model: torch.nn.Module, processor: Any, desc: str = "eval", progress: bool = False,
+                 privileged: bool = False) -> dict[str, Any]:
+        """`model`'s eval on data.eval; `privileged`: a teacher reading each record's teacher-only prompt (where it
+        has one), which the student never sees, so that score is no bar the student could reach."""
         records = self.eval_data.records
         if self.config.data.eval_limit:
             records = records[: self.config.data.eval_limit]
+        if privileged:
+            records = teacher_view(list(records))
         return evaluate_policy(self.side(model, processor), records, self.config.rollout.max_new_tokens,
                                self.config.train.eval_batch_size, self.device,
                                desc=desc, progress=progress)

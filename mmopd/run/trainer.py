@@ -215,14 +215,19 @@ def _start_segment(c: Config, run: Run, par: Parallel, scheduler: Any, metrics_l
 
 
 def _baseline(session: Session, par: Parallel, metrics_log: MetricsLog, baseline: dict[str, Any], live: bool) -> None:
-    """The eval scores before training: the teacher's (where one teacher is in this process) and the student's,
-    with its KL to the teacher, into `baseline`."""
+    """The eval scores before training: the teacher's (where one teacher is in this process) on the student's prompts,
+    on its own teacher-only prompts as well where eval records carry them, and the student's, with its KL to the
+    teacher, into `baseline`."""
     if session.teacher is not None and not session.teacher_in_process:
         log.info("teacher.engine=vllm: the teacher's eval baseline is not measured (its weights are in its "
                  "engine, not in this process); `mmopd eval CONFIG --teacher` loads and measures it")
     elif session.teacher is not None and not session.teachers:  # several: no one teacher answers every prompt
         baseline["teacher"] = session.evaluate(session.teacher, session.teacher_processor, "eval teacher",
                                                live)["metrics"][session.adapter.metric]
+        if session.eval_privileged:  # what the teacher scores with its privileged context: no bar for the student
+            baseline["teacher_privileged"] = session.evaluate(session.teacher, session.teacher_processor,
+                                                              "eval teacher (privileged)", live,
+                                                              privileged=True)["metrics"][session.adapter.metric]
     result, kl = _evaluate(session, par, metrics_log, 0, "eval student", live)
     baseline["student_before"] = result["metrics"][session.adapter.metric]
     if kl is not None:

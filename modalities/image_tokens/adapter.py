@@ -152,6 +152,11 @@ class ImageTokensAdapter(ModalityAdapter):
     metric = "classifier_accuracy"
     supports_cfg = True
     calls = ImageCalls()
+    # a prompt here is the class or caption to draw, not context for an answer: a teacher conditioned on another
+    # one scores the student's picture as a drawing of something else (what guides a teacher here is CFG)
+    teacher_prompt_refusal = ("an image-token prompt is the class or caption to draw, so a teacher reading another "
+                              "one scores the student's picture as a drawing of something else; use teacher.cfg_scale "
+                              "to guide the teacher, and remove the field (or set data.teacher_prompt_field='')")
 
     def __init__(self, settings: RunSettings | None = None) -> None:
         super().__init__(settings)

@@ -10,7 +10,8 @@ import transformers
 import yaml
 
 from experiments import (cfg_distill, compute_matched, estimator, estimator_tail, forgetting, mode_seeking,
-                         moe_routing, published_regime, sampled_estimator, self_distill, sparse_teacher)
+                         moe_routing, privileged_teacher, published_regime, sampled_estimator, self_distill,
+                         sparse_teacher)
 from experiments.text_task import step_flops
 
 
@@ -119,6 +120,15 @@ def test_self_distill_tracks_kl_to_the_original_from_zero(out):
         assert all(c["kl"][0] == 0.0 and len(c["kl"]) == len(c["accuracy"]) >= 2 for c in cs)
         assert all(kl >= -1e-6 for c in cs for kl in c["kl"])
     assert (out / "results_self_distill.png").stat().st_size > 0
+
+
+def test_privileged_teacher_compares_opsd_with_plain_self_distillation_whose_gradient_is_zero(out):
+    result = privileged_teacher.run(out, "tiny", None)
+    assert set(result["methods"]) == set(privileged_teacher.LABELS)
+    assert result["methods"]["plain"]["max_grad_norm"] == [0.0]
+    assert result["methods"]["privileged"]["max_grad_norm"][0] > 0
+    assert (out / "results_privileged_teacher.png").stat().st_size > 0
+    assert (out / "privileged_teacher.md").read_text().count("\n| ") == 2
 
 
 def test_moe_routing_tracks_the_moe_students_routing_from_its_start(out):

@@ -124,6 +124,27 @@ def test_served_top_k_are_the_hf_teachers_largest_log_probs(pair, server, tmp_pa
     torch.testing.assert_close(got_at_ids[valid], ours.values[valid], atol=1e-4, rtol=0)
 
 
+def test_a_privileged_served_teacher_scores_after_the_teacher_prompt_as_the_hf_teacher(pair, server, tmp_path):
+    """Records with a teacher-only prompt: the served teacher reads it (the student does not), as the hf teacher."""
+    rows = [json.loads(line) for line in pair["train"].read_text().splitlines()[:6]]
+    rows = [{**r, "teacher_prompt": f"{r['answer']};{r['prompt']}"} for r in rows]
+    data = tmp_path / "privileged.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    session = Session(_config(pair, server, tmp_path, **{"data.train": str(data)}))
+    m, records = session.models(), list(session.train_data.records)
+    hf = Session(_config(pair, server, tmp_path / "hf", **{"teacher.engine": "hf", "data.train": str(data)})).models()
+    prompts = m.teacher_prompts(records)
+    assert m.teacher_processor.batch_decode(prompts.unpadded_ids()) == [r["teacher_prompt"] for r in rows]
+    rollout = m.rollout.sample(m.adapter.encode_prompts(records, m.student_processor), Sampling(temperature=1.0),
+                               torch.Generator().manual_seed(0))
+    ours = m.scorer.score(prompts, rollout.tokens, TeacherNeed(TOKEN_LOGPROBS))
+    theirs = hf.scorer.score(hf.teacher_prompts(records), rollout.tokens, TeacherNeed(TOKEN_LOGPROBS))
+    torch.testing.assert_close(ours.values * rollout.mask, theirs.values * rollout.mask, atol=1e-4, rtol=0)
+    plain = hf.scorer.score(hf.adapter.encode_prompts(records, hf.teacher_processor), rollout.tokens,
+                            TeacherNeed(TOKEN_LOGPROBS))
+    assert not torch.allclose(ours.values * rollout.mask, plain.values * rollout.mask, atol=1e-3)
+
+
 @pytest.mark.parametrize("overrides", [{"objective.estimator": "sampled"},
                                        {"objective.estimator": "full", "teacher.top_k": K}],
                          ids=["sampled", "top_k_tail"])

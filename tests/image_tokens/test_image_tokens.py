@@ -181,6 +181,8 @@ def test_out_of_range_label_is_refused_naming_the_line(task, tmp_path, config):
     ('{"label": true}', "must be an integer class index"),
     ('{"image": "missing.png", "label": 0}', "is not a file"),
     ("{}", "missing 'label'"),
+    ('{"label": 0, "teacher_prompt": "a big red circle"}', "'teacher_prompt' .*not supported here: an image-token "
+     "prompt is the class or caption to draw"),
 ])
 def test_bad_records_are_refused_with_the_reason(tmp_path, config, line, message):
     bad = tmp_path / "train.jsonl"
