@@ -1,4 +1,4 @@
-"""What a model says about each response position, in one of five forms, and the losses between them.
+"""What a model says about each response position, in one of six forms, and the losses between them.
 
 | form            | holds                                   | memory  | who makes it                          |
 |-----------------|-----------------------------------------|---------|---------------------------------------|
@@ -7,6 +7,7 @@
 | `TopK`          | the K largest logits and their actions   | O(N·K)  | a teacher asked for top-k             |
 | `TopKTail`      | K log-probs and actions, the rest a tail | O(N·K)  | a served teacher asked for top-k      |
 | `TokenLogprobs` | log p of each sampled token [B, T]       | O(N)    | any engine that returns log-probs     |
+| `SpanLogprobs`  | log p of each token's span [B, T]        | O(N)    | a teacher with another tokenizer      |
 
 A student's scores (`Logits` or `Hidden`, with gradients) answer `logprobs(actions)`, `divergence(teacher, ...)`
 and `sampled_loss(teacher, ...)`; which kernel of `mmopd.losses` runs depends on the pair of forms, and is
@@ -24,8 +25,8 @@ from torch import Tensor
 
 from mmopd.losses import (Shaping, excluded_logsumexp, fused_divergence_loss, fused_excluded_logsumexp,
                           fused_gathered_logits, fused_sampled_reverse_kl_loss, fused_token_logprobs, masked_mean,
-                          sampled_token_logprobs, shaped_sampled_loss, tail_token_divergence, token_divergence,
-                          topk_token_divergence)
+                          sampled_token_logprobs, shaped_sampled_loss, span_share, span_token_logprobs,
+                          tail_token_divergence, token_divergence, topk_token_divergence)
 from mmopd.step.batch import Rollout, TokenSpace
 
 
@@ -45,9 +46,19 @@ class Scores:
                      reward: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The sampled-token estimator's loss (masked mean) and its per-token reverse-KL estimate, with a task
         reward's λ_R·Â per row [B] in the advantage where given. -> [], [B, T]"""
-        per_token, kl_estimate = shaped_sampled_loss(self.logprobs(actions, temperature), teacher.values,
-                                                     responses.mask, shaping, responses.logprobs, reward)
+        student = self.logprobs(actions, temperature)  # [B, T]
+        if isinstance(teacher, SpanLogprobs):  # a teacher with another tokenizer: the span's log-ratio per token
+            mask = responses.mask * teacher.scored()  # [B, T]
+            per_token, kl_estimate = shaped_sampled_loss(student, span_token_logprobs(student, teacher.values,
+                                                         teacher.span), mask, shaping, responses.logprobs, reward)
+            return masked_mean(per_token, mask), span_share(kl_estimate, teacher.span)
+        per_token, kl_estimate = shaped_sampled_loss(student, teacher.values, responses.mask, shaping,
+                                                     responses.logprobs, reward)
         return masked_mean(per_token, responses.mask), kl_estimate
+
+    def metrics(self, mask: Tensor) -> dict[str, float]:
+        """What a teacher's scores say about themselves over the response tokens (`mask` [B, T]); nothing here."""
+        return {}
 
     def nll(self, actions: Tensor, mask: Tensor) -> Tensor:
         """The masked mean negative log-likelihood of `actions`. -> []"""
@@ -118,8 +129,9 @@ class Hidden(Scores):
     def sampled_loss(self, teacher: "TokenLogprobs", actions: Tensor, responses: Rollout,
                      temperature: float, shaping: Shaping = Shaping(),
                      reward: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        if not shaping.plain or reward is not None:  # the shaped coefficient needs every k first: log-probs, then
-            return super().sampled_loss(teacher, actions, responses, temperature, shaping, reward)  # the loss
+        if not shaping.plain or reward is not None or isinstance(teacher, SpanLogprobs):  # the shaped coefficient
+            # (or the span's log-ratio) needs every k first: log-probs, then the loss
+            return super().sampled_loss(teacher, actions, responses, temperature, shaping, reward)
         weights = responses.mask / responses.mask.sum().clamp(min=1)  # [B, T]
         with self.head_precision():  # gradients computed with the values: no logits recomputed
             return fused_sampled_reverse_kl_loss(self.hidden, self.weight, actions, teacher.values, weights,
@@ -152,3 +164,23 @@ class TokenLogprobs(Scores):
     """log p of each response token under a model (at the objective's temperature), and nothing else."""
 
     values: Tensor  # [B, T] float32
+
+
+@dataclass
+class SpanLogprobs(TokenLogprobs):
+    """A teacher with another tokenizer (mmopd/step/cross_tokenizer.py): per student token, log p_T of the span it
+    lies in (the sum over the span's teacher tokens); the sampled loss makes the span's log-ratio each of its
+    tokens' (mmopd/losses/spans.py). Tokens of no scored span (a cut response's last span) are left out."""
+
+    span: Tensor  # [B, T] long, the token's span within its row, −1 for none
+    one_to_one: Tensor  # [B, T] bool, the token's span is one token on each side
+
+    def scored(self) -> Tensor:
+        return (self.span >= 0).float()  # [B, T]
+
+    def metrics(self, mask: Tensor) -> dict[str, float]:
+        """`cross_tokenizer/one_to_one_share`: the share of response tokens in one-to-one spans;
+        `cross_tokenizer/scored_share`: the share in any scored span."""
+        tokens = mask.sum().clamp(min=1)
+        return {"cross_tokenizer/one_to_one_share": ((self.one_to_one.float() * mask).sum() / tokens).item(),
+                "cross_tokenizer/scored_share": ((self.scored() * mask).sum() / tokens).item()}
