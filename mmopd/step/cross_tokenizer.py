@@ -3,7 +3,9 @@ sequences cut into spans on the character boundaries they share.
 
 For one response (the student's ids up to its first EOS):
 
-1. the student's ids decode to the text `s` (special tokens other than EOS decode to nothing);
+1. the student's ids decode to the text `s`; a special token other than EOS decodes to its own text ("<|im_sep|>"),
+   which the teacher's tokenizer reads as its own special token of that name where it has one (identical
+   tokenizers so give identical ids), and as plain text otherwise;
 2. the teacher's tokenizer encodes `s` alone (the teacher's prompt is encoded apart, as the student's was), with
    its character offsets into `s`;
 3. each side's *cuts* are the character positions between two of its tokens:
@@ -16,14 +18,16 @@ For one response (the student's ids up to its first EOS):
      anything else with the token before it (the combining mark an NFC/NFKC normaliser composed into "é"), and a
      mix of both makes no cut;
 4. the spans lie between the positions both sides cut at: each holds ≥ 1 token on each side, and its student
-   tokens and its teacher tokens spell the same characters of `s`. Tokens that decode to nothing (special tokens)
-   join the span before them; a response whose text is empty has no span but its EOS.
+   tokens and its teacher tokens spell the same characters of `s`. Tokens that decode to nothing join the span
+   before them; a response whose text is empty has no span but its EOS.
 
 EOS: a response that ended (the student sampled one of its EOS ids) gets one more span, the student's EOS against
-the teacher's EOS. A response cut at `rollout.max_new_tokens` has no EOS, and its last span is dropped (its student
-tokens are scored by no span, and the loss leaves them out): the text may stop inside what the teacher would have
-made one token (the student's "hel" of "hello"), and the teacher's encoding of a cut text is not the encoding it
-would score in context.
+the teacher's EOS. A response cut at `rollout.max_new_tokens` has no EOS, and its last span is dropped unless it is
+one token on each side (its student tokens are scored by no span, and the loss leaves them out): the text may stop
+inside what the teacher would have made one token (the student's "h", "el" of "hello"), and the teacher's encoding
+of a cut text ("hel") is then a path the teacher would not take. A one-to-one last span is kept: the teacher scores
+the very string the student's last token spells, as the same-tokenizer estimator would (so identical tokenizers
+give the same loss on cut responses too).
 
 `SpanLogprobs` (mmopd/step/scores.py) carries, per student token, log p_T of its span: the sum of the teacher's
 log-probs of the span's teacher tokens (each floored at LOGPROB_FLOOR as the per-token estimator floors them).
@@ -44,8 +48,8 @@ Span = tuple[int, int, int, int]  # student tokens [a, b), teacher tokens [c, d)
 
 
 def decode(tokenizer: Any, ids: list[int]) -> str:
-    """The text of `ids` as alignment reads it: special tokens dropped, no clean-up of spaces."""
-    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    """The text of `ids` as alignment reads it: special tokens as their text, no clean-up of spaces."""
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
 def student_cuts(tokenizer: Any, ids: list[int]) -> tuple[str, list[int | None]]:
@@ -54,7 +58,7 @@ def student_cuts(tokenizer: Any, ids: list[int]) -> tuple[str, list[int | None]]
     text = decode(tokenizer, ids)
     if not ids:
         return text, []
-    prefixes = tokenizer.batch_decode([ids[:i] for i in range(1, len(ids))], skip_special_tokens=True,
+    prefixes = tokenizer.batch_decode([ids[:i] for i in range(1, len(ids))], skip_special_tokens=False,
                                       clean_up_tokenization_spaces=False)
     return text, [len(p) if text.startswith(p) else None for p in prefixes] + [len(text)]
 
@@ -134,7 +138,8 @@ class Aligner:
         t_ids, t_ends = teacher_cuts(self.teacher, text)
         spans = shared_spans(s_ends, t_ends, len(text))
         if end is None:  # cut at max_new_tokens: the last span may stop inside a teacher token
-            return RowAlignment(t_ids, spans[:-1])
+            one_to_one = bool(spans) and spans[-1][1] - spans[-1][0] == 1 and spans[-1][3] - spans[-1][2] == 1
+            return RowAlignment(t_ids, spans if one_to_one else spans[:-1])
         return RowAlignment(t_ids + [self.teacher_eos], spans + [(end, end + 1, len(t_ids), len(t_ids) + 1)])
 
     def batch(self, tokens: Tensor) -> AlignedBatch:

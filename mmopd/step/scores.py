@@ -47,14 +47,10 @@ class Scores:
         """The sampled-token estimator's loss (masked mean) and its per-token reverse-KL estimate, with a task
         reward's λ_R·Â per row [B] in the advantage where given. -> [], [B, T]"""
         student = self.logprobs(actions, temperature)  # [B, T]
-        if isinstance(teacher, SpanLogprobs):  # a teacher with another tokenizer: the span's log-ratio per token
-            mask = responses.mask * teacher.scored()  # [B, T]
-            per_token, kl_estimate = shaped_sampled_loss(student, span_token_logprobs(student, teacher.values,
-                                                         teacher.span), mask, shaping, responses.logprobs, reward)
-            return masked_mean(per_token, mask), span_share(kl_estimate, teacher.span)
-        per_token, kl_estimate = shaped_sampled_loss(student, teacher.values, responses.mask, shaping,
+        mask = teacher.scored(responses.mask)  # [B, T]
+        per_token, kl_estimate = shaped_sampled_loss(student, teacher.against(student), mask, shaping,
                                                      responses.logprobs, reward)
-        return masked_mean(per_token, responses.mask), kl_estimate
+        return masked_mean(per_token, mask), teacher.estimate(kl_estimate)
 
     def metrics(self, mask: Tensor) -> dict[str, float]:
         """What a teacher's scores say about themselves over the response tokens (`mask` [B, T]); nothing here."""
@@ -129,13 +125,17 @@ class Hidden(Scores):
     def sampled_loss(self, teacher: "TokenLogprobs", actions: Tensor, responses: Rollout,
                      temperature: float, shaping: Shaping = Shaping(),
                      reward: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        if not shaping.plain or reward is not None or isinstance(teacher, SpanLogprobs):  # the shaped coefficient
-            # (or the span's log-ratio) needs every k first: log-probs, then the loss
-            return super().sampled_loss(teacher, actions, responses, temperature, shaping, reward)
-        weights = responses.mask / responses.mask.sum().clamp(min=1)  # [B, T]
+        if not shaping.plain or reward is not None:  # the shaped coefficient needs every k first: log-probs, then
+            return super().sampled_loss(teacher, actions, responses, temperature, shaping, reward)  # the loss
+        mask, values = teacher.scored(responses.mask), teacher.values  # [B, T] each
+        if teacher.needs_student:  # the teacher's values depend on the student's log-probs (spans): one pass more
+            with torch.no_grad():
+                values = teacher.against(self.logprobs(actions, temperature))
+        weights = mask / mask.sum().clamp(min=1)  # [B, T]
         with self.head_precision():  # gradients computed with the values: no logits recomputed
-            return fused_sampled_reverse_kl_loss(self.hidden, self.weight, actions, teacher.values, weights,
-                                                 responses.logprobs, temperature, bias=self.bias)
+            loss, kl_estimate = fused_sampled_reverse_kl_loss(self.hidden, self.weight, actions, values, weights,
+                                                              responses.logprobs, temperature, bias=self.bias)
+        return loss, teacher.estimate(kl_estimate)
 
 
 @dataclass
@@ -164,6 +164,19 @@ class TokenLogprobs(Scores):
     """log p of each response token under a model (at the objective's temperature), and nothing else."""
 
     values: Tensor  # [B, T] float32
+    needs_student = False  # whether `against` reads the student's log-probs
+
+    def against(self, student: Tensor) -> Tensor:
+        """What the sampled estimator compares the student's log-probs [B, T] with, per token: these values."""
+        return self.values
+
+    def scored(self, mask: Tensor) -> Tensor:
+        """The response tokens the estimator scores, of `mask` [B, T]: all of them."""
+        return mask
+
+    def estimate(self, kl_estimate: Tensor) -> Tensor:
+        """The per-token reverse-KL estimate to log, from the estimator's [B, T]: as it is."""
+        return kl_estimate
 
 
 @dataclass
@@ -175,12 +188,22 @@ class SpanLogprobs(TokenLogprobs):
     span: Tensor  # [B, T] long, the token's span within its row, −1 for none
     one_to_one: Tensor  # [B, T] bool, the token's span is one token on each side
 
-    def scored(self) -> Tensor:
-        return (self.span >= 0).float()  # [B, T]
+    needs_student = True
+
+    def against(self, student: Tensor) -> Tensor:
+        """The per-token equivalent of each token's span (mmopd/losses/spans.py), so its log-ratio is the span's."""
+        return span_token_logprobs(student, self.values, self.span)
+
+    def scored(self, mask: Tensor) -> Tensor:
+        return mask * (self.span >= 0)  # [B, T]
+
+    def estimate(self, kl_estimate: Tensor) -> Tensor:
+        """Each token's share of its span's log-ratio: a response's tokens sum to its log-ratio."""
+        return span_share(kl_estimate, self.span)
 
     def metrics(self, mask: Tensor) -> dict[str, float]:
         """`cross_tokenizer/one_to_one_share`: the share of response tokens in one-to-one spans;
         `cross_tokenizer/scored_share`: the share in any scored span."""
         tokens = mask.sum().clamp(min=1)
-        return {"cross_tokenizer/one_to_one_share": ((self.one_to_one.float() * mask).sum() / tokens).item(),
-                "cross_tokenizer/scored_share": ((self.scored() * mask).sum() / tokens).item()}
+        return {"cross_tokenizer/one_to_one_share": ((self.one_to_one * mask).sum() / tokens).item(),
+                "cross_tokenizer/scored_share": (self.scored(mask).sum() / tokens).item()}

@@ -35,7 +35,7 @@ def _aligner(student, teacher):
 
 
 def _text(tokenizer, ids):
-    return unicodedata.normalize("NFC", tokenizer.decode(ids, skip_special_tokens=True))
+    return unicodedata.normalize("NFC", tokenizer.decode(ids))
 
 
 @pytest.mark.parametrize("pair", [("byte_level", "char"), ("byte_fallback", "byte_level"), ("pieces", "char"),
@@ -96,7 +96,7 @@ def test_a_non_canonical_student_tokenisation_aligns_by_characters(toks):
     assert row.spans == [(0, 1, 0, 2), (1, 2, 2, 3), (2, 3, 3, 4), (3, 4, 4, 5), (4, 5, 5, 6)]
 
 
-def test_a_response_cut_at_max_new_tokens_drops_its_last_span(toks):
+def test_a_response_cut_at_max_new_tokens_drops_its_last_span_unless_it_is_one_to_one(toks):
     """Cut inside what the teacher makes one token ("ab" of "abc"): that span is not scored, the rest is."""
     student, teacher = toks["char"], toks["pieces"]
     ids = student("12ab", add_special_tokens=False)["input_ids"]  # no EOS: cut
@@ -106,6 +106,8 @@ def test_a_response_cut_at_max_new_tokens_drops_its_last_span(toks):
     batch = aligner.batch(torch.tensor([ids]))
     assert batch.student_span.tolist() == [[0, 0, -1, -1]]
     assert batch.teacher_span[0, :2].tolist() == [0, -1]
+    cut_after_12 = aligner.row(ids[:2] + student("c", add_special_tokens=False)["input_ids"])  # "12" + "c"
+    assert cut_after_12.spans == [(0, 2, 0, 1), (2, 3, 1, 2)]
 
 
 def test_the_students_eos_is_scored_as_the_teachers_eos_and_pads_follow(toks):
@@ -119,14 +121,18 @@ def test_the_students_eos_is_scored_as_the_teachers_eos_and_pads_follow(toks):
     assert batch.student_span.tolist() == [[0, 1, 2, -1]] and batch.one_to_one.tolist() == [[True] * 3 + [False]]
 
 
-def test_special_tokens_inside_a_response_join_the_span_before_them(toks):
+def test_a_special_token_inside_a_response_is_the_teachers_special_token_of_that_name(toks):
     student = char_level(specials=["<pad>", "<eos>", "<unk>", "<sep>"])
-    teacher = toks["pieces"]
-    ids = [student.convert_tokens_to_ids(t) for t in ["a", "<sep>", "b", "c", "<eos>"]]
+    teacher = char_level(specials=["<pad>", "<eos>", "<unk>", "<x>", "<sep>"])
+    ids = [student.convert_tokens_to_ids(t) for t in ["a", "<sep>", "b", "<eos>"]]
     row = _aligner(student, teacher).row(ids)
-    assert teacher.convert_ids_to_tokens(row.teacher_ids[:-1]) == ["abc"]
-    assert row.spans == [(0, 4, 0, 1), (4, 5, 1, 2)]
+    assert teacher.convert_ids_to_tokens(row.teacher_ids) == ["a", "<sep>", "b", "<eos>"]
+    assert row.spans == [(0, 1, 0, 1), (1, 2, 1, 2), (2, 3, 2, 3), (3, 4, 3, 4)]
+
+
+def test_tokens_that_decode_to_nothing_join_the_span_before_them():
     assert shared_spans([1, 1, 2], [2], 2) == [(0, 3, 0, 1)]
+    assert shared_spans([0, 1, 2], [1, 2], 2) == [(0, 2, 0, 1), (2, 3, 1, 2)]
 
 
 def test_a_response_with_no_text_is_scored_by_its_eos_alone(toks):
