@@ -8,9 +8,12 @@ loss, which makes each span's log-ratio the advantage of the span's student toke
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
 from mmopd.engines.base import TOKEN_LOGPROBS, TeacherNeed, TeacherScorer
+from mmopd.models.adapter import ModalityAdapter
 from mmopd.step.batch import PromptBatch
 from mmopd.step.cross_tokenizer import Aligner
 from mmopd.step.scores import SpanLogprobs
@@ -29,3 +32,12 @@ class CrossTokenizerTeacher:
         aligned = self.aligner.batch(tokens)
         teacher = self.inner.score(prompts, aligned.teacher_ids, need)  # TokenLogprobs [B, Tt]
         return aligned.span_logprobs(teacher.values)
+
+
+def cross_tokenizer_teacher(inner: TeacherScorer, adapter: ModalityAdapter, student_processor: Any,
+                            teacher_processor: Any) -> CrossTokenizerTeacher:
+    """`inner` (the teacher's scorer over its own token space) behind the alignment of the student's responses."""
+    return CrossTokenizerTeacher(inner, Aligner(student_processor, teacher_processor,
+                                                adapter.eos_token_ids(student_processor),
+                                                adapter.eos_token_ids(teacher_processor)[0],
+                                                teacher_processor.pad_token_id))

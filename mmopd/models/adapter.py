@@ -74,6 +74,9 @@ class ModalityAdapter:
     # whether evaluation reports the student's forward and reverse KL to an in-process teacher (train.eval_kl_prompts)
     reports_kl: bool = False
     prompt_pictures: bool = False  # whether prompts carry pictures (PromptBatch.state["images"]) for an engine
+    # whether responses are text a teacher with another tokenizer reads re-encoded, aligned by character spans
+    # (mmopd/step/cross_tokenizer.py; `check_pair` then checks the two tokenizers can be aligned)
+    aligns_text: bool = False
     calls: ModelCalls = ModelCalls()  # loading and calling the models
     # student.trainable modes beyond full and lora: name -> the model prepared for training (see prepare_trainable)
     trainable_modes: dict[str, Callable[[nn.Module], nn.Module]] = {}
