@@ -8,17 +8,20 @@ import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 SPECIALS = ["<pad>", "<eos>", "<unk>"]
-TEXT = "abc 12+3=15; #héllo   wörld 🙂👍🏽 中文字 cafe\u0301 ok!\n"  # the alphabet of the character-level ones
+TEXT = "abc 12+3=15; #héllo   wörld 🙂👍🏽 中文字 cafe\u0301 ok!\n"  # the character-level alphabet
 
 
-def wrap(backend: Tokenizer, eos: str = "<eos>", specials: list[str] = SPECIALS) -> transformers.PreTrainedTokenizerFast:
+Fast = transformers.PreTrainedTokenizerFast
+
+
+def wrap(backend: Tokenizer, eos: str = "<eos>", specials: list[str] = SPECIALS) -> Fast:
     return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token=eos,
                                                 unk_token="<unk>", additional_special_tokens=specials[3:],
                                                 padding_side="left")
 
 
 def char_level(chars: str = TEXT, nfc: bool = False, specials: list[str] = SPECIALS,
-               eos: str = "<eos>") -> transformers.PreTrainedTokenizerFast:
+               eos: str = "<eos>") -> Fast:
     """One character a token; `nfc`: an NFC normaliser first (e + U+0301 reads as é)."""
     alphabet = sorted(set(chars) | ({"é"} if nfc else set()))
     backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + alphabet)}, unk_token="<unk>"))
@@ -29,7 +32,7 @@ def char_level(chars: str = TEXT, nfc: bool = False, specials: list[str] = SPECI
     return wrap(backend, eos, specials)
 
 
-def pieces(extra: list[str], chars: str = TEXT, byte_fallback: bool = False) -> transformers.PreTrainedTokenizerFast:
+def pieces(extra: list[str], chars: str = TEXT, byte_fallback: bool = False) -> Fast:
     """BPE over the characters (or with `byte_fallback` over ASCII only, other characters as <0xNN> bytes) plus the
     `extra` pieces of 2–3 characters, each made by merging its prefix with its last character."""
     alphabet = sorted({c for c in chars if c.isascii() or not byte_fallback})
@@ -47,7 +50,7 @@ def pieces(extra: list[str], chars: str = TEXT, byte_fallback: bool = False) -> 
     return wrap(backend)
 
 
-def byte_level(corpus: list[str], vocab_size: int = 400, eos: str = "<|endoftext|>") -> transformers.PreTrainedTokenizerFast:
+def byte_level(corpus: list[str], vocab_size: int = 400, eos: str = "<|endoftext|>") -> Fast:
     """A GPT-2-style byte-level BPE trained on `corpus` (multi-byte characters split across tokens)."""
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

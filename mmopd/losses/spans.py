@@ -7,7 +7,8 @@ Per span j (log-probs floored at LOGPROB_FLOOR, detached)::
     log p_T(span_j) = Σ_{t=c}^{d−1} log p_T(y_t | y_<t)
     k_j = log p_S(span_j) − log p_T(span_j)                the span's log-ratio
     A_i = −k_j  for every student token i of span j       (advantage, discount 0 per span)
-    loss = Σ_i −ρ_i·A_i,   ∇loss = Σ_j k_j·Σ_{i∈j} ρ_i·∇log p_S(x_i) = Σ_j k_j·∇log p_S(span_j)  (on-policy)
+    loss = Σ_i −ρ_i·A_i
+    ∇loss = Σ_j k_j·Σ_{i∈j} ρ_i·∇log p_S(x_i) = Σ_j k_j·∇log p_S(span_j)     (on-policy, ρ = 1)
 
 Σ_j k_j = log p_S(response) − log p_T(its text in the teacher's tokens): the sequence's log-ratio, whose
 expectation under the student is the reverse KL between the two models' distributions over texts (where each puts

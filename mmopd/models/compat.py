@@ -20,8 +20,9 @@ class IncompatibleModelsError(ValueError):
 
 def same_tokenizer(student_tok: Any, teacher_tok: Any) -> bool:
     """Whether the teacher reads the student's token ids as they are: one vocabulary, the same EOS and PAD."""
+    same = ("eos_token_id", "pad_token_id")
     return student_tok.get_vocab() == teacher_tok.get_vocab() and all(
-        getattr(student_tok, name, None) == getattr(teacher_tok, name, None) for name in ("eos_token_id", "pad_token_id"))
+        getattr(student_tok, name, None) == getattr(teacher_tok, name, None) for name in same)
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,9 @@ def check_cross_tokenizer(student_tok: Any, teacher_tok: Any) -> VocabularyOverl
     normalisation: lower-casing, accents stripped). Logs and returns the overlap."""
     if not getattr(teacher_tok, "is_fast", False):
         raise IncompatibleModelsError(
-            f"the teacher's tokenizer differs from the student's and is a slow tokenizer ({type(teacher_tok).__name__}) "
-            "without character offsets, which cross-tokenizer alignment needs; give the teacher a tokenizer.json")
+            f"the teacher's tokenizer differs from the student's and is a slow tokenizer "
+            f"({type(teacher_tok).__name__}) without character offsets, which cross-tokenizer alignment needs; give "
+            "the teacher a tokenizer.json")
     overlap = vocabulary_overlap(student_tok, teacher_tok)
     if overlap.reproduced < REPRODUCED_FLOOR:
         raise IncompatibleModelsError(

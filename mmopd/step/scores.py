@@ -31,7 +31,7 @@ from mmopd.step.batch import Rollout, TokenSpace
 
 
 class Scores:
-    """The base of the four forms. Methods a form cannot answer raise TypeError naming the form."""
+    """The base of the forms. Methods a form cannot answer raise TypeError naming the form."""
 
     def logprobs(self, actions: Tensor, temperature: float = 1.0) -> Tensor:
         """log p of each action [B, T] -> [B, T] float32."""

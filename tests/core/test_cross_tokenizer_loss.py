@@ -104,7 +104,8 @@ def test_with_identical_tokenizers_the_cross_tokenizer_loss_is_the_same_tokenize
 
 
 def test_each_tokens_advantage_is_its_spans_log_ratio_and_the_gradient_its_spans():
-    """Spans {0, 1}, {2}, {3, 4 dropped}: loss = Σ_i k_span(i)·log p_S(x_i) / n on-policy, k_span = Σ log p_S − log p_T."""
+    """Spans {0, 1}, {2}, {3, 4 dropped}: on-policy, loss = Σ_i k_span(i)·log p_S(x_i) / n in its gradient,
+    k_span = Σ log p_S − log p_T over the span."""
     torch.manual_seed(0)
     logits = torch.randn(1, 5, 7, requires_grad=True)  # [B, T, V]
     actions = torch.tensor([[1, 4, 2, 6, 0]])
