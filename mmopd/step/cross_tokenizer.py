@@ -35,6 +35,7 @@ log-probs of the span's teacher tokens (each floored at LOGPROB_FLOOR as the per
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,13 +55,25 @@ def decode(tokenizer: Any, ids: list[int]) -> str:
 
 def student_cuts(tokenizer: Any, ids: list[int]) -> tuple[str, list[int | None]]:
     """The text of the student's `ids` and, per token, the position in it after the token, or None where decoding
-    the ids up to it gives no prefix of the text (inside a character, or a decoder that reads ahead)."""
+    the ids up to it gives no prefix of the text (inside a character, or a decoder that reads ahead).
+
+    Where the tokens decoded one by one spell the text, whole characters each (byte-level, character and fused
+    decoders on text without partial characters), their lengths are the cuts: O(T). Otherwise every prefix is
+    decoded: O(T²) characters, the reference."""
     text = decode(tokenizer, ids)
     if not ids:
         return text, []
+    pieces = tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    if "".join(pieces) == text and "\ufffd" not in text:
+        return text, list(itertools.accumulate(len(p) for p in pieces))
+    return text, prefix_cuts(tokenizer, ids, text)
+
+
+def prefix_cuts(tokenizer: Any, ids: list[int], text: str) -> list[int | None]:
+    """Per token, len(decode(ids[:i + 1])) where that is a prefix of `text` (the text of all `ids`), else None."""
     prefixes = tokenizer.batch_decode([ids[:i] for i in range(1, len(ids))], skip_special_tokens=False,
                                       clean_up_tokenization_spaces=False)
-    return text, [len(p) if text.startswith(p) else None for p in prefixes] + [len(text)]
+    return [len(p) if text.startswith(p) else None for p in prefixes] + [len(text)]
 
 
 def teacher_cuts(tokenizer: Any, text: str) -> tuple[list[int], list[int | None]]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from tokenizers import processors
 
-from mmopd.step.cross_tokenizer import Aligner, shared_spans
+from mmopd.step.cross_tokenizer import Aligner, prefix_cuts, shared_spans, student_cuts
 from tests.cross_tokenizers import TEXT, byte_level, char_level, pieces
 
 ADVERSARIAL = {
@@ -164,3 +164,13 @@ def test_whitespace_a_teacher_leaves_out_of_its_offsets_goes_with_the_token_afte
     row = _aligner(student, teacher).row(student("ok  abc", add_special_tokens=False)["input_ids"] + [1])
     assert [_text(teacher, row.teacher_ids[c:d]) for _, _, c, d in row.spans[:-1]][-1] == " abc"
     assert row.spans[-2][:2] == (3, 7)
+
+
+@pytest.mark.parametrize("name", ["char", "pieces", "byte_fallback", "byte_level", "nfc"])
+def test_the_students_cuts_are_the_cuts_of_decoded_prefixes(toks, name):
+    """The one-by-one fast path and the reference (every prefix decoded) agree, also on sampled token soup."""
+    tokenizer = toks[name]
+    soup = torch.randint(3, len(tokenizer), (30,), generator=torch.Generator().manual_seed(0)).tolist()
+    for ids in [tokenizer(text, add_special_tokens=False)["input_ids"] for text in ADVERSARIAL.values()] + [soup]:
+        text, cuts = student_cuts(tokenizer, ids)
+        assert cuts == prefix_cuts(tokenizer, ids, text), tokenizer.convert_ids_to_tokens(ids)
