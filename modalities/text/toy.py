@@ -44,7 +44,7 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
 }
 # family -> student size
 FAMILIES = {"qwen3": "student", "qwen3_hd32": "student_hd32", "qwen3_moe": "student_moe", "cross_tokenizer": "student"}
-OWN_TOKENIZER = {"cross_tokenizer"}  # families whose student reads pieces of digits (build_pieces_tokenizer)
+OWN_TOKENIZER = {"cross_tokenizer"}  # families whose student reads column sums as tokens (build_pieces_tokenizer)
 
 MAX_NEW_TOKENS = 20
 TRAIN_RECORDS = 20000
@@ -110,13 +110,13 @@ def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
 
 
 def build_pieces_tokenizer() -> transformers.PreTrainedTokenizerFast:
-    """Another tokenizer over the same text: BPE whose merges make every pair of digits one token ("935" reads
-    "9", "35"), the toy's other characters one token each, the same special tokens (at other ids than a character
-    tokenizer's would hold them: the vocabularies differ)."""
-    digits = "0123456789"
-    pairs = [a + b for a in digits for b in digits]
-    vocab = {tok: i for i, tok in enumerate([PAD_TOKEN, EOS_TOKEN, UNK_TOKEN] + list(CHARS) + pairs)}
-    backend = Tokenizer(models.BPE(vocab, [(p[0], p[1]) for p in pairs], unk_token=UNK_TOKEN))
+    """Another tokenizer over the same text: each column sum with its separator is one token ("13;"), every other
+    character one token, the same special tokens at other ids (the vocabularies differ). "347+586=" reads as
+    characters, "13;13;09;#933" as "13;", "13;", "09;", "#", "9", "3", "3"."""
+    sums = [f"{n:02d}{STEP_SEP}" for n in range(100)]
+    vocab = {tok: i for i, tok in enumerate([PAD_TOKEN, EOS_TOKEN, UNK_TOKEN] + sums + list(CHARS))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(f"[0-9][0-9]{STEP_SEP}|."), behavior="isolated")
     backend.decoder = decoders.Fuse()
     return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD_TOKEN, eos_token=EOS_TOKEN,
                                                 unk_token=UNK_TOKEN, model_max_length=MAX_LENGTH,
@@ -124,7 +124,7 @@ def build_pieces_tokenizer() -> transformers.PreTrainedTokenizerFast:
 
 
 def student_tokenizer(family: str | None) -> transformers.PreTrainedTokenizerFast:
-    """The student's tokenizer in a family: the teacher's characters, or its own (OWN_TOKENIZER)."""
+    """The student's tokenizer in a family: the teacher's characters, or column sums (OWN_TOKENIZER)."""
     return build_pieces_tokenizer() if family in OWN_TOKENIZER else build_tokenizer()
 
 
@@ -294,6 +294,9 @@ def build(out_dir: Path, family: str | None, progress: bool = True) -> Path:
         "train": {"steps": 200, "batch_size": 128, "lr": 1.0e-3, "warmup": 50, "eval_every": 50,
                   "save_every": 100, "eval_batch_size": 250, "out_dir": str(out_dir / "runs" / "on_policy")},
     }
+    if family in OWN_TOKENIZER:  # the sampled estimator learns here with 4 samples a prompt (RESULTS.md, section 2)
+        config["rollout"]["samples_per_prompt"] = 4
+        config["train"]["batch_size"] = 64
     path = out_dir / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

@@ -58,8 +58,8 @@ def test_two_on_policy_steps_run_through_a_tiny_student_of_every_family(family_p
 def test_the_cross_tokenizer_familys_student_reads_other_tokens_than_its_teacher(family_pairs):
     paths = family_pairs["cross_tokenizer"]
     student, teacher = (toy.student_tokenizer("cross_tokenizer"), toy.build_tokenizer())
-    assert student.convert_ids_to_tokens(student("935+12=", add_special_tokens=False)["input_ids"]) == \
-        ["9", "35", "+", "12", "="]
+    assert student.convert_ids_to_tokens(student("13;09;#933", add_special_tokens=False)["input_ids"]) == \
+        ["13;", "09;", "#", "9", "3", "3"]
     assert student.get_vocab() != teacher.get_vocab() and (paths["student"] / "tokenizer.json").is_file()
 
 
