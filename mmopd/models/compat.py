@@ -50,14 +50,15 @@ def vocabulary_overlap(student_tok: Any, teacher_tok: Any) -> VocabularyOverlap:
 
 
 def check_cross_tokenizer(student_tok: Any, teacher_tok: Any) -> VocabularyOverlap:
-    """Refuse a teacher whose tokenizer cannot be aligned with the student's text: one without character offsets
+    """Refuse a teacher whose tokenizer cannot be aligned with the student's text: either without character offsets
     (a slow tokenizer), or one that reads most of the student's token texts back as other text (another
     normalisation: lower-casing, accents stripped). Logs and returns the overlap."""
-    if not getattr(teacher_tok, "is_fast", False):
-        raise IncompatibleModelsError(
-            f"the teacher's tokenizer differs from the student's and is a slow tokenizer "
-            f"({type(teacher_tok).__name__}) without character offsets, which cross-tokenizer alignment needs; give "
-            "the teacher a tokenizer.json")
+    for role, tok in (("teacher", teacher_tok), ("student", student_tok)):
+        if not getattr(tok, "is_fast", False):
+            raise IncompatibleModelsError(
+                f"the teacher's tokenizer differs from the student's, and the {role}'s is a slow tokenizer "
+                f"({type(tok).__name__}) without character offsets, which cross-tokenizer alignment needs; give "
+                f"the {role} a tokenizer.json")
     overlap = vocabulary_overlap(student_tok, teacher_tok)
     if overlap.reproduced < REPRODUCED_FLOOR:
         raise IncompatibleModelsError(

@@ -76,8 +76,8 @@ def prefix_cuts(tokenizer: Any, ids: list[int], text: str) -> list[int | None]:
     return [len(p) if text.startswith(p) else None for p in prefixes] + [len(text)]
 
 
-def teacher_cuts(tokenizer: Any, text: str) -> tuple[list[int], list[int | None]]:
-    """The teacher's ids for `text` and, per token, the position after it (its end offset), or None where the next
+def encoded_cuts(tokenizer: Any, text: str) -> tuple[list[int], list[int | None]]:
+    """A tokenizer's ids for `text` (the teacher's, or the student's own canonical ones) and, per token, the position after it (its end offset), or None where the next
     token does not start there (byte pieces of one character share offsets; uncovered characters lie between)."""
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
@@ -110,12 +110,25 @@ def shared_spans(student_ends: list[int | None], teacher_ends: list[int | None],
     return spans
 
 
+def canonical_tokens(tokenizer: Any, ids: list[int], text: str, ends: list[int | None]) -> list[bool]:
+    """Per sampled token (its `ends` from student_cuts), whether the student's tokenizer makes it when it encodes
+    `text`: aligned with that encoding as with the teacher's, the token's span holds the same ids on both sides. A
+    student that drifts to tokenisations its tokenizer never makes shows here (the README: the span estimator does
+    not penalise it)."""
+    canon_ids, canon_ends = encoded_cuts(tokenizer, text)
+    flags = [False] * len(ids)
+    for a, b, c, d in shared_spans(ends, canon_ends, len(text)):
+        flags[a:b] = [ids[a:b] == canon_ids[c:d]] * (b - a)
+    return flags
+
+
 @dataclass(frozen=True)
 class RowAlignment:
     """One response aligned: the teacher's ids for it and the spans (student [a, b) against teacher [c, d))."""
 
     teacher_ids: list[int]
     spans: list[Span]
+    canonical: list[bool]  # per student token up to its EOS (the EOS counts as canonical)
 
 
 @dataclass(frozen=True)
@@ -126,6 +139,7 @@ class AlignedBatch:
     student_span: Tensor  # [B, T] long, the span of each student token, -1 where none is scored
     teacher_span: Tensor  # [B, Tt] long, the span of each teacher token, -1 where none is scored
     one_to_one: Tensor  # [B, T] bool, the token's span is one token on each side
+    canonical: Tensor  # [B, T] bool, the student's tokenizer makes the token (canonical_tokens)
 
     def span_logprobs(self, teacher_logprobs: Tensor) -> SpanLogprobs:
         """Per student token, the teacher's log-prob of its span: Σ over the span's teacher tokens of
@@ -133,7 +147,7 @@ class AlignedBatch:
         floored = teacher_logprobs.float().clamp(min=LOGPROB_FLOOR)  # [B, Tt]
         totals = span_totals(floored, self.teacher_span, self.student_span.shape[1])  # [B, T]: < T spans a row
         values = at_spans(totals, self.student_span)  # [B, T]
-        return SpanLogprobs(values, self.student_span, self.one_to_one)
+        return SpanLogprobs(values, self.student_span, self.one_to_one, self.canonical)
 
 
 class Aligner:
@@ -147,13 +161,16 @@ class Aligner:
     def row(self, ids: list[int]) -> RowAlignment:
         """One response's alignment; `ids` run to the student's first EOS, or are cut at max_new_tokens."""
         end = next((i for i, t in enumerate(ids) if t in self.student_eos), None)
-        text, s_ends = student_cuts(self.student, ids if end is None else ids[:end])
-        t_ids, t_ends = teacher_cuts(self.teacher, text)
+        response = ids if end is None else ids[:end]
+        text, s_ends = student_cuts(self.student, response)
+        t_ids, t_ends = encoded_cuts(self.teacher, text)
         spans = shared_spans(s_ends, t_ends, len(text))
+        canonical = canonical_tokens(self.student, response, text, s_ends)
         if end is None:  # cut at max_new_tokens: the last span may stop inside a teacher token
             one_to_one = bool(spans) and spans[-1][1] - spans[-1][0] == 1 and spans[-1][3] - spans[-1][2] == 1
-            return RowAlignment(t_ids, spans if one_to_one else spans[:-1])
-        return RowAlignment(t_ids + [self.teacher_eos], spans + [(end, end + 1, len(t_ids), len(t_ids) + 1)])
+            return RowAlignment(t_ids, spans if one_to_one else spans[:-1], canonical)
+        return RowAlignment(t_ids + [self.teacher_eos], spans + [(end, end + 1, len(t_ids), len(t_ids) + 1)],
+                            canonical + [True])
 
     def batch(self, tokens: Tensor) -> AlignedBatch:
         """The responses [B, T] aligned; the teacher's rows are at least T long (the same width for the same
@@ -165,12 +182,14 @@ class Aligner:
         student_span = torch.full((B, T), -1, dtype=torch.long)
         teacher_span = torch.full((B, Tt), -1, dtype=torch.long)
         one_to_one = torch.zeros((B, T), dtype=torch.bool)
+        canonical = torch.zeros((B, T), dtype=torch.bool)
         for b, r in enumerate(rows):
             teacher_ids[b, :len(r.teacher_ids)] = torch.tensor(r.teacher_ids, dtype=torch.long)
+            canonical[b, :len(r.canonical)] = torch.tensor(r.canonical, dtype=torch.bool)
             for k, (s0, s1, t0, t1) in enumerate(r.spans):
                 student_span[b, s0:s1] = k
                 teacher_span[b, t0:t1] = k
                 one_to_one[b, s0:s1] = s1 - s0 == 1 and t1 - t0 == 1
         device = tokens.device
         return AlignedBatch(teacher_ids.to(device), student_span.to(device), teacher_span.to(device),
-                            one_to_one.to(device))
+                            one_to_one.to(device), canonical.to(device))

@@ -187,6 +187,7 @@ class SpanLogprobs(TokenLogprobs):
 
     span: Tensor  # [B, T] long, the token's span within its row, −1 for none
     one_to_one: Tensor  # [B, T] bool, the token's span is one token on each side
+    canonical: Tensor | None = None  # [B, T] bool, the student's own tokenizer makes the token (None: unknown)
 
     needs_student = True
 
@@ -203,7 +204,10 @@ class SpanLogprobs(TokenLogprobs):
 
     def metrics(self, mask: Tensor) -> dict[str, float]:
         """`cross_tokenizer/one_to_one_share`: the share of response tokens in one-to-one spans;
-        `cross_tokenizer/scored_share`: the share in any scored span."""
+        `cross_tokenizer/scored_share`: the share in any scored span; `cross_tokenizer/canonical_share`: the share
+        the student's own tokenizer would make of the text."""
         tokens = mask.sum().clamp(min=1)
-        return {"cross_tokenizer/one_to_one_share": ((self.one_to_one * mask).sum() / tokens).item(),
-                "cross_tokenizer/scored_share": (self.scored(mask).sum() / tokens).item()}
+        shares = {"one_to_one_share": self.one_to_one, "scored_share": self.scored(mask), "canonical_share":
+                  self.canonical}
+        return {f"cross_tokenizer/{name}": ((value * mask).sum() / tokens).item() for name, value in shares.items()
+                if value is not None}

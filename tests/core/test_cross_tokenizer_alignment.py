@@ -54,6 +54,7 @@ def test_spans_tile_both_responses_and_spell_the_same_text_on_adversarial_string
             assert _text(student, ids[a:b]) == _text(teacher, row.teacher_ids[c:d]), (name, a, b, c, d)
             s_prev, t_prev = b, d
         assert (s_prev, t_prev) == (len(ids), len(row.teacher_ids) - 1), name
+        assert all(row.canonical), name  # the student's own encoding: every token canonical
 
 
 def test_a_byte_fallback_character_is_one_span_against_one_character_token(toks):
@@ -94,6 +95,9 @@ def test_a_non_canonical_student_tokenisation_aligns_by_characters(toks):
     ids = [vocab["ab"], vocab["c"], vocab["1"], vocab["2"]]  # "abc12" as the student sampled it, not "abc", "12"
     row = _aligner(student, teacher).row(ids + [student.eos_token_id])
     assert row.spans == [(0, 1, 0, 2), (1, 2, 2, 3), (2, 3, 3, 4), (3, 4, 4, 5), (4, 5, 5, 6)]
+    assert row.canonical == [False] * 4 + [True]  # the student's tokenizer spells "abc12" as "abc", "12"
+    mixed = _aligner(student, teacher).row([vocab["abc"], vocab["1"], vocab["2"], student.eos_token_id])
+    assert mixed.canonical == [True, False, False, True]
 
 
 def test_a_response_cut_at_max_new_tokens_drops_its_last_span_unless_it_is_one_to_one(toks):

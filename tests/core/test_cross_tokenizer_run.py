@@ -10,7 +10,7 @@ import torch
 from tokenizers import normalizers
 
 from mmopd.config import ConfigError
-from mmopd.models.compat import IncompatibleModelsError, vocabulary_overlap
+from mmopd.models.compat import IncompatibleModelsError, check_cross_tokenizer, vocabulary_overlap
 from mmopd.run.session import Session
 from mmopd.run.trainer import train
 from modalities.text import toy
@@ -44,6 +44,7 @@ def test_a_teacher_with_another_tokenizer_trains_with_span_log_ratios_and_logs_t
     assert len(steps) == 2
     for r in steps:
         assert 0 < r["cross_tokenizer/one_to_one_share"] <= r["cross_tokenizer/scored_share"] <= 1
+        assert 0 < r["cross_tokenizer/canonical_share"] <= 1
         assert r["loss"] == r["loss"] and r["divergence"] == r["divergence"]  # finite, not NaN
 
 
@@ -84,3 +85,14 @@ def test_a_teacher_that_normalises_text_another_way_is_refused_with_the_reason(t
     with pytest.raises(IncompatibleModelsError, match="gives back only 0% of the student's token texts unchanged"):
         Session(text_config(**{"student.path": str(tmp_path / "student"), "teacher.path": str(tmp_path / "teacher"),
                                "objective.estimator": "sampled"}))
+
+
+def test_a_tokenizer_without_character_offsets_is_refused_with_the_role_and_the_fix():
+    class Slow:
+        is_fast = False
+
+    with pytest.raises(IncompatibleModelsError, match="the teacher's is a slow tokenizer .Slow. without character "
+                       "offsets.*give the teacher a tokenizer.json"):
+        check_cross_tokenizer(char_level(), Slow())
+    with pytest.raises(IncompatibleModelsError, match="the student's is a slow tokenizer"):
+        check_cross_tokenizer(Slow(), char_level())
