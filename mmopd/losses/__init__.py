@@ -8,7 +8,8 @@ as a plain function of tensors. One module per line of the math (each docstring 
 - `sampled`: the sampled-token estimator's log-probs and policy-gradient loss over logits, and a task reward's
   advantage and term;
 - `fused`: the same values from last hidden states and the LM head, one chunk of rows at a time;
-- `tail`: a served teacher's top-k with the rest of its mass as one class (a lower bound on the exact divergence).
+- `tail`: a served teacher's top-k with the rest of its mass as one class (a lower bound on the exact divergence);
+- `spans`: the sampled estimator over spans, for a teacher with another tokenizer.
 """
 
 from mmopd.losses.chunks import LOGPROB_FLOOR
@@ -20,6 +21,7 @@ from mmopd.losses.fused import (fused_divergence_loss, fused_excluded_logsumexp,
                                 fused_topk_logits)
 from mmopd.losses.sampled import (Shaping, leave_one_out_mean, policy_gradient_loss, reward_advantage,
                                   sampled_reverse_kl_loss, sampled_token_logprobs, shaped_sampled_loss)
+from mmopd.losses.spans import at_spans, span_share, span_sums, span_token_logprobs, span_totals
 from mmopd.losses.tail import excluded_logsumexp, tail_token_divergence, teacher_tail_logprob
 
 __all__ = [
@@ -52,4 +54,9 @@ __all__ = [
     "excluded_logsumexp",
     "tail_token_divergence",
     "teacher_tail_logprob",
+    "span_sums",
+    "span_token_logprobs",
+    "span_share",
+    "span_totals",
+    "at_spans",
 ]

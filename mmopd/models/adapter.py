@@ -76,6 +76,9 @@ class ModalityAdapter:
     prompt_pictures: bool = False  # whether prompts carry pictures (PromptBatch.state["images"]) for an engine
     # why a record's teacher-only prompt (data.teacher_prompt_field) means nothing to this modality; None: supported
     teacher_prompt_refusal: str | None = None
+    # whether responses are text a teacher with another tokenizer reads re-encoded, aligned by character spans
+    # (mmopd/step/cross_tokenizer.py; `check_pair` then checks the two tokenizers can be aligned)
+    aligns_text: bool = False
     calls: ModelCalls = ModelCalls()  # loading and calling the models
     # student.trainable modes beyond full and lora: name -> the model prepared for training (see prepare_trainable)
     trainable_modes: dict[str, Callable[[nn.Module], nn.Module]] = {}

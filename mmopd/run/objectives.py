@@ -37,6 +37,7 @@ from mmopd.config import Config, ConfigError, RolloutConfig
 from mmopd.data.privileged import teacher_view
 from mmopd.engines import (DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, EngineError, RolloutEngine, TeacherNeed, TeacherScorer,
                            model_scores, rollout_engine, teacher_scorer)
+from mmopd.engines.cross_tokenizer import cross_tokenizer_teacher
 from mmopd.engines.routed import RECORDS, RoutedTeacher
 from mmopd.losses import Shaping, masked_mean, policy_gradient_loss, reward_advantage
 from mmopd.models.adapter import ModalityAdapter, fused_unsupported
@@ -72,6 +73,7 @@ class Models:
     teacher_rollout: RolloutEngine | None = None  # samples from the teacher (seq_kd)
     scorer: TeacherScorer | None = None  # scores responses with the teacher
     teachers: dict[str, tuple[nn.Module, Any]] = field(default_factory=dict)  # several: name -> (model, processor)
+    cross_tokenizer: bool = False  # the teacher reads the responses through another tokenizer (character spans)
 
     def with_engines(self, config: Config) -> "Models":
         """These models with the fusing policy decided and the configured engines built."""
@@ -89,6 +91,11 @@ class Models:
                 t.name: teacher_scorer(replace(config, teacher=t), self.adapter, *self.teachers[t.name], self.space,
                                        self.fused, self.eos_ids) for t in config.teachers},
                 {name: processor for name, (_, processor) in self.teachers.items()})
+        elif scored and self.cross_tokenizer:  # the teacher scores its own tokens of the responses' text
+            inner = teacher_scorer(config, self.adapter, self.teacher, self.teacher_processor,
+                                   self.adapter.token_space(self.teacher_processor, self.teacher), self.fused,
+                                   self.adapter.eos_token_ids(self.teacher_processor))
+            self.scorer = cross_tokenizer_teacher(inner, self.adapter, self.student_processor, self.teacher_processor)
         elif scored:
             self.scorer = teacher_scorer(config, self.adapter, self.teacher, self.teacher_processor, self.space,
                                          self.fused, self.eos_ids)
@@ -214,7 +221,7 @@ def sampled_loss(student: Scores, teacher: Scores, actions: Tensor, responses: R
                       obj.kl_weight)
     loss, kl_estimate = student.sampled_loss(teacher, actions, responses, obj.temperature, shaping,
                                              weighted_advantage(responses, config))
-    return loss, {"divergence": masked_mean(kl_estimate, responses.mask).item()}
+    return loss, {"divergence": masked_mean(kl_estimate, responses.mask).item(), **teacher.metrics(responses.mask)}
 
 
 @LOSSES.register(POLICY_GRADIENT)

@@ -18,11 +18,11 @@ from mmopd.data.privileged import privileged_count, privileged_check, teacher_vi
 from mmopd.data.records import DataError, Dataset, load_records
 from mmopd.engines.routed import check_same_vocabulary, routing_check
 from mmopd.models.adapter import ModelLoadError, PolicySide, get_adapter, settings_of
-from mmopd.models.compat import IncompatibleModelsError
+from mmopd.models.compat import IncompatibleModelsError, same_tokenizer
 from mmopd.models.hf import context_length
 from mmopd.run.evaluation import evaluate_policy, kl_to_teacher
 from mmopd.run.objectives import Models
-from mmopd.step.objective_table import needs_answers, needs_teacher, scores_teacher
+from mmopd.step.objective_table import DISTRIBUTION, TEACHER, needs_answers, needs_teacher, row_of, scores_teacher
 from mmopd.step.rewards import reads_answers
 
 log = logging.getLogger("mmopd")
@@ -84,6 +84,7 @@ class Session:
         want_teacher = needs_teacher(o.kind, o.estimator, o.kl_weight) if need_teacher is None else need_teacher
         self.teacher, self.teacher_processor = None, None
         self.teachers: dict[str, tuple[torch.nn.Module, Any]] = {}  # several teachers: name -> (model, processor)
+        self.cross_tokenizer = False  # the teacher reads the responses through another tokenizer
         if want_teacher and c.teacher.cfg_scale != 1.0 and not self.options.guidance:
             raise IncompatibleModelsError(
                 f"teacher.cfg_scale={c.teacher.cfg_scale} asks for classifier-free guidance, but {c.modality} "
@@ -100,6 +101,10 @@ class Session:
             for model, processor in loaded.values():
                 self.adapter.check_pair(self.student_processor, processor, self.policy, model)
             self.teacher, self.teacher_processor = next(iter(loaded.values()))
+            self.cross_tokenizer = self.adapter.aligns_text and not same_tokenizer(self.student_processor,
+                                                                                   self.teacher_processor)
+            if self.cross_tokenizer:
+                check_cross_tokenizer_run(c, for_eval)
         self.space = self.adapter.token_space(self.student_processor, self.policy)  # checks the response length
         self.eval_privileged = 0  # eval records with a teacher-only prompt (counted with the prompts' check)
         for data in (self.train_data, self.eval_data):
@@ -191,7 +196,11 @@ class Session:
                             "name the field that holds the teacher's prompts, or clear data.teacher_prompt_field")
 
     def side(self, model: torch.nn.Module, processor: Any) -> PolicySide:
-        """`model` with its processor and the run's token space, EOS ids and pad id: what sampling it needs."""
+        """`model` with its processor and the run's token space, EOS ids and pad id: what sampling it needs (a
+        teacher with another tokenizer samples its own tokens)."""
+        if self.cross_tokenizer and processor is self.teacher_processor:
+            return PolicySide(self.adapter, model, processor, self.adapter.token_space(processor, model),
+                              self.adapter.eos_token_ids(processor), processor.pad_token_id)
         return PolicySide(self.adapter, model, processor, self.space, self.eos_ids, self.pad_id)
 
     def models(self, student: torch.nn.Module | None = None) -> Models:
@@ -199,7 +208,8 @@ class Session:
         return Models(self.adapter, student if student is not None else self.policy, self.policy,
                       self.student_processor, self.teacher, self.teacher_processor, self.space, self.eos_ids,
                       self.pad_id, self.device, student_path=self.student_path,
-                      writer=self.accelerator.is_main_process, teachers=self.teachers).with_engines(self.config)
+                      writer=self.accelerator.is_main_process, teachers=self.teachers,
+                      cross_tokenizer=self.cross_tokenizer).with_engines(self.config)
 
     def evaluate(self, model: torch.nn.Module, processor: Any, desc: str = "eval", progress: bool = False,
                  privileged: bool = False) -> dict[str, Any]:
@@ -217,15 +227,38 @@ class Session:
     def eval_kl(self, model: torch.nn.Module) -> dict[str, float] | None:
         """The student's per-token `reverse_kl` (its own samples) and `forward_kl` (the teacher's samples) to the
         teacher on the first train.eval_kl_prompts eval prompts; None where the adapter does not report them, the
-        teacher is not in this process (or there are several), or train.eval_kl_prompts is 0."""
+        teacher is not in this process (or there are several, or it has another tokenizer), or
+        train.eval_kl_prompts is 0."""
         n = self.config.train.eval_kl_prompts
         if not (n and self.adapter.reports_kl and self.eval_data is not None and self.teacher is not None
-                and self.teacher_in_process and not self.teachers):
+                and self.teacher_in_process and not self.teachers and not self.cross_tokenizer):
             return None
         records = self.eval_data.records[: min(n, self.config.data.eval_limit or n)]
         return kl_to_teacher(self.side(model, self.student_processor), self.side(self.teacher, self.teacher_processor),
                              records, self.config.rollout.max_new_tokens, self.config.train.eval_batch_size,
                              self.device)
+
+
+def check_cross_tokenizer_run(config: Config, for_eval: bool) -> None:
+    """Refuse, in one line, what a teacher with another tokenizer cannot do yet: anything but the sampled span
+    estimator of on_policy (the full estimator needs the teacher's distribution over the student's tokens), several
+    teachers, a vLLM teacher."""
+    o, t = config.objective, config.teacher
+    row = row_of(o.kind, o.estimator, o.kl_weight)
+    where = "the teacher's tokenizer differs from the student's"
+    if for_eval:
+        return
+    if row.teacher == DISTRIBUTION:
+        raise ConfigError(f"objective.kind={o.kind} with estimator={o.estimator} needs the teacher's distribution over "
+                          f"the student's tokens, and {where}; use objective.kind=on_policy with "
+                          "objective.estimator=sampled (span log-ratios), the one estimator across tokenizers for now")
+    if row.responses == TEACHER:
+        raise ConfigError(f"objective.kind={o.kind} trains on the teacher's own tokens, and {where}; use "
+                          "objective.kind=on_policy with objective.estimator=sampled")
+    if config.teachers:
+        raise ConfigError(f"several teachers are not supported where {where} yet; give one teacher")
+    if t.engine != "hf":
+        raise ConfigError(f"teacher.engine={t.engine} is not supported where {where} yet; use teacher.engine=hf")
 
 
 def evaluate(config: Config, checkpoint: str | Path | None = None, which: str = "student") -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""What a model says about each response position, in one of five forms, and the losses between them.
+"""What a model says about each response position, in one of six forms, and the losses between them.
 
 | form            | holds                                   | memory  | who makes it                          |
 |-----------------|-----------------------------------------|---------|---------------------------------------|
@@ -7,6 +7,7 @@
 | `TopK`          | the K largest logits and their actions   | O(N·K)  | a teacher asked for top-k             |
 | `TopKTail`      | K log-probs and actions, the rest a tail | O(N·K)  | a served teacher asked for top-k      |
 | `TokenLogprobs` | log p of each sampled token [B, T]       | O(N)    | any engine that returns log-probs     |
+| `SpanLogprobs`  | log p of each token's span [B, T]        | O(N)    | a teacher with another tokenizer      |
 
 A student's scores (`Logits` or `Hidden`, with gradients) answer `logprobs(actions)`, `divergence(teacher, ...)`
 and `sampled_loss(teacher, ...)`; which kernel of `mmopd.losses` runs depends on the pair of forms, and is
@@ -24,13 +25,13 @@ from torch import Tensor
 
 from mmopd.losses import (Shaping, excluded_logsumexp, fused_divergence_loss, fused_excluded_logsumexp,
                           fused_gathered_logits, fused_sampled_reverse_kl_loss, fused_token_logprobs, masked_mean,
-                          sampled_token_logprobs, shaped_sampled_loss, tail_token_divergence, token_divergence,
-                          topk_token_divergence)
+                          sampled_token_logprobs, shaped_sampled_loss, span_share, span_token_logprobs,
+                          tail_token_divergence, token_divergence, topk_token_divergence)
 from mmopd.step.batch import Rollout, TokenSpace
 
 
 class Scores:
-    """The base of the four forms. Methods a form cannot answer raise TypeError naming the form."""
+    """The base of the forms. Methods a form cannot answer raise TypeError naming the form."""
 
     def logprobs(self, actions: Tensor, temperature: float = 1.0) -> Tensor:
         """log p of each action [B, T] -> [B, T] float32."""
@@ -45,9 +46,15 @@ class Scores:
                      reward: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The sampled-token estimator's loss (masked mean) and its per-token reverse-KL estimate, with a task
         reward's λ_R·Â per row [B] in the advantage where given. -> [], [B, T]"""
-        per_token, kl_estimate = shaped_sampled_loss(self.logprobs(actions, temperature), teacher.values,
-                                                     responses.mask, shaping, responses.logprobs, reward)
-        return masked_mean(per_token, responses.mask), kl_estimate
+        student = self.logprobs(actions, temperature)  # [B, T]
+        mask = teacher.scored(responses.mask)  # [B, T]
+        per_token, kl_estimate = shaped_sampled_loss(student, teacher.against(student), mask, shaping,
+                                                     responses.logprobs, reward)
+        return masked_mean(per_token, mask), teacher.estimate(kl_estimate)
+
+    def metrics(self, mask: Tensor) -> dict[str, float]:
+        """What a teacher's scores say about themselves over the response tokens (`mask` [B, T]); nothing here."""
+        return {}
 
     def nll(self, actions: Tensor, mask: Tensor) -> Tensor:
         """The masked mean negative log-likelihood of `actions`. -> []"""
@@ -120,10 +127,15 @@ class Hidden(Scores):
                      reward: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if not shaping.plain or reward is not None:  # the shaped coefficient needs every k first: log-probs, then
             return super().sampled_loss(teacher, actions, responses, temperature, shaping, reward)  # the loss
-        weights = responses.mask / responses.mask.sum().clamp(min=1)  # [B, T]
+        mask, values = teacher.scored(responses.mask), teacher.values  # [B, T] each
+        if teacher.needs_student:  # the teacher's values depend on the student's log-probs (spans): one pass more
+            with torch.no_grad():
+                values = teacher.against(self.logprobs(actions, temperature))
+        weights = mask / mask.sum().clamp(min=1)  # [B, T]
         with self.head_precision():  # gradients computed with the values: no logits recomputed
-            return fused_sampled_reverse_kl_loss(self.hidden, self.weight, actions, teacher.values, weights,
-                                                 responses.logprobs, temperature, bias=self.bias)
+            loss, kl_estimate = fused_sampled_reverse_kl_loss(self.hidden, self.weight, actions, values, weights,
+                                                              responses.logprobs, temperature, bias=self.bias)
+        return loss, teacher.estimate(kl_estimate)
 
 
 @dataclass
@@ -152,3 +164,50 @@ class TokenLogprobs(Scores):
     """log p of each response token under a model (at the objective's temperature), and nothing else."""
 
     values: Tensor  # [B, T] float32
+    needs_student = False  # whether `against` reads the student's log-probs
+
+    def against(self, student: Tensor) -> Tensor:
+        """What the sampled estimator compares the student's log-probs [B, T] with, per token: these values."""
+        return self.values
+
+    def scored(self, mask: Tensor) -> Tensor:
+        """The response tokens the estimator scores, of `mask` [B, T]: all of them."""
+        return mask
+
+    def estimate(self, kl_estimate: Tensor) -> Tensor:
+        """The per-token reverse-KL estimate to log, from the estimator's [B, T]: as it is."""
+        return kl_estimate
+
+
+@dataclass
+class SpanLogprobs(TokenLogprobs):
+    """A teacher with another tokenizer (mmopd/step/cross_tokenizer.py): per student token, log p_T of the span it
+    lies in (the sum over the span's teacher tokens); the sampled loss makes the span's log-ratio each of its
+    tokens' (mmopd/losses/spans.py). Tokens of no scored span (a cut response's last span) are left out."""
+
+    span: Tensor  # [B, T] long, the token's span within its row, −1 for none
+    one_to_one: Tensor  # [B, T] bool, the token's span is one token on each side
+    canonical: Tensor | None = None  # [B, T] bool, the student's own tokenizer makes the token (None: unknown)
+
+    needs_student = True
+
+    def against(self, student: Tensor) -> Tensor:
+        """The per-token equivalent of each token's span (mmopd/losses/spans.py), so its log-ratio is the span's."""
+        return span_token_logprobs(student, self.values, self.span)
+
+    def scored(self, mask: Tensor) -> Tensor:
+        return mask * (self.span >= 0)  # [B, T]
+
+    def estimate(self, kl_estimate: Tensor) -> Tensor:
+        """Each token's share of its span's log-ratio: a response's tokens sum to its log-ratio."""
+        return span_share(kl_estimate, self.span)
+
+    def metrics(self, mask: Tensor) -> dict[str, float]:
+        """`cross_tokenizer/one_to_one_share`: the share of response tokens in one-to-one spans;
+        `cross_tokenizer/scored_share`: the share in any scored span; `cross_tokenizer/canonical_share`: the share
+        the student's own tokenizer would make of the text."""
+        tokens = mask.sum().clamp(min=1)
+        shares = {"one_to_one_share": self.one_to_one, "scored_share": self.scored(mask), "canonical_share":
+                  self.canonical}
+        return {f"cross_tokenizer/{name}": ((value * mask).sum() / tokens).item() for name, value in shares.items()
+                if value is not None}

@@ -11,7 +11,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from mmopd.data.records import RecordError, image_parts, text_of
 from mmopd.models.adapter import ModalityAdapter, ModelLoadError, load_pretrained, register_adapter
-from mmopd.models.compat import IncompatibleModelsError, check_embedding_rows, check_same_vocab
+from mmopd.models.compat import (IncompatibleModelsError, check_cross_tokenizer, check_embedding_rows,
+                                 same_tokenizer)
 from mmopd.step.batch import PromptBatch, TokenSpace
 
 
@@ -62,6 +63,7 @@ def unreadable(records: list[dict], processor: Any) -> list[str | None]:
 class TextAdapter(ModalityAdapter):
     metric = "accuracy"
     reports_kl = True  # coverage beside the reverse KL: a collapsed student cannot fake the forward KL
+    aligns_text = True  # a teacher with another tokenizer reads the responses' text
 
     def load_processor(self, path: str, role: str) -> PreTrainedTokenizerBase:
         tokenizer = load_pretrained(AutoTokenizer.from_pretrained, path, role)
@@ -74,7 +76,9 @@ class TextAdapter(ModalityAdapter):
 
     def check_pair(self, student_processor: Any, teacher_processor: Any, student: nn.Module,
                    teacher: nn.Module) -> None:
-        check_same_vocab(student_processor, teacher_processor)
+        """Another tokenizer is aligned by character spans, where it can be (`check_cross_tokenizer`)."""
+        if not same_tokenizer(student_processor, teacher_processor):
+            check_cross_tokenizer(student_processor, teacher_processor)
         if bool(student_processor.chat_template) != bool(teacher_processor.chat_template):
             has = "student" if student_processor.chat_template else "teacher"
             raise IncompatibleModelsError(

@@ -42,7 +42,9 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     "teacher_moe": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 512,
                     "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 256},
 }
-FAMILIES = {"qwen3": "student", "qwen3_hd32": "student_hd32", "qwen3_moe": "student_moe"}  # family -> student size
+# family -> student size
+FAMILIES = {"qwen3": "student", "qwen3_hd32": "student_hd32", "qwen3_moe": "student_moe", "cross_tokenizer": "student"}
+OWN_TOKENIZER = {"cross_tokenizer"}  # families whose student reads column sums as tokens (build_pieces_tokenizer)
 
 MAX_NEW_TOKENS = 20
 TRAIN_RECORDS = 20000
@@ -105,6 +107,25 @@ def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
         padding_side="left",
     )
     return tokenizer
+
+
+def build_pieces_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """Another tokenizer over the same text: each column sum with its separator is one token ("13;"), every other
+    character one token, the same special tokens at other ids (the vocabularies differ). "347+586=" reads as
+    characters, "13;13;09;#933" as "13;", "13;", "09;", "#", "9", "3", "3"."""
+    sums = [f"{n:02d}{STEP_SEP}" for n in range(100)]
+    vocab = {tok: i for i, tok in enumerate([PAD_TOKEN, EOS_TOKEN, UNK_TOKEN] + sums + list(CHARS))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(f"[0-9][0-9]{STEP_SEP}|."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD_TOKEN, eos_token=EOS_TOKEN,
+                                                unk_token=UNK_TOKEN, model_max_length=MAX_LENGTH,
+                                                padding_side="left")
+
+
+def student_tokenizer(family: str | None) -> transformers.PreTrainedTokenizerFast:
+    """The student's tokenizer in a family: the teacher's characters, or column sums (OWN_TOKENIZER)."""
+    return build_pieces_tokenizer() if family in OWN_TOKENIZER else build_tokenizer()
 
 
 def build_model(tokenizer: transformers.PreTrainedTokenizerFast, size: str) -> transformers.PreTrainedModel:
@@ -234,14 +255,15 @@ def split_records(seed: int) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
-def build_untrained(out_dir: str | Path, student: str = "student") -> dict[str, Path]:
-    """Random (untrained) teacher and student (of size `student`) with the tokenizer, 32 train and 8 eval
-    records, under out_dir: the plumbing of a text run without the minutes of training (tests and smoke runs)."""
+def build_untrained(out_dir: str | Path, student: str = "student", family: str | None = None) -> dict[str, Path]:
+    """Random (untrained) teacher and student (of size `student`, with the tokenizer of `family`'s student) with
+    their tokenizers, 32 train and 8 eval records, under out_dir: the plumbing of a text run without the minutes
+    of training (tests and smoke runs)."""
     out = Path(out_dir)
     torch.manual_seed(0)
-    tokenizer = build_tokenizer()
     paths = {}
-    for role, size in (("teacher", "teacher"), ("student", student)):
+    for role, size, tokenizer in (("teacher", "teacher", build_tokenizer()),
+                                  ("student", student, student_tokenizer(family))):
         model = build_model(tokenizer, size)
         model.save_pretrained(out / role)
         tokenizer.save_pretrained(out / role)
@@ -256,26 +278,34 @@ def build(out_dir: Path, family: str | None, progress: bool = True) -> Path:
     """The `mmopd toy text` entry point: the toy in out_dir and its on-policy config; returns the config's path."""
     if family is not None and family not in FAMILIES:
         raise ConfigError(f"text toy family {family!r} is not available; choose one of {', '.join(FAMILIES)} "
-                          "(qwen3_hd32: a student vLLM's CPU attention can run)")
+                          "(qwen3_hd32: a student vLLM's CPU attention can run; cross_tokenizer: a student that reads "
+                          "pieces of digits, the teacher characters)")
     out_dir = Path(out_dir).resolve()
-    built = build_toy(out_dir, progress=progress, student=FAMILIES[family or "qwen3"])
+    built = build_toy(out_dir, progress=progress, student=FAMILIES[family or "qwen3"], family=family)
     config = {
         "modality": "text",
         "student": {"path": built["paths"]["student"]},
         "teacher": {"path": built["paths"]["teacher"]},
         "data": {"train": built["paths"]["train"], "eval": built["paths"]["eval"]},
-        "objective": {"kind": "on_policy", "divergence": "reverse_kl", "estimator": "full"},
+        # a student with its own tokenizer: the span estimator, the one across tokenizers for now
+        "objective": {"kind": "on_policy", "divergence": "reverse_kl",
+                      "estimator": "sampled" if family in OWN_TOKENIZER else "full"},
         "rollout": {"max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0},
         "train": {"steps": 200, "batch_size": 128, "lr": 1.0e-3, "warmup": 50, "eval_every": 50,
                   "save_every": 100, "eval_batch_size": 250, "out_dir": str(out_dir / "runs" / "on_policy")},
     }
+    if family in OWN_TOKENIZER:  # the sampled estimator learns here with 4 samples a prompt (RESULTS.md, section 2)
+        config["rollout"]["samples_per_prompt"] = 4
+        config["train"]["batch_size"] = 64
     path = out_dir / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 
-def build_toy(out_dir: str | Path, seed: int = 0, progress: bool = True, student: str = "student") -> dict[str, Any]:
-    """Write data, a trained teacher and a briefly trained smaller student under out_dir; return accuracies and paths."""
+def build_toy(out_dir: str | Path, seed: int = 0, progress: bool = True, student: str = "student",
+              family: str | None = None) -> dict[str, Any]:
+    """Write data, a trained teacher and a briefly trained smaller student (with `family`'s tokenizer) under out_dir;
+    return accuracies and paths."""
     out = Path(out_dir)
     paths = {
         "train": out / "data" / "train.jsonl",
@@ -287,10 +317,11 @@ def build_toy(out_dir: str | Path, seed: int = 0, progress: bool = True, student
     train, evals = split_records(seed)
     write_jsonl(paths["train"], train)
     write_jsonl(paths["eval"], evals)
-    tokenizer = build_tokenizer()
+    tokenizers = {"teacher": build_tokenizer(), "student": student_tokenizer(family)}
     result: dict[str, Any] = {"task": TASK_NAME, "max_new_tokens": MAX_NEW_TOKENS}
     for role, size, steps, lr, offset in (("teacher", "teacher", TEACHER_STEPS, TEACHER_LR, 0),
                                           ("student", student, STUDENT_STEPS, STUDENT_LR, 1)):
+        tokenizer = tokenizers[role]
         torch.manual_seed(seed + offset)
         model = build_model(tokenizer, size)
         if progress:

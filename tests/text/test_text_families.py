@@ -17,13 +17,17 @@ from modalities.text import toy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAMILY_CLASSES = {"qwen3": "Qwen3ForCausalLM", "qwen3_hd32": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+FAMILY_CLASSES = {"qwen3": "Qwen3ForCausalLM", "qwen3_hd32": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                  "cross_tokenizer": "Qwen3ForCausalLM"}
+# (family, estimator) pairs that train: a student with its own tokenizer takes the sampled span estimator only
+RUNS = [(family, estimator) for family in FAMILY_CLASSES for estimator in ("full", "sampled")
+        if family not in toy.OWN_TOKENIZER or estimator == "sampled"]
 
 
 @pytest.fixture(scope="module")
 def family_pairs(tmp_path_factory):
     root = tmp_path_factory.mktemp("text_families")
-    return {family: toy.build_untrained(root / family, size) for family, size in toy.FAMILIES.items()}
+    return {family: toy.build_untrained(root / family, size, family) for family, size in toy.FAMILIES.items()}
 
 
 def run(pairs, family, tmp_path, **overrides):
@@ -42,14 +46,21 @@ def test_every_family_is_listed_with_its_class():
     assert set(toy.FAMILIES) == set(FAMILY_CLASSES)
 
 
-@pytest.mark.parametrize("estimator", ["full", "sampled"])
-@pytest.mark.parametrize("family", list(FAMILY_CLASSES))
+@pytest.mark.parametrize("family, estimator", RUNS)
 def test_two_on_policy_steps_run_through_a_tiny_student_of_every_family(family_pairs, family, estimator, tmp_path):
     summary, rows = run(family_pairs, family, tmp_path, **{"objective.estimator": estimator})
     assert summary["steps"] == 2 and [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["loss"]) and r["response_tokens"] > 0 for r in rows)
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoints" / "step-2" / "model")
     assert type(saved).__name__ == FAMILY_CLASSES[family]
+
+
+def test_the_cross_tokenizer_familys_student_reads_other_tokens_than_its_teacher(family_pairs):
+    paths = family_pairs["cross_tokenizer"]
+    student, teacher = (toy.student_tokenizer("cross_tokenizer"), toy.build_tokenizer())
+    assert student.convert_ids_to_tokens(student("13;09;#933", add_special_tokens=False)["input_ids"]) == \
+        ["13;", "09;", "#", "9", "3", "3"]
+    assert student.get_vocab() != teacher.get_vocab() and (paths["student"] / "tokenizer.json").is_file()
 
 
 def test_distilling_a_moe_student_moves_its_router_and_its_experts(family_pairs, tmp_path):
