@@ -19,6 +19,7 @@ from typing import Any, Callable
 from torch import Tensor, nn
 
 from mmopd.config import Config, ConfigError, StudentConfig
+from mmopd.data.records import RecordError
 from mmopd.models.hf import ModelCalls, ModelLoadError
 from mmopd.models.hf import fused_unsupported as _head_unsupported
 from mmopd.models.hf import load_pretrained
@@ -74,6 +75,7 @@ class ModalityAdapter:
     # whether evaluation reports the student's forward and reverse KL to an in-process teacher (train.eval_kl_prompts)
     reports_kl: bool = False
     prompt_pictures: bool = False  # whether prompts carry pictures (PromptBatch.state["images"]) for an engine
+    scores_answers: bool = False  # whether `score` compares each response with its record's 'answer'
     calls: ModelCalls = ModelCalls()  # loading and calling the models
     # student.trainable modes beyond full and lora: name -> the model prepared for training (see prepare_trainable)
     trainable_modes: dict[str, Callable[[nn.Module], nn.Module]] = {}
@@ -105,6 +107,15 @@ class ModalityAdapter:
     def check_record(self, raw: dict, base_dir: Path) -> dict:
         """Validate one JSONL record (raise data.RecordError) and return it, with paths resolved."""
         raise NotImplementedError
+
+    def check_eval_record(self, raw: dict, base_dir: Path) -> dict:
+        """`check_record`, and that evaluation can score the record: every eval record counts in the metric's
+        denominator, so one without the answer it is scored against is refused here, never dropped at scoring."""
+        record = self.check_record(raw, base_dir)
+        if self.scores_answers and record.get("answer") is None:
+            raise RecordError(f"no 'answer' to score the response against; every data.eval record needs one "
+                              f"(the {self.metric} counts every record)")
+        return record
 
     def encode_prompts(self, records: list[dict], processor: Any) -> PromptBatch:
         raise NotImplementedError

@@ -56,7 +56,8 @@ class Session:
         self.train_data = None if for_eval else load_records(d.train, train_check, d.skip_bad, "data.train",
                                                              d.fields, d.split, d.subset)
         if d.eval:
-            self.eval_data = load_records(d.eval, check, d.skip_bad, "data.eval", d.fields, d.eval_split, d.subset)
+            self.eval_data = load_records(d.eval, self.adapter.check_eval_record, d.skip_bad, "data.eval", d.fields,
+                                          d.eval_split, d.subset)
         elif for_eval:
             raise ConfigError("data.eval is required to evaluate: a file, save_to_disk folder or hub id of eval "
                               "records")

@@ -140,6 +140,13 @@ def _unknown_prompt(case: Case) -> str:
     return str(path)
 
 
+def _eval_with_an_unanswered_record(case: Case) -> str:
+    """An eval set of two records, the second without an answer (its accuracy would count only the first)."""
+    path = case.tmp / "unanswered.jsonl"
+    path.write_text(json.dumps({"prompt": "1+2=", "answer": "3"}) + "\n" + json.dumps({"prompt": "2+2="}) + "\n")
+    return str(path)
+
+
 def _png_with_four_rows(path: Path, side: int = 9000) -> None:
     """A side x side grayscale PNG whose (valid, complete) compressed stream holds only its first 4 rows."""
     def chunk(kind: bytes, body: bytes) -> bytes:
@@ -232,6 +239,12 @@ CASES: dict[str, tuple[Callable[[Case], list[str]], int, str]] = {
     "vlm_png_with_four_rows_of_data": (lambda c: ["train", c.vlm_config(_png_with_four_rows)], 2,
                                        r"vlm\.jsonl:1: bad record: image .*picture\.png is 9000x9000, but its data "
                                        r"stops [\d,]+ bytes short \(a truncated PNG"),
+    "eval_record_without_an_answer": (lambda c: ["train", c.config({"data.eval": _eval_with_an_unanswered_record(c)})],
+                                      2, r"unanswered\.jsonl:2: bad record: no 'answer' to score the response "
+                                         r"against; every data\.eval record needs one"),
+    "eval_command_on_a_record_without_an_answer": (
+        lambda c: ["eval", c.config({"data.eval": _eval_with_an_unanswered_record(c)})], 2,
+        r"unanswered\.jsonl:2: bad record: no 'answer'"),
     "image_toy_wrong_max_new_tokens": (lambda c: ["train", c.image_config({"rollout.max_new_tokens": 20})], 2,
                                        r"rollout\.max_new_tokens=20, but every picture of this model "
                                        rf"is .* = {GRID_TOKENS} tokens; set rollout\.max_new_tokens={GRID_TOKENS}"),
