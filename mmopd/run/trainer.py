@@ -125,8 +125,8 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) 
     state = _start_segment(c, run, par, scheduler, metrics_log)
     metric = session.adapter.metric
     evaluating = session.eval_data is not None and (main or par.every_rank_samples)  # then every rank evaluates
-    if resume_from is None and evaluating:
-        _baseline(session, par, metrics_log, state["baseline"], live)
+    if evaluating and (resume_from is None or _baseline_is_stale(state["baseline"], session.eval_set(), run)):
+        _baseline(session, par, metrics_log, state["baseline"], live, resumed=resume_from is not None)
     if not models.rollout.exact:
         _sync_engine(models, par)  # the engine loaded the student's path; a resumed or LoRA student differs from it
         check_engine(models, session.train_data.records[:4], c)
@@ -214,16 +214,43 @@ def _start_segment(c: Config, run: Run, par: Parallel, scheduler: Any, metrics_l
     return state
 
 
-def _baseline(session: Session, par: Parallel, metrics_log: MetricsLog, baseline: dict[str, Any], live: bool) -> None:
+EVAL_KEYS = ("data.eval", "data.eval_split", "data.eval_limit", "data.subset")
+
+
+def _baseline_is_stale(baseline: dict[str, Any], eval_set: str, run: Run) -> bool:
+    """Whether a resumed run's baseline was measured on other eval records than this segment's (data.eval may
+    change on resume): "before" and "after" must be measured on the same set. A baseline of an earlier mmopd names
+    no set; it stands unless the config's eval keys changed."""
+    if "eval_set" not in baseline and "student_before" in baseline:
+        return any(key in run.changes for key in EVAL_KEYS)
+    return baseline.get("eval_set") != eval_set
+
+
+def _baseline(session: Session, par: Parallel, metrics_log: MetricsLog, baseline: dict[str, Any], live: bool,
+              resumed: bool = False) -> None:
     """The eval scores before training: the teacher's (where one teacher is in this process) and the student's,
-    with its KL to the teacher, into `baseline`."""
+    with its KL to the teacher, into `baseline`, with the eval set they were measured on. `resumed`: a resumed
+    run's eval set changed, so the starting student is loaded again from student.path and measured on the new set
+    (not logged as a step's eval row)."""
+    if resumed:
+        log.warning("the eval records differ from those the run's baseline was measured on; measuring the teacher "
+                    "and the starting student (student.path) on them, so that before and after compare")
+    baseline.clear()
+    baseline["eval_set"] = session.eval_set()
     if session.teacher is not None and not session.teacher_in_process:
         log.info("teacher.engine=vllm: the teacher's eval baseline is not measured (its weights are in its "
                  "engine, not in this process); `mmopd eval CONFIG --teacher` loads and measures it")
     elif session.teacher is not None and not session.teachers:  # several: no one teacher answers every prompt
         baseline["teacher"] = session.evaluate(session.teacher, session.teacher_processor, "eval teacher",
                                                live)["metrics"][session.adapter.metric]
-    result, kl = _evaluate(session, par, metrics_log, 0, "eval student", live)
+    if resumed:
+        starting = session.starting_student()
+        result, kl = session.evaluate(starting, session.student_processor, "eval starting student", live), \
+            session.eval_kl(starting)
+        par.reshard_teacher()
+        del starting
+    else:
+        result, kl = _evaluate(session, par, metrics_log, 0, "eval student", live)
     baseline["student_before"] = result["metrics"][session.adapter.metric]
     if kl is not None:
         baseline["kl_before"] = kl
