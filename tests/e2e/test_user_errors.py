@@ -278,6 +278,9 @@ CASES: dict[str, tuple[Callable[[Case], list[str]], int, str]] = {
                                            ["train", c.config({"train.steps": 3})])[2], 2,
                                 r"no checkpoint .* can be resumed: .*step-2 is unusable \(trainer_state\.pt is "
                                 r"missing\).*step-1 is unusable"),
+    "vllm_checkpoint_into_a_run": (lambda c: (c.reuse(), ["vllm-checkpoint", c.config(), str(c.run)])[1], 2,
+                                   r"run is not empty and is no engine checkpoint that mmopd wrote .*nothing was "
+                                   r"deleted"),
     "toy_into_a_used_directory": (lambda c: (c.reuse(), ["toy", "text", str(c.run)])[1], 2,
                                   r"is not empty; .*--force"),
 }
