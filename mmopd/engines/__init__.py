@@ -14,7 +14,7 @@ from mmopd.config import Config, ConfigError
 from mmopd.engines.base import DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, RolloutEngine, TeacherNeed, TeacherScorer
 from mmopd.engines.hf import HFRollout, HFTeacher, model_scores, rollout
 from mmopd.engines.vllm import (Colocated, EngineError, Served, VLLMRollout, VLLMTeacher, default_sync_dir,
-                                write_engine_checkpoint)
+                                remove_sync_dir, write_engine_checkpoint)
 from mmopd.engines.vllm.families import engine_key as vllm_engine_key
 from mmopd.engines.vllm.families import vllm_unsupported
 from mmopd.engines.vllm.head import load_head
@@ -70,16 +70,21 @@ def vllm_rollout(config: Config, adapter: ModalityAdapter, model: nn.Module, pro
     sync_dir = Path(r.sync_dir) if r.sync_dir else default_sync_dir()
     sync_dir.mkdir(parents=True, exist_ok=True)
     engine_key = vllm_engine_key(model)
-    if r.url:
-        transport: Any = Served(r.url, r.timeout, r.retries)
-        if not lora:
-            transport.check_untied()
-    else:  # a full student's engine starts from an untied copy in vLLM's key layout; a LoRA one from the base
-        start = path if lora else write_engine_checkpoint(model, sync_dir / "start", engine_key, processor)
-        dtype = engine_dtype(config.student.dtype, next(model.parameters()).is_cuda)
-        transport = Colocated(str(start), dtype, context_length(model), r.gpu_memory_utilization, r.sleep,
-                              config.student.lora_rank if lora else 0)
-    return VLLMRollout(transport, space, eos_ids, pad_id, r.max_new_tokens, sync_dir, lora, engine_key, writer)
+    try:
+        if r.url:
+            transport: Any = Served(r.url, r.timeout, r.retries)
+            if not lora:
+                transport.check_untied()
+        else:  # a full student's engine starts from an untied copy in vLLM's key layout; a LoRA one from the base
+            start = path if lora else write_engine_checkpoint(model, sync_dir / "start", engine_key, processor)
+            dtype = engine_dtype(config.student.dtype, next(model.parameters()).is_cuda)
+            transport = Colocated(str(start), dtype, context_length(model), r.gpu_memory_utilization, r.sleep,
+                                  config.student.lora_rank if lora else 0)
+    except BaseException:
+        remove_sync_dir(sync_dir, owned=not r.sync_dir)
+        raise
+    return VLLMRollout(transport, space, eos_ids, pad_id, r.max_new_tokens, sync_dir, lora, engine_key, writer,
+                       owns_sync_dir=not r.sync_dir)
 
 
 # head sizes vLLM's CPU attention backend supports (CPUAttentionBackend.get_supported_head_sizes, vLLM 0.32)

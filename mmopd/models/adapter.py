@@ -29,7 +29,7 @@ from mmopd.step.objective_table import needs_answers
 from mmopd.step.rewards import reads_answers
 
 __all__ = ["ModalityAdapter", "ModelCalls", "ModelLoadError", "PolicySide", "RunSettings", "available_adapters",
-           "fused_unsupported", "get_adapter", "load_pretrained", "prepare_trainable", "register_adapter",
+           "eval_check", "fused_unsupported", "get_adapter", "load_pretrained", "prepare_trainable", "register_adapter",
            "settings_of"]
 
 _REGISTRY: dict[str, type["ModalityAdapter"]] = {}
@@ -108,15 +108,6 @@ class ModalityAdapter:
         """Validate one JSONL record (raise data.RecordError) and return it, with paths resolved."""
         raise NotImplementedError
 
-    def check_eval_record(self, raw: dict, base_dir: Path) -> dict:
-        """`check_record`, and that evaluation can score the record: every eval record counts in the metric's
-        denominator, so one without the answer it is scored against is refused here, never dropped at scoring."""
-        record = self.check_record(raw, base_dir)
-        if self.scores_answers and record.get("answer") is None:
-            raise RecordError(f"no 'answer' to score the response against; every data.eval record needs one "
-                              f"(the {self.metric} counts every record)")
-        return record
-
     def encode_prompts(self, records: list[dict], processor: Any) -> PromptBatch:
         raise NotImplementedError
 
@@ -150,6 +141,19 @@ class PolicySide:
     space: TokenSpace
     eos_ids: list[int]
     pad_id: int
+
+
+def eval_check(adapter: ModalityAdapter) -> Callable[[dict, Path], dict]:
+    """The check of a data.eval record: the adapter's `check_record`, and that evaluation can score the record.
+    Every eval record counts in the metric's denominator, so one without the answer it is scored against is refused
+    when the set loads, never dropped at scoring."""
+    def check(raw: dict, base_dir: Path) -> dict:
+        record = adapter.check_record(raw, base_dir)
+        if adapter.scores_answers and record.get("answer") is None:
+            raise RecordError(f"no 'answer' to score the response against; every data.eval record needs one "
+                              f"(the {adapter.metric} counts every record)")
+        return record
+    return check
 
 
 def prepare_trainable(adapter: ModalityAdapter, model: nn.Module, student: StudentConfig) -> nn.Module:

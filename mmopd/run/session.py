@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from mmopd.config import Config, ConfigError, TeacherConfig, check_modality_options
 from mmopd.data.records import DataError, Dataset, load_records
 from mmopd.engines.routed import check_same_vocabulary, routing_check
-from mmopd.models.adapter import ModelLoadError, PolicySide, get_adapter, settings_of
+from mmopd.models.adapter import ModelLoadError, PolicySide, eval_check, get_adapter, settings_of
 from mmopd.models.compat import IncompatibleModelsError
 from mmopd.models.hf import context_length
 from mmopd.run.evaluation import evaluate_policy, kl_to_teacher
@@ -56,7 +56,7 @@ class Session:
         self.train_data = None if for_eval else load_records(d.train, train_check, d.skip_bad, "data.train",
                                                              d.fields, d.split, d.subset)
         if d.eval:
-            self.eval_data = load_records(d.eval, self.adapter.check_eval_record, d.skip_bad, "data.eval", d.fields,
+            self.eval_data = load_records(d.eval, eval_check(self.adapter), d.skip_bad, "data.eval", d.fields,
                                           d.eval_split, d.subset)
         elif for_eval:
             raise ConfigError("data.eval is required to evaluate: a file, save_to_disk folder or hub id of eval "

@@ -7,6 +7,7 @@ repeats the uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import math
@@ -99,7 +100,8 @@ def train(config: Config) -> dict[str, Any]:
             log.warning("%s already did all %d steps; nothing to train (raise train.steps to continue)",
                         run.out, t.steps)
             return run.finished
-        summary = _train(c, accelerator, run, stop)
+        with contextlib.ExitStack() as cleanup:  # the engines' weight copies go however the run ends
+            summary = _train(c, accelerator, run, stop, cleanup)
         accelerator.end_training()  # after the final evaluation, which a sharded model runs on every rank
         return summary
     finally:
@@ -107,7 +109,8 @@ def train(config: Config) -> dict[str, Any]:
         run.close()
 
 
-def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) -> dict[str, Any]:
+def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any],
+           cleanup: contextlib.ExitStack) -> dict[str, Any]:
     t, main, resume_from = c.train, accelerator.is_main_process, run.resume_from
     per_step = t.batch_size * t.grad_accum * accelerator.num_processes  # records per optimizer step
     if resume_from is not None:
@@ -121,16 +124,15 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) 
     scheduler = torch.optim.lr_scheduler.LambdaLR(adamw, warmup_cosine(t.warmup, t.steps))
     par = parallel(accelerator, session.policy, adamw, session.teacher, t.sharding == "fsdp")
     models = session.models(par.student)
+    cleanup.callback(models.close)
     metrics_log = MetricsLog(run.out / "metrics.jsonl")
     state = _start_segment(c, run, par, scheduler, metrics_log)
-    metric = session.adapter.metric
     evaluating = session.eval_data is not None and (main or par.every_rank_samples)  # then every rank evaluates
     if evaluating and (resume_from is None or _baseline_is_stale(state["baseline"], session.eval_set(), run)):
         _baseline(session, par, metrics_log, state["baseline"], live, resumed=resume_from is not None)
     if not models.rollout.exact:
         _sync_engine(models, par)  # the engine loaded the student's path; a resumed or LoRA student differs from it
         check_engine(models, session.train_data.records[:4], c)
-    records = session.train_data.records
     health = HealthMonitor(t.health_min_entropy, t.health_max_repeat, t.health_max_length, bool(session.eos_ids))
     progress = Progress(metrics_log, health, t.steps, state["step"], t.log_every, main, live, t.progress,
                         accelerator.log if t.report_to else None)
@@ -138,7 +140,7 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) 
     par.student.train()
     for step in range(state["step"], t.steps):
         timer, started = Timer(), time.perf_counter()
-        row = _micro_batches(models, plan, par, records, step, per_step, t, timer)
+        row = _micro_batches(models, plan, par, session.train_data.records, step, per_step, t, timer)
         row, stopping = par.mean_over_ranks(row, stop["signal"] is not None)  # any rank's SIGTERM stops all
         # a remote rank's stop reads as SIGTERM
         stop_name = signal.Signals(stop["signal"] or signal.SIGTERM).name if stopping else None
@@ -159,7 +161,8 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) 
             log.warning("%s: saved checkpoint step-%d and stopped; rerun the same command to resume", stop_name, done)
             break
     progress.close()
-    summary = {"metric": metric, **state["baseline"], "steps": state["step"], "health_warnings": health.warnings}
+    summary = {"metric": session.adapter.metric, **state["baseline"], "steps": state["step"],
+               "health_warnings": health.warnings}
     if stop_name is not None:
         return {**summary, "stopped_by": stop_name}
     if evaluating:

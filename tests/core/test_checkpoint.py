@@ -87,5 +87,6 @@ def test_a_resume_on_another_eval_set_measures_before_on_that_set(text_config, t
                                 for r, a in zip(records, responses)))
     summary = train(text_config(**{"train.steps": 2, "data.eval": str(new_eval)}))
     assert summary["student_before"] == 1.0
-    assert summary["teacher"] == mmopd_evaluate(text_config(**{"data.eval": str(new_eval)}), which="teacher")["accuracy"]
-    assert summary["eval_set"] == Session(text_config(**{"data.eval": str(new_eval)}), for_eval=True).eval_set()
+    on_new = text_config(**{"data.eval": str(new_eval)})
+    assert summary["teacher"] == mmopd_evaluate(on_new, which="teacher")["accuracy"]
+    assert summary["eval_set"] == Session(on_new, for_eval=True).eval_set()

@@ -12,7 +12,8 @@ import transformers
 from safetensors import safe_open
 
 from mmopd.config import ConfigError
-from mmopd.engines.vllm import UNTIED_HEAD_FILE, ties_head, write_engine_checkpoint
+from mmopd.engines.vllm import UNTIED_HEAD_FILE, VLLMRollout, default_sync_dir, ties_head, write_engine_checkpoint
+from mmopd.step.batch import TokenSpace
 from tests.vllm_models import build_text
 
 
@@ -60,3 +61,22 @@ def test_a_directory_it_did_not_write_is_refused_and_kept_one_it_wrote_is_replac
     out = write_engine_checkpoint(model, tmp_path / "engine", lambda key: key)
     (out / "stale.safetensors").write_bytes(b"an earlier export's file")
     assert write_engine_checkpoint(model, out, lambda key: key) == out and not (out / "stale.safetensors").exists()
+
+
+def test_closing_the_engine_removes_its_weight_copies_and_the_folder_made_for_it(tmp_path):
+    """A run's end (finished or failed) closes its rollout engine: no student copy stays in /dev/shm's RAM."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(build_text(tmp_path / "tied", "student"))
+
+    def engine(sync_dir, owned):
+        return VLLMRollout(None, TokenSpace(8), [], 0, 4, sync_dir, False, lambda key: key, owns_sync_dir=owned)
+
+    made = default_sync_dir()
+    write_engine_checkpoint(model, made / "start", lambda key: key)  # a colocated engine's start copy
+    engine(made, owned=True).close()
+    assert not made.exists()
+    given = tmp_path / "sync"  # rollout.sync_dir: the user's folder keeps what it held
+    (given / "weights").mkdir(parents=True)  # a sync cut short
+    (given / "notes.txt").write_text("the user's")
+    write_engine_checkpoint(model, given / "start", lambda key: key)
+    engine(given, owned=False).close()
+    assert [p.name for p in given.iterdir()] == ["notes.txt"]

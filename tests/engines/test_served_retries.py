@@ -5,11 +5,18 @@ retried like a dropped connection, never scored, and the last try's failure name
 from __future__ import annotations
 
 import json
+import os
+import socket
+import tempfile
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
+import yaml
 
+from mmopd.cli import main
 from mmopd.engines import EngineError
 from mmopd.engines.vllm import Served
 
@@ -78,3 +85,104 @@ def test_a_server_fault_is_retried_and_a_refusal_is_not(endpoint, monkeypatch):
     with pytest.raises(EngineError, match="refused /v1/completions: HTTP 400: .*maximum context length"):
         Served(url, timeout=5, retries=2, role="teacher").post("/v1/completions", {})
     assert state["posts"] == 1
+
+
+# hostile peers: what a proxy, another service or a stalled server sends where vLLM's JSON should be
+
+@pytest.fixture
+def peer():
+    """A server answering every GET and POST with `state["reply"](handler)`, which writes the whole answer."""
+    state = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            state["reply"](self)
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            state["reply"](self)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", state
+    server.shutdown()
+
+
+def _page(handler, body: bytes = b"<html><body><h1>Sign in to continue</h1></body></html>",
+          kind: str = "text/html") -> None:
+    handler.send_response(200)
+    handler.send_header("Content-Type", kind)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+def _trickle(handler) -> None:
+    """A complete, valid answer, one byte every 0.1 s (20 s in all): each read is quick, the whole is not."""
+    body = json.dumps(DONE[1]).encode().ljust(200)
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    for byte in body:
+        handler.wfile.write(bytes([byte]))
+        handler.wfile.flush()
+        time.sleep(0.1)
+
+
+def test_a_page_that_is_not_json_is_one_line_naming_the_url_and_what_came_back(peer):
+    url, state = peer
+    state["reply"] = _page
+    with pytest.raises(EngineError) as err:
+        Served(url, timeout=5, retries=0).generate([{"prompt_token_ids": [1, 2]}], [{}])
+    message = str(err.value)
+    assert f"vLLM at {url} answered /v1/models with HTTP 200 text/html, not JSON: '<html><body><h1>Sign in" in message
+    assert "set rollout.url to the vLLM server itself" in message and "\n" not in message
+
+
+def test_json_without_vllms_fields_is_one_line_naming_what_came_back(peer):
+    url, state = peer
+    state["reply"] = lambda h: _page(h, b'{"status": "ok"}', "application/json")
+    with pytest.raises(EngineError, match=r'answered /v1/models without data/0/id: \{"status": "ok"\}'):
+        Served(url, timeout=5, retries=0, role="teacher").served_model()
+
+
+def test_a_server_that_trickles_bytes_is_cut_off_at_the_requests_deadline(peer):
+    url, state = peer
+    state["reply"] = _trickle
+    with pytest.raises(EngineError, match=r"did not answer /v1/completions after 1 tries \(no whole answer within "
+                                          r"0\.5 s\)"):
+        Served(url, timeout=0.5, retries=0).post("/v1/completions", {})
+
+
+def test_a_refused_connection_says_no_server_listens_and_points_to_its_log():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free once closed: nothing listens there
+    with pytest.raises(EngineError) as err:
+        Served(f"http://127.0.0.1:{port}", timeout=5, retries=0, role="teacher").post("/v1/completions", {})
+    assert "connection refused, so no server listens there (teacher.url): it has not started, or its process " \
+           "exited; check the server's log for why" in str(err.value)
+
+
+def test_a_run_whose_rollout_url_answers_a_page_stops_in_one_line_and_leaves_no_sync_dir(peer, tiny_text, tmp_path,
+                                                                                        capsys):
+    url, state = peer
+    state["reply"] = _page
+    config = {"modality": "text", "student": {"path": str(tiny_text["student"])},
+              "teacher": {"path": str(tiny_text["teacher"])}, "data": {"train": str(tiny_text["train"])},
+              "rollout": {"engine": "vllm", "url": url, "max_new_tokens": 4},
+              "train": {"steps": 1, "batch_size": 2, "out_dir": str(tmp_path / "run"), "progress": False}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(tmp_path / "c.yaml")]) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("mmopd: ")]
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert f"mmopd: stopped: vLLM at {url} answered /v1/models with HTTP 200 text/html, not JSON" in lines[0]
+    # the sync folder made for the run (default_sync_dir: /dev/shm, or the temp dir) is gone
+    made = [p for root in ("/dev/shm", tempfile.gettempdir()) for p in Path(root).glob(f"mmopd-sync-{os.getpid()}-*")]
+    assert made == []
