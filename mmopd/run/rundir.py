@@ -14,6 +14,7 @@ Each segment (start or resume) appends its config and its changes to `segments.j
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -243,14 +244,16 @@ def _check_same_run(old: dict[str, Any] | None, config: Config,
 
 
 def _lock(out: Path) -> None:
+    probe = out / f".write-test-{os.getpid()}"
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
         probe.write_text("ok")
-        probe.unlink()
     except OSError as err:
         raise RunDirError(f"train.out_dir={out} is not a writable directory ({err.strerror or err}); choose one "
                           "you can write to") from err
+    finally:  # a write that failed (a full disk) may have made the file
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
     path = out / LOCK
     for _ in range(3):
         try:

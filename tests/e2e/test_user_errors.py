@@ -432,3 +432,21 @@ def test_off_a_terminal_progress_is_plain_lines_not_a_redrawn_bar(tiny_text, tmp
     assert proc.returncode == 0, proc.stderr
     assert "\r" not in proc.stderr and "Traceback" not in proc.stderr
     assert "step 2/2 loss" in proc.stderr
+
+
+def test_a_run_directory_whose_write_probe_fails_is_one_line_and_keeps_no_probe(tiny_text, tmp_path, capsys,
+                                                                              monkeypatch):
+    case = Case(tmp_path, tiny_text, tmp_path)
+    real = Path.write_text
+
+    def full_disk(path, *args, **kwargs):
+        if path.name.startswith(".write-test-"):
+            real(path, "")  # the file is made, then its write fails
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    assert main(["train", case.config()]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "is not a writable directory (No space left on device)" in err
+    assert list(case.run.iterdir()) == []
