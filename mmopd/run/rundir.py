@@ -97,15 +97,30 @@ def open_run(config: Config, main: bool = True) -> Run:
             raise RunDirError(f"train.steps={t.steps} is fewer than the {done} steps {run.resume_from} has done; "
                               f"nothing to train. Set train.steps above {done} to continue this run, or start a "
                               "new one with another train.out_dir")
-        summary = out / "summary.json"
-        if t.steps == done and summary.is_file():
-            run.finished = json.loads(summary.read_text())
-        else:
+        if t.steps == done:
+            run.finished = _finished_summary(out / "summary.json")
+        if run.finished is None:
             _check_step_order(run.state.get("step_order"), run.resume_from)
         return run
     except BaseException:
         run.close()
         raise
+
+
+def _finished_summary(path: Path) -> dict[str, Any] | None:
+    """The summary of a run that did all its steps, or None where there is none to read: absent, or torn by a
+    crash while it was written (the run then evaluates again from its last checkpoint and writes it whole)."""
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        log.warning("%s is unreadable (%s); evaluating the last checkpoint again to write it whole", path, err)
+        return None
+    if not isinstance(summary, dict):
+        log.warning("%s holds no summary; evaluating the last checkpoint again to write it whole", path)
+        return None
+    return summary
 
 
 def _check_step_order(saved: str | None, path: Path) -> None:

@@ -205,10 +205,10 @@ def _start_segment(c: Config, run: Run, par: Parallel, scheduler: Any, metrics_l
         apply_resume_changes(run, par.optimizer, scheduler, c.train)
         set_rng_state(state["rng"])
         if main:
-            metrics_log.truncate_after(state["step"])
+            metrics_log.supersede_after(state["step"])
             log.info("resumed from %s at step %d", run.resume_from, state["step"])
     elif main:
-        metrics_log.path.unlink(missing_ok=True)  # a restart of the same config from step 0 (open_run checked)
+        metrics_log.supersede_after(-1)  # a restart of the same config from step 0 (open_run checked)
     if main:
         save_config(c, run.out / "config.yaml")  # what this segment runs; segments.jsonl keeps the earlier ones
         record_segment(run, c)

@@ -450,3 +450,28 @@ def test_a_run_directory_whose_write_probe_fails_is_one_line_and_keeps_no_probe(
     err = capsys.readouterr().err
     assert "Traceback" not in err and "is not a writable directory (No space left on device)" in err
     assert list(case.run.iterdir()) == []
+
+
+@pytest.mark.parametrize("left", [["step-1"], []])
+def test_a_rerun_moves_the_rows_it_logs_again_aside_and_deletes_none(left, tiny_text, finished_run, tmp_path):
+    """A crash after step 2's rows, before its checkpoint (or before any checkpoint): the rerun logs those steps
+    again, and the earlier segment's rows go to metrics.superseded.jsonl."""
+    case = Case(tmp_path, tiny_text, finished_run)
+    case.reuse()
+    earlier = (case.run / "metrics.jsonl").read_text().splitlines()
+    for step in ("step-1", "step-2"):
+        if step not in left:  # a checkpoint write that never finished: removed at the next start
+            (case.run / "checkpoints" / step).rename(case.run / "checkpoints" / f".tmp-{step}-999")
+    assert main(["train", case.config()]) == 0
+    assert [r["step"] for r in _rows(case.run)] == [1, 2]
+    moved = (case.run / "metrics.superseded.jsonl").read_text().splitlines()
+    assert moved == [line for line in earlier if json.loads(line)["step"] > (1 if left else -1)]
+
+
+def test_a_torn_summary_is_written_again_whole_not_a_traceback(tiny_text, finished_run, tmp_path, capsys, caplog):
+    case = Case(tmp_path, tiny_text, finished_run)
+    case.reuse()
+    _truncate(case.run / "summary.json")  # a crash while it was written
+    assert main(["train", case.config()]) == 0
+    assert "Traceback" not in capsys.readouterr().err and "summary.json is unreadable" in caplog.text
+    assert json.loads((case.run / "summary.json").read_text())["steps"] == 2
