@@ -18,6 +18,7 @@ from mmopd.engines.vllm import (Colocated, EngineError, Served, VLLMRollout, VLL
 from mmopd.engines.vllm.families import engine_key as vllm_engine_key
 from mmopd.engines.vllm.families import vllm_unsupported
 from mmopd.engines.vllm.head import load_head
+from mmopd.engines.vllm.identity import check_served_model
 from mmopd.engines.vllm.serve import engine_dtype
 from mmopd.models.adapter import ModalityAdapter, PolicySide, fused_unsupported
 from mmopd.models.hf import context_length, text_config
@@ -133,9 +134,18 @@ def vllm_teacher(config: Config, adapter: ModalityAdapter, model: nn.Module, pro
         log.info("teacher.engine=vllm: the vLLM teacher's log-probs are over its %d-token vocabulary; the "
                  "in-process teacher renormalises over the %d actions (the same where it puts no mass outside)",
                  vocab, space.size)
-    transport: Any = Served(t.url, t.timeout, t.retries, role="teacher") if t.url else \
+    transport: Any = _served_teacher(config) if t.url else \
         Colocated(t.path, engine_dtype(t.dtype, cuda), None, t.gpu_memory_utilization, False, 0)
     return VLLMTeacher(transport, space, eos_ids)
+
+
+def _served_teacher(config: Config) -> Served:
+    """The transport to the teacher at teacher.url, once its server is seen to serve teacher.path
+    (`identity.check_served_model`)."""
+    t = config.teacher
+    served = Served(t.url, t.timeout, t.retries, role="teacher")
+    check_served_model(served.served_entry(), served.url, t.path, config.student.path)
+    return served
 
 
 def _hidden_state_teacher(config: Config, adapter: ModalityAdapter, model: nn.Module, space: TokenSpace,
@@ -149,5 +159,5 @@ def _hidden_state_teacher(config: Config, adapter: ModalityAdapter, model: nn.Mo
                           f"the trainer's copy of its LM head, and this teacher's head cannot take them: {why}; set "
                           "teacher.top_k: K, objective.estimator: sampled, or teacher.engine: hf")
     head = load_head(t.path, model, getattr(torch, engine_dtype(t.dtype, torch.cuda.is_available())))
-    return VLLMTeacher(Served(t.url, t.timeout, t.retries, role="teacher"), space, eos_ids, head, fused)
+    return VLLMTeacher(_served_teacher(config), space, eos_ids, head, fused)
 

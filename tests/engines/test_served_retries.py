@@ -17,8 +17,10 @@ import pytest
 import yaml
 
 from mmopd.cli import main
+from mmopd.config import ConfigError
 from mmopd.engines import EngineError
 from mmopd.engines.vllm import Served
+from mmopd.engines.vllm.identity import check_served_model
 
 ABORTED = 200, {"choices": [{"index": 0, "finish_reason": "abort", "prompt_logprobs": [None]}]}
 DONE = 200, {"choices": [{"index": 0, "finish_reason": "length", "prompt_logprobs": [None, {"3": {"logprob": -0.5}}]}]}
@@ -186,3 +188,43 @@ def test_a_run_whose_rollout_url_answers_a_page_stops_in_one_line_and_leaves_no_
     # the sync folder made for the run (default_sync_dir: /dev/shm, or the temp dir) is gone
     made = [p for root in ("/dev/shm", tempfile.gettempdir()) for p in Path(root).glob(f"mmopd-sync-{os.getpid()}-*")]
     assert made == []
+
+
+def _serving(path):
+    """A peer whose /v1/models names `path` as vLLM does (id: the --model argument, root: the folder)."""
+    return lambda h: _page(h, json.dumps({"object": "list", "data": [{"id": str(path), "root": str(path)}]}).encode(),
+                           "application/json")
+
+
+def test_a_teacher_server_serving_the_student_is_refused_in_one_line(peer, tiny_text, tmp_path, capsys):
+    url, state = peer
+    state["reply"] = _serving(tiny_text["student"])
+    config = {"modality": "text", "student": {"path": str(tiny_text["student"])},
+              "teacher": {"path": str(tiny_text["teacher"]), "engine": "vllm", "url": url},
+              "data": {"train": str(tiny_text["train"])}, "rollout": {"max_new_tokens": 4},
+              "train": {"steps": 1, "batch_size": 2, "out_dir": str(tmp_path / "run"), "progress": False}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("mmopd: ")]
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert f"the teacher server at {url} serves {tiny_text['student']}, which is student.path, not " \
+           f"teacher.path={tiny_text['teacher']}" in lines[0]
+
+
+def test_a_served_teacher_of_another_shape_is_refused_and_an_unreadable_one_of_another_name_warned(tiny_text,
+                                                                                                  tmp_path, caplog):
+    teacher, student = str(tiny_text["teacher"]), str(tiny_text["student"])
+    other = tmp_path / "other"
+    other.mkdir()
+    config = json.loads((tiny_text["teacher"] / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "hidden_size": config["hidden_size"] * 2}))
+    with pytest.raises(ConfigError, match=rf"serves {other}, whose hidden_size is {config['hidden_size'] * 2}, "
+                                          rf"teacher.path's {config['hidden_size']}"):
+        check_served_model({"id": "teacher", "root": str(other)}, "http://gpu-node:8000", teacher, student)
+    check_served_model({"id": "/models/teacher", "root": "/models/teacher"}, "http://gpu-node:8000", teacher, student)
+    assert "check that it is the same model" not in caplog.text  # another machine's path to a folder of that name
+    check_served_model({"id": "/models/qwen-0.5b", "root": "/models/qwen-0.5b"}, "http://gpu-node:8000", teacher,
+                       student)
+    assert "serves /models/qwen-0.5b, and teacher.path is" in caplog.text
+    check_served_model({"id": student, "root": student}, "http://gpu-node:8000", student, student)  # self-distillation

@@ -116,8 +116,7 @@ class Served:
     def check_untied(self) -> None:
         """Refuse a served model whose LM head is tied to its embeddings, where its config can be read: vLLM's
         reload never refreshes a tied head, so every sync would leave the engine a step behind in its head."""
-        served = self.field(self.post_get("/v1/models"), "/v1/models", "data", 0)
-        root = Path(served.get("root") or "") / "config.json"
+        root = Path(self.served_entry().get("root") or "") / "config.json"
         if not root.is_file():
             log.warning("cannot read the served model's config (%s) to check that its LM head is untied", root)
             return
@@ -125,6 +124,14 @@ class Served:
             raise EngineError(f"the model served at {self.url} ({root.parent}) ties its LM head to its embeddings, "
                               "which vLLM's weight reload never refreshes; serve an untied copy written by "
                               "`mmopd vllm-checkpoint CONFIG DIR`")
+
+    def served_entry(self) -> dict[str, Any]:
+        """The served model's `/v1/models` entry: its `id` (the served name) and `root` (the path it loaded)."""
+        entry = self.field(self.post_get("/v1/models"), "/v1/models", "data", 0)
+        if not isinstance(entry, dict):
+            raise EngineError(f"vLLM at {self.url} answered /v1/models with {json.dumps(entry)[:120]} for a model; "
+                              f"set {self.role}.url to the vLLM server itself")
+        return entry
 
     def served_model(self) -> str:
         if self.model is None:
