@@ -171,20 +171,27 @@ def test_a_refused_connection_says_no_server_listens_and_points_to_its_log():
            "exited; check the server's log for why" in str(err.value)
 
 
+def _train(tiny_text, tmp_path, capsys, teacher=None, rollout=None) -> tuple[int, str]:
+    """`mmopd train` of a 1-step text run with these teacher and rollout settings: its exit code and its one
+    message line (no traceback, no other `mmopd:` line)."""
+    config = {"modality": "text", "student": {"path": str(tiny_text["student"])},
+              "teacher": {"path": str(tiny_text["teacher"]), **(teacher or {})},
+              "data": {"train": str(tiny_text["train"])}, "rollout": {"max_new_tokens": 4, **(rollout or {})},
+              "train": {"steps": 1, "batch_size": 2, "out_dir": str(tmp_path / "run"), "progress": False}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    code = main(["train", str(tmp_path / "c.yaml")])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("mmopd: ")]
+    assert "Traceback" not in err and len(lines) == 1, err
+    return code, lines[0]
+
+
 def test_a_run_whose_rollout_url_answers_a_page_stops_in_one_line_and_leaves_no_sync_dir(peer, tiny_text, tmp_path,
                                                                                         capsys):
     url, state = peer
     state["reply"] = _page
-    config = {"modality": "text", "student": {"path": str(tiny_text["student"])},
-              "teacher": {"path": str(tiny_text["teacher"])}, "data": {"train": str(tiny_text["train"])},
-              "rollout": {"engine": "vllm", "url": url, "max_new_tokens": 4},
-              "train": {"steps": 1, "batch_size": 2, "out_dir": str(tmp_path / "run"), "progress": False}}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
-    assert main(["train", str(tmp_path / "c.yaml")]) == 1
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("mmopd: ")]
-    assert "Traceback" not in err and len(lines) == 1, err
-    assert f"mmopd: stopped: vLLM at {url} answered /v1/models with HTTP 200 text/html, not JSON" in lines[0]
+    code, line = _train(tiny_text, tmp_path, capsys, rollout={"engine": "vllm", "url": url})
+    assert code == 1 and f"mmopd: stopped: vLLM at {url} answered /v1/models with HTTP 200 text/html, not JSON" in line
     # the sync folder made for the run (default_sync_dir: /dev/shm, or the temp dir) is gone
     made = [p for root in ("/dev/shm", tempfile.gettempdir()) for p in Path(root).glob(f"mmopd-sync-{os.getpid()}-*")]
     assert made == []
@@ -199,17 +206,9 @@ def _serving(path):
 def test_a_teacher_server_serving_the_student_is_refused_in_one_line(peer, tiny_text, tmp_path, capsys):
     url, state = peer
     state["reply"] = _serving(tiny_text["student"])
-    config = {"modality": "text", "student": {"path": str(tiny_text["student"])},
-              "teacher": {"path": str(tiny_text["teacher"]), "engine": "vllm", "url": url},
-              "data": {"train": str(tiny_text["train"])}, "rollout": {"max_new_tokens": 4},
-              "train": {"steps": 1, "batch_size": 2, "out_dir": str(tmp_path / "run"), "progress": False}}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
-    assert main(["train", str(tmp_path / "c.yaml")]) == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("mmopd: ")]
-    assert "Traceback" not in err and len(lines) == 1, err
-    assert f"the teacher server at {url} serves {tiny_text['student']}, which is student.path, not " \
-           f"teacher.path={tiny_text['teacher']}" in lines[0]
+    code, line = _train(tiny_text, tmp_path, capsys, teacher={"engine": "vllm", "url": url})
+    assert code == 2 and f"the teacher server at {url} serves {tiny_text['student']}, which is student.path, not " \
+                         f"teacher.path={tiny_text['teacher']}" in line
 
 
 def test_a_served_teacher_of_another_shape_is_refused_and_an_unreadable_one_of_another_name_warned(tiny_text,
