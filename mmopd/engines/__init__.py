@@ -4,6 +4,7 @@ protocols and `hf` for the in-process engines."""
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -140,12 +141,11 @@ def vllm_teacher(config: Config, adapter: ModalityAdapter, model: nn.Module, pro
 
 
 def _served_teacher(config: Config) -> Served:
-    """The transport to the teacher at teacher.url, once its server is seen to serve teacher.path
-    (`identity.check_served_model`)."""
+    """The transport to the teacher at teacher.url, which checks that its server serves teacher.path
+    (`identity.check_served_model`) before its first score."""
     t = config.teacher
-    served = Served(t.url, t.timeout, t.retries, role="teacher")
-    check_served_model(served.served_entry(), served.url, t.path, config.student.path)
-    return served
+    return Served(t.url, t.timeout, t.retries, role="teacher",
+                  check=partial(check_served_model, t.url.rstrip("/"), t.path, config.student.path))
 
 
 def _hidden_state_teacher(config: Config, adapter: ModalityAdapter, model: nn.Module, space: TokenSpace,

@@ -1,5 +1,5 @@
-"""Which model a served teacher serves, checked before step 1: a server of another model (the student, say) would
-score every token, and the run would distil towards the wrong model without a word.
+"""Which model a served teacher serves, checked before its first score: a server of another model (the student,
+say) would score every token, and the run would distil towards the wrong model without a word.
 
 The server's `/v1/models` entry names its model twice: `id` (the served name, by default the `--model` argument)
 and `root` (the path it loaded). How strict:
@@ -26,9 +26,9 @@ SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "n
               "intermediate_size")
 
 
-def check_served_model(served: dict[str, Any], url: str, path: str, student_path: str) -> None:
-    """Refuse (ConfigError) a teacher server whose `/v1/models` entry `served` names another model than teacher
-    `path`, as the module says; warn where it cannot tell."""
+def check_served_model(url: str, path: str, student_path: str, served: dict[str, Any]) -> None:
+    """Refuse (ConfigError) a teacher server at `url` whose `/v1/models` entry `served` names another model than
+    teacher `path`, as the module says; warn where it cannot tell."""
     names = [str(served[key]) for key in ("root", "id") if served.get(key)]
     if any(_same(name, path) for name in names):
         return

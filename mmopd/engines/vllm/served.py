@@ -19,7 +19,7 @@ import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -40,9 +40,11 @@ POOLING_ARGS = ("--runner", "pooling", "--convert", "embed", "--pooler-config", 
 class Served:
     """A `vllm serve` at `url`: completions over HTTP, bounded retries with backoff, then a clear error."""
 
-    def __init__(self, url: str, timeout: float, retries: int, role: str = "rollout"):
+    def __init__(self, url: str, timeout: float, retries: int, role: str = "rollout",
+                 check: Callable[[dict[str, Any]], None] | None = None):
         self.url, self.timeout, self.retries, self.role = url.rstrip("/"), timeout, retries, role
         self.model: str | None = None  # the served model's name, or the current LoRA adapter's
+        self.check = check  # run on the served model's /v1/models entry before its first use
 
     def post(self, route: str, payload: dict[str, Any], text: bool = False) -> Any:
         """POST `payload` as JSON; the parsed answer (`text`: a route that may answer plain text), retried
@@ -135,7 +137,10 @@ class Served:
 
     def served_model(self) -> str:
         if self.model is None:
-            self.model = self.field(self.post_get("/v1/models"), "/v1/models", "data", 0, "id")
+            entry = self.served_entry()
+            if self.check is not None:
+                self.check(entry)
+            self.model = self.field(entry, "/v1/models", "id")
         return self.model
 
     def generate(self, prompts: list[dict[str, Any]], params: list[dict[str, Any]]) -> list[Completion]:
