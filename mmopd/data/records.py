@@ -15,6 +15,7 @@ not stored.
 from __future__ import annotations
 
 import array
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -219,6 +220,14 @@ class Records(Sequence):
 
     def __iter__(self) -> Iterator[dict]:
         return (self[j] for j in range(len(self)))
+
+    def fingerprint(self, limit: int = 0) -> str:
+        """A digest of the first `limit` records' source rows (all of them when 0), in order: two sets share it when
+        they hold the same rows, wherever their files are."""
+        digest = hashlib.sha256()
+        for i in range(min(limit, len(self)) if limit else len(self)):
+            digest.update(json.dumps(self.rows.raw(self.row(i)), sort_keys=True, default=repr).encode() + b"\n")
+        return f"sha256:{digest.hexdigest()[:16]}"
 
 
 def record_of(raw: Any, rows: Rows, row: int, check: Check, fields: dict[str, str]) -> dict:

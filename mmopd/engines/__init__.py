@@ -4,6 +4,7 @@ protocols and `hf` for the in-process engines."""
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,10 +15,11 @@ from mmopd.config import Config, ConfigError
 from mmopd.engines.base import DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, RolloutEngine, TeacherNeed, TeacherScorer
 from mmopd.engines.hf import HFRollout, HFTeacher, model_scores, rollout
 from mmopd.engines.vllm import (Colocated, EngineError, Served, VLLMRollout, VLLMTeacher, default_sync_dir,
-                                write_engine_checkpoint)
+                                remove_sync_dir, write_engine_checkpoint)
 from mmopd.engines.vllm.families import engine_key as vllm_engine_key
 from mmopd.engines.vllm.families import vllm_unsupported
 from mmopd.engines.vllm.head import load_head
+from mmopd.engines.vllm.identity import check_served_model
 from mmopd.engines.vllm.serve import engine_dtype
 from mmopd.models.adapter import ModalityAdapter, PolicySide, fused_unsupported
 from mmopd.models.hf import context_length, text_config
@@ -70,16 +72,21 @@ def vllm_rollout(config: Config, adapter: ModalityAdapter, model: nn.Module, pro
     sync_dir = Path(r.sync_dir) if r.sync_dir else default_sync_dir()
     sync_dir.mkdir(parents=True, exist_ok=True)
     engine_key = vllm_engine_key(model)
-    if r.url:
-        transport: Any = Served(r.url, r.timeout, r.retries)
-        if not lora:
-            transport.check_untied()
-    else:  # a full student's engine starts from an untied copy in vLLM's key layout; a LoRA one from the base
-        start = path if lora else write_engine_checkpoint(model, sync_dir / "start", engine_key, processor)
-        dtype = engine_dtype(config.student.dtype, next(model.parameters()).is_cuda)
-        transport = Colocated(str(start), dtype, context_length(model), r.gpu_memory_utilization, r.sleep,
-                              config.student.lora_rank if lora else 0)
-    return VLLMRollout(transport, space, eos_ids, pad_id, r.max_new_tokens, sync_dir, lora, engine_key, writer)
+    try:
+        if r.url:
+            transport: Any = Served(r.url, r.timeout, r.retries)
+            if not lora:
+                transport.check_untied()
+        else:  # a full student's engine starts from an untied copy in vLLM's key layout; a LoRA one from the base
+            start = path if lora else write_engine_checkpoint(model, sync_dir / "start", engine_key, processor)
+            dtype = engine_dtype(config.student.dtype, next(model.parameters()).is_cuda)
+            transport = Colocated(str(start), dtype, context_length(model), r.gpu_memory_utilization, r.sleep,
+                                  config.student.lora_rank if lora else 0)
+    except BaseException:
+        remove_sync_dir(sync_dir, owned=not r.sync_dir)
+        raise
+    return VLLMRollout(transport, space, eos_ids, pad_id, r.max_new_tokens, sync_dir, lora, engine_key, writer,
+                       owns_sync_dir=not r.sync_dir)
 
 
 # head sizes vLLM's CPU attention backend supports (CPUAttentionBackend.get_supported_head_sizes, vLLM 0.32)
@@ -128,9 +135,17 @@ def vllm_teacher(config: Config, adapter: ModalityAdapter, model: nn.Module, pro
         log.info("teacher.engine=vllm: the vLLM teacher's log-probs are over its %d-token vocabulary; the "
                  "in-process teacher renormalises over the %d actions (the same where it puts no mass outside)",
                  vocab, space.size)
-    transport: Any = Served(t.url, t.timeout, t.retries, role="teacher") if t.url else \
+    transport: Any = _served_teacher(config) if t.url else \
         Colocated(t.path, engine_dtype(t.dtype, cuda), None, t.gpu_memory_utilization, False, 0)
     return VLLMTeacher(transport, space, eos_ids)
+
+
+def _served_teacher(config: Config) -> Served:
+    """The transport to the teacher at teacher.url, which checks that its server serves teacher.path
+    (`identity.check_served_model`) before its first score."""
+    t = config.teacher
+    return Served(t.url, t.timeout, t.retries, role="teacher",
+                  check=partial(check_served_model, t.url.rstrip("/"), t.path, config.student.path))
 
 
 def _hidden_state_teacher(config: Config, adapter: ModalityAdapter, model: nn.Module, space: TokenSpace,
@@ -144,5 +159,5 @@ def _hidden_state_teacher(config: Config, adapter: ModalityAdapter, model: nn.Mo
                           f"the trainer's copy of its LM head, and this teacher's head cannot take them: {why}; set "
                           "teacher.top_k: K, objective.estimator: sampled, or teacher.engine: hf")
     head = load_head(t.path, model, getattr(torch, engine_dtype(t.dtype, torch.cuda.is_available())))
-    return VLLMTeacher(Served(t.url, t.timeout, t.retries, role="teacher"), space, eos_ids, head, fused)
+    return VLLMTeacher(_served_teacher(config), space, eos_ids, head, fused)
 

@@ -46,6 +46,11 @@ class RolloutEngine(Protocol):
         """Make the engine sample from `student`'s current weights (called after each optimizer step)."""
         ...
 
+    def close(self) -> None:
+        """Remove what the engine keeps outside this process (the weights it wrote for a vLLM engine), at the end of
+        a run, finished or failed."""
+        ...
+
 
 class TeacherScorer(Protocol):
     def score(self, prompts: PromptBatch, tokens: Tensor, need: TeacherNeed) -> Scores:

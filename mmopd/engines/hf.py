@@ -95,6 +95,9 @@ class HFRollout:
     def __init__(self, side: PolicySide, max_new_tokens: int):
         self.side, self.model, self.max_new_tokens = side, side.model, max_new_tokens
 
+    def close(self) -> None:
+        """Nothing to remove: the engine is this process."""
+
     def sample(self, prompts: PromptBatch, sampling: Sampling, generator: torch.Generator | None) -> Rollout:
         was_training = self.model.training
         self.model.eval()

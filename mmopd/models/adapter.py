@@ -19,6 +19,7 @@ from typing import Any, Callable
 from torch import Tensor, nn
 
 from mmopd.config import Config, ConfigError, StudentConfig
+from mmopd.data.records import RecordError
 from mmopd.models.hf import ModelCalls, ModelLoadError
 from mmopd.models.hf import fused_unsupported as _head_unsupported
 from mmopd.models.hf import load_pretrained
@@ -28,7 +29,7 @@ from mmopd.step.objective_table import needs_answers
 from mmopd.step.rewards import reads_answers
 
 __all__ = ["ModalityAdapter", "ModelCalls", "ModelLoadError", "PolicySide", "RunSettings", "available_adapters",
-           "fused_unsupported", "get_adapter", "load_pretrained", "prepare_trainable", "register_adapter",
+           "eval_check", "fused_unsupported", "get_adapter", "load_pretrained", "prepare_trainable", "register_adapter",
            "settings_of"]
 
 _REGISTRY: dict[str, type["ModalityAdapter"]] = {}
@@ -79,6 +80,7 @@ class ModalityAdapter:
     # whether responses are text a teacher with another tokenizer reads re-encoded, aligned by character spans
     # (mmopd/step/cross_tokenizer.py; `check_pair` then checks the two tokenizers can be aligned)
     aligns_text: bool = False
+    scores_answers: bool = False  # whether `score` compares each response with its record's 'answer'
     calls: ModelCalls = ModelCalls()  # loading and calling the models
     # student.trainable modes beyond full and lora: name -> the model prepared for training (see prepare_trainable)
     trainable_modes: dict[str, Callable[[nn.Module], nn.Module]] = {}
@@ -144,6 +146,22 @@ class PolicySide:
     space: TokenSpace
     eos_ids: list[int]
     pad_id: int
+
+
+def eval_check(adapter: ModalityAdapter, check_record: Callable[[dict, Path], dict] | None = None
+               ) -> Callable[[dict, Path], dict]:
+    """The check of a data.eval record: `check_record` (the adapter's, by default), and that evaluation can score the
+    record. Every eval record counts in the metric's denominator, so one without the answer it is scored against is
+    refused when the set loads, never dropped at scoring."""
+    base = check_record or adapter.check_record
+
+    def check(raw: dict, base_dir: Path) -> dict:
+        record = base(raw, base_dir)
+        if adapter.scores_answers and record.get("answer") is None:
+            raise RecordError(f"no 'answer' to score the response against; every data.eval record needs one "
+                              f"(the {adapter.metric} counts every record)")
+        return record
+    return check
 
 
 def prepare_trainable(adapter: ModalityAdapter, model: nn.Module, student: StudentConfig) -> nn.Module:

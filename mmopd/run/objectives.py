@@ -101,6 +101,12 @@ class Models:
                                          self.fused, self.eos_ids)
         return self
 
+    def close(self) -> None:
+        """Remove what the engines keep outside this process (a vLLM engine's weight copies)."""
+        for engine in (self.rollout, self.teacher_rollout):
+            if engine is not None:
+                engine.close()
+
     def teacher_prompts(self, records: list[dict]) -> PromptBatch | None:
         """The prompts as the teacher reads them: a record's teacher-only prompt where it has one
         (mmopd/data/privileged.py), else its prompt; several teachers each encode their own rows, from the records."""
@@ -374,9 +380,14 @@ def check_engine(m: Models, records: list[dict], config: Config) -> float:
     mismatch = metrics["rollout/logprob_mismatch"]
     limit = 1e-3 if next(m.policy.parameters()).dtype == torch.float32 and not torch.cuda.is_available() else 5e-2
     if mismatch > limit:
+        likeliest = (f". The likeliest cause: the server at {config.rollout.url} was started without --logprobs-mode "
+                     "processed_logprobs, which `mmopd serve rollout CONFIG` passes (as does the command that "
+                     "`mmopd vllm-checkpoint` prints), so it sends the raw model's log-probs, before the allowed-token "
+                     "mask; else it serves another checkpoint or dtype") if config.rollout.url \
+            else " (a server started from another checkpoint, another dtype?)"
         raise EngineError(f"the rollout engine's log-probs differ from the trainer's by {mismatch:.3g} nats a token "
                           f"(limit {limit:g}) before step 1: it does not serve the student's weights, vocabulary "
-                          "or numerics (a server started from another checkpoint, another dtype?)")
+                          f"or numerics{likeliest}")
     return mismatch
 
 

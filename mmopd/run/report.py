@@ -20,11 +20,13 @@ log = logging.getLogger("mmopd")
 
 
 class MetricsLog:
-    """Appends one JSON object per line and flushes it, so a crash leaves a parseable file."""
+    """Appends one JSON object per line and flushes it, so a crash leaves a parseable file. Rows a rerun logs again
+    are moved to `metrics.superseded.jsonl` beside it, never deleted."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.superseded = self.path.with_name("metrics.superseded.jsonl")
 
     def write(self, row: dict[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as f:
@@ -32,12 +34,35 @@ class MetricsLog:
             f.flush()
             os.fsync(f.fileno())
 
-    def truncate_after(self, step: int) -> None:
-        """Drop rows logged after `step` (a resumed run logs them again)."""
-        rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, self.path)
+    def supersede_after(self, step: int) -> None:
+        """Move the lines logged after `step` (all of them for -1: a restart from step 0), which this segment logs
+        again, to the superseded file (appended), and a torn line with them; keep the rest in place."""
+        if not self.path.is_file():
+            return
+        kept, moved = [], []
+        for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True):
+            row = _parsed(line)
+            (kept if row is not None and row.get("step", 0) <= step else moved).append(line.rstrip("\n") + "\n")
+        if moved:
+            _write(self.superseded, moved, "a")
+        _write(self.path.with_suffix(".tmp"), kept, "w")
+        os.replace(self.path.with_suffix(".tmp"), self.path)
+
+
+def _parsed(line: str) -> dict[str, Any] | None:
+    """A metrics line's row, or None for a torn or foreign line."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def _write(path: Path, lines: list[str], mode: str) -> None:
+    with path.open(mode, encoding="utf-8") as f:
+        f.writelines(lines)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 class Progress:
@@ -103,8 +128,10 @@ def teacher_divergences(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def write_summary(out_dir: str | Path, summary: dict[str, Any]) -> Path:
+    """summary.json, written whole or not at all (a temp file, fsynced and renamed)."""
     path = Path(out_dir) / "summary.json"
-    path.write_text(json.dumps(summary, indent=2) + "\n")
+    _write(path.with_suffix(".tmp"), [json.dumps(summary, indent=2) + "\n"], "w")
+    os.replace(path.with_suffix(".tmp"), path)
     return path
 
 

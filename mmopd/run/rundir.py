@@ -14,6 +14,7 @@ Each segment (start or resume) appends its config and its changes to `segments.j
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -96,15 +97,30 @@ def open_run(config: Config, main: bool = True) -> Run:
             raise RunDirError(f"train.steps={t.steps} is fewer than the {done} steps {run.resume_from} has done; "
                               f"nothing to train. Set train.steps above {done} to continue this run, or start a "
                               "new one with another train.out_dir")
-        summary = out / "summary.json"
-        if t.steps == done and summary.is_file():
-            run.finished = json.loads(summary.read_text())
-        else:
+        if t.steps == done:
+            run.finished = _finished_summary(out / "summary.json")
+        if run.finished is None:
             _check_step_order(run.state.get("step_order"), run.resume_from)
         return run
     except BaseException:
         run.close()
         raise
+
+
+def _finished_summary(path: Path) -> dict[str, Any] | None:
+    """The summary of a run that did all its steps, or None where there is none to read: absent, or torn by a
+    crash while it was written (the run then evaluates again from its last checkpoint and writes it whole)."""
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        log.warning("%s is unreadable (%s); evaluating the last checkpoint again to write it whole", path, err)
+        return None
+    if not isinstance(summary, dict):
+        log.warning("%s holds no summary; evaluating the last checkpoint again to write it whole", path)
+        return None
+    return summary
 
 
 def _check_step_order(saved: str | None, path: Path) -> None:
@@ -243,14 +259,16 @@ def _check_same_run(old: dict[str, Any] | None, config: Config,
 
 
 def _lock(out: Path) -> None:
+    probe = out / f".write-test-{os.getpid()}"
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
         probe.write_text("ok")
-        probe.unlink()
     except OSError as err:
         raise RunDirError(f"train.out_dir={out} is not a writable directory ({err.strerror or err}); choose one "
                           "you can write to") from err
+    finally:  # a write that failed (a full disk) may have made the file
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
     path = out / LOCK
     for _ in range(3):
         try:

@@ -17,7 +17,7 @@ from mmopd.config import Config, ConfigError, DataConfig, TeacherConfig, check_m
 from mmopd.data.privileged import privileged_count, privileged_check, teacher_view
 from mmopd.data.records import DataError, Dataset, load_records
 from mmopd.engines.routed import check_same_vocabulary, routing_check
-from mmopd.models.adapter import ModelLoadError, PolicySide, get_adapter, settings_of
+from mmopd.models.adapter import ModelLoadError, PolicySide, eval_check, get_adapter, settings_of
 from mmopd.models.compat import IncompatibleModelsError, same_tokenizer
 from mmopd.models.hf import context_length
 from mmopd.run.evaluation import evaluate_policy, kl_to_teacher
@@ -59,7 +59,8 @@ class Session:
         self.train_data = None if for_eval else load_records(d.train, train_check, d.skip_bad, "data.train",
                                                              d.fields, d.split, d.subset)
         if d.eval:
-            self.eval_data = load_records(d.eval, check, d.skip_bad, "data.eval", d.fields, d.eval_split, d.subset)
+            self.eval_data = load_records(d.eval, eval_check(self.adapter, check), d.skip_bad, "data.eval", d.fields,
+                                          d.eval_split, d.subset)
         elif for_eval:
             raise ConfigError("data.eval is required to evaluate: a file, save_to_disk folder or hub id of eval "
                               "records")
@@ -80,6 +81,7 @@ class Session:
         s_dtype = resolve_dtype(c.student.dtype, self.device, "student")
         if c.student.dtype == "auto" and not for_eval:
             s_dtype = torch.float32  # fp32 master weights; accelerate autocasts to bf16 where supported
+        self.student_dtype = s_dtype
         self.policy = self.adapter.calls.load_model(student_path, "student", s_dtype).to(self.device)
         want_teacher = needs_teacher(o.kind, o.estimator, o.kl_weight) if need_teacher is None else need_teacher
         self.teacher, self.teacher_processor = None, None
@@ -223,6 +225,16 @@ class Session:
         return evaluate_policy(self.side(model, processor), records, self.config.rollout.max_new_tokens,
                                self.config.train.eval_batch_size, self.device,
                                desc=desc, progress=progress)
+
+    def eval_set(self) -> str:
+        """Which records `evaluate` scores (data.eval's first data.eval_limit), as a digest of their rows."""
+        return self.eval_data.records.fingerprint(self.config.data.eval_limit)
+
+    def starting_student(self) -> torch.nn.Module:
+        """The student as training started, loaded again from student.path (a LoRA student's base, which its
+        zero-initialised adapters leave unchanged)."""
+        model = self.adapter.calls.load_model(self.config.student.path, "student", self.student_dtype)
+        return model.to(self.device).eval()
 
     def eval_kl(self, model: torch.nn.Module) -> dict[str, float] | None:
         """The student's per-token `reverse_kl` (its own samples) and `forward_kl` (the teacher's samples) to the

@@ -7,6 +7,7 @@ repeats the uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import math
@@ -99,7 +100,8 @@ def train(config: Config) -> dict[str, Any]:
             log.warning("%s already did all %d steps; nothing to train (raise train.steps to continue)",
                         run.out, t.steps)
             return run.finished
-        summary = _train(c, accelerator, run, stop)
+        with contextlib.ExitStack() as cleanup:  # the engines' weight copies go however the run ends
+            summary = _train(c, accelerator, run, stop, cleanup)
         accelerator.end_training()  # after the final evaluation, which a sharded model runs on every rank
         return summary
     finally:
@@ -107,7 +109,8 @@ def train(config: Config) -> dict[str, Any]:
         run.close()
 
 
-def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) -> dict[str, Any]:
+def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any],
+           cleanup: contextlib.ExitStack) -> dict[str, Any]:
     t, main, resume_from = c.train, accelerator.is_main_process, run.resume_from
     per_step = t.batch_size * t.grad_accum * accelerator.num_processes  # records per optimizer step
     if resume_from is not None:
@@ -121,16 +124,15 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) 
     scheduler = torch.optim.lr_scheduler.LambdaLR(adamw, warmup_cosine(t.warmup, t.steps))
     par = parallel(accelerator, session.policy, adamw, session.teacher, t.sharding == "fsdp")
     models = session.models(par.student)
+    cleanup.callback(models.close)
     metrics_log = MetricsLog(run.out / "metrics.jsonl")
     state = _start_segment(c, run, par, scheduler, metrics_log)
-    metric = session.adapter.metric
     evaluating = session.eval_data is not None and (main or par.every_rank_samples)  # then every rank evaluates
-    if resume_from is None and evaluating:
-        _baseline(session, par, metrics_log, state["baseline"], live)
+    if evaluating and (resume_from is None or _baseline_is_stale(state["baseline"], session.eval_set(), run)):
+        _baseline(session, par, metrics_log, state["baseline"], live, resumed=resume_from is not None)
     if not models.rollout.exact:
         _sync_engine(models, par)  # the engine loaded the student's path; a resumed or LoRA student differs from it
         check_engine(models, session.train_data.records[:4], c)
-    records = session.train_data.records
     health = HealthMonitor(t.health_min_entropy, t.health_max_repeat, t.health_max_length, bool(session.eos_ids))
     progress = Progress(metrics_log, health, t.steps, state["step"], t.log_every, main, live, t.progress,
                         accelerator.log if t.report_to else None)
@@ -138,7 +140,7 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) 
     par.student.train()
     for step in range(state["step"], t.steps):
         timer, started = Timer(), time.perf_counter()
-        row = _micro_batches(models, plan, par, records, step, per_step, t, timer)
+        row = _micro_batches(models, plan, par, session.train_data.records, step, per_step, t, timer)
         row, stopping = par.mean_over_ranks(row, stop["signal"] is not None)  # any rank's SIGTERM stops all
         # a remote rank's stop reads as SIGTERM
         stop_name = signal.Signals(stop["signal"] or signal.SIGTERM).name if stopping else None
@@ -159,7 +161,8 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any]) 
             log.warning("%s: saved checkpoint step-%d and stopped; rerun the same command to resume", stop_name, done)
             break
     progress.close()
-    summary = {"metric": metric, **state["baseline"], "steps": state["step"], "health_warnings": health.warnings}
+    summary = {"metric": session.adapter.metric, **state["baseline"], "steps": state["step"],
+               "health_warnings": health.warnings}
     if stop_name is not None:
         return {**summary, "stopped_by": stop_name}
     if evaluating:
@@ -202,10 +205,10 @@ def _start_segment(c: Config, run: Run, par: Parallel, scheduler: Any, metrics_l
         apply_resume_changes(run, par.optimizer, scheduler, c.train)
         set_rng_state(state["rng"])
         if main:
-            metrics_log.truncate_after(state["step"])
+            metrics_log.supersede_after(state["step"])
             log.info("resumed from %s at step %d", run.resume_from, state["step"])
     elif main:
-        metrics_log.path.unlink(missing_ok=True)  # a restart of the same config from step 0 (open_run checked)
+        metrics_log.supersede_after(-1)  # a restart of the same config from step 0 (open_run checked)
     if main:
         save_config(c, run.out / "config.yaml")  # what this segment runs; segments.jsonl keeps the earlier ones
         record_segment(run, c)
@@ -214,10 +217,30 @@ def _start_segment(c: Config, run: Run, par: Parallel, scheduler: Any, metrics_l
     return state
 
 
-def _baseline(session: Session, par: Parallel, metrics_log: MetricsLog, baseline: dict[str, Any], live: bool) -> None:
+EVAL_KEYS = ("data.eval", "data.eval_split", "data.eval_limit", "data.subset")
+
+
+def _baseline_is_stale(baseline: dict[str, Any], eval_set: str, run: Run) -> bool:
+    """Whether a resumed run's baseline was measured on other eval records than this segment's (data.eval may
+    change on resume): "before" and "after" must be measured on the same set. A baseline of an earlier mmopd names
+    no set; it stands unless the config's eval keys changed."""
+    if "eval_set" not in baseline and "student_before" in baseline:
+        return any(key in run.changes for key in EVAL_KEYS)
+    return baseline.get("eval_set") != eval_set
+
+
+def _baseline(session: Session, par: Parallel, metrics_log: MetricsLog, baseline: dict[str, Any], live: bool,
+              resumed: bool = False) -> None:
     """The eval scores before training: the teacher's (where one teacher is in this process) on the student's prompts,
     on its own teacher-only prompts as well where eval records carry them, and the student's, with its KL to the
-    teacher, into `baseline`."""
+    teacher, into `baseline`, with the eval set they were measured on. `resumed`: a resumed
+    run's eval set changed, so the starting student is loaded again from student.path and measured on the new set
+    (not logged as a step's eval row)."""
+    if resumed:
+        log.warning("the eval records differ from those the run's baseline was measured on; measuring the teacher "
+                    "and the starting student (student.path) on them, so that before and after compare")
+    baseline.clear()
+    baseline["eval_set"] = session.eval_set()
     if session.teacher is not None and not session.teacher_in_process:
         log.info("teacher.engine=vllm: the teacher's eval baseline is not measured (its weights are in its "
                  "engine, not in this process); `mmopd eval CONFIG --teacher` loads and measures it")
@@ -228,7 +251,14 @@ def _baseline(session: Session, par: Parallel, metrics_log: MetricsLog, baseline
             baseline["teacher_privileged"] = session.evaluate(session.teacher, session.teacher_processor,
                                                               "eval teacher (privileged)", live,
                                                               privileged=True)["metrics"][session.adapter.metric]
-    result, kl = _evaluate(session, par, metrics_log, 0, "eval student", live)
+    if resumed:
+        starting = session.starting_student()
+        result, kl = session.evaluate(starting, session.student_processor, "eval starting student", live), \
+            session.eval_kl(starting)
+        par.reshard_teacher()
+        del starting
+    else:
+        result, kl = _evaluate(session, par, metrics_log, 0, "eval student", live)
     baseline["student_before"] = result["metrics"][session.adapter.metric]
     if kl is not None:
         baseline["kl_before"] = kl

@@ -6,8 +6,11 @@ import json
 
 import torch
 
+from mmopd import evaluate as mmopd_evaluate
 from mmopd import train
 from mmopd.models.checkpoint import complete_checkpoints, latest_checkpoint, load_trainer_state, save_checkpoint
+from mmopd.run.evaluation import evaluate_policy
+from mmopd.run.session import Session
 from modalities.text import toy
 
 
@@ -69,3 +72,21 @@ def test_eval_command_scores_a_checkpoint_and_the_teacher(text_config, tmp_path,
     assert 0.0 <= json.loads(capsys.readouterr().out)["accuracy"] <= 1.0
     assert main(["eval", str(tmp_path / "c.yaml"), "--teacher"]) == 0
     assert "accuracy" in json.loads(capsys.readouterr().out)
+
+
+def test_a_resume_on_another_eval_set_measures_before_on_that_set(text_config, tmp_path):
+    train(text_config(**{"train.steps": 1}))
+    # a new eval set on which the starting student scores 1.0: its own greedy responses are the answers
+    session = Session(text_config(), for_eval=True)
+    records = session.eval_data.records[:4]
+    responses = evaluate_policy(session.side(session.policy, session.student_processor), records, 8, 4,
+                                session.device)["responses"]
+    assert all(r.strip() and "#" not in r for r in responses), responses
+    new_eval = tmp_path / "new_eval.jsonl"
+    new_eval.write_text("".join(json.dumps({"prompt": r["prompt"], "answer": a}) + "\n"
+                                for r, a in zip(records, responses)))
+    summary = train(text_config(**{"train.steps": 2, "data.eval": str(new_eval)}))
+    assert summary["student_before"] == 1.0
+    on_new = text_config(**{"data.eval": str(new_eval)})
+    assert summary["teacher"] == mmopd_evaluate(on_new, which="teacher")["accuracy"]
+    assert summary["eval_set"] == Session(on_new, for_eval=True).eval_set()

@@ -4,12 +4,15 @@ sampled estimator's ratio is left alone (no correction) or truncated at rollout.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from mmopd.config import RolloutConfig
-from mmopd.run.objectives import against_trainer
+from mmopd.engines import EngineError
+from mmopd.run.objectives import against_trainer, check_engine
+from mmopd.run.session import Session
 from mmopd.step.batch import Rollout
 from mmopd.step.scores import Logits
 
@@ -47,3 +50,25 @@ def test_with_a_cap_the_ratio_gains_the_truncated_importance_weight():
     expected = torch.clamp(torch.exp(trainer - responses.logprobs), max=cap)[mask.bool()]
     torch.testing.assert_close(weight, expected)
     assert weight.max().item() <= cap + 1e-6 and math.isclose(weight.min().item(), math.exp(-3.0), rel_tol=1e-5)
+
+
+def test_a_served_engines_mismatch_names_the_missing_logprobs_mode_flag(text_config):
+    """A server started without --logprobs-mode processed_logprobs sends log-probs that differ from the trainer's
+    by a few thousandths of a nat: the refusal before step 1 names that flag first."""
+    session = Session(text_config())
+    models = session.models()
+    inner = models.rollout
+
+    class Raw:  # the trainer's own samples, their log-probs off by 0.004 nats, as raw ones are
+        exact = False
+
+        def sample(self, prompts, sampling, generator):
+            out = inner.sample(prompts, sampling, generator)
+            return replace(out, logprobs=(out.logprobs - 0.004) * out.mask)
+
+    models.rollout = Raw()
+    served = text_config(**{"rollout.engine": "vllm", "rollout.url": "http://127.0.0.1:8000"})
+    with pytest.raises(EngineError, match=r"differ from the trainer's by 0\.004 nats a token .*\. The likeliest cause: "
+                                          r"the server at http://127\.0\.0\.1:8000 was started without "
+                                          r"--logprobs-mode processed_logprobs"):
+        check_engine(models, session.train_data.records[:4], served)

@@ -140,6 +140,13 @@ def _unknown_prompt(case: Case) -> str:
     return str(path)
 
 
+def _eval_with_an_unanswered_record(case: Case) -> str:
+    """An eval set of two records, the second without an answer (its accuracy would count only the first)."""
+    path = case.tmp / "unanswered.jsonl"
+    path.write_text(json.dumps({"prompt": "1+2=", "answer": "3"}) + "\n" + json.dumps({"prompt": "2+2="}) + "\n")
+    return str(path)
+
+
 def _png_with_four_rows(path: Path, side: int = 9000) -> None:
     """A side x side grayscale PNG whose (valid, complete) compressed stream holds only its first 4 rows."""
     def chunk(kind: bytes, body: bytes) -> bytes:
@@ -232,6 +239,12 @@ CASES: dict[str, tuple[Callable[[Case], list[str]], int, str]] = {
     "vlm_png_with_four_rows_of_data": (lambda c: ["train", c.vlm_config(_png_with_four_rows)], 2,
                                        r"vlm\.jsonl:1: bad record: image .*picture\.png is 9000x9000, but its data "
                                        r"stops [\d,]+ bytes short \(a truncated PNG"),
+    "eval_record_without_an_answer": (lambda c: ["train", c.config({"data.eval": _eval_with_an_unanswered_record(c)})],
+                                      2, r"unanswered\.jsonl:2: bad record: no 'answer' to score the response "
+                                         r"against; every data\.eval record needs one"),
+    "eval_command_on_a_record_without_an_answer": (
+        lambda c: ["eval", c.config({"data.eval": _eval_with_an_unanswered_record(c)})], 2,
+        r"unanswered\.jsonl:2: bad record: no 'answer'"),
     "image_toy_wrong_max_new_tokens": (lambda c: ["train", c.image_config({"rollout.max_new_tokens": 20})], 2,
                                        r"rollout\.max_new_tokens=20, but every picture of this model "
                                        rf"is .* = {GRID_TOKENS} tokens; set rollout\.max_new_tokens={GRID_TOKENS}"),
@@ -265,6 +278,9 @@ CASES: dict[str, tuple[Callable[[Case], list[str]], int, str]] = {
                                            ["train", c.config({"train.steps": 3})])[2], 2,
                                 r"no checkpoint .* can be resumed: .*step-2 is unusable \(trainer_state\.pt is "
                                 r"missing\).*step-1 is unusable"),
+    "vllm_checkpoint_into_a_run": (lambda c: (c.reuse(), ["vllm-checkpoint", c.config(), str(c.run)])[1], 2,
+                                   r"run is not empty and is no engine checkpoint that mmopd wrote .*nothing was "
+                                   r"deleted"),
     "toy_into_a_used_directory": (lambda c: (c.reuse(), ["toy", "text", str(c.run)])[1], 2,
                                   r"is not empty; .*--force"),
 }
@@ -416,3 +432,46 @@ def test_off_a_terminal_progress_is_plain_lines_not_a_redrawn_bar(tiny_text, tmp
     assert proc.returncode == 0, proc.stderr
     assert "\r" not in proc.stderr and "Traceback" not in proc.stderr
     assert "step 2/2 loss" in proc.stderr
+
+
+def test_a_run_directory_whose_write_probe_fails_is_one_line_and_keeps_no_probe(tiny_text, tmp_path, capsys,
+                                                                              monkeypatch):
+    case = Case(tmp_path, tiny_text, tmp_path)
+    real = Path.write_text
+
+    def full_disk(path, *args, **kwargs):
+        if path.name.startswith(".write-test-"):
+            real(path, "")  # the file is made, then its write fails
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    assert main(["train", case.config()]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "is not a writable directory (No space left on device)" in err
+    assert list(case.run.iterdir()) == []
+
+
+@pytest.mark.parametrize("left", [["step-1"], []])
+def test_a_rerun_moves_the_rows_it_logs_again_aside_and_deletes_none(left, tiny_text, finished_run, tmp_path):
+    """A crash after step 2's rows, before its checkpoint (or before any checkpoint): the rerun logs those steps
+    again, and the earlier segment's rows go to metrics.superseded.jsonl."""
+    case = Case(tmp_path, tiny_text, finished_run)
+    case.reuse()
+    earlier = (case.run / "metrics.jsonl").read_text().splitlines()
+    for step in ("step-1", "step-2"):
+        if step not in left:  # a checkpoint write that never finished: removed at the next start
+            (case.run / "checkpoints" / step).rename(case.run / "checkpoints" / f".tmp-{step}-999")
+    assert main(["train", case.config()]) == 0
+    assert [r["step"] for r in _rows(case.run)] == [1, 2]
+    moved = (case.run / "metrics.superseded.jsonl").read_text().splitlines()
+    assert moved == [line for line in earlier if json.loads(line)["step"] > (1 if left else -1)]
+
+
+def test_a_torn_summary_is_written_again_whole_not_a_traceback(tiny_text, finished_run, tmp_path, capsys, caplog):
+    case = Case(tmp_path, tiny_text, finished_run)
+    case.reuse()
+    _truncate(case.run / "summary.json")  # a crash while it was written
+    assert main(["train", case.config()]) == 0
+    assert "Traceback" not in capsys.readouterr().err and "summary.json is unreadable" in caplog.text
+    assert json.loads((case.run / "summary.json").read_text())["steps"] == 2

@@ -15,11 +15,11 @@ One module a job:
 from mmopd.engines.vllm.checkpoint import UNTIED_HEAD_FILE, ties_head, write_engine_checkpoint
 from mmopd.engines.vllm.colocated import VLLM_LORA_RANKS, Colocated
 from mmopd.engines.vllm.head import TeacherHead, load_head
-from mmopd.engines.vllm.rollout import VLLMRollout, default_sync_dir
+from mmopd.engines.vllm.rollout import VLLMRollout, default_sync_dir, remove_sync_dir
 from mmopd.engines.vllm.served import POOLING_ARGS, POOLING_CONFIG, Served, data_uri
 from mmopd.engines.vllm.teacher import VLLMTeacher
 from mmopd.engines.vllm.transport import Completion, EngineError, Entries, Scoring, Transport
 
 __all__ = ["POOLING_ARGS", "POOLING_CONFIG", "UNTIED_HEAD_FILE", "VLLM_LORA_RANKS", "Colocated", "Completion",
            "EngineError", "Entries", "Scoring", "Served", "TeacherHead", "Transport", "VLLMRollout", "VLLMTeacher",
-           "data_uri", "default_sync_dir", "load_head", "ties_head", "write_engine_checkpoint"]
+           "data_uri", "default_sync_dir", "load_head", "remove_sync_dir", "ties_head", "write_engine_checkpoint"]

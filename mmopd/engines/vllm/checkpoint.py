@@ -13,10 +13,26 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mmopd.config import ConfigError
 from mmopd.models.hf import base_model
 from mmopd.models.sharding import same_parameter, write_full_model
 
 UNTIED_HEAD_FILE = "lm-head-untied.safetensors"  # the untied LM head in an engine checkpoint
+MARKER = ".mmopd-engine-checkpoint"  # marks a directory this module wrote, which the next write may replace
+
+
+def make_room(directory: Path) -> None:
+    """`directory`, new or emptied, with the marker: one written here before is replaced; any other non-empty path
+    is refused, never deleted (it may hold a run's checkpoints)."""
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"{directory} is a file; write the engine checkpoint into a new or empty directory")
+    if directory.is_dir() and any(directory.iterdir()):
+        if not (directory / MARKER).is_file():
+            raise ConfigError(f"{directory} is not empty and is no engine checkpoint that mmopd wrote (it has no "
+                              f"{MARKER}); nothing was deleted: write it into a new or empty directory")
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / MARKER).write_text("an engine checkpoint written by mmopd; the next one written here replaces it\n")
 
 
 def write_engine_checkpoint(model: nn.Module, directory: Path, engine_key: Callable[[str], str],
@@ -26,10 +42,9 @@ def write_engine_checkpoint(model: nn.Module, directory: Path, engine_key: Calla
     and every key in the layout vLLM's loader reads (`engine_key`, the adapter's). The untied head goes in a file
     of its own (UNTIED_HEAD_FILE) beside save_pretrained's, which are read back and rewritten only where the engine
     names a key otherwise, and an index lists both. A sharded model's full `weights` come gathered
-    (`sharding.full_state_dict`)."""
+    (`sharding.full_state_dict`). A non-empty `directory` must be one written here before (`make_room`)."""
     base = base_model(model)
-    if directory.exists():
-        shutil.rmtree(directory)
+    make_room(directory)
     if weights is None:
         base.save_pretrained(directory, safe_serialization=True)
     else:

@@ -7,8 +7,10 @@ non-codebook tokens are never drawn, and the behaviour log-prob of each token is
 `processed_logprobs`: under the distribution it sampled from (temperature, top-k, top-p, allowed ids).
 
 Weight sync (`sync`, after each optimizer step): a full student is written with `save_pretrained` (safetensors)
-into `rollout.sync_dir` (default: a folder on /dev/shm where it exists), reloaded in place with vLLM's
-`reload_weights`, and deleted (the engine holds it then; on /dev/shm the copy is RAM); a LoRA student's adapters
+into `rollout.sync_dir` (default: a fresh folder on /dev/shm where it exists), reloaded in place with vLLM's
+`reload_weights`, and deleted (the engine holds it then; on /dev/shm the copy is RAM). `close`, at the end of a
+run that finished or failed, removes what the engine wrote there (the colocated engine's start copy, a sync cut
+short, the last LoRA version) and the default folder itself; a resumed run writes its own. A LoRA student's adapters
 are written as a new version and loaded as a new `LoRARequest` (served: `/v1/load_lora_adapter`). On GPUs vLLM
 also offers an NCCL weight-transfer engine (`/init_weight_transfer_engine`, `/update_weights`, ...); it needs CUDA
 and is not used here.
@@ -32,9 +34,11 @@ from mmopd.step.batch import PromptBatch, Rollout, Sampling, TokenSpace
 
 
 def default_sync_dir() -> Path:
-    """A fresh folder for the weights the engine reloads: on tmpfs (/dev/shm) where the machine has it."""
+    """A fresh folder for the weights the engine reloads, named after this process: on tmpfs (/dev/shm) where the
+    machine has it. The engine removes it at the end of the run (`VLLMRollout.close`)."""
     shm = Path("/dev/shm")
-    return Path(tempfile.mkdtemp(prefix="mmopd-sync-", dir=shm if shm.is_dir() and os.access(shm, os.W_OK) else None))
+    return Path(tempfile.mkdtemp(prefix=f"mmopd-sync-{os.getpid()}-",
+                                 dir=shm if shm.is_dir() and os.access(shm, os.W_OK) else None))
 
 
 class VLLMRollout:
@@ -45,9 +49,10 @@ class VLLMRollout:
 
     def __init__(self, transport: Transport, space: TokenSpace, eos_ids: list[int], pad_id: int,
                  max_new_tokens: int, sync_dir: Path, lora: bool, engine_key: Callable[[str], str],
-                 writer: bool = True):
+                 writer: bool = True, owns_sync_dir: bool = False):
         self.transport, self.space, self.eos_ids, self.pad_id = transport, space, eos_ids, pad_id
         self.max_new_tokens, self.sync_dir, self.lora, self.writer = max_new_tokens, sync_dir, lora, writer
+        self.owns_sync_dir = owns_sync_dir  # made for this engine (default_sync_dir): removed whole at close
         self.engine_key = engine_key
         self.allowed = space.token_ids()
         self.version = 0
@@ -100,3 +105,15 @@ class VLLMRollout:
             written = write_engine_checkpoint(student, self.sync_dir / "weights", self.engine_key, weights=weights)
             self.transport.reload_weights(written)
             shutil.rmtree(written)
+
+    def close(self) -> None:
+        remove_sync_dir(self.sync_dir, self.owns_sync_dir, self.version)
+
+
+def remove_sync_dir(sync_dir: Path, owned: bool, version: int = 0) -> None:
+    """Remove what an engine wrote into `sync_dir` (its start copy, the weights of a sync, its LoRA versions up to
+    `version`), and the folder itself when it was made for the engine (`owned`)."""
+    written = [sync_dir] if owned else [sync_dir / name for name in ("start", "weights")] + \
+        [sync_dir / f"lora-v{v}" for v in range(1, version + 1)]
+    for path in written:
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,20 +1,25 @@
 """The served transport: a `vllm serve` (`python -m vllm.entrypoints.openai.api_server`) that the user started
 with `VLLM_SERVER_DEV_MODE=1` (for `/collective_rpc`) and, for LoRA students, `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`
 (`rollout.url: http://host:port`, or `teacher.url`). Requests of one rollout go out concurrently; each is retried
-`rollout.retries` times with backoff, then fails naming the URL."""
+`rollout.retries` times with backoff, then fails naming the URL. Each request has a deadline on the whole of it
+(`rollout.timeout`), so a server that trickles bytes cannot hold a run; an answer that is not vLLM's JSON (a proxy's
+page) is one line naming the URL and what came back. The server is reached directly, never through an HTTP proxy."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import http.client
 import io
 import json
 import logging
+import socket
+import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -35,41 +40,85 @@ POOLING_ARGS = ("--runner", "pooling", "--convert", "embed", "--pooler-config", 
 class Served:
     """A `vllm serve` at `url`: completions over HTTP, bounded retries with backoff, then a clear error."""
 
-    def __init__(self, url: str, timeout: float, retries: int, role: str = "rollout"):
+    def __init__(self, url: str, timeout: float, retries: int, role: str = "rollout",
+                 check: Callable[[dict[str, Any]], None] | None = None):
         self.url, self.timeout, self.retries, self.role = url.rstrip("/"), timeout, retries, role
         self.model: str | None = None  # the served model's name, or the current LoRA adapter's
+        self.check = check  # run on the served model's /v1/models entry before its first use
 
-    def post(self, route: str, payload: dict[str, Any]) -> Any:
+    def post(self, route: str, payload: dict[str, Any], text: bool = False) -> Any:
+        """POST `payload` as JSON; the parsed answer (`text`: a route that may answer plain text), retried
+        `retries` times with backoff where another try may mend it."""
         body = json.dumps(payload).encode()
         error: Exception | None = None
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(min(2.0 ** (attempt - 1), 10.0))
-            request = urllib.request.Request(self.url + route, body, {"Content-Type": "application/json"})
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as answer:
-                    text = answer.read().decode()
-                parsed = json.loads(text) if text.strip().startswith(("{", "[")) else text
-                if _aborted(parsed):  # a server shutting down aborts what it holds: partial answers, retried
-                    raise ConnectionAbortedError(f"the server aborted the request to {route}")
-                return parsed
-            except urllib.error.HTTPError as err:
-                detail = err.read().decode(errors="replace")[:300]
-                if err.code < 500:  # the server refused the request: retrying will not change its mind
-                    raise EngineError(f"vLLM at {self.url} refused {route}: HTTP {err.code}: {detail}") from err
-                error = ConnectionError(f"HTTP {err.code}: {detail}")  # a server fault (its engine died): retried
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
-                error = err
-        raise EngineError(f"vLLM at {self.url} did not answer {route} after {self.retries + 1} tries "
-                          f"({error}); check that the server is up ({self.role}.url), or raise {self.role}.timeout "
-                          f"and {self.role}.retries. The last checkpoint is intact: resume once the server is "
-                          "back") from error
+                return self.once(route, body, text)
+            except Transient as err:
+                error = err.cause
+        raise EngineError(f"{self.unreachable(route, error, f' after {self.retries + 1} tries')}. The last "
+                          "checkpoint is intact: resume once the server is back") from error
+
+    def post_get(self, route: str) -> Any:
+        """GET `route`'s JSON answer, in one try."""
+        try:
+            return self.once(route, None)
+        except Transient as err:
+            raise EngineError(self.unreachable(route, err.cause)) from err.cause
+
+    def once(self, route: str, body: bytes | None, text: bool = False) -> Any:
+        """One request (a POST of `body`, or a GET): the parsed answer. Raises Transient where another try may
+        mend it (no answer in time, a server fault, an aborted answer), EngineError where it will not."""
+        try:
+            status, kind, data = request(self.url + route, body, self.timeout)
+        except (OSError, http.client.HTTPException) as err:  # refused, reset, timed out, a torn answer
+            raise Transient(err) from err
+        detail = data.decode(errors="replace")
+        if status >= 500:  # a server fault (its engine died): retried
+            raise Transient(ConnectionError(f"HTTP {status}: {detail[:300]}"))
+        if status >= 400:  # the server refused the request: retrying will not change its mind
+            raise EngineError(f"vLLM at {self.url} refused {route}: HTTP {status}: {detail[:300]}")
+        try:
+            answer = json.loads(detail)
+        except json.JSONDecodeError:
+            if text and status == 200:
+                return detail
+            raise EngineError(f"vLLM at {self.url} answered {route} with HTTP {status} {kind or 'without a type'}, "
+                              f"not JSON: {' '.join(detail.split())[:120]!r}; set {self.role}.url to the vLLM server "
+                              "itself, not a proxy or another service") from None
+        if _aborted(answer):  # a server shutting down aborts what it holds: partial answers, retried
+            raise Transient(ConnectionAbortedError(f"the server aborted the request to {route}"))
+        return answer
+
+    def unreachable(self, route: str, error: Exception | None, tries: str = "") -> str:
+        """Why `route` got no answer, in words: a refused connection means no server listens there."""
+        said = f"vLLM at {self.url} did not answer {route}{tries}"
+        if isinstance(error, ConnectionRefusedError):
+            host = urllib.parse.urlsplit(self.url).hostname or ""
+            local = host in ("localhost", "0.0.0.0", "::1", socket.gethostname()) or host.startswith("127.")
+            return (f"{said}: connection refused, so no server listens there ({self.role}.url): it has not started, "
+                    "or its process exited" + ("; check the server's log for why" if local else ""))
+        return (f"{said} ({error}); check that the server is up ({self.role}.url), or raise {self.role}.timeout and "
+                f"{self.role}.retries")
+
+    def field(self, answer: Any, route: str, *path: str | int) -> Any:
+        """`answer[path[0]][path[1]]...`, where vLLM's answer to `route` holds it; else one line naming what came
+        back (a service other than vLLM answered)."""
+        value = answer
+        try:
+            for key in path:
+                value = value[key]
+        except (KeyError, IndexError, TypeError):
+            raise EngineError(f"vLLM at {self.url} answered {route} without {'/'.join(map(str, path))}: "
+                              f"{json.dumps(answer)[:120]}; set {self.role}.url to the vLLM server itself") from None
+        return value
 
     def check_untied(self) -> None:
         """Refuse a served model whose LM head is tied to its embeddings, where its config can be read: vLLM's
         reload never refreshes a tied head, so every sync would leave the engine a step behind in its head."""
-        answer = self.post_get("/v1/models")
-        root = Path(answer["data"][0].get("root") or "") / "config.json"
+        root = Path(self.served_entry().get("root") or "") / "config.json"
         if not root.is_file():
             log.warning("cannot read the served model's config (%s) to check that its LM head is untied", root)
             return
@@ -78,17 +127,20 @@ class Served:
                               "which vLLM's weight reload never refreshes; serve an untied copy written by "
                               "`mmopd vllm-checkpoint CONFIG DIR`")
 
-    def post_get(self, route: str) -> Any:
-        try:
-            with urllib.request.urlopen(self.url + route, timeout=self.timeout) as answer:
-                return json.loads(answer.read())
-        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
-            raise EngineError(f"vLLM at {self.url} did not answer {route} ({err}); check that the server is up "
-                              f"({self.role}.url)") from err
+    def served_entry(self) -> dict[str, Any]:
+        """The served model's `/v1/models` entry: its `id` (the served name) and `root` (the path it loaded)."""
+        entry = self.field(self.post_get("/v1/models"), "/v1/models", "data", 0)
+        if not isinstance(entry, dict):
+            raise EngineError(f"vLLM at {self.url} answered /v1/models with {json.dumps(entry)[:120]} for a model; "
+                              f"set {self.role}.url to the vLLM server itself")
+        return entry
 
     def served_model(self) -> str:
         if self.model is None:
-            self.model = self.post_get("/v1/models")["data"][0]["id"]
+            entry = self.served_entry()
+            if self.check is not None:
+                self.check(entry)
+            self.model = self.field(entry, "/v1/models", "id")
         return self.model
 
     def generate(self, prompts: list[dict[str, Any]], params: list[dict[str, Any]]) -> list[Completion]:
@@ -101,7 +153,8 @@ class Served:
         def one(prompt: dict[str, Any], p: dict[str, Any]) -> Completion:
             answer = self.post("/v1/completions", {"model": model, "prompt": prompt["prompt_token_ids"],
                                                    "return_token_ids": True, **p})
-            choice = answer["choices"][0]
+            choice = self.field(answer, "/v1/completions", "choices", 0)
+            self.field(answer, "/v1/completions", "choices", 0, "token_ids")
             logprobs = (choice.get("logprobs") or {}).get("token_logprobs") or [0.0] * len(choice["token_ids"])
             return Completion(choice["token_ids"], [float(v) for v in logprobs])
 
@@ -128,11 +181,12 @@ class Served:
                     "content_parts": [{"type": "image_url", "url": data_uri(image)}
                                       for image in request["multi_modal_data"]["image"]],
                     "sampling_params": {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": k}})
-                return [_entries_of(answer.get("prompt_logprobs"))]
+                return [_entries_of(answer.get("prompt_logprobs") if isinstance(answer, dict) else
+                                    self.field(answer, "/inference/v1/generate", "prompt_logprobs"))]
             answer = self.post("/v1/completions", {"model": model, "max_tokens": 1, "temperature": 0.0,
                                                    "prompt": [requests[i]["prompt_token_ids"] for i in rows],
                                                    "prompt_logprobs": k})
-            choices = sorted(answer["choices"], key=lambda c: c["index"])
+            choices = sorted(self.field(answer, "/v1/completions", "choices"), key=lambda c: c["index"])
             if len(choices) != len(rows):
                 raise EngineError(f"the teacher at {self.url} answered {len(rows)} sequences with {len(choices)} "
                                   "choices")
@@ -164,7 +218,7 @@ class Served:
                 raise EngineError(f"{err}; a teacher that sends its hidden states (the full distribution) is served "
                                   f"as a pooling model: start it with {' '.join(POOLING_ARGS[:-1])} "
                                   f"'{POOLING_CONFIG}'") from err
-            items = sorted(answer["data"], key=lambda item: item["index"])
+            items = sorted(self.field(answer, "/pooling", "data"), key=lambda item: item["index"])
             if len(items) != len(rows):
                 raise EngineError(f"the teacher at {self.url} answered {len(rows)} sequences with {len(items)} "
                                   "hidden-state lists")
@@ -178,10 +232,58 @@ class Served:
         self.post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(directory)}})
 
     def load_lora(self, name: str, version: int, directory: Path) -> None:
-        self.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(directory)})
+        self.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(directory)}, text=True)
         if self.model is not None and self.model.startswith("student-v"):
-            self.post("/v1/unload_lora_adapter", {"lora_name": self.model})
+            self.post("/v1/unload_lora_adapter", {"lora_name": self.model}, text=True)
         self.model = name
+
+
+class Transient(Exception):
+    """A request that another try may mend; `cause` says what went wrong."""
+
+    def __init__(self, cause: Exception):
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def request(url: str, body: bytes | None, timeout: float) -> tuple[int, str, bytes]:
+    """One HTTP request (POST `body` as JSON, or GET) with a deadline on the whole of it: a watchdog shuts the socket
+    when `timeout` seconds have passed, so a server that trickles bytes cannot hold it past then (a socket's own
+    timeout bounds each read only). Returns the status, the content type and the body."""
+    parts = urllib.parse.urlsplit(url)
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection = kind(parts.hostname or "", parts.port, timeout=timeout)
+    expired, opened = threading.Event(), []  # the socket, kept: http.client lets go of one whose answer closes it
+
+    def expire() -> None:
+        expired.set()
+        for sock in opened:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    watchdog = threading.Timer(timeout, expire)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        connection.connect()
+        opened.append(connection.sock)
+        if expired.is_set():
+            expire()
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        connection.request("GET" if body is None else "POST", path, body,
+                           {} if body is None else {"Content-Type": "application/json"})
+        answer = connection.getresponse()
+        status, content_type, data = answer.status, answer.getheader("Content-Type", ""), answer.read()
+    except (OSError, http.client.HTTPException) as err:
+        if expired.is_set():
+            raise TimeoutError(f"no whole answer within {timeout:g} s") from err
+        raise
+    finally:
+        watchdog.cancel()
+        connection.close()
+    if expired.is_set():
+        raise TimeoutError(f"no whole answer within {timeout:g} s")
+    return status, content_type, data
 
 
 def _aborted(answer: Any) -> bool:
