@@ -12,7 +12,7 @@ with the text toy's tokenizer; the ids sent stay inside that tokenizer. The scri
 tokens through HFTeacher and VLLMTeacher (token log-probs, the top-k + tail form, and the full distribution from
 hidden states), and prints tokens/s (batch × response length / median seconds), served / hf, and the bytes of
 the JSON answers a response token costs. At a larger model's hidden size H (`--wire-hidden 3584`, Qwen2.5-7B's) the
-hidden states' bytes are scaled by H (base64 of float32: 4·H·4/3 bytes a token); the other two forms do not
+hidden states' bytes are scaled by H (base64 of float32: 4·H·4/3 bytes a position); the other two forms do not
 depend on the model's size.
 `--model DIR` scores with a checkpoint of your own instead (its ids drawn below the toy tokenizer's size), and
 `--device cuda --dtype bfloat16` runs both on a GPU (`benchmarks/gpu/teacher.sh`).
@@ -52,22 +52,8 @@ def build(out: Path) -> Path:
     return out
 
 
-class Counted(Served):
-    """The served transport, counting the bytes of the JSON answers it decodes (their re-encoded length: for the
-    hidden states' base64 strings, exactly what came over the wire; for JSON numbers, within their formatting)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.received = 0
-
-    def post(self, route, payload):
-        answer = super().post(route, payload)
-        self.received += len(json.dumps(answer, separators=(",", ":")))
-        return answer
-
-
-def wire_bytes_per_token(transport: Counted, fn, tokens: int) -> float:
-    """The answer bytes of one call of `fn`, a response token."""
+def wire_bytes_per_token(transport: Served, fn, tokens: int) -> float:
+    """The bytes of the answers' bodies (`Served.received`) of one call of `fn`, a response token."""
     transport.received = 0
     fn()
     return transport.received / tokens
@@ -125,7 +111,7 @@ def main() -> None:
                                ((*POOLING_ARGS,), ("hidden_states",)))):
         server = start_server(path, extra_args=(*server_args, *common))
         try:
-            transport = Counted(server.url, 120.0, 0, role="teacher")
+            transport = Served(server.url, 120.0, 0, role="teacher")
             head = load_head(str(path), model, model.dtype) if "hidden_states" in names else None
             served = VLLMTeacher(transport, space, [eos], head, fused=True)
             for name in names:

@@ -73,6 +73,16 @@ def test_answers_aborted_on_every_try_stop_the_run_naming_the_url_and_the_option
     assert state["posts"] == 3
 
 
+def test_the_transport_counts_the_bytes_of_every_answer_that_came_over_the_wire(endpoint, monkeypatch):
+    """`Served.received`: the answers' bodies, retried ones included (benchmarks.teacher's bytes per token)."""
+    url, state = endpoint
+    monkeypatch.setattr("mmopd.engines.vllm.served.time.sleep", lambda _: None)
+    state["answers"] = [ABORTED, DONE]
+    served = Served(url, timeout=5, retries=2, role="teacher")
+    served.post("/v1/completions", {})
+    assert served.received == len(json.dumps(ABORTED[1]).encode()) + len(json.dumps(DONE[1]).encode())
+
+
 def test_a_server_fault_is_retried_and_a_refusal_is_not(endpoint, monkeypatch):
     """HTTP 5xx (vLLM's engine died, as when the server stops mid-request) is retried; HTTP 4xx is the server's
     answer to this request, named at once."""

@@ -45,6 +45,8 @@ class Served:
         self.url, self.timeout, self.retries, self.role = url.rstrip("/"), timeout, retries, role
         self.model: str | None = None  # the served model's name, or the current LoRA adapter's
         self.check = check  # run on the served model's /v1/models entry before its first use
+        self.received = 0  # bytes of the answers' bodies so far: what the wire carried (benchmarks.teacher)
+        self._counting = threading.Lock()  # the requests of one call go out from several threads
 
     def post(self, route: str, payload: dict[str, Any], text: bool = False) -> Any:
         """POST `payload` as JSON; the parsed answer (`text`: a route that may answer plain text), retried
@@ -75,6 +77,8 @@ class Served:
             status, kind, data = request(self.url + route, body, self.timeout)
         except (OSError, http.client.HTTPException) as err:  # refused, reset, timed out, a torn answer
             raise Transient(err) from err
+        with self._counting:
+            self.received += len(data)
         detail = data.decode(errors="replace")
         if status >= 500:  # a server fault (its engine died): retried
             raise Transient(ConnectionError(f"HTTP {status}: {detail[:300]}"))
