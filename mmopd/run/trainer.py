@@ -27,12 +27,13 @@ from mmopd.models.adapter import prepare_trainable
 from mmopd.models.checkpoint import check_global_batch, set_rng_state, trainer_state
 from mmopd.models.lora import load_lora_weights
 from mmopd.models.sharding import Parallel, decoder_layers, parallel, parameter_bytes, shard
-from mmopd.run.objectives import Models, Plan, Timer, check_engine, objective_step
+from mmopd.run.objectives import Models, Plan, Timer, check_engine, objective_step, teacher_sample_entropy
 from mmopd.run.report import MetricsLog, Progress, add_final_eval, eval_row, finish
 from mmopd.run.rundir import Run, apply_resume_changes, open_run, record_segment
 from mmopd.run.schedule import warmup_cosine
 from mmopd.run.session import Session
 from mmopd.step.health import HealthMonitor
+from mmopd.step.objective_table import STUDENT, STUDENT_OR_ANSWERS
 
 log = logging.getLogger("mmopd")
 
@@ -133,10 +134,11 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any],
     if not models.rollout.exact:
         _sync_engine(models, par)  # the engine loaded the student's path; a resumed or LoRA student differs from it
         check_engine(models, session.train_data.records[:4], c)
-    health = HealthMonitor(t.health_min_entropy, t.health_max_repeat, t.health_max_length, bool(session.eos_ids))
+    plan = Plan.of(c)
+    health = _health_monitor(c, session, models, plan, par, state)
     progress = Progress(metrics_log, health, t.steps, state["step"], t.log_every, main, live, t.progress,
                         accelerator.log if t.report_to else None)
-    bad_in_row, stop_name, plan = 0, None, Plan.of(c)
+    bad_in_row, stop_name = 0, None
     par.student.train()
     for step in range(state["step"], t.steps):
         timer, started = Timer(), time.perf_counter()
@@ -155,7 +157,8 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any],
         if (t.save_every and done % t.save_every == 0) or done == t.steps or stopping:
             state["step"] = done
             par.save(run.out, done, session.student_processor, trainer_state(
-                done, scheduler, state["baseline"], state["skipped_steps"], c.to_dict(), run.run_id, per_step),
+                done, scheduler, state["baseline"], state["skipped_steps"], c.to_dict(), run.run_id, per_step,
+                health.state()),
                 t.keep_last, run.run_id)
         if stopping:
             log.warning("%s: saved checkpoint step-%d and stopped; rerun the same command to resume", stop_name, done)
@@ -169,6 +172,36 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any],
         add_final_eval(summary, *_evaluate(session, par, metrics_log, t.steps, "eval student", live),
                        session.eval_data.records)
     return finish(run.out, summary, session, state["skipped_steps"], main, par.every_rank_samples)
+
+
+def _health_monitor(c: Config, session: Session, models: Models, plan: Plan, par: Parallel,
+                    state: dict[str, Any]) -> HealthMonitor:
+    """The sample-health monitor, going on from a resumed run's checkpoint (its warnings kept), with the teacher's
+    sample entropy measured once where the relative check needs it: on the prompts of step 1's first micro-batch,
+    where the teacher is in this process (every rank samples them: a sharded teacher needs them all)."""
+    t = c.train
+    health = HealthMonitor(t.health_min_entropy, t.health_max_repeat, t.health_max_length, bool(session.eos_ids),
+                           t.health_min_entropy_ratio)
+    health.restore(state.get("health"))
+    if not t.health_min_entropy_ratio or plan.row.responses not in (STUDENT, STUDENT_OR_ANSWERS):
+        return health  # off, or the student never samples
+    if session.teacher is None or not session.teacher_in_process or session.teachers or session.cross_tokenizer:
+        if par.main:
+            log.info("sample health: no one teacher samples in this process (a vLLM teacher, several teachers, one "
+                     "with another tokenizer, or none), so train.health_min_entropy_ratio is not checked")
+        return health
+    if health.teacher_entropy is None:
+        records = session.train_data.records
+        first = step_indices(len(records), 0, t.batch_size * t.grad_accum * par.world, t.seed)[:t.batch_size]
+        generator = torch.Generator(session.device).manual_seed(t.seed)
+        health.teacher_entropy = teacher_sample_entropy(models, [records[i] for i in first], plan, generator)
+        par.reshard_teacher()
+    if par.main:
+        log.info("sample health: the teacher's own samples have a token entropy of %.2f nats (step 1's prompts, at "
+                 "the rollout's sampling); the student's warn below %.2f (train.health_min_entropy_ratio=%g)",
+                 health.teacher_entropy, t.health_min_entropy_ratio * health.teacher_entropy,
+                 t.health_min_entropy_ratio)
+    return health
 
 
 def _load_student(c: Config, accelerator: Accelerator, resume_from: Path | None) -> Session:
