@@ -185,10 +185,14 @@ def _health_monitor(c: Config, session: Session, models: Models, plan: Plan, par
     health.restore(state.get("health"))
     if not t.health_min_entropy_ratio or plan.row.responses not in (STUDENT, STUDENT_OR_ANSWERS):
         return health  # off, or the student never samples
-    if session.teacher is None or not session.teacher_in_process or session.teachers or session.cross_tokenizer:
+    why_not = ("no teacher is loaded" if session.teacher is None
+               else f"teacher.engine={c.teacher.engine} holds the teacher's weights" if not session.teacher_in_process
+               else "several teachers have no one reference" if session.teachers
+               else "the teacher's tokens are not the student's" if session.cross_tokenizer else None)
+    if why_not:
         if par.main:
-            log.info("sample health: no one teacher samples in this process (a vLLM teacher, several teachers, one "
-                     "with another tokenizer, or none), so train.health_min_entropy_ratio is not checked")
+            log.info("sample health: %s, so the student's entropy is not checked against the teacher's samples "
+                     "(train.health_min_entropy_ratio); the absolute checks stand", why_not)
         return health
     if health.teacher_entropy is None:
         records = session.train_data.records

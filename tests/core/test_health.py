@@ -197,3 +197,19 @@ def test_a_resumed_run_keeps_the_earlier_segments_warnings_without_repeating_the
     assert len(calls) == 1  # the resumed segment reads the teacher's entropy from the checkpoint
     assert any("the teacher's own samples have a token entropy of 1.00" in r.getMessage() for r in caplog.records)
     assert not any(r.levelno == logging.WARNING and "sample health" in r.getMessage() for r in caplog.records)
+
+
+def test_a_teacher_outside_this_process_is_said_once_and_the_relative_check_skipped(text_config, caplog):
+    from types import SimpleNamespace
+
+    from mmopd.run.objectives import Plan
+    from mmopd.run.trainer import _health_monitor
+    config = text_config(**{"teacher.engine": "vllm", "teacher.url": "http://127.0.0.1:8001"})
+    served = SimpleNamespace(eos_ids=[1], teacher=object(), teacher_in_process=False, teachers={},
+                             cross_tokenizer=False)  # a vLLM teacher: its weights are in its engine
+    with caplog.at_level(logging.INFO, logger="mmopd"):
+        health = _health_monitor(config, served, None, Plan.of(config), SimpleNamespace(main=True), {})
+    assert health.teacher_entropy is None and health.min_entropy_ratio == 0.5
+    said = [r.getMessage() for r in caplog.records if "sample health" in r.getMessage()]
+    assert len(said) == 1 and "teacher.engine=vllm holds the teacher's weights" in said[0]
+    assert "not checked against the teacher's samples (train.health_min_entropy_ratio)" in said[0]
