@@ -194,7 +194,12 @@ def _health_monitor(c: Config, session: Session, models: Models, plan: Plan, par
             log.info("sample health: %s, so the student's entropy is not checked against the teacher's samples "
                      "(train.health_min_entropy_ratio); the absolute checks stand", why_not)
         return health
-    if health.teacher_entropy is None:
+    r = c.rollout
+    basis = {"teacher": c.teacher.path, "train": c.data.train, "batch_size": t.batch_size, "seed": t.seed,
+             "samples_per_prompt": r.samples_per_prompt, "max_new_tokens": r.max_new_tokens,
+             "temperature": r.temperature, "top_k": r.top_k, "top_p": r.top_p}
+    if health.teacher_entropy is None or health.teacher_basis != basis:  # once; again where a resume changed these
+        health.teacher_basis = basis
         records = session.train_data.records
         first = step_indices(len(records), 0, t.batch_size * t.grad_accum * par.world, t.seed)[:t.batch_size]
         generator = torch.Generator(session.device).manual_seed(t.seed)

@@ -98,20 +98,23 @@ class HealthMonitor:
     can_end: bool
     min_entropy_ratio: float = 0.0
     teacher_entropy: float | None = None
+    teacher_basis: dict[str, Any] | None = None  # the settings it was measured at (a resume may change them)
     warnings: list[dict[str, Any]] = field(default_factory=list)
     first_length: float | None = None
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps, so that a resumed run goes on from it (`restore`)."""
-        return {"warnings": self.warnings, "first_length": self.first_length, "teacher_entropy": self.teacher_entropy}
+        return {"warnings": self.warnings, "first_length": self.first_length, "teacher_entropy": self.teacher_entropy,
+                "teacher_basis": self.teacher_basis}
 
     def restore(self, state: dict[str, Any] | None) -> None:
         """Go on from a checkpoint's `state()`: its warnings (kept, and not repeated), the first length and the
-        teacher's entropy. None (a checkpoint of an earlier mmopd) starts afresh."""
+        teacher's entropy with the settings it was measured at. None (a checkpoint of an earlier mmopd) starts
+        afresh."""
         if state:
             self.warnings = [dict(w) for w in state.get("warnings", [])]
             self.first_length = state.get("first_length")
-            self.teacher_entropy = state.get("teacher_entropy")
+            self.teacher_entropy, self.teacher_basis = state.get("teacher_entropy"), state.get("teacher_basis")
 
     def check(self, step: int, row: dict[str, Any]) -> list[str]:
         """Warn about the step's numbers that crossed a threshold for the first time; return the new messages."""

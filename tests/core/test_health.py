@@ -197,6 +197,9 @@ def test_a_resumed_run_keeps_the_earlier_segments_warnings_without_repeating_the
     assert len(calls) == 1  # the resumed segment reads the teacher's entropy from the checkpoint
     assert any("the teacher's own samples have a token entropy of 1.00" in r.getMessage() for r in caplog.records)
     assert not any(r.levelno == logging.WARNING and "sample health" in r.getMessage() for r in caplog.records)
+    mmopd.train(text_config(**collapsing, **{"train.steps": 3, "rollout.temperature": 0.7,
+                                             "train.resume_changes": ["rollout.temperature"]}))
+    assert len(calls) == 2  # another temperature: the teacher's samples are measured again
 
 
 def test_a_teacher_outside_this_process_is_said_once_and_the_relative_check_skipped(text_config, caplog):
