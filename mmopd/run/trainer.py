@@ -134,11 +134,10 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any],
     if not models.rollout.exact:
         _sync_engine(models, par)  # the engine loaded the student's path; a resumed or LoRA student differs from it
         check_engine(models, session.train_data.records[:4], c)
-    plan = Plan.of(c)
+    bad_in_row, stop_name, plan = 0, None, Plan.of(c)
     health = _health_monitor(c, session, models, plan, par, state)
     progress = Progress(metrics_log, health, t.steps, state["step"], t.log_every, main, live, t.progress,
                         accelerator.log if t.report_to else None)
-    bad_in_row, stop_name = 0, None
     par.student.train()
     for step in range(state["step"], t.steps):
         timer, started = Timer(), time.perf_counter()
@@ -158,8 +157,7 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any],
             state["step"] = done
             par.save(run.out, done, session.student_processor, trainer_state(
                 done, scheduler, state["baseline"], state["skipped_steps"], c.to_dict(), run.run_id, per_step,
-                health.state()),
-                t.keep_last, run.run_id)
+                health.state()), t.keep_last, run.run_id)
         if stopping:
             log.warning("%s: saved checkpoint step-%d and stopped; rerun the same command to resume", stop_name, done)
             break
