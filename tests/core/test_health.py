@@ -126,14 +126,14 @@ def test_health_numbers_are_finite_on_empty_responses():
 
 
 def uniform_batch(vocab: int, seed: int) -> dict[str, float]:
-    """The health numbers of 4 responses of 24 tokens drawn uniformly from `vocab` tokens."""
-    tokens = torch.randint(vocab, (4, 24), generator=torch.Generator().manual_seed(seed))  # [4, 24]
-    return sample_health(tokens, torch.ones(4, 24), torch.zeros(4, 24), max_new_tokens=32)
+    """The health numbers of 8 responses of 24 tokens drawn uniformly from `vocab` tokens."""
+    tokens = torch.randint(vocab, (8, 24), generator=torch.Generator().manual_seed(seed))  # [8, 24]
+    return sample_health(tokens, torch.ones(8, 24), torch.zeros(8, 24), max_new_tokens=32)
 
 
 def test_number_soup_warns_against_the_teachers_entropy_and_passes_the_absolute_checks(caplog):
     soup, teacher = uniform_batch(10, 0), uniform_batch(5000, 1)  # ten digits; a teacher's varied text
-    assert soup[ENTROPY] == pytest.approx(2.3, abs=0.1) and teacher[ENTROPY] > 4.4  # as the Gemma runs had them
+    assert soup[ENTROPY] == pytest.approx(2.3, abs=0.05) and teacher[ENTROPY] > 5.1  # as the Gemma runs had them
     assert soup[REPEAT] < 0.1  # few exact repeats: the loop check cannot see it
     absolute = HealthMonitor(min_entropy=0.5, max_repeat=0.5, max_length=0.95, can_end=True)
     monitor = HealthMonitor(min_entropy=0.5, max_repeat=0.5, max_length=0.95, can_end=True, min_entropy_ratio=0.5,
