@@ -181,7 +181,8 @@ def _health_monitor(c: Config, session: Session, models: Models, plan: Plan, par
     health = HealthMonitor(t.health_min_entropy, t.health_max_repeat, t.health_max_length, bool(session.eos_ids),
                            t.health_min_entropy_ratio)
     health.restore(state.get("health"))
-    if not t.health_min_entropy_ratio or plan.row.responses not in (STUDENT, STUDENT_OR_ANSWERS):
+    responses = plan.row.responses
+    if not t.health_min_entropy_ratio or not (responses == STUDENT or responses == STUDENT_OR_ANSWERS and plan.lmbda):
         return health  # off, or the student never samples
     why_not = ("no teacher is loaded" if session.teacher is None
                else f"teacher.engine={c.teacher.engine} holds the teacher's weights" if not session.teacher_in_process
