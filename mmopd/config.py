@@ -361,6 +361,7 @@ class TrainConfig:
     health_min_entropy: float = run_key(0.5)  # nats of the batch's sampled tokens; below it: collapsing (0: off)
     health_max_repeat: float = run_key(0.5)  # share of tokens that repeat an earlier 3-gram of their response (1: off)
     health_max_length: float = run_key(0.95)  # mean length / rollout.max_new_tokens, having started below it (1: off)
+    health_min_entropy_ratio: float = run_key(0.5)  # of the teacher's samples' entropy (an in-process teacher; 0: off)
     eval_kl_prompts: int = run_key(8)  # eval prompts for the forward and reverse KL to an in-process teacher (0: off)
 
     def validate(self) -> None:
@@ -388,6 +389,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not 0.0 < value <= 1.0:
                 raise ConfigError(f"train.{name} must lie in (0, 1] (1 turns the check off), got {value}")
+        if not 0.0 <= self.health_min_entropy_ratio < 1.0:
+            raise ConfigError("train.health_min_entropy_ratio is a fraction of the teacher's sample entropy and must "
+                              f"lie in [0, 1) (0 turns the check off), got {self.health_min_entropy_ratio}")
         for tracker in self.report_to:
             _choice("train.report_to", tracker, ("tensorboard", "wandb"))
 

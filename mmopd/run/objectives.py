@@ -43,7 +43,7 @@ from mmopd.losses import Shaping, masked_mean, policy_gradient_loss, reward_adva
 from mmopd.models.adapter import ModalityAdapter, fused_unsupported
 from mmopd.registry import Registry
 from mmopd.step.batch import PromptBatch, Rollout, Sampling, TokenSpace, answers_rollout
-from mmopd.step.health import sample_health
+from mmopd.step.health import sample_health, token_entropy
 from mmopd.step.objective_table import (ANSWERS, DIVERGENCE, NLL, POLICY_GRADIENT, SAMPLED, STUDENT_OR_ANSWERS,
                                         TEACHER, Row, row_of, scores_teacher)
 from mmopd.step.rewards import Reward, resolve_reward, reward_metrics, rewards_of
@@ -344,6 +344,14 @@ def response_metrics(m: Models, engine: RolloutEngine | None, responses: Rollout
     if engine is not None:
         metrics["rollout_tokens_per_s"] = metrics["response_tokens"] / max(timer.last["rollout"], 1e-9)
     return metrics
+
+
+def teacher_sample_entropy(m: Models, records: list[dict], plan: Plan, generator: torch.Generator) -> float:
+    """The teacher's own samples' `health/token_entropy`: as many responses to `records` as a step of the student
+    makes (samples_per_prompt each), at the plan's sampling, so that the two pooled entropies compare."""
+    records = [r for r in records for _ in range(plan.samples_per_prompt)]
+    responses = m.teacher_rollout.sample(m.teacher_prompts(records), plan.sampling, generator)
+    return token_entropy(responses.tokens, responses.mask)
 
 
 def against_trainer(student: Scores, actions: Tensor, responses: Rollout, rollout: RolloutConfig,

@@ -27,12 +27,13 @@ from mmopd.models.adapter import prepare_trainable
 from mmopd.models.checkpoint import check_global_batch, set_rng_state, trainer_state
 from mmopd.models.lora import load_lora_weights
 from mmopd.models.sharding import Parallel, decoder_layers, parallel, parameter_bytes, shard
-from mmopd.run.objectives import Models, Plan, Timer, check_engine, objective_step
+from mmopd.run.objectives import Models, Plan, Timer, check_engine, objective_step, teacher_sample_entropy
 from mmopd.run.report import MetricsLog, Progress, add_final_eval, eval_row, finish
 from mmopd.run.rundir import Run, apply_resume_changes, open_run, record_segment
 from mmopd.run.schedule import warmup_cosine
 from mmopd.run.session import Session
 from mmopd.step.health import HealthMonitor
+from mmopd.step.objective_table import STUDENT, STUDENT_OR_ANSWERS
 
 log = logging.getLogger("mmopd")
 
@@ -133,10 +134,10 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any],
     if not models.rollout.exact:
         _sync_engine(models, par)  # the engine loaded the student's path; a resumed or LoRA student differs from it
         check_engine(models, session.train_data.records[:4], c)
-    health = HealthMonitor(t.health_min_entropy, t.health_max_repeat, t.health_max_length, bool(session.eos_ids))
+    bad_in_row, stop_name, plan = 0, None, Plan.of(c)
+    health = _health_monitor(c, session, models, plan, par, state)
     progress = Progress(metrics_log, health, t.steps, state["step"], t.log_every, main, live, t.progress,
                         accelerator.log if t.report_to else None)
-    bad_in_row, stop_name, plan = 0, None, Plan.of(c)
     par.student.train()
     for step in range(state["step"], t.steps):
         timer, started = Timer(), time.perf_counter()
@@ -155,8 +156,8 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any],
         if (t.save_every and done % t.save_every == 0) or done == t.steps or stopping:
             state["step"] = done
             par.save(run.out, done, session.student_processor, trainer_state(
-                done, scheduler, state["baseline"], state["skipped_steps"], c.to_dict(), run.run_id, per_step),
-                t.keep_last, run.run_id)
+                done, scheduler, state["baseline"], state["skipped_steps"], c.to_dict(), run.run_id, per_step,
+                health.state()), t.keep_last, run.run_id)
         if stopping:
             log.warning("%s: saved checkpoint step-%d and stopped; rerun the same command to resume", stop_name, done)
             break
@@ -169,6 +170,46 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any],
         add_final_eval(summary, *_evaluate(session, par, metrics_log, t.steps, "eval student", live),
                        session.eval_data.records)
     return finish(run.out, summary, session, state["skipped_steps"], main, par.every_rank_samples)
+
+
+def _health_monitor(c: Config, session: Session, models: Models, plan: Plan, par: Parallel,
+                    state: dict[str, Any]) -> HealthMonitor:
+    """The sample-health monitor, going on from a resumed run's checkpoint (its warnings kept), with the teacher's
+    sample entropy measured once where the relative check needs it: on the prompts of step 1's first micro-batch,
+    where the teacher is in this process (every rank samples them: a sharded teacher needs them all)."""
+    t = c.train
+    health = HealthMonitor(t.health_min_entropy, t.health_max_repeat, t.health_max_length, bool(session.eos_ids),
+                           t.health_min_entropy_ratio)
+    health.restore(state.get("health"))
+    responses = plan.row.responses
+    if not t.health_min_entropy_ratio or not (responses == STUDENT or responses == STUDENT_OR_ANSWERS and plan.lmbda):
+        return health  # off, or the student never samples
+    why_not = ("no teacher is loaded" if session.teacher is None
+               else f"teacher.engine={c.teacher.engine} holds the teacher's weights" if not session.teacher_in_process
+               else "several teachers have no one reference" if session.teachers
+               else "the teacher's tokens are not the student's" if session.cross_tokenizer else None)
+    if why_not:
+        if par.main:
+            log.info("sample health: %s, so the student's entropy is not checked against the teacher's samples "
+                     "(train.health_min_entropy_ratio); the absolute checks stand", why_not)
+        return health
+    r = c.rollout
+    basis = {"teacher": c.teacher.path, "train": c.data.train, "batch_size": t.batch_size, "seed": t.seed,
+             "samples_per_prompt": r.samples_per_prompt, "max_new_tokens": r.max_new_tokens,
+             "temperature": r.temperature, "top_k": r.top_k, "top_p": r.top_p}
+    if health.teacher_entropy is None or health.teacher_basis != basis:  # once; again where a resume changed these
+        health.teacher_basis = basis
+        records = session.train_data.records
+        first = step_indices(len(records), 0, t.batch_size * t.grad_accum * par.world, t.seed)[:t.batch_size]
+        generator = torch.Generator(session.device).manual_seed(t.seed)
+        health.teacher_entropy = teacher_sample_entropy(models, [records[i] for i in first], plan, generator)
+        par.reshard_teacher()
+    if par.main:
+        log.info("sample health: the teacher's own samples have a token entropy of %.2f nats (step 1's prompts, at "
+                 "the rollout's sampling); the student's warn below %.2f (train.health_min_entropy_ratio=%g)",
+                 health.teacher_entropy, t.health_min_entropy_ratio * health.teacher_entropy,
+                 t.health_min_entropy_ratio)
+    return health
 
 
 def _load_student(c: Config, accelerator: Accelerator, resume_from: Path | None) -> Session:

@@ -17,7 +17,14 @@ rollout alone (so any engine's rollout gives them):
   nothing (0 for greedy rollouts). Logged, not thresholded.
 
 `HealthMonitor` warns once per kind when a number crosses its threshold (`train.health_*`), in one line that
-says what was seen and what to try, and keeps the warnings for summary.json and the end table.
+says what was seen and what to try, and keeps the warnings for summary.json and the end table. Its `state()`
+travels in the checkpoint, so a resumed run carries the earlier segments' warnings and warns no kind twice.
+
+An absolute entropy floor misses a student that collapses onto a few dozen tokens (digit strings that ignore the
+prompt: 2.3 nats, few exact repeats, where the teacher's samples have 5.1). Where the teacher is in this process,
+the run measures once, at the start, the same number on the teacher's own samples (`teacher_entropy`: one
+micro-batch of train prompts, as many responses as a student step, at the rollout's sampling, so that the pooled
+empirical entropies compare) and warns when the student's falls below `train.health_min_entropy_ratio` of it.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ ENTROPY, REPEAT, LENGTH = "health/token_entropy", "health/repeat_share", "health
 SURPRISAL = "health/surprisal"
 TRY = ("lower train.lr, heal the student first with objective.kind=seq_kd or supervised_kd, or mix in the "
        "teacher's samples with objective.kind=gkd and objective.lmbda<1")
+TRY_SFT = ("pair the reverse KL with SFT on the answers (objective.sft_weight=1, best on answers the teacher wrote), "
+           "lower train.lr, or heal the student with objective.kind=supervised_kd first")
 
 
 def token_entropy(tokens: Tensor, mask: Tensor) -> float:
@@ -80,14 +89,32 @@ class HealthMonitor:
     - length ratio at or above `max_length`, having started below it (responses that never end from step 1
       are an untrained student, or a modality whose responses have a fixed length, not a runaway); checked
       only when responses can end (`can_end`: the run has EOS ids).
-    Thresholds of 0 (entropy) or 1 (repeat share, length) turn a check off."""
+    - entropy below `min_entropy_ratio` × `teacher_entropy` (the teacher's samples' entropy, where measured).
+    Thresholds of 0 (entropy, ratio) or 1 (repeat share, length) turn a check off."""
 
     min_entropy: float
     max_repeat: float
     max_length: float
     can_end: bool
+    min_entropy_ratio: float = 0.0
+    teacher_entropy: float | None = None
+    teacher_basis: dict[str, Any] | None = None  # the settings it was measured at (a resume may change them)
     warnings: list[dict[str, Any]] = field(default_factory=list)
     first_length: float | None = None
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps, so that a resumed run goes on from it (`restore`)."""
+        return {"warnings": self.warnings, "first_length": self.first_length, "teacher_entropy": self.teacher_entropy,
+                "teacher_basis": self.teacher_basis}
+
+    def restore(self, state: dict[str, Any] | None) -> None:
+        """Go on from a checkpoint's `state()`: its warnings (kept, and not repeated), the first length and the
+        teacher's entropy with the settings it was measured at. None (a checkpoint of an earlier mmopd) starts
+        afresh."""
+        if state:
+            self.warnings = [dict(w) for w in state.get("warnings", [])]
+            self.first_length = state.get("first_length")
+            self.teacher_entropy, self.teacher_basis = state.get("teacher_entropy"), state.get("teacher_basis")
 
     def check(self, step: int, row: dict[str, Any]) -> list[str]:
         """Warn about the step's numbers that crossed a threshold for the first time; return the new messages."""
@@ -100,21 +127,28 @@ class HealthMonitor:
         if entropy < self.min_entropy:
             seen.append(("low_entropy", entropy, self.min_entropy,
                          f"the student's sampled tokens have an entropy of {entropy:.2f} nats (below "
-                         f"train.health_min_entropy={self.min_entropy:g}): its samples are collapsing onto few tokens"))
+                         f"train.health_min_entropy={self.min_entropy:g}): its samples are collapsing onto few tokens",
+                         TRY))
+        if self.teacher_entropy is not None and entropy < self.min_entropy_ratio * self.teacher_entropy:
+            seen.append(("low_entropy_vs_teacher", entropy, self.min_entropy_ratio * self.teacher_entropy,
+                         f"the student's sampled tokens have an entropy of {entropy:.2f} nats, below "
+                         f"train.health_min_entropy_ratio={self.min_entropy_ratio:g} of the teacher's "
+                         f"{self.teacher_entropy:.2f}: its samples narrow onto few tokens (number soup, a phrase) "
+                         "that the teacher also finds likely", TRY_SFT))
         if repeat > self.max_repeat and self.max_repeat < 1:
             seen.append(("repetition", repeat, self.max_repeat,
                          f"{100 * repeat:.0f}% of the student's response tokens repeat an earlier {REPEAT_N}-gram of "
-                         f"the same response (above train.health_max_repeat={self.max_repeat:g}): it loops"))
+                         f"the same response (above train.health_max_repeat={self.max_repeat:g}): it loops", TRY))
         if (self.can_end and self.max_length < 1 and length >= self.max_length
                 and self.first_length < self.max_length):
             seen.append(("runaway_length", length, self.max_length,
                          f"the student's responses grew from {100 * self.first_length:.0f}% to {100 * length:.0f}% of "
-                         f"rollout.max_new_tokens (train.health_max_length={self.max_length:g}): they stop ending"))
+                         f"rollout.max_new_tokens (train.health_max_length={self.max_length:g}): they stop ending", TRY))
         new = []
-        for kind, value, threshold, what in seen:
+        for kind, value, threshold, what, remedy in seen:
             if any(w["kind"] == kind for w in self.warnings):
                 continue
-            message = f"step {step}: {what}; the loss may still look good. Try: {TRY}"
+            message = f"step {step}: {what}; the loss may still look good. Try: {remedy}"
             log.warning("sample health: %s", message)
             self.warnings.append({"kind": kind, "step": step, "value": value, "threshold": threshold,
                                   "message": message})
