@@ -23,6 +23,23 @@ teacher's *per-token equivalent*: the value that makes the token's log-ratio the
 
 For a one-token span it is log p_T(y_c) itself, bit for bit (an empty sum is 0). The estimate logged per token is
 k_j / (b − a), so a response's tokens sum to its log-ratio.
+
+**Canonical tokenisations.** Compared with log p_T(text), the reverse KL over the student's token sequences y,
+E_y~p_S[log p_S(y) − log p_T(text(y))], is least at p_S(y) ∝ p_T(text(y)) over *every* y, including the
+tokenisations the student's tokenizer never makes ("1", "3", ";" for its "13;"): a text with n spellings weighs
+n times its probability, and the student learns to spread over spellings (and to favour texts with many). The
+target is held to the student's canonical tokenisations instead::
+
+    q(y) = p_T(text(y)) · 1[y is the student's tokenizer's encoding of text(y)]
+
+which sums to 1 over y (one canonical y per text), so the optimum is p_S(y) = p_T(text(y)) on canonical y and 0
+elsewhere. log 1[·] = −∞ is relaxed to a penalty of NONCANONICAL_PENALTY nats per span that holds a token the
+student's tokenizer would not make there (mmopd/step/cross_tokenizer.py, `canonical_tokens`)::
+
+    log q(span_j) = log p_T(span_j) − NONCANONICAL_PENALTY · 1[span_j not canonical]
+
+so such a span's log-ratio, the advantage of its tokens, is NONCANONICAL_PENALTY lower. A canonical span, and so
+every span of identical tokenizers, is scored as before, bit for bit.
 """
 
 from __future__ import annotations
@@ -30,6 +47,8 @@ from __future__ import annotations
 import torch
 
 from mmopd.losses.chunks import LOGPROB_FLOOR
+
+NONCANONICAL_PENALTY = 20.0  # nats off log p_T of a span the student's tokenizer would not spell so (docstring)
 
 
 def span_totals(values: torch.Tensor, span: torch.Tensor, spans: int) -> torch.Tensor:
@@ -52,12 +71,17 @@ def span_sums(values: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
 
 
 def span_token_logprobs(student_logprobs: torch.Tensor, teacher_span_logprobs: torch.Tensor,
-                        span: torch.Tensor) -> torch.Tensor:
-    """The teacher's per-token equivalent t_i (module docstring), 0 where no span is scored.
-    [B, T] student log-probs, [B, T] log p_T of each token's span, [B, T] span ids -> [B, T] float32"""
+                        span: torch.Tensor, canonical: torch.Tensor | None = None) -> torch.Tensor:
+    """The teacher's per-token equivalent t_i (module docstring), NONCANONICAL_PENALTY lower in a span with a token
+    that is not `canonical`, 0 where no span is scored. [B, T] student log-probs, [B, T] log p_T of each token's
+    span, [B, T] span ids, [B, T] bool or None (all canonical) -> [B, T] float32"""
     student = student_logprobs.detach().float().clamp(min=LOGPROB_FLOOR)  # [B, T]
     others = span_sums(student, span) - student  # [B, T] the span's other student tokens
-    return torch.where(span >= 0, teacher_span_logprobs.float() - others, 0.0)
+    teacher = teacher_span_logprobs.float()  # [B, T]
+    if canonical is not None:
+        off = span_sums((~canonical).float(), span) > 0  # [B, T] the token's span holds a non-canonical token
+        teacher = teacher - NONCANONICAL_PENALTY * off
+    return torch.where(span >= 0, teacher - others, 0.0)
 
 
 def span_share(values: torch.Tensor, span: torch.Tensor) -> torch.Tensor:

@@ -192,8 +192,9 @@ class SpanLogprobs(TokenLogprobs):
     needs_student = True
 
     def against(self, student: Tensor) -> Tensor:
-        """The per-token equivalent of each token's span (mmopd/losses/spans.py), so its log-ratio is the span's."""
-        return span_token_logprobs(student, self.values, self.span)
+        """The per-token equivalent of each token's span (mmopd/losses/spans.py), so its log-ratio is the span's, with
+        the penalty of a span the student's tokenizer would not make (the target is its canonical tokenisations)."""
+        return span_token_logprobs(student, self.values, self.span, self.canonical)
 
     def scored(self, mask: Tensor) -> Tensor:
         return mask * (self.span >= 0)  # [B, T]

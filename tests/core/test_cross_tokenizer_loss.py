@@ -11,6 +11,7 @@ import transformers
 from mmopd.engines import TOKEN_LOGPROBS, HFRollout, HFTeacher, TeacherNeed, model_scores
 from mmopd.engines.cross_tokenizer import CrossTokenizerTeacher
 from mmopd.losses import Shaping, masked_mean, span_sums
+from mmopd.losses.spans import NONCANONICAL_PENALTY
 from mmopd.models.adapter import PolicySide
 from mmopd.step.batch import Rollout, Sampling, TokenSpace
 from mmopd.step.cross_tokenizer import Aligner
@@ -125,3 +126,22 @@ def test_each_tokens_advantage_is_its_spans_log_ratio_and_the_gradient_its_spans
     assert k[0] == pytest.approx((s[0, 0] + s[0, 1]).item() + 3.0, abs=1e-6)
     same = student.sampled_loss(TokenLogprobs(teacher_span), actions, Rollout(actions, mask, s.detach()), 1.0)[0]
     assert not torch.allclose(loss, same)  # a multi-token span is not its tokens' own log-ratios
+
+
+def test_a_span_the_students_tokenizer_would_not_make_loses_the_noncanonical_penalty():
+    """The toy's pair: "13;" is one student token, so "1", "3", ";" spell the same text non-canonically. Each
+    span of the non-canonical row scores the teacher's log-prob less NONCANONICAL_PENALTY; the canonical row's
+    spans score it as it is, and so do the canonical "#", "9" and the EOS of the other row."""
+    student_tok, teacher_tok = toy.build_pieces_tokenizer(), toy.build_tokenizer()
+    v = student_tok.get_vocab()
+    rows = [["13;", "#", "9", "<eos>", "<pad>", "<pad>"], ["1", "3", ";", "#", "9", "<eos>"]]
+    tokens = torch.tensor([[v[t] for t in r] for r in rows])  # [2, 6]
+    aligned = _aligner(student_tok, teacher_tok).batch(tokens)
+    assert aligned.canonical.tolist() == [[True] * 4 + [False] * 2, [False] * 3 + [True] * 3]
+    teacher = torch.full(aligned.teacher_ids.shape, -0.5)  # [2, Tt]: log p_T of each teacher token
+    scores = aligned.span_logprobs(teacher)
+    student = torch.full((2, 6), -1.0)  # [B, T] log p_S of each sampled token
+    against = scores.against(student)  # [B, T]: log p_S(x_i) − against_i is the span's log-ratio
+    expected = torch.tensor([[-1.5, -0.5, -0.5, -0.5, 0.0, 0.0],  # "13;" against "1" "3" ";": one span
+                             [-0.5 - NONCANONICAL_PENALTY] * 3 + [-0.5] * 3])
+    assert torch.equal(against, expected)
