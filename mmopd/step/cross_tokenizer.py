@@ -128,8 +128,9 @@ def extendable_ids(tokenizer: Any) -> list[int]:
     special = set(tokenizer.all_special_ids)
     ids = [i for i in range(len(tokenizer)) if i not in special]
     texts = tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    prefixes = {t[:n] for t in texts for n in range(1, len(t))}
-    return [i for i, t in zip(ids, texts) if t and t in prefixes]
+    ordered = sorted(set(texts))  # a text that begins another is followed in this order by one that begins with it
+    extended = {t for t, after in zip(ordered, ordered[1:]) if t and after.startswith(t)}
+    return [i for i, t in zip(ids, texts) if t in extended]
 
 
 @dataclass(frozen=True)

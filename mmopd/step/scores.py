@@ -185,7 +185,8 @@ class TokenLogprobs(Scores):
 class SpanLogprobs(TokenLogprobs):
     """A teacher with another tokenizer (mmopd/step/cross_tokenizer.py): per student token, log p_T of the span it
     lies in (the sum over the span's teacher tokens); the sampled loss makes the span's log-ratio each of its
-    tokens' (mmopd/losses/spans.py). Tokens of no scored span (a cut response's last span) are left out."""
+    tokens' (mmopd/losses/spans.py), penalised where a token is not canonical and with the next span's after an
+    extendable token. Tokens of no scored span (a cut response's last span) are left out."""
 
     span: Tensor  # [B, T] long, the token's span within its row, −1 for none
     one_to_one: Tensor  # [B, T] bool, the token's span is one token on each side
