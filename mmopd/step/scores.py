@@ -24,10 +24,9 @@ import torch
 from torch import Tensor
 
 from mmopd.losses import (Shaping, excluded_logsumexp, fused_divergence_loss, fused_excluded_logsumexp,
-                          fused_gathered_logits, fused_sampled_reverse_kl_loss, fused_token_logprobs, masked_mean,
-                          sampled_token_logprobs, shaped_sampled_loss, span_share, span_token_logprobs,
-                          span_targets, lookahead,
-                          tail_token_divergence, token_divergence, topk_token_divergence)
+                          fused_gathered_logits, fused_sampled_reverse_kl_loss, fused_token_logprobs, lookahead,
+                          masked_mean, sampled_token_logprobs, shaped_sampled_loss, span_share, span_targets,
+                          span_token_logprobs, tail_token_divergence, token_divergence, topk_token_divergence)
 from mmopd.step.batch import Rollout, TokenSpace
 
 
