@@ -21,7 +21,8 @@ from mmopd.losses.fused import (fused_divergence_loss, fused_excluded_logsumexp,
                                 fused_topk_logits)
 from mmopd.losses.sampled import (Shaping, leave_one_out_mean, policy_gradient_loss, reward_advantage,
                                   sampled_reverse_kl_loss, sampled_token_logprobs, shaped_sampled_loss)
-from mmopd.losses.spans import at_spans, span_share, span_sums, span_token_logprobs, span_totals
+from mmopd.losses.spans import (at_spans, lookahead, span_log_ratios, span_share, span_sums, span_targets,
+                                span_token_logprobs, span_totals)
 from mmopd.losses.tail import excluded_logsumexp, tail_token_divergence, teacher_tail_logprob
 
 __all__ = [
@@ -56,6 +57,9 @@ __all__ = [
     "teacher_tail_logprob",
     "span_sums",
     "span_token_logprobs",
+    "span_targets",
+    "lookahead",
+    "span_log_ratios",
     "span_share",
     "span_totals",
     "at_spans",

@@ -122,6 +122,17 @@ def canonical_tokens(tokenizer: Any, ids: list[int], text: str, ends: list[int |
     return flags
 
 
+def extendable_ids(tokenizer: Any) -> list[int]:
+    """The ids of the tokens whose text is a proper prefix of another token's text ("1" of "13;"), special tokens
+    aside: whether such a token is canonical where it is sampled depends on the text after it."""
+    special = set(tokenizer.all_special_ids)
+    ids = [i for i in range(len(tokenizer)) if i not in special]
+    texts = tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    ordered = sorted(set(texts))  # a text that begins another is followed in this order by one that begins with it
+    extended = {t for t, after in zip(ordered, ordered[1:]) if t and after.startswith(t)}
+    return [i for i, t in zip(ids, texts) if t in extended]
+
+
 @dataclass(frozen=True)
 class RowAlignment:
     """One response aligned: the teacher's ids for it and the spans (student [a, b) against teacher [c, d))."""
@@ -140,6 +151,7 @@ class AlignedBatch:
     teacher_span: Tensor  # [B, Tt] long, the span of each teacher token, -1 where none is scored
     one_to_one: Tensor  # [B, T] bool, the token's span is one token on each side
     canonical: Tensor  # [B, T] bool, the student's tokenizer makes the token (canonical_tokens)
+    extendable: Tensor  # [B, T] bool, the token's text begins another student token's (`extendable_ids`)
 
     def span_logprobs(self, teacher_logprobs: Tensor) -> SpanLogprobs:
         """Per student token, the teacher's log-prob of its span: Σ over the span's teacher tokens of
@@ -147,7 +159,7 @@ class AlignedBatch:
         floored = teacher_logprobs.float().clamp(min=LOGPROB_FLOOR)  # [B, Tt]
         totals = span_totals(floored, self.teacher_span, self.student_span.shape[1])  # [B, T]: < T spans a row
         values = at_spans(totals, self.student_span)  # [B, T]
-        return SpanLogprobs(values, self.student_span, self.one_to_one, self.canonical)
+        return SpanLogprobs(values, self.student_span, self.one_to_one, self.canonical, self.extendable)
 
 
 class Aligner:
@@ -157,6 +169,7 @@ class Aligner:
                  teacher_pad: int):
         self.student, self.teacher = student_tokenizer, teacher_tokenizer
         self.student_eos, self.teacher_eos, self.teacher_pad = set(student_eos), teacher_eos, teacher_pad
+        self.extendable = torch.tensor(extendable_ids(student_tokenizer), dtype=torch.long)
 
     def row(self, ids: list[int]) -> RowAlignment:
         """One response's alignment; `ids` run to the student's first EOS, or are cut at max_new_tokens."""
@@ -191,5 +204,6 @@ class Aligner:
                 teacher_span[b, t0:t1] = k
                 one_to_one[b, s0:s1] = s1 - s0 == 1 and t1 - t0 == 1
         device = tokens.device
+        extendable = torch.isin(tokens.cpu(), self.extendable)  # [B, T]
         return AlignedBatch(teacher_ids.to(device), student_span.to(device), teacher_span.to(device),
-                            one_to_one.to(device), canonical.to(device))
+                            one_to_one.to(device), canonical.to(device), extendable.to(device))

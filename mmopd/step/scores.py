@@ -24,9 +24,9 @@ import torch
 from torch import Tensor
 
 from mmopd.losses import (Shaping, excluded_logsumexp, fused_divergence_loss, fused_excluded_logsumexp,
-                          fused_gathered_logits, fused_sampled_reverse_kl_loss, fused_token_logprobs, masked_mean,
-                          sampled_token_logprobs, shaped_sampled_loss, span_share, span_token_logprobs,
-                          tail_token_divergence, token_divergence, topk_token_divergence)
+                          fused_gathered_logits, fused_sampled_reverse_kl_loss, fused_token_logprobs, lookahead,
+                          masked_mean, sampled_token_logprobs, shaped_sampled_loss, span_share, span_targets,
+                          span_token_logprobs, tail_token_divergence, token_divergence, topk_token_divergence)
 from mmopd.step.batch import Rollout, TokenSpace
 
 
@@ -50,7 +50,7 @@ class Scores:
         mask = teacher.scored(responses.mask)  # [B, T]
         per_token, kl_estimate = shaped_sampled_loss(student, teacher.against(student), mask, shaping,
                                                      responses.logprobs, reward)
-        return masked_mean(per_token, mask), teacher.estimate(kl_estimate)
+        return masked_mean(per_token, mask), teacher.estimate(kl_estimate, student)
 
     def metrics(self, mask: Tensor) -> dict[str, float]:
         """What a teacher's scores say about themselves over the response tokens (`mask` [B, T]); nothing here."""
@@ -127,15 +127,16 @@ class Hidden(Scores):
                      reward: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if not shaping.plain or reward is not None:  # the shaped coefficient needs every k first: log-probs, then
             return super().sampled_loss(teacher, actions, responses, temperature, shaping, reward)  # the loss
-        mask, values = teacher.scored(responses.mask), teacher.values  # [B, T] each
+        mask, values, student = teacher.scored(responses.mask), teacher.values, None  # [B, T] each
         if teacher.needs_student:  # the teacher's values depend on the student's log-probs (spans): one pass more
             with torch.no_grad():
-                values = teacher.against(self.logprobs(actions, temperature))
+                student = self.logprobs(actions, temperature)  # [B, T]
+                values = teacher.against(student)
         weights = mask / mask.sum().clamp(min=1)  # [B, T]
         with self.head_precision():  # gradients computed with the values: no logits recomputed
             loss, kl_estimate = fused_sampled_reverse_kl_loss(self.hidden, self.weight, actions, values, weights,
                                                               responses.logprobs, temperature, bias=self.bias)
-        return loss, teacher.estimate(kl_estimate)
+        return loss, teacher.estimate(kl_estimate, student)
 
 
 @dataclass
@@ -174,7 +175,7 @@ class TokenLogprobs(Scores):
         """The response tokens the estimator scores, of `mask` [B, T]: all of them."""
         return mask
 
-    def estimate(self, kl_estimate: Tensor) -> Tensor:
+    def estimate(self, kl_estimate: Tensor, student: Tensor | None = None) -> Tensor:
         """The per-token reverse-KL estimate to log, from the estimator's [B, T]: as it is."""
         return kl_estimate
 
@@ -183,24 +184,29 @@ class TokenLogprobs(Scores):
 class SpanLogprobs(TokenLogprobs):
     """A teacher with another tokenizer (mmopd/step/cross_tokenizer.py): per student token, log p_T of the span it
     lies in (the sum over the span's teacher tokens); the sampled loss makes the span's log-ratio each of its
-    tokens' (mmopd/losses/spans.py). Tokens of no scored span (a cut response's last span) are left out."""
+    tokens' (mmopd/losses/spans.py), penalised where a token is not canonical and with the next span's after an
+    extendable token. Tokens of no scored span (a cut response's last span) are left out."""
 
     span: Tensor  # [B, T] long, the token's span within its row, −1 for none
     one_to_one: Tensor  # [B, T] bool, the token's span is one token on each side
     canonical: Tensor | None = None  # [B, T] bool, the student's own tokenizer makes the token (None: unknown)
+    extendable: Tensor | None = None  # [B, T] bool, the token's text begins another student token's (None: none)
 
     needs_student = True
 
     def against(self, student: Tensor) -> Tensor:
-        """The per-token equivalent of each token's span (mmopd/losses/spans.py), so its log-ratio is the span's."""
-        return span_token_logprobs(student, self.values, self.span)
+        """The per-token equivalent of each token's span (mmopd/losses/spans.py), so its log-ratio is the span's, with
+        the penalty of a span the student's tokenizer would not make (the target is its canonical tokenisations)."""
+        return span_token_logprobs(student, self.values, self.span, self.canonical, self.extendable)
 
     def scored(self, mask: Tensor) -> Tensor:
         return mask * (self.span >= 0)  # [B, T]
 
-    def estimate(self, kl_estimate: Tensor) -> Tensor:
-        """Each token's share of its span's log-ratio: a response's tokens sum to its log-ratio."""
-        return span_share(kl_estimate, self.span)
+    def estimate(self, kl_estimate: Tensor, student: Tensor | None = None) -> Tensor:
+        """Each token's share of its span's log-ratio, the lookahead taken out (`student`: the log-probs [B, T] the
+        estimator compared): a response's tokens sum to its log-ratio."""
+        target = span_targets(student, self.values, self.span, self.canonical)
+        return span_share(kl_estimate - lookahead(*target, self.span, self.extendable), self.span)
 
     def metrics(self, mask: Tensor) -> dict[str, float]:
         """`cross_tokenizer/one_to_one_share`: the share of response tokens in one-to-one spans;

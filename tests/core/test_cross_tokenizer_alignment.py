@@ -10,7 +10,7 @@ import pytest
 import torch
 from tokenizers import processors
 
-from mmopd.step.cross_tokenizer import Aligner, prefix_cuts, shared_spans, student_cuts
+from mmopd.step.cross_tokenizer import Aligner, extendable_ids, prefix_cuts, shared_spans, student_cuts
 from tests.cross_tokenizers import TEXT, byte_level, char_level, pieces
 
 ADVERSARIAL = {
@@ -178,3 +178,11 @@ def test_the_students_cuts_are_the_cuts_of_decoded_prefixes(toks, name):
     for ids in [tokenizer(text, add_special_tokens=False)["input_ids"] for text in ADVERSARIAL.values()] + [soup]:
         text, cuts = student_cuts(tokenizer, ids)
         assert cuts == prefix_cuts(tokenizer, ids, text), tokenizer.convert_ids_to_tokens(ids)
+
+
+def test_a_token_is_extendable_where_its_text_begins_a_longer_tokens():
+    """Pieces "12", "123", ";3", "#4", "#45", "=1" over characters: "1" begins "12", "12" begins "123", "#4" begins
+    "#45"; "123", "3" and the special tokens begin none. A character-level tokenizer has none."""
+    tok = pieces(["12", "123", ";3", "#4", "#45", "=1"], chars="0123456789+=;#")
+    assert sorted(tok.convert_ids_to_tokens(extendable_ids(tok))) == ["#", "#4", "1", "12", ";", "="]
+    assert extendable_ids(char_level()) == []

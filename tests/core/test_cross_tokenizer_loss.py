@@ -4,6 +4,8 @@ same-tokenizer sampled loss, bit for bit; and each span's log-ratio is the advan
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import transformers
@@ -11,6 +13,7 @@ import transformers
 from mmopd.engines import TOKEN_LOGPROBS, HFRollout, HFTeacher, TeacherNeed, model_scores
 from mmopd.engines.cross_tokenizer import CrossTokenizerTeacher
 from mmopd.losses import Shaping, masked_mean, span_sums
+from mmopd.losses.spans import NONCANONICAL_PENALTY
 from mmopd.models.adapter import PolicySide
 from mmopd.step.batch import Rollout, Sampling, TokenSpace
 from mmopd.step.cross_tokenizer import Aligner
@@ -125,3 +128,42 @@ def test_each_tokens_advantage_is_its_spans_log_ratio_and_the_gradient_its_spans
     assert k[0] == pytest.approx((s[0, 0] + s[0, 1]).item() + 3.0, abs=1e-6)
     same = student.sampled_loss(TokenLogprobs(teacher_span), actions, Rollout(actions, mask, s.detach()), 1.0)[0]
     assert not torch.allclose(loss, same)  # a multi-token span is not its tokens' own log-ratios
+
+
+def _toy_rows(rows):
+    """The toy's pair ("13;" is one student token, so "1", "3", ";" spell it non-canonically) aligned on `rows`,
+    the teacher's every token at log-prob −0.5: the SpanLogprobs."""
+    student_tok, teacher_tok = toy.build_pieces_tokenizer(), toy.build_tokenizer()
+    v = student_tok.get_vocab()
+    aligned = _aligner(student_tok, teacher_tok).batch(torch.tensor([[v[t] for t in r] for r in rows]))
+    return aligned, aligned.span_logprobs(torch.full(aligned.teacher_ids.shape, -0.5))
+
+
+TOY_ROWS = [["13;", "#", "9", "<eos>", "<pad>", "<pad>"], ["1", "3", ";", "#", "9", "<eos>"]]
+
+
+def test_a_span_the_students_tokenizer_would_not_make_loses_the_noncanonical_penalty():
+    """Each span of the non-canonical row scores the teacher's log-prob less NONCANONICAL_PENALTY; the canonical
+    row's spans score it as it is, and so do the canonical "#", "9" and EOS of the other row (no lookahead here)."""
+    aligned, scores = _toy_rows(TOY_ROWS)
+    assert aligned.canonical.tolist() == [[True] * 4 + [False] * 2, [False] * 3 + [True] * 3]
+    against = replace(scores, extendable=None).against(torch.full((2, 6), -1.0))  # [B, T]
+    expected = torch.tensor([[-1.5, -0.5, -0.5, -0.5, 0.0, 0.0],  # "13;" against "1" "3" ";": one span
+                             [-0.5 - NONCANONICAL_PENALTY] * 3 + [-0.5] * 3])
+    assert torch.equal(against, expected)
+
+
+def test_a_span_ending_in_a_token_a_longer_one_extends_takes_the_next_spans_log_ratio_too():
+    """The digits are extendable ("1" begins "13;"): their advantage adds the next span's log-ratio, so "1" before a
+    non-canonical "3" pays its penalty; "13;", ";", "#" and EOS are not. The logged estimate stays each span's own."""
+    aligned, scores = _toy_rows(TOY_ROWS)
+    assert aligned.extendable.tolist() == [[False, False, True, False, False, False], [True, True] + [False] * 2
+                                           + [True, False]]
+    student = torch.full((2, 6), -1.0)  # [B, T] log p_S of each sampled token
+    advantage = scores.against(student) - student  # [B, T] −(k_j + e_j·k_{j+1})
+    k_eos, k_off = -1.0 + 0.5, -1.0 + 0.5 + NONCANONICAL_PENALTY  # EOS's span; each non-canonical span's
+    expected = torch.tensor([[-(-1.0 + 1.5), -(-0.5), -(-0.5 + k_eos), -k_eos, 1.0, 1.0],
+                             [-(k_off + k_off), -(k_off + k_off), -k_off, -(-0.5), -(-0.5 + k_eos), -k_eos]])
+    assert torch.equal(advantage[:, :4], expected[:, :4]) and torch.equal(advantage[1], expected[1])
+    estimate = scores.estimate(student - scores.against(student), student)  # [B, T]
+    assert torch.equal(estimate[1], torch.tensor([k_off] * 3 + [-0.5, -0.5, k_eos]))

@@ -1,7 +1,8 @@
 """`mmopd demo text --family cross_tokenizer` end to end, as a user runs it, at a reduced size: the toy's teacher
 reads characters, its student column sums ("13;"), and the demo distils through the character-span alignment with
-the sampled span estimator. Whether it closes the gap is the full demo's to show (README); this holds the plumbing:
-toy, detection at start, training, the one-to-one share logged, the report."""
+the sampled span estimator. Whether it closes the gap is the full demo's to show (README: 0.234 -> 0.720 in 200
+steps, seed 0; the toy alone needs minutes of SFT); this holds the plumbing: toy, detection at start, training, the
+one-to-one and canonical shares logged, the report."""
 
 from __future__ import annotations
 
@@ -31,5 +32,6 @@ def test_the_cross_tokenizer_demo_runs_end_to_end_at_a_reduced_size(tmp_path, mo
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     assert len(steps) == 3 and all(0 < r["cross_tokenizer/one_to_one_share"] <= 1 for r in steps)
+    assert all(0 <= r["cross_tokenizer/canonical_share"] <= 1 for r in steps)
     summary = json.loads((run / "summary.json").read_text())
     assert {"teacher", "student_before", "student_after"} <= set(summary)
