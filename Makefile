@@ -17,15 +17,15 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/mmopd demo text
 
-# two workers, one thread each (small models run fastest on one thread per process). --dist loadgroup with the
-# groups of tests/conftest.py: a module's tests run on one worker, which owns the module's shared vLLM servers
-# (started once, tests/engines/conftest.py), and the modules that run the real model share one worker (they take
-# turns on it); the real model and the heaviest modules go out first. The served-vLLM tests start `vllm serve`
+# two workers, one thread each (small models run fastest on one thread per process). --dist loadfile with the
+# work units of tests/conftest.py (pytest_xdist_make_scheduler): a module's tests run on one worker, which owns
+# the module's shared vLLM servers (started once, tests/engines/conftest.py), and the modules that run the real
+# model share one worker (they take turns on it); the real model and the heaviest modules go out first. The served-vLLM tests start `vllm serve`
 # from .venv-vllm; the colocated ones run a vllm.LLM in-process, so they run in that venv, one at a time (each
 # engine reserves 30% of RAM; two at a time failed in CI: the second engine found too little free memory).
 # Each run keeps its 30 slowest tests in .test-times/ (not committed): main.txt and colocated.txt.
 test: install vllm-env real-model
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --durations=15 \
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 \
 		--times-file .test-times/main.txt
 	OMP_NUM_THREADS=1 $(VLLM_BIN)/python -m pytest -q -p no:xdist --durations=10 tests/engines/colocated \
 		--times-file .test-times/colocated.txt

@@ -16,7 +16,9 @@ from tests.gemma_models import gemma_pair, real_model_turn
 
 pytest_plugins = ("tests.vlm.fixtures",)  # the VLM fixtures: tiny data and model pairs of every family
 SLOWEST = 30
-REAL_MODEL = "real-model"  # the xdist group of the modules that run Gemma 3 270M (fixture `gemma_real`)
+REAL_MODEL = "real-model"  # the work unit of the modules that run Gemma 3 270M (fixture `gemma_real`):
+REAL_MODEL_MODULES = ("tests/engines/test_vllm_gemma_rollout.py", "tests/engines/test_vllm_gemma_teacher.py",
+                      "tests/text/test_gemma_real.py")
 # Modules whose tests take a minute or more in all (.test-times/main.txt), heaviest first: `make test` sends them
 # out first, so that the two workers end together instead of one finishing a demo alone.
 HEAVY_FIRST = ("tests/e2e/test_demo_text.py", "tests/e2e/test_demo_vlm.py", "tests/engines/test_vllm_served.py",
@@ -28,20 +30,37 @@ def pytest_addoption(parser) -> None:
                      "teardown, seconds) to PATH at the end of the run")
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items) -> None:
-    """The work units of `make test` (`-n 2 --dist loadgroup`): a module's tests share a worker (its module-scoped
-    vLLM servers start once), and every module that runs the real model shares one: they take turns on it
-    (`real_model_turn`), and on two workers the second would wait for the first with its core idle. Units go out
-    in this order: the real model first, then HEAVY_FIRST, then the rest in collection order."""
-    def unit(item) -> str:
-        return REAL_MODEL if "gemma_real" in getattr(item, "fixturenames", ()) else item.nodeid.split("::")[0]
+def _unit(path: str) -> str:
+    """The work unit of a test module's path: the real model's, or the module's own."""
+    return REAL_MODEL if path in REAL_MODEL_MODULES else path
 
-    if getattr(config.option, "dist", "no") == "loadgroup":
-        for item in items:
-            item.add_marker(pytest.mark.xdist_group(unit(item)))
+
+def pytest_xdist_make_scheduler(config, log):
+    """`make test`'s `-n 2 --dist loadfile`: a module's tests share a worker (its module-scoped vLLM servers start
+    once), and the modules that run the real model share one too: they take turns on it (`real_model_turn`), and on
+    two workers the second would wait for the first with its core idle. (xdist's own `--dist loadgroup` does not
+    group here: with this pytest its marks never reach the test ids.)"""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class Units(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _unit(nodeid.split("::", 1)[0])
+
+    return Units(config, log)
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Units go out in this order: the real model first, then HEAVY_FIRST, then the rest in collection order. A
+    module that takes the real model (fixture `gemma_real`) must be listed in REAL_MODEL_MODULES."""
+    for item in items:
+        path = item.nodeid.split("::", 1)[0]
+        if "gemma_real" in getattr(item, "fixturenames", ()) and path not in REAL_MODEL_MODULES:
+            raise pytest.UsageError(f"{path} runs the real model (gemma_real): add it to REAL_MODEL_MODULES in "
+                                    "tests/conftest.py, so that it shares the real model's worker")
     rank = {REAL_MODEL: 0, **{path: i + 1 for i, path in enumerate(HEAVY_FIRST)}}
-    items.sort(key=lambda item: rank.get(unit(item), len(rank)))  # stable: the rest keep collection order
+    items.sort(key=lambda item: rank.get(_unit(item.nodeid.split("::", 1)[0]), len(rank)))  # stable sort
 
 
 def pytest_terminal_summary(terminalreporter, config) -> None:
@@ -53,7 +72,7 @@ def pytest_terminal_summary(terminalreporter, config) -> None:
     for reports in terminalreporter.stats.values():
         for report in reports:
             if getattr(report, "when", None) in ("setup", "call", "teardown"):
-                phases[report.nodeid.split("@")[0]][report.when] = report.duration  # less the xdist group
+                phases[report.nodeid][report.when] = report.duration
     slowest = sorted(phases.items(), key=lambda item: -sum(item[1].values()))[:SLOWEST]
     lines = [f"{sum(p.values()):8.1f} s  {nodeid}  (setup {p.get('setup', 0):.1f}, call {p.get('call', 0):.1f}, "
              f"teardown {p.get('teardown', 0):.1f})" for nodeid, p in slowest]
