@@ -35,6 +35,7 @@ def _unit(path: str) -> str:
     return REAL_MODEL if path in REAL_MODEL_MODULES else path
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest -p no:xdist (the colocated suite) knows no such hook
 def pytest_xdist_make_scheduler(config, log):
     """`make test`'s `-n 2 --dist loadfile`: a module's tests share a worker (its module-scoped vLLM servers start
     once), and the modules that run the real model share one too: they take turns on it (`real_model_turn`), and on

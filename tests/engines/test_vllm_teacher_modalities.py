@@ -9,6 +9,9 @@ log of the mass the teacher puts inside the space."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -45,14 +48,17 @@ def llava_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("served_llava_teacher")
     path = build_llava(root / "llava")
     data = shapes.write_split(root / "data", "train", 6, seed=1, held_out=False)
-    return path, config_and_tokenizer(path, root / "llava_config_only"), data
+    return path, config_and_tokenizer(path, root / "llava_config_only"), data, \
+        Path(shutil.copytree(path, root / "llava_student"))
 
 
 @pytest.fixture
 def llava(llava_model, vllm_servers):
-    """The LLaVA, its weightless copy, 6 shapes-VQA records, and the session's server of the LLaVA."""
-    path, weightless, data = llava_model
-    return path, weightless, data, vllm_servers.get("llava", path, ("--max-logprobs", str(K), "--enable-scale-out"))
+    """The LLaVA, its weightless copy, 6 shapes-VQA records, the session's server of the LLaVA, and a student: a
+    copy of it (a teacher server that serves student.path is refused, mmopd/engines/vllm/identity.py)."""
+    path, weightless, data, student = llava_model
+    return path, weightless, data, vllm_servers.get("llava", path, ("--max-logprobs", str(K), "--enable-scale-out")), \
+        student
 
 
 def check_llava_teacher(session, m, hf, pictures):
@@ -80,8 +86,8 @@ def check_llava_teacher(session, m, hf, pictures):
 
 @pytest.mark.parametrize("pictures", [1, 2])
 def test_a_served_llava_teacher_scores_the_response_after_one_or_two_pictures_as_hf(llava, pictures):
-    path, weightless, data, server = llava
-    base = {"modality": "vlm", "student.path": str(path), "data.train": str(data), "rollout.max_new_tokens": 6,
+    path, weightless, data, server, student = llava
+    base = {"modality": "vlm", "student.path": str(student), "data.train": str(data), "rollout.max_new_tokens": 6,
             "objective.estimator": "sampled"}
     session = Session(load_config(None, {**base, "teacher.path": str(weightless), "teacher.engine": "vllm",
                                          "teacher.url": server.url}))
