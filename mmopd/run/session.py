@@ -41,6 +41,12 @@ def resolve_dtype(name: str, device: torch.device, role: str) -> torch.dtype:
     return dtype
 
 
+def pad_of(processor: Any, eos_ids: list[int]) -> int:
+    """The id that pads a model's rows: its processor's pad token, else its first EOS."""
+    pad = getattr(processor, "pad_token_id", None)
+    return eos_ids[0] if pad is None else pad
+
+
 class Session:
     """Everything a run needs, loaded and checked: data, models, processors, the action space."""
 
@@ -113,8 +119,7 @@ class Session:
             if data is not None:
                 self._drop_unusable_prompts(data)
         self.eos_ids = self.adapter.eos_token_ids(self.student_processor)
-        self.pad_id = self.student_processor.pad_token_id if getattr(self.student_processor, "pad_token_id", None) \
-            is not None else self.eos_ids[0]
+        self.pad_id = pad_of(self.student_processor, self.eos_ids)
 
     def _in_process(self, t: TeacherConfig) -> bool:
         """Whether teacher `t`'s weights load here: not for a vLLM teacher that scores (its engine holds them)."""
@@ -201,8 +206,9 @@ class Session:
         """`model` with its processor and the run's token space, EOS ids and pad id: what sampling it needs (a
         teacher with another tokenizer samples its own tokens)."""
         if self.cross_tokenizer and processor is self.teacher_processor:
-            return PolicySide(self.adapter, model, processor, self.adapter.token_space(processor, model),
-                              self.adapter.eos_token_ids(processor), processor.pad_token_id)
+            eos = self.adapter.eos_token_ids(processor)
+            return PolicySide(self.adapter, model, processor, self.adapter.token_space(processor, model), eos,
+                              pad_of(processor, eos))
         return PolicySide(self.adapter, model, processor, self.space, self.eos_ids, self.pad_id)
 
     def models(self, student: torch.nn.Module | None = None) -> Models:
