@@ -36,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from benchmarks.measure import GIB, MIB, device_of, machine, peak_bytes, rank_memory, reset_peak, run_child, table
 from benchmarks.models import RandomPrompts, random_qwen2, random_records, shape_of
 from mmopd.config import load_config
+from mmopd.models.adapter import PolicySide
 from mmopd.models.sharding import reshard, shard
 from mmopd.run.objectives import Models, Plan, Timer, objective_step
 from mmopd.step.batch import TokenSpace
@@ -67,8 +68,9 @@ def _stepper(args: argparse.Namespace, overrides: dict, trained: torch.nn.Module
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda" and args.dtype == "auto")
     config = load_config(None, {"student.path": "random", "teacher.path": "random", "data.train": "random",
                                 "rollout.max_new_tokens": args.new, **overrides})
-    models = Models(RandomPrompts(), trained, student, None, teacher, None, TokenSpace(vocab), [-1], 0,
-                    device).with_engines(config)
+    adapter, space = RandomPrompts(), TokenSpace(vocab)
+    models = Models(trained, PolicySide(adapter, student, None, space, [-1], 0),
+                    PolicySide(adapter, teacher, None, space, [-1], 0), device).with_engines(config)
 
     def step(timer: Timer) -> dict:
         with autocast:

@@ -43,12 +43,13 @@ def main() -> None:
     session = Session(config)
     m = session.models()
     records = session.train_data.records[: args.prompts]
-    s_prompts = m.adapter.encode_prompts(records, m.student_processor)
-    t_prompts = m.adapter.encode_prompts(records, m.teacher_processor)
+    s_prompts = m.adapter.encode_prompts(records, m.policy.processor)
+    t_prompts = m.adapter.encode_prompts(records, m.teacher.processor)
     responses = m.rollout.sample(s_prompts, sampling_of(config), torch.Generator().manual_seed(0))
     with torch.no_grad():
-        s_logits = m.space.restrict(m.adapter.calls.response_logits(m.policy, s_prompts, responses.tokens)).float()
-        t_logits = m.space.restrict(m.adapter.calls.response_logits(m.teacher, t_prompts, responses.tokens)).float()
+        calls, space = m.adapter.calls, m.policy.space
+        s_logits = space.restrict(calls.response_logits(m.policy.model, s_prompts, responses.tokens)).float()
+        t_logits = space.restrict(calls.response_logits(m.teacher.model, t_prompts, responses.tokens)).float()
     keep = responses.mask.bool()  # [B, T]
     s_logits, t_logits = s_logits[keep], t_logits[keep]  # [N, A]
     print(f"# top-k bias on {machine(torch.device('cpu'))}; {s_logits.shape[0]} response tokens sampled by "

@@ -135,12 +135,25 @@ def main(argv: list[str] | None = None) -> None:
             started = time.time()
             final = run_method(method, seed, args, data_file)
             row = {"method": method, "seed": seed, "train_s": time.time() - started,
+                   "health_warnings": run_warnings(out / f"{method}-s{seed}"),
                    **measure_dir(final, teacher, tokenizer, data, args.new)}
             with results_file.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
     report(out, [json.loads(line) for line in results_file.read_text().splitlines()],
            Path(__file__).resolve().parents[1] if args.publish else None)
+
+
+def run_warnings(run: Path) -> list[str]:
+    """The sample-health warnings of a method's stages (each stage's summary.json), in order."""
+    return [w for stage in sorted(run.glob("stage*"))
+            for w in json.loads((stage / "summary.json").read_text()).get("health_warnings", [])]
+
+
+def _warned(rows: list[dict]) -> str:
+    """How many of the runs that recorded their warnings warned ("–" where none did: rows from before they were)."""
+    known = [r for r in rows if "health_warnings" in r]
+    return f"{sum(bool(r['health_warnings']) for r in known)} of {len(known)}" if known else "–"
 
 
 def _cell(values: list[float]) -> str:
@@ -153,31 +166,37 @@ def report(out: Path, rows: list[dict], root: Path | None) -> None:
     token entropy of the student's samples per step through each method's stages."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     by_method = {m: [r for r in rows if r["method"] == m] for m in methods}
-    lines = ["| method | seeds | " + " | ".join(c for c, _ in COLUMNS) + " | a held-out sample (seed 0) |",
-             "|---" * (len(COLUMNS) + 3) + "|"]
+    lines = ["| method | seeds | " + " | ".join(c for c, _ in COLUMNS)
+             + " | runs that warned | a held-out sample (seed 0) |", "|---" * (len(COLUMNS) + 4) + "|"]
     for m in methods:
         cells = [_cell([r[key] for r in by_method[m]]) for _, key in COLUMNS]
         first = by_method[m][0]["samples"][0].replace("\n", "⏎").replace("|", "\\|")
-        lines.append(f"| {m} | {len(by_method[m])} | " + " | ".join(cells) + f" | `{first[:60]}` |")
+        lines.append(f"| {m} | {len(by_method[m])} | " + " | ".join(cells)
+                     + f" | {_warned(by_method[m])} | `{first[:60]}` |")
     fig, (bars, curves) = plt.subplots(1, 2, figsize=(12, 4))
     width = 0.38
     for i, (label, key) in enumerate(COLUMNS[:2]):
-        means = [statistics.fmean(r[key] for r in by_method[m]) for m in methods]
-        bars.bar([j + (i - 0.5) * width for j in range(len(methods))], means, width, label=label)
+        values = [[r[key] for r in by_method[m]] for m in methods]
+        spread = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+        bars.bar([j + (i - 0.5) * width for j in range(len(methods))], list(map(statistics.fmean, values)), width,
+                 yerr=spread, capsize=3, label=label)
     bars.set_xticks(range(len(methods)), methods, fontsize=8)
     bars.set_ylabel("nats per token, held-out prompts")
-    bars.set_title("reverse KL (student's samples) and forward KL (teacher's)", fontsize=10)
+    bars.set_title("reverse KL (student's samples) and forward KL (teacher's); bars ± sd over seeds", fontsize=10)
     bars.legend(fontsize=8)
+    colours = {m: f"C{i}" for i, m in enumerate(methods)}
     for m in methods:
-        points, offset = [], 0
-        for stage in sorted((out / f"{m}-s0").glob("stage*")):
-            metrics = [r for r in read_metrics(stage / "metrics.jsonl") if "loss" in r]
-            points += [(offset + r["step"], r["health/token_entropy"]) for r in metrics if "health/token_entropy" in r]
-            offset += len(metrics)
-        if points:
-            curves.plot(*zip(*points), "o-", ms=3, label=m)
+        for run in sorted(out.glob(f"{m}-s*"), key=lambda d: int(d.name.rsplit("-s", 1)[1])):
+            points, offset = [], 0
+            for stage in sorted(run.glob("stage*")):
+                metrics = [r for r in read_metrics(stage / "metrics.jsonl") if "loss" in r]
+                points += [(offset + r["step"], r["health/token_entropy"])
+                           for r in metrics if "health/token_entropy" in r]
+                offset += len(metrics)
+            if points:
+                curves.plot(*zip(*points), "o-", ms=2, lw=1, color=colours[m], label=f"{m} {run.name.rsplit('-', 1)[1]}")
     curves.set_xlabel("step")
-    curves.set_title("token entropy of the student's samples (nats; seed 0)", fontsize=10)
+    curves.set_title("token entropy of the student's samples per step (nats; the runs kept in --out)", fontsize=10)
     curves.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / f"results_{NAME}.png", dpi=110)

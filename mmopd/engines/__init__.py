@@ -35,35 +35,31 @@ __all__ = ["RolloutEngine", "TeacherScorer", "TeacherNeed", "DISTRIBUTION", "TOP
            "EngineError", "VLLMRollout", "VLLMTeacher"]
 
 
-# (config, adapter, model, processor, space, eos ids, pad id, path, writer) -> the engine that samples from model
-RolloutFactory = Callable[[Config, ModalityAdapter, nn.Module, Any, TokenSpace, list[int], int, str, bool],
-                          RolloutEngine]
-# (config, adapter, model, processor, space, fused, eos ids) -> the engine that scores with the teacher
-TeacherFactory = Callable[[Config, ModalityAdapter, nn.Module, Any, TokenSpace, bool, list[int]], TeacherScorer]
+# (config, the side that samples, path, writer) -> the engine that samples from side.model
+RolloutFactory = Callable[[Config, PolicySide, str, bool], RolloutEngine]
+# (config, the teacher's side, fused) -> the engine that scores with the teacher
+TeacherFactory = Callable[[Config, PolicySide, bool], TeacherScorer]
 ROLLOUT_ENGINES: Registry[RolloutFactory] = Registry("rollout.engine", ConfigError)
 TEACHER_ENGINES: Registry[TeacherFactory] = Registry("teacher.engine", ConfigError)
 
 
-def rollout_engine(engine: str, config: Config, adapter: ModalityAdapter, model: nn.Module, processor: Any,
-                   space: TokenSpace, eos_ids: list[int], pad_id: int, path: str = "",
-                   writer: bool = True) -> RolloutEngine:
-    """The engine that samples from `model` (the student, or seq_kd's teacher); `path` is where the model was
+def rollout_engine(engine: str, config: Config, side: PolicySide, path: str = "", writer: bool = True) -> RolloutEngine:
+    """The engine that samples from `side.model` (the student, or seq_kd's teacher); `path` is where the model was
     loaded from (a colocated vLLM loads it too), `writer` whether this process sends the weights at sync."""
-    return ROLLOUT_ENGINES[engine](config, adapter, model, processor, space, eos_ids, pad_id, path, writer)
+    return ROLLOUT_ENGINES[engine](config, side, path, writer)
 
 
 @ROLLOUT_ENGINES.register("hf")
-def hf_rollout(config: Config, adapter: ModalityAdapter, model: nn.Module, processor: Any, space: TokenSpace,
-               eos_ids: list[int], pad_id: int, path: str, writer: bool) -> RolloutEngine:
+def hf_rollout(config: Config, side: PolicySide, path: str, writer: bool) -> RolloutEngine:
     """The in-process decode loop."""
-    return HFRollout(PolicySide(adapter, model, processor, space, eos_ids, pad_id), config.rollout.max_new_tokens)
+    return HFRollout(side, config.rollout.max_new_tokens)
 
 
 @ROLLOUT_ENGINES.register("vllm")
-def vllm_rollout(config: Config, adapter: ModalityAdapter, model: nn.Module, processor: Any, space: TokenSpace,
-                 eos_ids: list[int], pad_id: int, path: str, writer: bool) -> RolloutEngine:
+def vllm_rollout(config: Config, side: PolicySide, path: str, writer: bool) -> RolloutEngine:
     """A `vllm serve` at rollout.url, or without a url a `vllm.LLM` in this process that the trainer syncs."""
     r = config.rollout
+    adapter, model, processor = side.adapter, side.model, side.processor
     why = vllm_unsupported(model, served=bool(r.url), pictures=adapter.prompt_pictures) or \
         _cpu_attention_unsupported(model, bool(r.url), next(model.parameters()).is_cuda)
     if why is not None:
@@ -85,8 +81,8 @@ def vllm_rollout(config: Config, adapter: ModalityAdapter, model: nn.Module, pro
     except BaseException:
         remove_sync_dir(sync_dir, owned=not r.sync_dir)
         raise
-    return VLLMRollout(transport, space, eos_ids, pad_id, r.max_new_tokens, sync_dir, lora, engine_key, writer,
-                       owns_sync_dir=not r.sync_dir)
+    return VLLMRollout(transport, side.space, side.eos_ids, side.pad_id, r.max_new_tokens, sync_dir, lora, engine_key,
+                       writer, owns_sync_dir=not r.sync_dir)
 
 
 # head sizes vLLM's CPU attention backend supports (CPUAttentionBackend.get_supported_head_sizes, vLLM 0.32)
@@ -105,25 +101,24 @@ def _cpu_attention_unsupported(model: nn.Module, served: bool, cuda: bool) -> st
     return None
 
 
-def teacher_scorer(config: Config, adapter: ModalityAdapter, model: nn.Module, processor: Any, space: TokenSpace,
-                   fused: bool, eos_ids: list[int] | None = None) -> TeacherScorer:
-    """The engine that scores responses with the teacher, by teacher.engine."""
-    return TEACHER_ENGINES[config.teacher.engine](config, adapter, model, processor, space, fused, eos_ids or [])
+def teacher_scorer(config: Config, side: PolicySide, fused: bool) -> TeacherScorer:
+    """The engine that scores responses with the teacher (`side`: its model, processor, token space and EOS ids), by
+    teacher.engine."""
+    return TEACHER_ENGINES[config.teacher.engine](config, side, fused)
 
 
 @TEACHER_ENGINES.register("hf")
-def hf_teacher(config: Config, adapter: ModalityAdapter, model: nn.Module, processor: Any, space: TokenSpace,
-               fused: bool, eos_ids: list[int]) -> TeacherScorer:
+def hf_teacher(config: Config, side: PolicySide, fused: bool) -> TeacherScorer:
     """The teacher's forward in this process."""
-    return HFTeacher(adapter, model, space, fused)
+    return HFTeacher(side.adapter, side.model, side.space, fused)
 
 
 @TEACHER_ENGINES.register("vllm")
-def vllm_teacher(config: Config, adapter: ModalityAdapter, model: nn.Module, processor: Any, space: TokenSpace,
-                 fused: bool, eos_ids: list[int]) -> TeacherScorer:
+def vllm_teacher(config: Config, side: PolicySide, fused: bool) -> TeacherScorer:
     """A `vllm serve` at teacher.url, or without a url a `vllm.LLM` in this process that loads teacher.path
-    (`model` is then its weightless skeleton, `Session.teacher`)."""
+    (`side.model` is then its weightless skeleton, `Session.teacher`)."""
     t = config.teacher
+    adapter, model, space, eos_ids = side.adapter, side.model, side.space, side.eos_ids
     cuda = torch.cuda.is_available()
     why = vllm_unsupported(model, served=False) or _cpu_attention_unsupported(model, bool(t.url), cuda)
     if why is not None:

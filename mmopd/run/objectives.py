@@ -40,7 +40,7 @@ from mmopd.engines import (DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, EngineError, Rol
 from mmopd.engines.cross_tokenizer import cross_tokenizer_teacher
 from mmopd.engines.routed import RECORDS, RoutedTeacher
 from mmopd.losses import Shaping, masked_mean, policy_gradient_loss, reward_advantage
-from mmopd.models.adapter import ModalityAdapter, fused_unsupported
+from mmopd.models.adapter import ModalityAdapter, PolicySide, fused_unsupported
 from mmopd.registry import Registry
 from mmopd.step.batch import PromptBatch, Rollout, Sampling, TokenSpace, answers_rollout
 from mmopd.step.health import sample_health, token_entropy
@@ -54,17 +54,12 @@ log = logging.getLogger("mmopd")
 
 @dataclass
 class Models:
-    """What one step touches: the adapter, both models, their processors, the action space and the engines."""
+    """What one step touches: the student as trained, each model's side (its adapter, model, processor, token space,
+    EOS ids and pad id), the device and the engines."""
 
-    adapter: ModalityAdapter
     student: nn.Module  # as trained (possibly wrapped for DDP)
-    policy: nn.Module  # the same student, unwrapped, for sampling
-    student_processor: Any
-    teacher: nn.Module | None
-    teacher_processor: Any
-    space: TokenSpace
-    eos_ids: list[int]
-    pad_id: int
+    policy: PolicySide  # the student's side, its model unwrapped, for sampling
+    teacher: PolicySide | None  # the teacher's (its own token space, EOS and pad where it has another tokenizer)
     device: torch.device
     fused: bool = False  # score from hidden states and LM heads (see use_fused)
     student_path: str = ""  # where the student was loaded from (a colocated engine loads it too)
@@ -75,30 +70,28 @@ class Models:
     teachers: dict[str, tuple[nn.Module, Any]] = field(default_factory=dict)  # several: name -> (model, processor)
     cross_tokenizer: bool = False  # the teacher reads the responses through another tokenizer (character spans)
 
+    @property
+    def adapter(self) -> ModalityAdapter:
+        return self.policy.adapter
+
     def with_engines(self, config: Config) -> "Models":
         """These models with the fusing policy decided and the configured engines built."""
         self.fused = use_fused(self, config)
-        self.rollout = rollout_engine(config.rollout.engine, config, self.adapter, self.policy,
-                                      self.student_processor, self.space, self.eos_ids, self.pad_id,
-                                      self.student_path, self.writer)
+        self.rollout = rollout_engine(config.rollout.engine, config, self.policy, self.student_path, self.writer)
         if self.teacher is not None:
-            self.teacher_rollout = rollout_engine("hf", config, self.adapter, self.teacher, self.teacher_processor,
-                                                  self.space, self.eos_ids, self.pad_id)
+            self.teacher_rollout = rollout_engine("hf", config, self.teacher)
         obj = config.objective
         scored = self.teacher is not None and scores_teacher(obj.kind, obj.estimator, obj.kl_weight)
         if scored and self.teachers:  # one scorer per teacher (a colocated vLLM teacher's engine starts once)
             self.scorer = RoutedTeacher(self.adapter, {
-                t.name: teacher_scorer(replace(config, teacher=t), self.adapter, *self.teachers[t.name], self.space,
-                                       self.fused, self.eos_ids) for t in config.teachers},
-                {name: processor for name, (_, processor) in self.teachers.items()})
+                t.name: teacher_scorer(replace(config, teacher=t), replace(
+                    self.teacher, model=self.teachers[t.name][0], processor=self.teachers[t.name][1]), self.fused)
+                for t in config.teachers}, {name: processor for name, (_, processor) in self.teachers.items()})
         elif scored and self.cross_tokenizer:  # the teacher scores its own tokens of the responses' text
-            inner = teacher_scorer(config, self.adapter, self.teacher, self.teacher_processor,
-                                   self.adapter.token_space(self.teacher_processor, self.teacher), self.fused,
-                                   self.adapter.eos_token_ids(self.teacher_processor))
-            self.scorer = cross_tokenizer_teacher(inner, self.adapter, self.student_processor, self.teacher_processor)
+            self.scorer = cross_tokenizer_teacher(teacher_scorer(config, self.teacher, self.fused), self.adapter,
+                                                  self.policy.processor, self.teacher.processor)
         elif scored:
-            self.scorer = teacher_scorer(config, self.adapter, self.teacher, self.teacher_processor, self.space,
-                                         self.fused, self.eos_ids)
+            self.scorer = teacher_scorer(config, self.teacher, self.fused)
         return self
 
     def close(self) -> None:
@@ -113,7 +106,7 @@ class Models:
         if self.teacher is None:
             return None
         records = teacher_view(records)
-        prompts = self.adapter.encode_prompts(records, self.teacher_processor).to(self.device)
+        prompts = self.adapter.encode_prompts(records, self.teacher.processor).to(self.device)
         if self.teachers:
             prompts.state[RECORDS] = records
         return prompts
@@ -167,7 +160,7 @@ def use_fused(m: Models, config: Config) -> bool:
     obj = config.objective
     scores = scores_teacher(obj.kind, obj.estimator, obj.kl_weight)
     scored = scores and config.teacher.engine == "hf"  # a vLLM teacher's engine checks its own head
-    roles = {"student": m.student, "teacher": m.teacher if scored else None}
+    roles = {"student": m.student, "teacher": m.teacher.model if scored and m.teacher else None}
     problems = [f"{role}: {why}" for role, model in roles.items()
                 if model is not None and (why := fused_unsupported(m.adapter, model)) is not None]
     if m.teachers and scores and teacher_need(config).what == DISTRIBUTION:
@@ -281,7 +274,7 @@ def objective_step(m: Models, records: list[dict], plan: Plan, generator: torch.
     row = plan.row
     if row.responses != ANSWERS:
         records = [r for r in records for _ in range(plan.samples_per_prompt)]
-    s_prompts = m.adapter.encode_prompts(records, m.student_processor).to(m.device)
+    s_prompts = m.adapter.encode_prompts(records, m.policy.processor).to(m.device)
     t_prompts = m.teacher_prompts(records)
     engine = response_engine(m, row.responses, plan.lmbda, generator)
 
@@ -291,7 +284,7 @@ def objective_step(m: Models, records: list[dict], plan: Plan, generator: torch.
         else:
             responses = engine.sample(t_prompts if engine is m.teacher_rollout else s_prompts, plan.sampling,
                                       generator)
-    actions = m.space.to_actions(responses.tokens)  # [B, T]
+    actions = m.policy.space.to_actions(responses.tokens)  # [B, T]
     metrics = response_metrics(m, engine, responses, timer, plan.rollout.max_new_tokens)
     responses = rewarded(m, plan, records, responses, metrics, timer)  # their task rewards, where the plan has one
 
@@ -301,7 +294,7 @@ def objective_step(m: Models, records: list[dict], plan: Plan, generator: torch.
         metrics["teacher_tokens_per_s"] = metrics["response_tokens"] / max(timer.last["teacher"], 1e-9)
 
     with timer.phase("student"):  # 3. the per-token divergence (or NLL), 4. the update's gradients
-        s_scores = model_scores(m.adapter, m.student, s_prompts, responses.tokens, m.space, m.fused)
+        s_scores = model_scores(m.adapter, m.student, s_prompts, responses.tokens, m.policy.space, m.fused)
         if engine is not None and not engine.exact:  # another program sampled: measure, correct if asked
             responses = against_trainer(s_scores, actions, responses, plan.rollout, metrics)
         loss, values = plan.loss(s_scores, t_scores, actions, responses)
@@ -310,8 +303,8 @@ def objective_step(m: Models, records: list[dict], plan: Plan, generator: torch.
                                              responses))
         if plan.sft_weight > 0:
             targets = answers(m, records)
-            a_scores = model_scores(m.adapter, m.student, s_prompts, targets.tokens, m.space, m.fused)
-            nll = a_scores.nll(m.space.to_actions(targets.tokens), targets.mask)
+            a_scores = model_scores(m.adapter, m.student, s_prompts, targets.tokens, m.policy.space, m.fused)
+            nll = a_scores.nll(m.policy.space.to_actions(targets.tokens), targets.mask)
             loss = loss + plan.sft_weight * nll
             metrics["sft_nll"] = nll.item()
         backward(loss)
@@ -327,7 +320,7 @@ def rewarded(m: Models, plan: Plan, records: list[dict], responses: Rollout, met
     if plan.reward is None:
         return responses
     with timer.phase("reward"):
-        texts = m.adapter.decode(responses.tokens, responses.mask, m.student_processor)
+        texts = m.adapter.decode(responses.tokens, responses.mask, m.policy.processor)
         rewards = rewards_of(plan.reward, plan.reward_name, m.adapter, records, texts, m.device)
     metrics.update(reward_metrics(rewards, plan.samples_per_prompt))
     return replace(responses, rewards=rewards)
@@ -378,15 +371,16 @@ def check_engine(m: Models, records: list[dict], config: Config) -> float:
     """Refuse to start when the rollout engine does not sample from the trainer's weights: the mean log-prob
     mismatch on a few sampled responses must stay under 1e-3 nats in float32 (5e-2 under bf16, whose
     rounding differs between engine and trainer). Returns the mismatch."""
-    prompts = m.adapter.encode_prompts(records, m.student_processor).to(m.device)
+    prompts = m.adapter.encode_prompts(records, m.policy.processor).to(m.device)
     responses = m.rollout.sample(prompts, Sampling(temperature=1.0), torch.Generator(m.device).manual_seed(0))
     with torch.no_grad():
-        scores = model_scores(m.adapter, m.policy, prompts, responses.tokens, m.space, m.fused)
+        scores = model_scores(m.adapter, m.policy.model, prompts, responses.tokens, m.policy.space, m.fused)
         metrics: dict[str, float] = {}
-        against_trainer(scores, m.space.to_actions(responses.tokens), responses, replace(config.rollout,
+        against_trainer(scores, m.policy.space.to_actions(responses.tokens), responses, replace(config.rollout,
                         temperature=1.0), metrics)
     mismatch = metrics["rollout/logprob_mismatch"]
-    limit = 1e-3 if next(m.policy.parameters()).dtype == torch.float32 and not torch.cuda.is_available() else 5e-2
+    fp32 = next(m.policy.model.parameters()).dtype == torch.float32
+    limit = 1e-3 if fp32 and not torch.cuda.is_available() else 5e-2
     if mismatch > limit:
         likeliest = (f". The likeliest cause: the server at {config.rollout.url} was started without --logprobs-mode "
                      "processed_logprobs, which `mmopd serve rollout CONFIG` passes (as does the command that "
@@ -413,4 +407,4 @@ def response_engine(m: Models, responses: str, lmbda: float, generator: torch.Ge
 
 def answers(m: Models, records: list[dict]) -> Rollout:
     """The records' dataset answers as the student's response tokens."""
-    return answers_rollout(m.adapter.encode_answers(records, m.student_processor), m.pad_id, m.device)
+    return answers_rollout(m.adapter.encode_answers(records, m.policy.processor), m.policy.pad_id, m.device)

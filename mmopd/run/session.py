@@ -213,9 +213,9 @@ class Session:
 
     def models(self, student: torch.nn.Module | None = None) -> Models:
         """What objective_step needs; `student` is the (possibly DDP-wrapped) model being trained."""
-        return Models(self.adapter, student if student is not None else self.policy, self.policy,
-                      self.student_processor, self.teacher, self.teacher_processor, self.space, self.eos_ids,
-                      self.pad_id, self.device, student_path=self.student_path,
+        teacher = self.side(self.teacher, self.teacher_processor) if self.teacher is not None else None
+        return Models(student if student is not None else self.policy, self.side(self.policy, self.student_processor),
+                      teacher, self.device, student_path=self.student_path,
                       writer=self.accelerator.is_main_process, teachers=self.teachers,
                       cross_tokenizer=self.cross_tokenizer).with_engines(self.config)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -91,7 +93,7 @@ def test_auto_falls_back_to_logits_for_an_adapter_with_its_own_logits_and_always
             return ModelCalls.response_logits(self, model, prompts, tokens)
 
     models = session.models()
-    models.adapter = type(session.adapter)()
+    models.policy = replace(models.policy, adapter=type(session.adapter)())
     models.adapter.calls = OwnLogits()
     assert fused_unsupported(models.adapter, session.policy) == "the text adapter computes its own response logits"
     _log_once.cache_clear()

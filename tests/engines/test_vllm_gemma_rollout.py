@@ -16,7 +16,6 @@ from mmopd import train
 from mmopd.config import load_config
 from mmopd.engines import HFRollout, VLLMRollout
 from mmopd.engines.vllm import Served, ties_head, write_engine_checkpoint
-from mmopd.models.adapter import PolicySide
 from mmopd.run.objectives import Plan, Timer, objective_step
 from mmopd.run.session import Session
 from mmopd.step.batch import Sampling
@@ -69,9 +68,9 @@ def _config(pair, server, tmp_path, **overrides):
 def test_greedy_rollouts_of_the_real_student_equal_the_hf_engine_token_for_token(pair, server, tmp_path):
     session = Session(_config(pair, server, tmp_path))
     m = session.models()
-    assert isinstance(m.rollout, VLLMRollout) and m.space.size == 262144
-    hf = HFRollout(PolicySide(m.adapter, m.policy, None, m.space, m.eos_ids, m.pad_id), NEW_TOKENS)
-    prompts = m.adapter.encode_prompts(session.train_data.records, m.student_processor)  # left-padded, BOS first
+    assert isinstance(m.rollout, VLLMRollout) and m.policy.space.size == 262144
+    hf = HFRollout(m.policy, NEW_TOKENS)
+    prompts = m.adapter.encode_prompts(session.train_data.records, m.policy.processor)  # left-padded, BOS first
     assert len(set(prompts.attention_mask.sum(1).tolist())) > 1 and all(row[0] == 2 for row in prompts.unpadded_ids())
     ours, theirs = (engine.sample(prompts, Sampling(temperature=0), None) for engine in (m.rollout, hf))
     assert torch.equal(ours.mask, theirs.mask)
@@ -84,8 +83,8 @@ def test_greedy_rollouts_past_the_sliding_window_equal_the_hf_engines(pair, serv
     512 positions, the full-attention one all of them."""
     session = Session(_config(pair, server, tmp_path))
     m = session.models()
-    hf = HFRollout(PolicySide(m.adapter, m.policy, None, m.space, m.eos_ids, m.pad_id), NEW_TOKENS)
-    prompts = m.adapter.encode_prompts([{"prompt": LONG}, {"prompt": PROMPTS[0]}], m.student_processor)
+    hf = HFRollout(m.policy, NEW_TOKENS)
+    prompts = m.adapter.encode_prompts([{"prompt": LONG}, {"prompt": PROMPTS[0]}], m.policy.processor)
     assert WINDOW < prompts.input_ids.shape[1] <= WINDOW + 128 - NEW_TOKENS
     ours, theirs = (engine.sample(prompts, Sampling(temperature=0), None) for engine in (m.rollout, hf))
     assert torch.equal(ours.mask, theirs.mask)
@@ -98,7 +97,7 @@ def test_the_tied_head_follows_an_optimizer_step_through_the_sync(pair, server, 
     config = _config(pair, server, tmp_path, **{"train.lr": 1e-3})
     session = Session(config)
     m = session.models()
-    policy = m.policy
+    policy = m.policy.model
     assert ties_head(pair["student"]) and policy.lm_head.weight is policy.model.embed_tokens.weight
     records = session.train_data.records[:2]
     m.rollout.sync(policy)

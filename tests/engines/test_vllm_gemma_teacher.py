@@ -6,6 +6,7 @@ trains the real student end to end against the served teacher. A few tokens on b
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,6 @@ from mmopd import train
 from mmopd.config import load_config
 from mmopd.engines import DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, HFRollout, HFTeacher, TeacherNeed, VLLMTeacher
 from mmopd.engines.vllm import Served, VLLMRollout
-from mmopd.models.adapter import PolicySide
 from mmopd.run.session import Session
 from mmopd.step.batch import Sampling
 from mmopd.step.scores import TokenLogprobs, TopKTail
@@ -63,7 +63,7 @@ def hf_teacher(pair):
 
 def _sampled(m, records):
     """The student's samples (T=1) for prompts of different lengths (left-padded, BOS first)."""
-    prompts = m.adapter.encode_prompts(records, m.student_processor)
+    prompts = m.adapter.encode_prompts(records, m.policy.processor)
     assert len(set(prompts.attention_mask.sum(1).tolist())) > 1 and all(row[0] == 2 for row in prompts.unpadded_ids())
     return prompts, m.rollout.sample(prompts, Sampling(temperature=1.0), torch.Generator().manual_seed(0))
 
@@ -71,10 +71,10 @@ def _sampled(m, records):
 def test_served_token_logprobs_of_the_real_teacher_equal_the_hf_teachers(pair, server, hf_teacher, tmp_path):
     session = Session(_config(pair, server, tmp_path))
     m = session.models()
-    assert isinstance(m.scorer, VLLMTeacher) and m.space.size == 262144
+    assert isinstance(m.scorer, VLLMTeacher) and m.policy.space.size == 262144
     prompts, rollout = _sampled(m, session.train_data.records[:2])
     ours = m.scorer.score(prompts, rollout.tokens, TeacherNeed(TOKEN_LOGPROBS))
-    theirs = HFTeacher(m.adapter, hf_teacher, m.space, fused=True).score(prompts, rollout.tokens,
+    theirs = HFTeacher(m.adapter, hf_teacher, m.policy.space, fused=True).score(prompts, rollout.tokens,
                                                                          TeacherNeed(TOKEN_LOGPROBS))
     assert isinstance(ours, TokenLogprobs) and rollout.mask.sum() >= NEW_TOKENS
     torch.testing.assert_close(ours.values * rollout.mask, theirs.values * rollout.mask, atol=1e-3, rtol=0)
@@ -87,7 +87,7 @@ def test_served_top_k_of_the_real_teacher_are_its_largest_log_probs_over_262k_to
     prompts, rollout = _sampled(m, session.train_data.records[2:4])
     ours = m.scorer.score(prompts, rollout.tokens, TeacherNeed(TOP_K, k=K))
     assert isinstance(ours, TopKTail) and ours.values.shape == (*rollout.tokens.shape, K)
-    full = HFTeacher(m.adapter, hf_teacher, m.space, fused=False).score(prompts, rollout.tokens,
+    full = HFTeacher(m.adapter, hf_teacher, m.policy.space, fused=False).score(prompts, rollout.tokens,
                                                                         TeacherNeed(DISTRIBUTION))
     logprobs = full.values.float().log_softmax(-1)  # [B, T, 262144]
     valid = rollout.mask.bool()
@@ -101,12 +101,13 @@ def test_greedy_decoding_of_the_served_teacher_equals_the_hf_engine(pair, server
     session = Session(_config(pair, server, tmp_path))
     m = session.models()
     new = 10  # " 12 + 7 = 19" is 10 tokens: the digits are one a token
-    served = VLLMRollout(Served(server.url, 120.0, 0), m.space, m.eos_ids, m.pad_id, new, Path(tmp_path / "sync"),
+    side = m.policy
+    served = VLLMRollout(Served(server.url, 120.0, 0), side.space, side.eos_ids, side.pad_id, new, tmp_path / "sync",
                          lora=False, engine_key=lambda key: key)
-    hf = HFRollout(PolicySide(m.adapter, hf_teacher, None, m.space, m.eos_ids, m.pad_id), new)
-    prompts = m.adapter.encode_prompts(session.train_data.records, m.teacher_processor)
+    hf = HFRollout(replace(m.policy, model=hf_teacher), new)
+    prompts = m.adapter.encode_prompts(session.train_data.records, m.teacher.processor)
     ours, theirs = (engine.sample(prompts, Sampling(temperature=0), None) for engine in (served, hf))
-    texts = [m.adapter.decode(r.tokens, r.mask, m.teacher_processor) for r in (ours, theirs)]
+    texts = [m.adapter.decode(r.tokens, r.mask, m.teacher.processor) for r in (ours, theirs)]
     assert torch.equal(ours.mask, theirs.mask), texts
     assert torch.equal(ours.tokens * ours.mask.long(), theirs.tokens * theirs.mask.long()), texts
     answer = texts[0][0]

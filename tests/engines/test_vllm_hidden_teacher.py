@@ -64,11 +64,12 @@ def test_the_divergence_from_served_hidden_states_equals_the_hf_teachers(pair, h
     assert len(set(prompts.attention_mask.sum(1).tolist())) > 1 and len(set(rollout.mask.sum(1).tolist())) > 1
     full = Session(_config(pair, hidden_server, tmp_path / "hf", **{"teacher.engine": "hf"})).models().teacher
     served = m.scorer.score(prompts, rollout.tokens, TeacherNeed(DISTRIBUTION))
-    local = HFTeacher(m.adapter, full, m.space, fused=True).score(prompts, rollout.tokens, TeacherNeed(DISTRIBUTION))
-    assert isinstance(served, Hidden) and served.weight.shape == local.weight.shape == (m.space.size, 128)
+    local = HFTeacher(m.adapter, full, m.policy.space, fused=True).score(prompts, rollout.tokens,
+                                                                        TeacherNeed(DISTRIBUTION))
+    assert isinstance(served, Hidden) and served.weight.shape == local.weight.shape == (m.policy.space.size, 128)
     mask = rollout.mask[..., None]
     torch.testing.assert_close(served.hidden * mask, local.hidden * mask, atol=1e-5, rtol=0)
-    student = model_scores(m.adapter, m.student, prompts, rollout.tokens, m.space, fused=True)
+    student = model_scores(m.adapter, m.student, prompts, rollout.tokens, m.policy.space, fused=True)
     for kind in ("reverse_kl", "forward_kl", "jsd"):
         args = (rollout.mask, kind, 0.5, temperature)
         ours, theirs = student.divergence(served, *args), student.divergence(local, *args)
@@ -140,7 +141,8 @@ def test_an_unfused_run_gets_the_logits_of_the_served_hidden_states(pair, hidden
     prompts, rollout = responses_of_different_lengths(m, session.train_data.records[:8])
     served = m.scorer.score(prompts, rollout.tokens, TeacherNeed(DISTRIBUTION))
     full = Session(_config(pair, hidden_server, tmp_path / "hf", **{"teacher.engine": "hf"})).models().teacher
-    local = HFTeacher(m.adapter, full, m.space, fused=False).score(prompts, rollout.tokens, TeacherNeed(DISTRIBUTION))
+    local = HFTeacher(m.adapter, full, m.policy.space, fused=False).score(prompts, rollout.tokens,
+                                                                         TeacherNeed(DISTRIBUTION))
     assert isinstance(served, Logits) and served.values.shape == local.values.shape
     mask = rollout.mask[..., None]
     torch.testing.assert_close(served.values * mask, local.values * mask, atol=1e-4, rtol=0)
@@ -162,7 +164,8 @@ def test_routed_rows_get_the_served_teachers_full_distribution_beside_an_hf_teac
     full = Session(_config(pair, hidden_server, tmp_path / "hf", **{"teacher.engine": "hf"})).models().teacher
     rows = torch.tensor([i for i, r in enumerate(batch) if r["_teacher"] == "served"])
     sub = session.adapter.encode_prompts([batch[i] for i in rows], session.teachers["served"][1])
-    hf = HFTeacher(m.adapter, full, m.space, fused=False).score(sub, rollout.tokens[rows], TeacherNeed(DISTRIBUTION))
+    hf = HFTeacher(m.adapter, full, m.policy.space, fused=False).score(sub, rollout.tokens[rows],
+                                                                      TeacherNeed(DISTRIBUTION))
     mask = rollout.mask[rows][..., None]
     torch.testing.assert_close(got.values[rows] * mask, hf.values * mask, atol=1e-4, rtol=0)
 

@@ -75,7 +75,7 @@ def _config(pair, server, tmp_path, **overrides):
 
 def _engines(session):
     m = session.models()
-    hf = HFRollout(session.side(m.policy, m.student_processor), session.config.rollout.max_new_tokens)
+    hf = HFRollout(m.policy, session.config.rollout.max_new_tokens)
     return m, hf
 
 
@@ -83,7 +83,7 @@ def test_greedy_rollouts_equal_the_hf_engine_token_for_token(pair, server, tmp_p
     session = Session(_config(pair, server, tmp_path))
     m, hf = _engines(session)
     assert isinstance(m.rollout, VLLMRollout)
-    prompts = m.adapter.encode_prompts(session.train_data.records[:16], m.student_processor)
+    prompts = m.adapter.encode_prompts(session.train_data.records[:16], m.policy.processor)
     ours, theirs = (engine.sample(prompts, Sampling(temperature=0), None) for engine in (m.rollout, hf))
     assert torch.equal(ours.mask, theirs.mask)
     assert torch.equal(ours.tokens * ours.mask.long(), theirs.tokens * theirs.mask.long())
@@ -92,14 +92,15 @@ def test_greedy_rollouts_equal_the_hf_engine_token_for_token(pair, server, tmp_p
 def test_samples_stay_in_the_token_space_repeat_per_seed_and_carry_the_trainers_log_probs(pair, server, tmp_path):
     session = Session(_config(pair, server, tmp_path))
     m, _ = _engines(session)
-    prompts = m.adapter.encode_prompts(session.train_data.records[:16], m.student_processor)
+    prompts = m.adapter.encode_prompts(session.train_data.records[:16], m.policy.processor)
     sampling = Sampling(temperature=0.8, top_k=6)
     first, again = (m.rollout.sample(prompts, sampling, torch.Generator().manual_seed(3)) for _ in range(2))
     other = m.rollout.sample(prompts, sampling, torch.Generator().manual_seed(4))
     assert torch.equal(first.tokens, again.tokens) and not torch.equal(first.tokens, other.tokens)
-    assert int(first.tokens[first.mask.bool()].max()) < m.space.size  # never a padded embedding row
+    assert int(first.tokens[first.mask.bool()].max()) < m.policy.space.size  # never a padded embedding row
     with torch.no_grad():  # the behaviour log-prob under the distribution sampled from: /T, top-k, renormalised
-        logits = m.space.restrict(m.adapter.calls.response_logits(m.policy, prompts, first.tokens)).float() / 0.8
+        logits = m.adapter.calls.response_logits(m.policy.model, prompts, first.tokens)
+        logits = m.policy.space.restrict(logits).float() / 0.8
         kth = logits.topk(6, dim=-1).values[..., -1:]
         expected = logits.masked_fill(logits < kth, float("-inf")).log_softmax(-1)
         expected = expected.gather(-1, first.tokens[..., None]).squeeze(-1)
@@ -110,7 +111,7 @@ def test_samples_stay_in_the_token_space_repeat_per_seed_and_carry_the_trainers_
 def _step(session, config):
     m = session.models()
     optimizer = torch.optim.SGD([p for p in m.policy.parameters() if p.requires_grad], lr=config.train.lr)
-    m.rollout.sync(m.policy)
+    m.rollout.sync(m.policy.model)
     row = objective_step(m, session.train_data.records[:8], Plan.of(config), torch.Generator().manual_seed(0), Timer(),
                          lambda loss: loss.backward())
     optimizer.step()
@@ -133,7 +134,7 @@ def test_after_an_optimizer_step_and_a_sync_the_engine_samples_from_the_new_weig
     rerun = lambda: objective_step(m, records, Plan.of(config), torch.Generator().manual_seed(1), Timer(),
                                    lambda loss: None)
     stale = rerun()["rollout/logprob_mismatch"]
-    m.rollout.sync(m.policy)
+    m.rollout.sync(m.policy.model)
     fresh = rerun()["rollout/logprob_mismatch"]
     assert fresh < 1e-4 < stale, (fresh, stale)  # a stale-weights engine would fail here
 

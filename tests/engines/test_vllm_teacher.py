@@ -81,20 +81,21 @@ def routed_train(train: Path, out: Path) -> Path:
 
 def responses_of_different_lengths(m, records):
     """Responses of different lengths (EOS at different places) for prompts of different lengths."""
-    prompts = m.adapter.encode_prompts(records, m.teacher_processor)
+    prompts = m.adapter.encode_prompts(records, m.teacher.processor)
     for i in range(len(records)):  # shorter prompts: the first i % 4 ids become left padding
         prompts.attention_mask[i, : i % 4] = 0
-        prompts.input_ids[i, : i % 4] = m.pad_id
+        prompts.input_ids[i, : i % 4] = m.policy.pad_id
     rollout = m.rollout.sample(prompts, Sampling(temperature=1.0), torch.Generator().manual_seed(0))
     for i in range(len(records)):  # the random teacher rarely ends: end row i after 3 + i % 5 tokens
         end = 3 + i % 5
-        rollout.tokens[i, end - 1], rollout.tokens[i, end:], rollout.mask[i, end:] = m.eos_ids[0], m.pad_id, 0.0
+        rollout.tokens[i, end - 1] = m.policy.eos_ids[0]
+        rollout.tokens[i, end:], rollout.mask[i, end:] = m.policy.pad_id, 0.0
     return prompts, rollout
 
 
 def _hf_teacher(pair, server, tmp_path):
     m = Session(_config(pair, server, tmp_path / "hf", **{"teacher.engine": "hf"})).models()
-    return HFTeacher(m.adapter, m.teacher, m.space, fused=False)
+    return HFTeacher(m.adapter, m.teacher.model, m.policy.space, fused=False)
 
 
 def test_served_token_logprobs_equal_the_hf_teachers_on_rows_of_different_lengths(pair, server, tmp_path):
@@ -134,8 +135,8 @@ def test_a_privileged_served_teacher_scores_after_the_teacher_prompt_as_the_hf_t
     m, records = session.models(), list(session.train_data.records)
     hf = Session(_config(pair, server, tmp_path / "hf", **{"teacher.engine": "hf", "data.train": str(data)})).models()
     prompts = m.teacher_prompts(records)
-    assert m.teacher_processor.batch_decode(prompts.unpadded_ids()) == [r["teacher_prompt"] for r in rows]
-    rollout = m.rollout.sample(m.adapter.encode_prompts(records, m.student_processor), Sampling(temperature=1.0),
+    assert m.teacher.processor.batch_decode(prompts.unpadded_ids()) == [r["teacher_prompt"] for r in rows]
+    rollout = m.rollout.sample(m.adapter.encode_prompts(records, m.policy.processor), Sampling(temperature=1.0),
                                torch.Generator().manual_seed(0))
     ours = m.scorer.score(prompts, rollout.tokens, TeacherNeed(TOKEN_LOGPROBS))
     theirs = hf.scorer.score(hf.teacher_prompts(records), rollout.tokens, TeacherNeed(TOKEN_LOGPROBS))
@@ -247,7 +248,7 @@ def test_routed_rows_reach_a_served_teacher_and_an_hf_teacher(pair, server, tmp_
     for name, model in full.items():
         rows = torch.tensor([i for i, r in enumerate(batch) if r["_teacher"] == name])
         sub = session.adapter.encode_prompts([batch[i] for i in rows], session.teachers[name][1])
-        hf = HFTeacher(m.adapter, model, m.space, fused=False).score(sub, rollout.tokens[rows],
+        hf = HFTeacher(m.adapter, model, m.policy.space, fused=False).score(sub, rollout.tokens[rows],
                                                                      TeacherNeed(TOKEN_LOGPROBS))
         mask = rollout.mask[rows]
         torch.testing.assert_close(got.values[rows] * mask, hf.values * mask, atol=1e-4, rtol=0)

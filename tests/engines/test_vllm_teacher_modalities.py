@@ -67,19 +67,19 @@ def check_llava_teacher(session, m, hf, pictures):
     records = [{**r, "images": r["images"] * pictures,
                 "prompt": r["prompt"] if pictures == 1 else "two pictures: " + r["prompt"]}
                for r in session.train_data.records[:4]]
-    prompts = m.adapter.encode_prompts(records, m.teacher_processor)
+    prompts = m.adapter.encode_prompts(records, m.teacher.processor)
     assert all(len(row) == pictures for row in prompts.state["images"])
-    rollout = m.rollout.sample(m.adapter.encode_prompts(records, m.student_processor), Sampling(temperature=1.0),
+    rollout = m.rollout.sample(m.adapter.encode_prompts(records, m.policy.processor), Sampling(temperature=1.0),
                                torch.Generator().manual_seed(0))
     valid = rollout.mask.bool()
     full = full_vocab_logprobs(hf.adapter, hf.teacher, prompts, rollout.tokens)  # [B, T, V]
     ours = m.scorer.score(prompts, rollout.tokens, TeacherNeed(TOKEN_LOGPROBS)).values
     theirs = HFTeacher(hf.adapter, hf.teacher, hf.space, fused=False).score(prompts, rollout.tokens,
                                                                             TeacherNeed(TOKEN_LOGPROBS)).values
-    check_against_hf(ours, theirs, full, rollout.tokens, valid, m.space.token_ids())
+    check_against_hf(ours, theirs, full, rollout.tokens, valid, m.policy.space.token_ids())
     top = m.scorer.score(prompts, rollout.tokens, TeacherNeed(TOP_K, k=K))
     expected = full.topk(K, dim=-1)  # [B, T, K]; ids outside the TokenSpace go to the tail, leaving -inf slots
-    inside = torch.isin(expected.indices, torch.tensor(m.space.token_ids()))
+    inside = torch.isin(expected.indices, torch.tensor(m.policy.space.token_ids()))
     kept = torch.where(inside, expected.values, float("-inf")).sort(-1, descending=True).values
     torch.testing.assert_close(top.values[valid], kept[valid], atol=1e-4, rtol=0)
 

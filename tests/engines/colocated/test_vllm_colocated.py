@@ -40,7 +40,7 @@ def text(tmp_path_factory):
 
 
 def _hf(m, max_new_tokens):
-    return HFRollout(PolicySide(m.adapter, m.policy, None, m.space, m.eos_ids, m.pad_id), max_new_tokens)
+    return HFRollout(m.policy, max_new_tokens)
 
 
 def _same_greedy(engine, hf, prompts):
@@ -52,7 +52,7 @@ def _same_greedy(engine, hf, prompts):
 
 def test_text_greedy_rollouts_equal_the_hf_engine(text):
     session, m = text
-    prompts = m.adapter.encode_prompts(session.train_data.records[:16], m.student_processor)
+    prompts = m.adapter.encode_prompts(session.train_data.records[:16], m.policy.processor)
     _same_greedy(m.rollout, _hf(m, 8), prompts)
 
 
@@ -67,7 +67,7 @@ def test_after_an_optimizer_step_and_a_sync_the_engine_samples_from_the_new_weig
     rerun = lambda: objective_step(m, records, Plan.of(config), torch.Generator().manual_seed(1), Timer(),
                                    lambda loss: None)
     stale = rerun()["rollout/logprob_mismatch"]
-    m.rollout.sync(m.policy)
+    m.rollout.sync(m.policy.model)
     fresh = rerun()["rollout/logprob_mismatch"]
     assert fresh < 1e-4 < stale, (fresh, stale)
 
@@ -79,13 +79,13 @@ def test_a_lora_student_syncs_as_a_new_adapter_version(tmp_path):
     session.policy = prepare_trainable(session.adapter, session.policy, config.student)
     m, records = session.models(), session.train_data.records[:8]
     optimizer = torch.optim.SGD([p for p in m.policy.parameters() if p.requires_grad], lr=0.5)
-    m.rollout.sync(m.policy)
+    m.rollout.sync(m.policy.model)
     objective_step(m, records, Plan.of(config), torch.Generator().manual_seed(0), Timer(), lambda loss: loss.backward())
     optimizer.step()
     rerun = lambda: objective_step(m, records, Plan.of(config), torch.Generator().manual_seed(1), Timer(),
                                    lambda loss: None)
     stale = rerun()["rollout/logprob_mismatch"]
-    m.rollout.sync(m.policy)
+    m.rollout.sync(m.policy.model)
     fresh = rerun()["rollout/logprob_mismatch"]
     assert m.rollout.version == 2 and fresh < 1e-4 < stale, (fresh, stale)
 
@@ -102,7 +102,7 @@ def _engine_for(modality, path, tmp_path, max_new_tokens, **overrides):
     eos = adapter.eos_token_ids(processor)
     pad = getattr(processor, "pad_token_id", None)
     pad = eos[0] if pad is None else pad
-    engine = rollout_engine("vllm", config, adapter, model, processor, space, eos, pad, str(path))
+    engine = rollout_engine("vllm", config, PolicySide(adapter, model, processor, space, eos, pad), str(path))
     hf = HFRollout(PolicySide(adapter, model, processor, space, eos, pad), max_new_tokens)
     return adapter, processor, engine, hf, space
 
