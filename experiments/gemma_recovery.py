@@ -29,11 +29,12 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import mmopd  # noqa: E402
-from experiments.text_task import save_results  # noqa: E402
+from experiments.text_task import save_results, step_flops  # noqa: E402
 from mmopd.run.report import read_metrics  # noqa: E402
 from modalities.text.heldout import docstring_task_data, measure  # noqa: E402
 
 NAME = "gemma_recovery"
+PARAMS = {"student": 207e6, "teacher": 268e6}  # the tied head (168M) counted once: 2·N FLOPs a token
 COLUMNS = (("reverse KL", "reverse_kl"), ("forward KL", "forward_kl"), ("token entropy", "health/token_entropy"),
            ("repeated 3-grams", "health/repeat_share"), ("task accuracy", "task_accuracy"))
 
@@ -140,14 +141,32 @@ def main(argv: list[str] | None = None) -> None:
             with results_file.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
+    prompt_tokens = statistics.fmean(len(tokenizer(r["prompt"]).input_ids) for r in data["train"])
     report(out, [json.loads(line) for line in results_file.read_text().splitlines()],
-           Path(__file__).resolve().parents[1] if args.publish else None)
+           Path(__file__).resolve().parents[1] if args.publish else None, prompt_tokens, args.batch)
 
 
 def run_warnings(run: Path) -> list[str]:
     """The sample-health warnings of a method's stages (each stage's summary.json), in order."""
     return [w for stage in sorted(run.glob("stage*"))
             for w in json.loads((stage / "summary.json").read_text()).get("health_warnings", [])]
+
+
+def run_flops(run: Path, prompt_tokens: float, batch: int) -> float | None:
+    """A method run's training FLOPs (experiments.text_task.step_flops: 2·N a token forward, 4·N backward, the
+    student's rollout where the step was on-policy, the teacher's scoring), from its stages' metrics; None where
+    the run is not kept in --out."""
+    stages = sorted(run.glob("stage*"))
+    if not stages:
+        return None
+    task = {"params": PARAMS, "prompt_tokens": prompt_tokens}
+    total = 0.0
+    for stage in stages:
+        config = mmopd.load_config(stage / "config.yaml")
+        full = batch * config.rollout.max_new_tokens  # a step that logs no response tokens: whole answers
+        total += sum(step_flops({"response_tokens": full, **r}, config.objective.kind, task, batch)
+                     for r in read_metrics(stage / "metrics.jsonl") if "loss" in r)
+    return total
 
 
 def _warned(rows: list[dict]) -> str:
@@ -161,15 +180,18 @@ def _cell(values: list[float]) -> str:
     return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ± {statistics.stdev(values):.3f}"
 
 
-def report(out: Path, rows: list[dict], root: Path | None) -> None:
+def report(out: Path, rows: list[dict], root: Path | None, prompt_tokens: float, batch: int) -> None:
     """A table (mean ± sd over seeds), one sample of each method, and a plot: the two KLs per method, and the
     token entropy of the student's samples per step through each method's stages."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     by_method = {m: [r for r in rows if r["method"] == m] for m in methods}
     lines = ["| method | seeds | " + " | ".join(c for c, _ in COLUMNS)
-             + " | runs that warned | a held-out sample (seed 0) |", "|---" * (len(COLUMNS) + 4) + "|"]
+             + " | training PFLOPs | runs that warned | a held-out sample (seed 0) |",
+             "|---" * (len(COLUMNS) + 5) + "|"]
     for m in methods:
         cells = [_cell([r[key] for r in by_method[m]]) for _, key in COLUMNS]
+        flops = [f for run in out.glob(f"{m}-s*") if (f := run_flops(run, prompt_tokens, batch)) is not None]
+        cells.append(f"{_cell([f / 1e15 for f in flops])} ({len(flops)} runs)" if flops else "–")
         first = by_method[m][0]["samples"][0].replace("\n", "⏎").replace("|", "\\|")
         lines.append(f"| {m} | {len(by_method[m])} | " + " | ".join(cells)
                      + f" | {_warned(by_method[m])} | `{first[:60]}` |")
@@ -194,7 +216,8 @@ def report(out: Path, rows: list[dict], root: Path | None) -> None:
                            for r in metrics if "health/token_entropy" in r]
                 offset += len(metrics)
             if points:
-                curves.plot(*zip(*points), "o-", ms=2, lw=1, color=colours[m], label=f"{m} {run.name.rsplit('-', 1)[1]}")
+                seed = run.name.rsplit("-", 1)[1]
+                curves.plot(*zip(*points), "o-", ms=2, lw=1, color=colours[m], label=f"{m} {seed}")
     curves.set_xlabel("step")
     curves.set_title("token entropy of the student's samples per step (nats; the runs kept in --out)", fontsize=10)
     curves.legend(fontsize=8)

@@ -49,6 +49,18 @@ class Trace:
             last = file
         return moves, returns
 
+    def returns_into(self) -> dict[str, int]:
+        """Each file's returns: the moves back into it after the step first entered it."""
+        counts = dict.fromkeys(self.files, 0)
+        seen: set[str] = set()
+        last = None
+        for file, _ in self.calls:
+            if last is not None and file != last and file in seen:
+                counts[file] += 1
+            seen.add(file)
+            last = file
+        return counts
+
     def markdown(self) -> str:
         moves, returns = self.moves()
         per_file: dict[str, list[str]] = {}
@@ -56,12 +68,14 @@ class Trace:
             names = per_file.setdefault(file, [])
             if function not in names:
                 names.append(function)
-        rows = [f"| `{file}` | {', '.join(f'`{name}`' for name in names)} |" for file, names in per_file.items()]
+        back = self.returns_into()
+        rows = [f"| `{file}` | {back[file]} | {', '.join(f'`{name}`' for name in names)} |"
+                for file, names in per_file.items()]
         return "\n".join([BEGIN, "",
                           f"{len(self.files)} files, {self.functions} functions, {moves} moves between files, "
                           f"{returns} of them back into a file already entered.", "",
-                          "| file (in the order the step first enters it) | functions called, in first-call order |",
-                          "|---|---|", *rows, "", END])
+                          "| file (in the order the step first enters it) | returns into it | functions called, in "
+                          "first-call order |", "|---|---|---|", *rows, "", END])
 
 
 def _optimizer_step(frame: FrameType) -> bool:

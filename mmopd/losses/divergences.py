@@ -76,25 +76,28 @@ def divergence_math(kind: str) -> Divergence:
     return DIVERGENCES[kind]
 
 
-def check_divergence(kind: str, beta: float, temperature: float, chunk_size: int | None) -> None:
-    """Refuse an unregistered kind, a β outside [0, 1], a bad temperature or chunk size, in one line."""
-    divergence_math(kind)
+def check_divergence(kind: str, beta: float, temperature: float, chunk_size: int | None) -> Divergence:
+    """Refuse an unregistered kind, a β outside [0, 1], a bad temperature or chunk size, in one line; return the
+    kind's math, which the kernels then hand to every chunk (resolved once a call, not once a chunk)."""
+    math = divergence_math(kind)
     if not (isinstance(beta, (int, float)) and 0.0 <= beta <= 1.0):
         raise ValueError(f"beta must lie in [0, 1] (0 = forward_kl, 1 = reverse_kl), got {beta!r}")
     check_temperature(temperature)
     check_chunk_size(chunk_size)
+    return math
 
 
 def chunk_divergence(
     student: torch.Tensor,
     teacher: torch.Tensor,
-    kind: str,
+    kind: str | Divergence,
     beta: float,
     temperature: float,
     need_grads: tuple[bool, bool] = (False, False),
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """One chunk in float32: logits [n, V], [n, V] -> value [n] and, where asked, d value / d logits [n, V] each."""
-    value, grad_s, grad_t = divergence_math(kind)(
+    """One chunk in float32: logits [n, V], [n, V] -> value [n] and, where asked, d value / d logits [n, V] each;
+    `kind`: a registered name, or its math as `check_divergence` returned it."""
+    value, grad_s, grad_t = (divergence_math(kind) if isinstance(kind, str) else kind)(
         torch.log_softmax(scaled_float(student, temperature), dim=-1),  # s [n, V]
         torch.log_softmax(scaled_float(teacher, temperature), dim=-1),  # t [n, V]
         beta,

@@ -87,7 +87,7 @@ def token_divergence(
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Full-vocabulary divergence per token: [..., V], [..., V] -> [...] float32 (see module docstring)."""
-    check_divergence(kind, beta, temperature, chunk_size)
+    math = check_divergence(kind, beta, temperature, chunk_size)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student_logits and teacher_logits must have the same shape, got "
@@ -103,7 +103,7 @@ def token_divergence(
     out = _ChunkedDivergence.apply(
         student_logits.reshape(-1, vocab),  # [N, V]
         teacher_logits.reshape(-1, vocab),  # [N, V]
-        kind,
+        math,
         float(beta),
         float(temperature),
         chunk_size,

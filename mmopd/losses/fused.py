@@ -401,11 +401,11 @@ def _check_fused(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias) -> None
 def _fused_args(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, kind, beta, temperature, chunk_size):
     """Check the inputs of a fused divergence; return its heads flattened to [N, H] rows and its settings."""
     _check_fused(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias)
-    check_divergence(kind, beta, temperature, chunk_size)
+    math = check_divergence(kind, beta, temperature, chunk_size)
     s_flat = s_hidden.reshape(-1, s_hidden.shape[-1])  # [N, H_S]
     t_flat = t_hidden.reshape(-1, t_hidden.shape[-1])  # [N, H_T]
     rows = rows_per_chunk(s_flat.shape[0], s_weight.shape[0], chunk_size)
-    return (s_flat, s_weight, s_bias, t_flat, t_weight, t_bias), (kind, float(beta), float(temperature), rows)
+    return (s_flat, s_weight, s_bias, t_flat, t_weight, t_bias), (math, float(beta), float(temperature), rows)
 
 
 def fused_token_divergence(

@@ -177,6 +177,9 @@ class Parallel(ABC):
     def __init__(self, accelerator: Any, policy: nn.Module, optimizer: torch.optim.Optimizer,
                  teacher: nn.Module | None):
         self.accelerator = accelerator
+        # processes, this one's index, whether it is the main one: fixed for the run, read on every micro-batch
+        self.world, self.rank, self.main = (accelerator.num_processes, accelerator.process_index,
+                                            accelerator.is_main_process)
         self.policy = policy  # unwrapped: sampling, evaluation, the engine's weights
         self.teacher = teacher
         self.params = [p for p in policy.parameters() if p.requires_grad]
@@ -184,18 +187,6 @@ class Parallel(ABC):
         self.student, self.optimizer = self._prepare(policy, optimizer)  # as trained, as stepped
         # a sharded model's forwards need every rank, so every rank evaluates and samples the report
         self.every_rank_samples = is_sharded(policy) or is_sharded(teacher)
-
-    @property
-    def world(self) -> int:
-        return self.accelerator.num_processes
-
-    @property
-    def rank(self) -> int:
-        return self.accelerator.process_index
-
-    @property
-    def main(self) -> bool:
-        return self.accelerator.is_main_process
 
     @abstractmethod
     def _prepare(self, policy: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:

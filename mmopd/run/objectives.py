@@ -106,7 +106,7 @@ class Models:
         if self.teacher is None:
             return None
         records = teacher_view(records)
-        prompts = self.adapter.encode_prompts(records, self.teacher.processor).to(self.device)
+        prompts = self.teacher.adapter.encode_prompts(records, self.teacher.processor).to(self.device)
         if self.teachers:
             prompts.state[RECORDS] = records
         return prompts

@@ -62,7 +62,7 @@ def test_the_divergence_from_served_hidden_states_equals_the_hf_teachers(pair, h
     assert isinstance(m.scorer, VLLMTeacher) and m.fused
     prompts, rollout = responses_of_different_lengths(m, session.train_data.records[:8])
     assert len(set(prompts.attention_mask.sum(1).tolist())) > 1 and len(set(rollout.mask.sum(1).tolist())) > 1
-    full = Session(_config(pair, hidden_server, tmp_path / "hf", **{"teacher.engine": "hf"})).models().teacher
+    full = Session(_config(pair, hidden_server, tmp_path / "hf", **{"teacher.engine": "hf"})).models().teacher.model
     served = m.scorer.score(prompts, rollout.tokens, TeacherNeed(DISTRIBUTION))
     local = HFTeacher(m.adapter, full, m.policy.space, fused=True).score(prompts, rollout.tokens,
                                                                         TeacherNeed(DISTRIBUTION))
@@ -140,7 +140,7 @@ def test_an_unfused_run_gets_the_logits_of_the_served_hidden_states(pair, hidden
     assert not m.fused
     prompts, rollout = responses_of_different_lengths(m, session.train_data.records[:8])
     served = m.scorer.score(prompts, rollout.tokens, TeacherNeed(DISTRIBUTION))
-    full = Session(_config(pair, hidden_server, tmp_path / "hf", **{"teacher.engine": "hf"})).models().teacher
+    full = Session(_config(pair, hidden_server, tmp_path / "hf", **{"teacher.engine": "hf"})).models().teacher.model
     local = HFTeacher(m.adapter, full, m.policy.space, fused=False).score(prompts, rollout.tokens,
                                                                          TeacherNeed(DISTRIBUTION))
     assert isinstance(served, Logits) and served.values.shape == local.values.shape
@@ -161,7 +161,7 @@ def test_routed_rows_get_the_served_teachers_full_distribution_beside_an_hf_teac
     prompts.state["records"] = batch
     got = m.scorer.score(prompts, rollout.tokens, TeacherNeed(DISTRIBUTION))
     assert isinstance(got, Logits)
-    full = Session(_config(pair, hidden_server, tmp_path / "hf", **{"teacher.engine": "hf"})).models().teacher
+    full = Session(_config(pair, hidden_server, tmp_path / "hf", **{"teacher.engine": "hf"})).models().teacher.model
     rows = torch.tensor([i for i, r in enumerate(batch) if r["_teacher"] == "served"])
     sub = session.adapter.encode_prompts([batch[i] for i in rows], session.teachers["served"][1])
     hf = HFTeacher(m.adapter, full, m.policy.space, fused=False).score(sub, rollout.tokens[rows],

@@ -110,7 +110,7 @@ def test_samples_stay_in_the_token_space_repeat_per_seed_and_carry_the_trainers_
 
 def _step(session, config):
     m = session.models()
-    optimizer = torch.optim.SGD([p for p in m.policy.parameters() if p.requires_grad], lr=config.train.lr)
+    optimizer = torch.optim.SGD([p for p in m.policy.model.parameters() if p.requires_grad], lr=config.train.lr)
     m.rollout.sync(m.policy.model)
     row = objective_step(m, session.train_data.records[:8], Plan.of(config), torch.Generator().manual_seed(0), Timer(),
                          lambda loss: loss.backward())
@@ -153,7 +153,7 @@ def test_an_engine_serving_other_weights_is_refused_before_step_1(pair, server, 
     m = session.models()
     assert check_engine(m, session.train_data.records[:4], session.config) < 1e-4
     with torch.no_grad():
-        for p in m.policy.parameters():
+        for p in m.policy.model.parameters():
             p.add_(0.05 * torch.randn_like(p))  # the trainer's student moves on, the engine is not told
     with pytest.raises(EngineError, match="differ from the trainer's by .* before step 1: it does not serve"):
         check_engine(m, session.train_data.records[:4], session.config)

@@ -141,7 +141,7 @@ def test_a_privileged_served_teacher_scores_after_the_teacher_prompt_as_the_hf_t
     ours = m.scorer.score(prompts, rollout.tokens, TeacherNeed(TOKEN_LOGPROBS))
     theirs = hf.scorer.score(hf.teacher_prompts(records), rollout.tokens, TeacherNeed(TOKEN_LOGPROBS))
     torch.testing.assert_close(ours.values * rollout.mask, theirs.values * rollout.mask, atol=1e-4, rtol=0)
-    plain = hf.scorer.score(hf.adapter.encode_prompts(records, hf.teacher_processor), rollout.tokens,
+    plain = hf.scorer.score(hf.adapter.encode_prompts(records, hf.teacher.processor), rollout.tokens,
                             TeacherNeed(TOKEN_LOGPROBS))
     assert not torch.allclose(ours.values * rollout.mask, plain.values * rollout.mask, atol=1e-3)
 

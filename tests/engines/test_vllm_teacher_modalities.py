@@ -72,9 +72,9 @@ def check_llava_teacher(session, m, hf, pictures):
     rollout = m.rollout.sample(m.adapter.encode_prompts(records, m.policy.processor), Sampling(temperature=1.0),
                                torch.Generator().manual_seed(0))
     valid = rollout.mask.bool()
-    full = full_vocab_logprobs(hf.adapter, hf.teacher, prompts, rollout.tokens)  # [B, T, V]
+    full = full_vocab_logprobs(hf.adapter, hf.teacher.model, prompts, rollout.tokens)  # [B, T, V]
     ours = m.scorer.score(prompts, rollout.tokens, TeacherNeed(TOKEN_LOGPROBS)).values
-    theirs = HFTeacher(hf.adapter, hf.teacher, hf.space, fused=False).score(prompts, rollout.tokens,
+    theirs = HFTeacher(hf.adapter, hf.teacher.model, hf.policy.space, fused=False).score(prompts, rollout.tokens,
                                                                             TeacherNeed(TOKEN_LOGPROBS)).values
     check_against_hf(ours, theirs, full, rollout.tokens, valid, m.policy.space.token_ids())
     top = m.scorer.score(prompts, rollout.tokens, TeacherNeed(TOP_K, k=K))

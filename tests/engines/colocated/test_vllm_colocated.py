@@ -59,7 +59,7 @@ def test_text_greedy_rollouts_equal_the_hf_engine(text):
 def test_after_an_optimizer_step_and_a_sync_the_engine_samples_from_the_new_weights(text):
     session, m = text
     config, records = session.config, session.train_data.records[:8]
-    optimizer = torch.optim.SGD(m.policy.parameters(), lr=1e-2)
+    optimizer = torch.optim.SGD(m.policy.model.parameters(), lr=1e-2)
     row = objective_step(m, records, Plan.of(config), torch.Generator().manual_seed(0), Timer(),
                          lambda loss: loss.backward())
     assert row["rollout/logprob_mismatch"] < 1e-4
@@ -78,7 +78,7 @@ def test_a_lora_student_syncs_as_a_new_adapter_version(tmp_path):
     session = Session(config)
     session.policy = prepare_trainable(session.adapter, session.policy, config.student)
     m, records = session.models(), session.train_data.records[:8]
-    optimizer = torch.optim.SGD([p for p in m.policy.parameters() if p.requires_grad], lr=0.5)
+    optimizer = torch.optim.SGD([p for p in m.policy.model.parameters() if p.requires_grad], lr=0.5)
     m.rollout.sync(m.policy.model)
     objective_step(m, records, Plan.of(config), torch.Generator().manual_seed(0), Timer(), lambda loss: loss.backward())
     optimizer.step()

@@ -27,7 +27,7 @@ def _sessions(overrides):
     vllm = Session(load_config(None, {**overrides, "teacher.engine": "vllm", "teacher.top_k": K,
                                       "teacher.gpu_memory_utilization": MEMORY}))
     hf = Session(load_config(None, {**overrides, "teacher.engine": "hf", "teacher.top_k": K})).models()
-    hf.scorer = HFTeacher(hf.adapter, hf.teacher, hf.space, fused=False)  # logits, not hidden states
+    hf.scorer = HFTeacher(hf.adapter, hf.teacher.model, hf.policy.space, fused=False)  # logits, not hidden states
     return vllm, vllm.models(), hf
 
 
