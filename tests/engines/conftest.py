@@ -20,6 +20,7 @@ from typing import Iterator, Mapping, Sequence
 
 import pytest
 
+from mmopd.engines.vllm.served import POOLING_ARGS
 from tests.vllm_server import Server, start_server
 
 collect_ignore = [] if importlib.util.find_spec("vllm") else ["colocated"]
@@ -46,7 +47,8 @@ class SharedServers:
     def revive(self, name: str) -> Server:
         """The server `name`, started again on its port if it was stopped, in the same Server object (the URL that
         tests and configs hold stays valid), once it has answered one completion: a fresh engine's first request
-        can take longer than the 5 s a kill test's run allows (seen on a loaded machine)."""
+        can take longer than the 5 s a kill test's run allows (seen on a loaded machine); a pooling server's
+        answers one pooling request instead."""
         server = self.servers[name]
         if server.process.poll() is None:
             return server
@@ -54,7 +56,10 @@ class SharedServers:
         restarted = start_server(model_dir, port=int(server.url.rsplit(":", 1)[1]), extra_args=extra_args, env=env,
                                  role=role)
         server.process, server.log_path = restarted.process, restarted.log_path
-        server.post("/v1/completions", {"prompt": [[1, 2]], "max_tokens": 1}, timeout=300)
+        if " ".join(POOLING_ARGS[:2]) in server.log_path.read_text():  # a pooling server: no completions
+            server.post("/pooling", {"input": [[1, 2]], "task": "token_embed"}, timeout=300)
+        else:
+            server.post("/v1/completions", {"prompt": [[1, 2]], "max_tokens": 1}, timeout=300)
         return server
 
     def stop_unused(self, fixturenames: Sequence[str]) -> None:

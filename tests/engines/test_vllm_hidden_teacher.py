@@ -20,7 +20,7 @@ from mmopd.engines.vllm.served import POOLING_ARGS
 from mmopd.run.objectives import Plan, Timer, objective_step
 from mmopd.run.session import Session
 from mmopd.step.scores import Hidden, Logits
-from tests.engines.test_vllm_teacher import responses_of_different_lengths, routed_train
+from tests.engines.test_vllm_teacher import killed_and_resumed, responses_of_different_lengths, routed_train
 from tests.vllm_models import build_text_pair
 
 pytestmark = pytest.mark.slow  # a vLLM server starts in about a minute
@@ -182,3 +182,12 @@ def test_mmopd_train_with_the_served_exact_teacher_logs_the_hf_teachers_losses(p
         losses[engine] = [r["loss"] for r in rows if "loss" in r]
     assert len(losses["vllm"]) == 2
     assert losses["vllm"] == pytest.approx(losses["hf"], abs=1e-4)
+
+
+def test_a_hidden_state_teacher_killed_mid_run_stops_it_cleanly_and_the_resumed_run_matches(pair, hidden_server,
+                                                                                            vllm_servers, tmp_path):
+    """The exact served teacher faults as token log-probs do: its server stopped after step 2 of 10, the run stops at
+    its last checkpoint naming the URL, and resumed against the restarted server it follows the uninterrupted
+    run's curve (the LM head is read again from teacher.path)."""
+    killed_and_resumed(hidden_server, "hidden_server", vllm_servers, tmp_path,
+                       lambda run: _config(pair, hidden_server, tmp_path, **{"train.out_dir": str(run)}), steps=10)

@@ -260,16 +260,15 @@ def _losses(run):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def test_a_teacher_server_killed_mid_run_stops_it_cleanly_and_the_resumed_run_matches(pair, server, vllm_servers,
-                                                                                      tmp_path):
-    """The shared server is stopped while `mmopd train` scores with it: the run exits 1 naming the URL, with no
-    traceback and its checkpoints intact; after a restart on the same port it resumes to the curve of an
-    uninterrupted run. The restarted server stays the shared one."""
+def killed_and_resumed(server, name: str, vllm_servers, tmp_path: Path, config_of, steps: int) -> None:
+    """The shared teacher server `name` is stopped while `mmopd train` (the run `config_of(out_dir)`) scores with
+    it: the run exits 1 naming the URL, with no traceback and its checkpoints intact; after a restart on the same
+    port it resumes to the curve of an uninterrupted run. The restarted server stays the shared one."""
     port = int(server.url.rsplit(":", 1)[1])
-    common = ["train.save_every=1", "train.steps=15", "teacher.retries=1", "teacher.timeout=5"]  # 13 to spare
+    common = ["train.save_every=1", f"train.steps={steps}", "teacher.retries=1", "teacher.timeout=5"]
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     for run in (reference, killed):
-        save_config(_config(pair, server, tmp_path, **{"train.out_dir": str(run)}), tmp_path / f"{run.name}.yaml")
+        save_config(config_of(run), tmp_path / f"{run.name}.yaml")
     assert main(["train", str(tmp_path / "reference.yaml"), *common]) == 0
     child = subprocess.Popen([sys.executable, "-m", "mmopd.cli", "train", str(tmp_path / "killed.yaml"), *common],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -283,8 +282,15 @@ def test_a_teacher_server_killed_mid_run_stops_it_cleanly_and_the_resumed_run_ma
     assert "The last checkpoint is intact" in err
     done = sorted(p.name for p in (killed / "checkpoints").iterdir() if (p / "COMPLETE").exists())
     assert done and all((killed / "checkpoints" / d / "trainer_state.pt").is_file() for d in done)
-    assert vllm_servers.revive("teacher_server").url == f"http://127.0.0.1:{port}"
+    assert vllm_servers.revive(name).url == f"http://127.0.0.1:{port}"
     assert main(["train", str(tmp_path / "killed.yaml"), *common]) == 0
-    assert _losses(killed).keys() == _losses(reference).keys() == set(range(1, 16))
+    assert _losses(killed).keys() == _losses(reference).keys() == set(range(1, steps + 1))
     for step, loss in _losses(reference).items():
         assert _losses(killed)[step] == pytest.approx(loss, rel=1e-4, abs=1e-6), step
+
+
+def test_a_teacher_server_killed_mid_run_stops_it_cleanly_and_the_resumed_run_matches(pair, server, vllm_servers,
+                                                                                      tmp_path):
+    """Token log-probs (the sampled estimator): killed after step 2 of 15, so 13 steps to spare."""
+    killed_and_resumed(server, "teacher_server", vllm_servers, tmp_path,
+                       lambda run: _config(pair, server, tmp_path, **{"train.out_dir": str(run)}), steps=15)
