@@ -42,7 +42,7 @@ from mmopd.engines.routed import RECORDS, RoutedTeacher
 from mmopd.losses import Shaping, masked_mean, policy_gradient_loss, reward_advantage
 from mmopd.models.adapter import ModalityAdapter, PolicySide, fused_unsupported
 from mmopd.registry import Registry
-from mmopd.step.batch import PromptBatch, Rollout, Sampling, TokenSpace, answers_rollout
+from mmopd.step.batch import PromptBatch, Rollout, Sampling, answers_rollout
 from mmopd.step.health import sample_health, token_entropy
 from mmopd.step.objective_table import (ANSWERS, DIVERGENCE, NLL, POLICY_GRADIENT, SAMPLED, STUDENT_OR_ANSWERS,
                                         TEACHER, Row, row_of, scores_teacher)
