@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator
 import datasets
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 log = logging.getLogger("mmopd")
 
@@ -35,6 +36,8 @@ log = logging.getLogger("mmopd")
 WRITER_BATCH_ROWS = 100_000
 BUILDERS = {".json": "json", ".parquet": "parquet", ".csv": "csv"}  # file suffix -> the `datasets` reader
 ROLES = ("system", "user", "assistant", "tool")
+# a role's split key and its default (mmopd.config.DataConfig): a source without splits serves only the default
+SPLIT_KEYS = {"data.train": ("data.split", "train"), "data.eval": ("data.eval_split", "test")}
 
 Check = Callable[[dict, Path], dict]
 
@@ -259,37 +262,77 @@ class Dataset:
         self.skipped += len(positions)
 
 
-def open_rows(source: str | Path, role: str, split: str = "train", subset: str = "") -> Rows:
-    """The rows of a JSONL file, a file `datasets` reads, a save_to_disk folder, or a hub dataset's split."""
+def open_rows(source: str | Path, role: str, split: str = "", subset: str = "") -> Rows:
+    """The rows of a JSONL file, a file `datasets` reads, a save_to_disk folder, or a hub dataset's split (the role's
+    default split when none is given)."""
+    split = split or SPLIT_KEYS.get(role, ("data.split", "train"))[1]
     path = Path(source).expanduser()
+    if path.is_file():
+        _one_split(path, split, role)
     if path.is_file() and path.suffix == ".jsonl":
         return JsonLines(path)
     if path.is_file():
         if path.suffix not in BUILDERS:
             raise DataError(f"{role}: {path} is a {path.suffix or 'suffix-less'} file; give a .jsonl, .json, .parquet "
                             "or .csv file, a save_to_disk folder or a hub id")
-        try:
-            table = _converted(BUILDERS[path.suffix], data_files=str(path), split="train")
-        except ValueError as err:  # what `datasets` says of a file with no rows
-            raise DataError(f"{role}: {path} holds no usable records ({err})") from err
-        return ArrowRows(table, str(path), path.parent)
+        return ArrowRows(_read_file(path, role), str(path), path.parent)
     if path.is_dir():
         try:
             loaded = datasets.load_from_disk(str(path))
         except FileNotFoundError as err:
             raise DataError(f"{role}: {path} is a folder but not one written by datasets' save_to_disk: {err}") from err
+        if not isinstance(loaded, datasets.DatasetDict):
+            _one_split(path, split, role)
         return ArrowRows(_split_of(loaded, split, f"{role}={path}", role), f"{path}[{split}]"
                          if isinstance(loaded, datasets.DatasetDict) else str(path), path)
     if path.suffix in (".jsonl", *BUILDERS) or str(source).startswith((".", "/", "~")):
         raise DataError(f"{role}: file not found: {path}")
     try:
         loaded = _converted(str(source), subset or None)
-    except (ConnectionError, FileNotFoundError, ValueError, OSError) as err:
+    except (ConnectionError, FileNotFoundError, ValueError, OSError, datasets.exceptions.DatasetsError) as err:
         raise DataError(f"{role}={source!r} is not a local file or folder, and loading it as a hub dataset failed "
                         f"({type(err).__name__}: {err}); check the id and the network (HF_HUB_OFFLINE must be "
                         "unset), or give a local file") from err
     name = f"{source}{'/' + subset if subset else ''}[{split}]"
     return ArrowRows(_split_of(loaded, split, f"{role}={source}", role), name, Path.cwd())
+
+
+def _one_split(path: Path, split: str, role: str) -> None:
+    """A source of one set (a file, a save_to_disk `Dataset`) is the split its role reads by default, and no other:
+    reading all of it for another split would, for data.eval, evaluate on the training rows."""
+    key, default = SPLIT_KEYS.get(role, ("data.split", "train"))
+    if split != default:
+        raise DataError(f"{role}: {path} is one set with no splits, so it has no split {split!r}; give that split's "
+                        f"own file or a save_to_disk folder of splits, or unset {key}")
+
+
+def _read_file(path: Path, role: str) -> datasets.Dataset:
+    """A JSON, parquet or CSV file through `datasets`, whose readers fail inside its builder: their error (a CSV
+    that does not parse, a parquet file with a schema and no rows) is one line naming the file and the cause."""
+    if path.suffix == ".parquet" and _parquet_rows(path) == 0:
+        raise DataError(f"{role}: {path} holds no usable records (a parquet file with a schema and no rows)")
+    try:
+        return _converted(BUILDERS[path.suffix], data_files=str(path), split="train")
+    except (ValueError, OSError, datasets.exceptions.DatasetsError, pa.ArrowException) as err:
+        cause = _root_cause(err)
+        said = (str(cause).strip().splitlines() or [""])[0]
+        raise DataError(f"{role}: {path} cannot be read as a {BUILDERS[path.suffix]} file ({type(cause).__name__}: "
+                        f"{said}); fix the file or give it as JSONL") from err
+
+
+def _parquet_rows(path: Path) -> int | None:
+    """The rows a parquet file's footer counts (None when it has no readable footer: `datasets` says why)."""
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (OSError, pa.ArrowException):
+        return None
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """The innermost error of a chain (`datasets` wraps its readers' errors in DatasetGenerationError)."""
+    while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
+        err = err.__cause__ or err.__context__
+    return err
 
 
 def _converted(path: str, name: str | None = None, split: str | None = None,
@@ -311,13 +354,13 @@ def _split_of(loaded: datasets.Dataset | datasets.DatasetDict, split: str, what:
     if not isinstance(loaded, datasets.DatasetDict):
         return loaded
     if split not in loaded:
-        option = "data.split" if role == "data.train" else "data.eval_split"
+        option = SPLIT_KEYS.get(role, ("data.split", "train"))[0]
         raise DataError(f"{what} has no split {split!r}; its splits are {', '.join(loaded)} (set {option})")
     return loaded[split]
 
 
 def load_records(source: str | Path, check: Check, skip_bad: bool = False, role: str = "data",
-                 fields: dict[str, str] | None = None, split: str = "train", subset: str = "") -> Dataset:
+                 fields: dict[str, str] | None = None, split: str = "", subset: str = "") -> Dataset:
     """Open `source` and check every row once (`check(record, base_dir)`), keeping the usable rows' indices.
 
     A bad row raises DataError naming its file and line (or row), or with `skip_bad` is logged and counted.

@@ -173,6 +173,30 @@ def _non_utf8(case: Case) -> str:
     return path
 
 
+def _parquet_without_rows(case: Case) -> str:
+    """A parquet file with a schema and no rows (`datasets` fails on it inside its builder)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    path = case.tmp / "empty.parquet"
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), path)
+    return str(path)
+
+
+def _unparseable_csv(case: Case) -> str:
+    path = case.tmp / "bad.csv"
+    path.write_text('prompt,answer\n"1+2=,3\n')  # a quote that never closes
+    return str(path)
+
+
+def _one_split_folder(case: Case) -> str:
+    """A save_to_disk folder of one Dataset (no splits)."""
+    import datasets
+    path = case.tmp / "one_split"
+    datasets.Dataset.from_list([json.loads(line) for line in case.tiny["train"].read_text().splitlines()
+                                if line.strip()]).save_to_disk(str(path))
+    return str(path)
+
+
 def _written_with_the_stored_order(case: Case) -> None:
     """The finished run as earlier mmopd wrote it: checkpoints that name no step order (torch.randperm's)."""
     case.reuse()
@@ -218,6 +242,19 @@ CASES: dict[str, tuple[Callable[[Case], list[str]], int, str]] = {
                             r"data\.train: .* is a folder but not one written by datasets' save_to_disk"),
     "data_not_utf8": (lambda c: ["train", c.config({"data.train": str(_non_utf8(c))})], 2,
                       r"latin1\.jsonl:2: not valid UTF-8"),
+    "data_parquet_without_rows": (lambda c: ["train", c.config({"data.train": _parquet_without_rows(c)})], 2,
+                                  r"data\.train: .*empty\.parquet holds no usable records \(a parquet file with a "
+                                  r"schema and no rows\)"),
+    "data_csv_datasets_cannot_parse": (lambda c: ["train", c.config({"data.train": _unparseable_csv(c)})], 2,
+                                       r"data\.train: .*bad\.csv cannot be read as a csv file \(ParserError: .*EOF"),
+    "eval_split_of_a_jsonl_file": (lambda c: ["train", c.config({"data.eval": str(c.tiny["train"]),
+                                                                 "data.eval_split": "validation"})], 2,
+                                   r"data\.eval: .*train\.jsonl is one set with no splits, so it has no split "
+                                   r"'validation'.*data\.eval_split"),
+    "train_split_of_a_save_to_disk_dataset": (lambda c: ["train", c.config({"data.train": _one_split_folder(c),
+                                                                            "data.split": "test"})], 2,
+                                              r"data\.train: .*one_split is one set with no splits, so it has no "
+                                              r"split 'test'.*data\.split"),
     "judge_missing": (lambda c: ["train", c.image_config({"data.judge": str(c.tmp / "no-judge")})], 2,
                       r"data\.judge=.*no-judge holds no judge\.json"),
     "judge_is_a_model": (lambda c: ["train", c.image_config({"data.judge": str(c.image["student"])})], 2,
