@@ -454,6 +454,66 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_says_so(tiny_text,
     assert not (case.run / ".lock").exists()
 
 
+
+def test_a_full_disk_during_the_weight_write_keeps_the_previous_checkpoint_and_every_metrics_line(
+        tiny_text, tmp_path, capsys, monkeypatch):
+    import transformers.modeling_utils as modeling_utils
+    case = Case(tmp_path, tiny_text, tmp_path)
+    real = modeling_utils.safe_save_file
+
+    def full_disk(tensors, filename, *args, **kwargs):
+        if "step-2" in str(filename):
+            Path(filename).write_bytes(b"\0" * 64)  # a part written, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_utils, "safe_save_file", full_disk)
+    assert main(["train", case.config()]) == 1
+    err = capsys.readouterr().err
+    message = [line for line in err.splitlines() if line.startswith("mmopd: stopped:")]
+    assert "Traceback" not in err and len(message) == 1 and "No space left on device" in message[0]
+    assert f"the previous checkpoint {case.run / 'checkpoints' / 'step-1'} is intact" in message[0]
+    assert [p.name for p in checkpoint.complete_checkpoints(case.run)] == ["step-1"]
+    assert sorted(p.name for p in (case.run / "checkpoints").iterdir()) == ["step-1"]
+    assert [r["step"] for r in _rows(case.run)] == [1, 2]  # step 2's row was logged before its checkpoint
+    assert not (case.run / ".lock").exists()
+
+
+@pytest.mark.parametrize("fault", ["half_a_line_written", "fsync"])
+def test_a_full_disk_during_a_metrics_append_tears_no_line_and_the_rerun_loses_none(fault, tiny_text, tmp_path,
+                                                                                   capsys, monkeypatch):
+    """The disk fills in the middle of step 2's row (half of it reaches the file), or at its fsync (the line is
+    written, but not safely): either way the file keeps whole lines only, and the rerun logs step 2 once."""
+    case = Case(tmp_path, tiny_text, tmp_path)
+    metrics = case.run / "metrics.jsonl"
+    real = {"write": os.write, "fsync": os.fsync}
+    name = "write" if fault == "half_a_line_written" else "fsync"
+
+    def step_2s_row(fd: int, data: tuple) -> bool:  # the data written, or for fsync the file as written so far
+        return os.path.realpath(f"/proc/self/fd/{fd}") == str(metrics.resolve()) and \
+            b'"step": 2,' in (bytes(data[0]) if data else metrics.read_bytes())
+
+    def full_disk(fd, *data):
+        if step_2s_row(fd, data):
+            if data:
+                real["write"](fd, bytes(data[0])[: len(data[0]) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real[name](fd, *data)
+
+    monkeypatch.setattr(os, name, full_disk)
+    assert main(["train", case.config()]) == 1
+    err = capsys.readouterr().err
+    message = [line for line in err.splitlines() if line.startswith("mmopd: stopped:")]
+    assert "Traceback" not in err and len(message) == 1, err
+    assert "metrics.jsonl" in message[0] and "No space left on device" in message[0]
+    assert f"the previous checkpoint {case.run / 'checkpoints' / 'step-1'} is intact" in message[0]
+    lines = metrics.read_text().splitlines()
+    assert all(json.loads(line) for line in lines) and [r["step"] for r in _rows(case.run)] == [1]
+    assert not (case.run / ".lock").exists()
+    monkeypatch.setattr(os, name, real[name])
+    assert main(["train", case.config()]) == 0  # the rerun resumes from step-1 and logs step 2
+    assert [r["step"] for r in _rows(case.run)] == [1, 2]
+
 def test_skip_bad_skips_a_non_utf8_line_with_its_place(tiny_text, tmp_path, caplog):
     case = Case(tmp_path, tiny_text, tmp_path)
     assert main(["train", case.config({"data.train": str(_non_utf8(case)), "data.skip_bad": True,
