@@ -130,7 +130,8 @@ def _undecoded(feature: Any) -> Any:
 def conversation(raw: dict) -> dict:
     """TRL's conversational forms as `prompt` (a list of messages) and `answer`: `messages` ending in an assistant
     turn is the prompt before it and that answer (without one, all of it is the prompt); `prompt` / `completion`
-    lists of messages likewise; a plain `completion` string is the answer. Other records pass unchanged."""
+    lists of messages likewise; a plain `completion` string is the answer. Other records pass unchanged. A prompt
+    that still ends with an assistant turn is refused: that turn is an answer the models would read as prompt."""
     out = dict(raw)
     if out.get("messages") is not None:
         messages = _messages(out.pop("messages"), "messages")
@@ -149,6 +150,10 @@ def conversation(raw: dict) -> dict:
         out["answer"] = text_of(turns[-1], "the completion")
     elif completion is not None:
         out["answer"] = completion
+    if isinstance(out.get("prompt"), list) and out["prompt"][-1]["role"] == "assistant":
+        raise RecordError("'prompt' ends with an assistant turn, so the answer would be in the prompt the models "
+                          "read; end the prompt with the user's turn and give the answer as 'completion' (or as the "
+                          "one last assistant turn of 'messages')")
     return out
 
 

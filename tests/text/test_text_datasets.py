@@ -198,3 +198,19 @@ def test_messages_without_an_assistant_turn_are_refused_where_an_answer_is_neede
     with pytest.raises(DataError, match=r"prompts row 0: objective sft needs an 'answer' in every record \(a "
                                         r"conversational record: a last assistant turn\)"):
         Session(text_config(**overrides, **{"objective.kind": "sft"}))
+
+
+@pytest.mark.parametrize("row", [
+    {"prompt": [{"role": "user", "content": "2+2="}, {"role": "assistant", "content": "4"}]},
+    {"prompt": [{"role": "user", "content": "2+2="}, {"role": "assistant", "content": "4"}],
+     "completion": [{"role": "assistant", "content": "4"}]},
+    {"messages": [{"role": "user", "content": "2+2="}, {"role": "assistant", "content": "4"},
+                  {"role": "assistant", "content": "4"}]},
+], ids=["prompt", "prompt_and_completion", "messages_with_two_last_assistant_turns"])
+def test_a_prompt_ending_with_the_assistants_turn_is_refused_naming_the_line(row, tmp_path):
+    """The answer would be in the prompt the student and teacher read (and on_policy would never see it as one)."""
+    good = {"prompt": [{"role": "user", "content": "1+2="}], "completion": [{"role": "assistant", "content": "3"}]}
+    (tmp_path / "answered.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=r"answered\.jsonl:2: bad record: 'prompt' ends with an assistant turn, so "
+                                        r"the answer would be in the prompt"):
+        load_records(tmp_path / "answered.jsonl", get_adapter("text").check_record, role="data.train")
