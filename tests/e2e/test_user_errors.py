@@ -197,6 +197,16 @@ def _one_split_folder(case: Case) -> str:
     return str(path)
 
 
+def _vlm_long_prompt(case: Case) -> str:
+    """The VLM shapes data with its second record's prompt repeated past the tiny models' context."""
+    rows = [json.loads(line) for line in case.vlm["train"].read_text().splitlines()]
+    rows = [{**r, "images": [str(case.vlm["train"].parent / p) for p in r["images"]]} for r in rows]
+    rows[1]["prompt"] = " ".join([rows[1]["prompt"]] * 400)
+    path = case.tmp / "vlm_long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return case.config(base=_vlm_base(case.vlm, path, case.run))
+
+
 def _written_with_the_stored_order(case: Case) -> None:
     """The finished run as earlier mmopd wrote it: checkpoints that name no step order (torch.randperm's)."""
     case.reuse()
@@ -276,6 +286,9 @@ CASES: dict[str, tuple[Callable[[Case], list[str]], int, str]] = {
     "vlm_png_with_four_rows_of_data": (lambda c: ["train", c.vlm_config(_png_with_four_rows)], 2,
                                        r"vlm\.jsonl:1: bad record: image .*picture\.png is 9000x9000, but its data "
                                        r"stops [\d,]+ bytes short \(a truncated PNG"),
+    "vlm_prompt_longer_than_the_context": (lambda c: ["train", _vlm_long_prompt(c)], 2,
+                                           r"vlm_long\.jsonl:2: the prompt is \d+ tokens, and with "
+                                           r"rollout\.max_new_tokens=3 it exceeds the models' context of \d+ tokens"),
     "eval_record_without_an_answer": (lambda c: ["train", c.config({"data.eval": _eval_with_an_unanswered_record(c)})],
                                       2, r"unanswered\.jsonl:2: bad record: no 'answer' to score the response "
                                          r"against; every data\.eval record needs one"),
