@@ -585,3 +585,26 @@ def test_a_torn_summary_is_written_again_whole_not_a_traceback(tiny_text, finish
     assert main(["train", case.config()]) == 0
     assert "Traceback" not in capsys.readouterr().err and "summary.json is unreadable" in caplog.text
     assert json.loads((case.run / "summary.json").read_text())["steps"] == 2
+
+
+def test_a_training_file_replaced_before_the_resume_is_refused_unless_listed(tiny_text, tmp_path, capsys, caplog):
+    """Same path, other rows: the resumed steps would read records the run never started on, and the step order
+    (a permutation of the set's size) would shift, without a word. The checkpoint names the set it trained on."""
+    case = Case(tmp_path, tiny_text, tmp_path)
+    data = tmp_path / "train.jsonl"
+    rows = tiny_text["train"].read_text().splitlines()
+    data.write_text("\n".join(rows) + "\n")
+    assert main(["train", case.config({"data.train": str(data), "train.steps": 1})]) == 0
+    data.write_text("\n".join(reversed(rows)) + "\n")  # replaced by other rows (here, the same ones reordered)
+    before = _snapshot(case.run)
+    assert main(["train", case.config({"data.train": str(data), "train.steps": 2})]) == 2
+    err = capsys.readouterr().err
+    message = [line for line in err.splitlines() if line.startswith("mmopd: error:")]
+    assert "Traceback" not in err and len(message) == 1, err
+    assert re.search(r"data\.train=.*train\.jsonl holds other records than step-1 was trained on \(sha256:\w+ -> "
+                     r"sha256:\w+\).*train\.resume_changes=\[data\.train\]", message[0]), message[0]
+    assert _snapshot(case.run) == before
+    assert main(["train", case.config({"data.train": str(data), "train.steps": 2,
+                                       "train.resume_changes": ["data.train"]})]) == 0
+    assert "holds other records than step-1 was trained on" in caplog.text
+    assert [r["step"] for r in _rows(case.run)] == [1, 2]
