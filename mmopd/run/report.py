@@ -59,17 +59,31 @@ class MetricsLog:
 
     def supersede_after(self, step: int) -> None:
         """Move the lines logged after `step` (all of them for -1: a restart from step 0), which this segment logs
-        again, to the superseded file (appended), and a torn line with them; keep the rest in place."""
+        again, to the superseded file (appended), and a torn line with them; keep the rest in place. A write that
+        fails (a full disk) leaves both files as they were, so the next start moves the lines once."""
         if not self.path.is_file():
             return
         kept, moved = [], []
         for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True):
             row = _parsed(line)
             (kept if row is not None and row.get("step", 0) <= step else moved).append(line.rstrip("\n") + "\n")
-        if moved:
-            _write(self.superseded, moved, "a")
-        _write(self.path.with_suffix(".tmp"), kept, "w")
-        os.replace(self.path.with_suffix(".tmp"), self.path)
+        tmp, end = self.path.with_suffix(".tmp"), self.superseded.stat().st_size if self.superseded.is_file() else None
+        try:
+            if moved:
+                _write(self.superseded, moved, "a")
+            _write(tmp, kept, "w")
+            os.replace(tmp, self.path)
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # the rows appended so far go: the next start appends them again
+                if end is None:
+                    self.superseded.unlink(missing_ok=True)
+                else:
+                    os.truncate(self.superseded, end)
+            raise MetricsError(f"could not move the rows this run logs again from {self.path} to {self.superseded} "
+                               f"({err.strerror or err}); both files are as they were. Free space on train.out_dir, "
+                               "then rerun the same command") from err
 
 
 def _parsed(line: str) -> dict[str, Any] | None:

@@ -608,3 +608,31 @@ def test_a_training_file_replaced_before_the_resume_is_refused_unless_listed(tin
                                        "train.resume_changes": ["data.train"]})]) == 0
     assert "holds other records than step-1 was trained on" in caplog.text
     assert [r["step"] for r in _rows(case.run)] == [1, 2]
+
+
+def test_a_full_disk_while_a_rerun_moves_rows_aside_keeps_both_files_whole(tiny_text, finished_run, tmp_path,
+                                                                           capsys, monkeypatch):
+    """The rerun of a run whose step-2 checkpoint never finished moves step 2's rows to metrics.superseded.jsonl;
+    the disk fills at that append's fsync: neither file is changed, and the next rerun moves the rows once."""
+    case = Case(tmp_path, tiny_text, finished_run)
+    case.reuse()
+    (case.run / "checkpoints" / "step-2").rename(case.run / "checkpoints" / ".tmp-step-2-999")
+    earlier = (case.run / "metrics.jsonl").read_text()
+    superseded, real = case.run / "metrics.superseded.jsonl", os.fsync
+
+    def full_disk(fd):
+        if os.path.realpath(f"/proc/self/fd/{fd}") == str(superseded.resolve()):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    assert main(["train", case.config()]) == 1
+    err = capsys.readouterr().err
+    message = [line for line in err.splitlines() if line.startswith("mmopd: stopped:")]
+    assert "Traceback" not in err and len(message) == 1 and "No space left on device" in message[0], err
+    assert (case.run / "metrics.jsonl").read_text() == earlier and not superseded.exists()
+    assert not (case.run / "metrics.tmp").exists() and not (case.run / ".lock").exists()
+    monkeypatch.setattr(os, "fsync", real)
+    assert main(["train", case.config()]) == 0
+    assert [r["step"] for r in _rows(case.run)] == [1, 2]
+    assert [json.loads(line)["step"] for line in superseded.read_text().splitlines()] == [2]
