@@ -323,11 +323,14 @@ def _one_split(path: Path, split: str, role: str) -> None:
 def _read_file(path: Path, role: str) -> datasets.Dataset:
     """A JSON, parquet or CSV file through `datasets`, whose readers fail inside its builder: their error (a CSV
     that does not parse, a parquet file with a schema and no rows) is one line naming the file and the cause."""
-    if path.suffix == ".parquet" and _parquet_rows(path) == 0:
-        raise DataError(f"{role}: {path} holds no usable records (a parquet file with a schema and no rows)")
+    if path.stat().st_size == 0 or (path.suffix == ".parquet" and _parquet_rows(path) == 0):
+        what = "an empty file" if path.stat().st_size == 0 else "a parquet file with a schema and no rows"
+        raise DataError(f"{role}: {path} holds no usable records ({what})")
     try:
         return _converted(BUILDERS[path.suffix], data_files=str(path), split="train")
-    except (ValueError, OSError, datasets.exceptions.DatasetsError, pa.ArrowException) as err:
+    except ValueError as err:  # what `datasets` says of a file with no rows (a CSV of a header only)
+        raise DataError(f"{role}: {path} holds no usable records ({err})") from err
+    except (OSError, StopIteration, datasets.exceptions.DatasetsError, pa.ArrowException) as err:
         cause = _root_cause(err)
         said = (str(cause).strip().splitlines() or [""])[0]
         raise DataError(f"{role}: {path} cannot be read as a {BUILDERS[path.suffix]} file ({type(cause).__name__}: "

@@ -214,3 +214,24 @@ def test_a_prompt_ending_with_the_assistants_turn_is_refused_naming_the_line(row
     with pytest.raises(DataError, match=r"answered\.jsonl:2: bad record: 'prompt' ends with an assistant turn, so "
                                         r"the answer would be in the prompt"):
         load_records(tmp_path / "answered.jsonl", get_adapter("text").check_record, role="data.train")
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("bad.csv", b'prompt,answer\n"1+2=,3\n', r"bad\.csv cannot be read as a csv file \(ParserError: .*EOF"),
+    ("header.csv", b"prompt,answer\n", r"header\.csv holds no usable records"),
+    ("bad.json", b'{"prompt": "1+2=",\n', r"bad\.json cannot be read as a json file \(\w+: "),
+    ("empty.json", b"", r"empty\.json holds no usable records \(an empty file\)"),
+    ("schema.parquet", None, r"schema\.parquet holds no usable records \(a parquet file with a schema and no rows\)"),
+])
+def test_a_file_datasets_cannot_read_is_one_line_naming_it_and_the_cause(name, content, expected, tmp_path):
+    """`datasets` fails inside its builder (DatasetGenerationError, or a bare StopIteration for an empty JSON file);
+    the error names the file and the reader's own cause, never 'An error occurred while generating the dataset'."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    if content is None:
+        pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), tmp_path / name)
+    else:
+        (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=rf"data\.train: .*{expected}") as caught:
+        load_records(tmp_path / name, get_adapter("text").check_record, role="data.train")
+    assert "\n" not in str(caught.value) and "An error occurred" not in str(caught.value)
