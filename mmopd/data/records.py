@@ -295,6 +295,9 @@ def open_rows(source: str | Path, role: str, split: str = "", subset: str = "") 
             loaded = datasets.load_from_disk(str(path))
         except FileNotFoundError as err:
             raise DataError(f"{role}: {path} is a folder but not one written by datasets' save_to_disk: {err}") from err
+        except (OSError, ValueError, datasets.exceptions.DatasetsError, pa.ArrowException) as err:  # a torn file
+            raise DataError(f"{role}: {path} is a save_to_disk folder that cannot be read ({_said(err)}); write it "
+                            "again with save_to_disk") from err
         if not isinstance(loaded, datasets.DatasetDict):
             _one_split(path, split, role)
         return ArrowRows(_split_of(loaded, split, f"{role}={path}", role), f"{path}[{split}]"
@@ -331,10 +334,8 @@ def _read_file(path: Path, role: str) -> datasets.Dataset:
     except ValueError as err:  # what `datasets` says of a file with no rows (a CSV of a header only)
         raise DataError(f"{role}: {path} holds no usable records ({err})") from err
     except (OSError, StopIteration, datasets.exceptions.DatasetsError, pa.ArrowException) as err:
-        cause = _root_cause(err)
-        said = (str(cause).strip().splitlines() or [""])[0]
-        raise DataError(f"{role}: {path} cannot be read as a {BUILDERS[path.suffix]} file ({type(cause).__name__}: "
-                        f"{said}); fix the file or give it as JSONL") from err
+        raise DataError(f"{role}: {path} cannot be read as a {BUILDERS[path.suffix]} file ({_said(err)}); fix the "
+                        "file or give it as JSONL") from err
 
 
 def _parquet_rows(path: Path) -> int | None:
@@ -345,11 +346,12 @@ def _parquet_rows(path: Path) -> int | None:
         return None
 
 
-def _root_cause(err: BaseException) -> BaseException:
-    """The innermost error of a chain (`datasets` wraps its readers' errors in DatasetGenerationError)."""
+def _said(err: BaseException) -> str:
+    """The innermost error of a chain, as `Type: first line` (`datasets` wraps its readers' errors in
+    DatasetGenerationError, whose own message names neither the file nor the cause)."""
     while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
         err = err.__cause__ or err.__context__
-    return err
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
 
 
 def _converted(path: str, name: str | None = None, split: str | None = None,

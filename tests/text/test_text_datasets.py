@@ -235,3 +235,17 @@ def test_a_file_datasets_cannot_read_is_one_line_naming_it_and_the_cause(name, c
     with pytest.raises(DataError, match=rf"data\.train: .*{expected}") as caught:
         load_records(tmp_path / name, get_adapter("text").check_record, role="data.train")
     assert "\n" not in str(caught.value) and "An error occurred" not in str(caught.value)
+
+
+@pytest.mark.parametrize("damage", ["truncated_arrow", "torn_state_json"])
+def test_a_torn_save_to_disk_folder_is_one_line_naming_it(damage, tmp_path):
+    folder = tmp_path / "set"
+    datasets.Dataset.from_list([{"prompt": "1+2=", "answer": "3"}] * 50).save_to_disk(str(folder))
+    if damage == "truncated_arrow":
+        arrow = next(folder.glob("*.arrow"))
+        arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
+    else:
+        (folder / "state.json").write_text("{")
+    with pytest.raises(DataError, match=r"data\.train: .*set is a save_to_disk folder that cannot be read \(\w+: .*\); "
+                                        r"write it again with save_to_disk"):
+        load_records(folder, get_adapter("text").check_record, role="data.train")
