@@ -239,12 +239,17 @@ class Records(Sequence):
         is replaced by other rows, grown, cut or reordered, and costs the same on a million rows as on a thousand
         (an edit of one row between the sampled ones goes unseen)."""
         positions = np.unique(np.linspace(0, len(self) - 1, min(rows, len(self))).astype(np.int64))
-        return self._digest((int(i) for i in positions), hashlib.sha256(f"{len(self)} records\n".encode()))
+        return self._digest((int(i) for i in positions), hashlib.sha256(f"{len(self)} records\n".encode()), _short)
 
-    def _digest(self, positions: Iterator[int] | range, digest: Any) -> str:
+    def _digest(self, positions: Iterator[int] | range, digest: Any, default: Callable[[Any], str] = repr) -> str:
         for i in positions:
-            digest.update(json.dumps(self.rows.raw(self.row(i)), sort_keys=True, default=repr).encode() + b"\n")
+            digest.update(json.dumps(self.rows.raw(self.row(i)), sort_keys=True, default=default).encode() + b"\n")
         return f"sha256:{digest.hexdigest()[:16]}"
+
+
+def _short(value: Any) -> str:
+    """A value JSON cannot hold, for a digest: encoded bytes (a picture) as their own digest, not a repr as long."""
+    return hashlib.sha256(value).hexdigest() if isinstance(value, bytes) else repr(value)
 
 
 def record_of(raw: Any, rows: Rows, row: int, check: Check, fields: dict[str, str]) -> dict:
