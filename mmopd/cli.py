@@ -24,6 +24,7 @@ from mmopd.models.checkpoint import CheckpointError
 from mmopd.models.compat import IncompatibleModelsError
 from mmopd.models.pretrained import EXPORT_DTYPES, PACKAGED, ExportError, export_gguf, packaged_gguf
 from mmopd.models.pruning import PruneError, parse_keep, prune_checkpoint
+from mmopd.run.report import MetricsError
 from mmopd.run.rundir import RunDirError
 from mmopd.run.session import evaluate, resolve_dtype
 from mmopd.run.toys import build_toy, one_thread
@@ -37,7 +38,7 @@ TOY_MODALITIES = {"text": "text", "vlm": "vlm", "image": "image_tokens"}
 # 130 a second Ctrl-C
 USER_ERRORS = (ConfigError, DataError, RecordError, ModelLoadError, IncompatibleModelsError, RunDirError, ExportError,
                PruneError)
-STOPS = (TrainingAborted, CheckpointError, EngineError, RewardError)
+STOPS = (TrainingAborted, CheckpointError, MetricsError, EngineError, RewardError)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator
 import datasets
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 log = logging.getLogger("mmopd")
 
@@ -35,6 +36,8 @@ log = logging.getLogger("mmopd")
 WRITER_BATCH_ROWS = 100_000
 BUILDERS = {".json": "json", ".parquet": "parquet", ".csv": "csv"}  # file suffix -> the `datasets` reader
 ROLES = ("system", "user", "assistant", "tool")
+# a role's split key and its default (mmopd.config.DataConfig): a source without splits serves only the default
+SPLIT_KEYS = {"data.train": ("data.split", "train"), "data.eval": ("data.eval_split", "test")}
 
 Check = Callable[[dict, Path], dict]
 
@@ -127,7 +130,8 @@ def _undecoded(feature: Any) -> Any:
 def conversation(raw: dict) -> dict:
     """TRL's conversational forms as `prompt` (a list of messages) and `answer`: `messages` ending in an assistant
     turn is the prompt before it and that answer (without one, all of it is the prompt); `prompt` / `completion`
-    lists of messages likewise; a plain `completion` string is the answer. Other records pass unchanged."""
+    lists of messages likewise; a plain `completion` string is the answer. Other records pass unchanged. A prompt
+    that still ends with an assistant turn is refused: that turn is an answer the models would read as prompt."""
     out = dict(raw)
     if out.get("messages") is not None:
         messages = _messages(out.pop("messages"), "messages")
@@ -146,6 +150,10 @@ def conversation(raw: dict) -> dict:
         out["answer"] = text_of(turns[-1], "the completion")
     elif completion is not None:
         out["answer"] = completion
+    if isinstance(out.get("prompt"), list) and out["prompt"][-1]["role"] == "assistant":
+        raise RecordError("'prompt' ends with an assistant turn, so the answer would be in the prompt the models "
+                          "read; end the prompt with the user's turn and give the answer as 'completion' (or as the "
+                          "one last assistant turn of 'messages')")
     return out
 
 
@@ -224,10 +232,24 @@ class Records(Sequence):
     def fingerprint(self, limit: int = 0) -> str:
         """A digest of the first `limit` records' source rows (all of them when 0), in order: two sets share it when
         they hold the same rows, wherever their files are."""
-        digest = hashlib.sha256()
-        for i in range(min(limit, len(self)) if limit else len(self)):
-            digest.update(json.dumps(self.rows.raw(self.row(i)), sort_keys=True, default=repr).encode() + b"\n")
+        return self._digest(range(min(limit, len(self)) if limit else len(self)), hashlib.sha256())
+
+    def sample_fingerprint(self, rows: int = 4096) -> str:
+        """A digest of the set's size and of `rows` records spread evenly over it, in order: it changes when a file
+        is replaced by other rows, grown, cut or reordered, and costs the same on a million rows as on a thousand
+        (an edit of one row between the sampled ones goes unseen)."""
+        positions = np.unique(np.linspace(0, len(self) - 1, min(rows, len(self))).astype(np.int64))
+        return self._digest((int(i) for i in positions), hashlib.sha256(f"{len(self)} records\n".encode()), _short)
+
+    def _digest(self, positions: Iterator[int] | range, digest: Any, default: Callable[[Any], str] = repr) -> str:
+        for i in positions:
+            digest.update(json.dumps(self.rows.raw(self.row(i)), sort_keys=True, default=default).encode() + b"\n")
         return f"sha256:{digest.hexdigest()[:16]}"
+
+
+def _short(value: Any) -> str:
+    """A value JSON cannot hold, for a digest: encoded bytes (a picture) as their own digest, not a repr as long."""
+    return hashlib.sha256(value).hexdigest() if isinstance(value, bytes) else repr(value)
 
 
 def record_of(raw: Any, rows: Rows, row: int, check: Check, fields: dict[str, str]) -> dict:
@@ -259,37 +281,82 @@ class Dataset:
         self.skipped += len(positions)
 
 
-def open_rows(source: str | Path, role: str, split: str = "train", subset: str = "") -> Rows:
-    """The rows of a JSONL file, a file `datasets` reads, a save_to_disk folder, or a hub dataset's split."""
+def open_rows(source: str | Path, role: str, split: str = "", subset: str = "") -> Rows:
+    """The rows of a JSONL file, a file `datasets` reads, a save_to_disk folder, or a hub dataset's split (the role's
+    default split when none is given)."""
+    split = split or SPLIT_KEYS.get(role, ("data.split", "train"))[1]
     path = Path(source).expanduser()
+    if path.is_file():
+        _one_split(path, split, role)
     if path.is_file() and path.suffix == ".jsonl":
         return JsonLines(path)
     if path.is_file():
         if path.suffix not in BUILDERS:
             raise DataError(f"{role}: {path} is a {path.suffix or 'suffix-less'} file; give a .jsonl, .json, .parquet "
                             "or .csv file, a save_to_disk folder or a hub id")
-        try:
-            table = _converted(BUILDERS[path.suffix], data_files=str(path), split="train")
-        except ValueError as err:  # what `datasets` says of a file with no rows
-            raise DataError(f"{role}: {path} holds no usable records ({err})") from err
-        return ArrowRows(table, str(path), path.parent)
+        return ArrowRows(_read_file(path, role), str(path), path.parent)
     if path.is_dir():
         try:
             loaded = datasets.load_from_disk(str(path))
         except FileNotFoundError as err:
             raise DataError(f"{role}: {path} is a folder but not one written by datasets' save_to_disk: {err}") from err
+        except (OSError, ValueError, datasets.exceptions.DatasetsError, pa.ArrowException) as err:  # a torn file
+            raise DataError(f"{role}: {path} is a save_to_disk folder that cannot be read ({_said(err)}); write it "
+                            "again with save_to_disk") from err
+        if not isinstance(loaded, datasets.DatasetDict):
+            _one_split(path, split, role)
         return ArrowRows(_split_of(loaded, split, f"{role}={path}", role), f"{path}[{split}]"
                          if isinstance(loaded, datasets.DatasetDict) else str(path), path)
     if path.suffix in (".jsonl", *BUILDERS) or str(source).startswith((".", "/", "~")):
         raise DataError(f"{role}: file not found: {path}")
     try:
         loaded = _converted(str(source), subset or None)
-    except (ConnectionError, FileNotFoundError, ValueError, OSError) as err:
+    except (ConnectionError, FileNotFoundError, ValueError, OSError, datasets.exceptions.DatasetsError) as err:
         raise DataError(f"{role}={source!r} is not a local file or folder, and loading it as a hub dataset failed "
                         f"({type(err).__name__}: {err}); check the id and the network (HF_HUB_OFFLINE must be "
                         "unset), or give a local file") from err
     name = f"{source}{'/' + subset if subset else ''}[{split}]"
     return ArrowRows(_split_of(loaded, split, f"{role}={source}", role), name, Path.cwd())
+
+
+def _one_split(path: Path, split: str, role: str) -> None:
+    """A source of one set (a file, a save_to_disk `Dataset`) is the split its role reads by default, and no other:
+    reading all of it for another split would, for data.eval, evaluate on the training rows."""
+    key, default = SPLIT_KEYS.get(role, ("data.split", "train"))
+    if split != default:
+        raise DataError(f"{role}: {path} is one set with no splits, so it has no split {split!r}; give that split's "
+                        f"own file or a save_to_disk folder of splits, or unset {key}")
+
+
+def _read_file(path: Path, role: str) -> datasets.Dataset:
+    """A JSON, parquet or CSV file through `datasets`, whose readers fail inside its builder: their error (a CSV
+    that does not parse, a parquet file with a schema and no rows) is one line naming the file and the cause."""
+    if path.stat().st_size == 0 or (path.suffix == ".parquet" and _parquet_rows(path) == 0):
+        what = "an empty file" if path.stat().st_size == 0 else "a parquet file with a schema and no rows"
+        raise DataError(f"{role}: {path} holds no usable records ({what})")
+    try:
+        return _converted(BUILDERS[path.suffix], data_files=str(path), split="train")
+    except ValueError as err:  # what `datasets` says of a file with no rows (a CSV of a header only)
+        raise DataError(f"{role}: {path} holds no usable records ({err})") from err
+    except (OSError, StopIteration, datasets.exceptions.DatasetsError, pa.ArrowException) as err:
+        raise DataError(f"{role}: {path} cannot be read as a {BUILDERS[path.suffix]} file ({_said(err)}); fix the "
+                        "file or give it as JSONL") from err
+
+
+def _parquet_rows(path: Path) -> int | None:
+    """The rows a parquet file's footer counts (None when it has no readable footer: `datasets` says why)."""
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (OSError, pa.ArrowException):
+        return None
+
+
+def _said(err: BaseException) -> str:
+    """The innermost error of a chain, as `Type: first line` (`datasets` wraps its readers' errors in
+    DatasetGenerationError, whose own message names neither the file nor the cause)."""
+    while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
+        err = err.__cause__ or err.__context__
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
 
 
 def _converted(path: str, name: str | None = None, split: str | None = None,
@@ -311,13 +378,13 @@ def _split_of(loaded: datasets.Dataset | datasets.DatasetDict, split: str, what:
     if not isinstance(loaded, datasets.DatasetDict):
         return loaded
     if split not in loaded:
-        option = "data.split" if role == "data.train" else "data.eval_split"
+        option = SPLIT_KEYS.get(role, ("data.split", "train"))[0]
         raise DataError(f"{what} has no split {split!r}; its splits are {', '.join(loaded)} (set {option})")
     return loaded[split]
 
 
 def load_records(source: str | Path, check: Check, skip_bad: bool = False, role: str = "data",
-                 fields: dict[str, str] | None = None, split: str = "train", subset: str = "") -> Dataset:
+                 fields: dict[str, str] | None = None, split: str = "", subset: str = "") -> Dataset:
     """Open `source` and check every row once (`check(record, base_dir)`), keeping the usable rows' indices.
 
     A bad row raises DataError naming its file and line (or row), or with `skip_bad` is logged and counted.

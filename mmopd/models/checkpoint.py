@@ -48,12 +48,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def trainer_state(step: int, scheduler: Any, baseline: dict[str, Any], skipped_steps: int, config: dict[str, Any],
-                  run_id: str, global_batch: int, health: dict[str, Any] | None = None) -> dict[str, Any]:
+                  run_id: str, global_batch: int, health: dict[str, Any] | None = None,
+                  train_set: str = "") -> dict[str, Any]:
     """What `trainer_state.pt` holds besides the optimizer's state: where the run is and how to go on exactly
-    (`health`: the sample-health monitor's state, its warnings so far among it)."""
+    (`health`: the sample-health monitor's state, its warnings so far among it; `train_set`: the digest of the
+    training records, `Session.train_set`)."""
     return {"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(), "baseline": baseline,
             "skipped_steps": skipped_steps, "config": config, "run_id": run_id, "global_batch": global_batch,
-            "step_order": STEP_ORDER, "health": health}
+            "step_order": STEP_ORDER, "health": health, "train_set": train_set}
 
 
 def check_global_batch(saved: int | None, per_step: int, world: int, batch_size: int, grad_accum: int,

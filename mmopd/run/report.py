@@ -3,6 +3,7 @@ PNG plots, summary.json, the modality's report and the before/after table."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -13,10 +14,15 @@ from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
+from mmopd.models.checkpoint import complete_checkpoints
 from mmopd.run.toys import write_report
 from mmopd.step.health import HealthMonitor
 
 log = logging.getLogger("mmopd")
+
+
+class MetricsError(RuntimeError):
+    """A metrics row that could not be appended (a full disk); the file and the previous checkpoint are intact."""
 
 
 class MetricsLog:
@@ -29,24 +35,55 @@ class MetricsLog:
         self.superseded = self.path.with_name("metrics.superseded.jsonl")
 
     def write(self, row: dict[str, Any]) -> None:
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        """Append the row's line whole or not at all: a write or fsync that fails (a full disk) cuts the file back
+        to its rows before, so no torn line is left and the rerun, resuming from the last checkpoint, logs it again."""
+        data = (json.dumps(row) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            end = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                written = 0
+                while written < len(data):
+                    written += os.write(fd, data[written:])
+                os.fsync(fd)
+            except OSError as err:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, end)
+                previous = complete_checkpoints(self.path.parent)
+                kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no checkpoint exists yet"
+                raise MetricsError(f"could not append step {row.get('step')}'s row to {self.path} "
+                                   f"({err.strerror or err}); the file keeps its whole rows and {kept}. Free space "
+                                   "on train.out_dir, then rerun the same command to resume") from err
+        finally:
+            os.close(fd)
 
     def supersede_after(self, step: int) -> None:
         """Move the lines logged after `step` (all of them for -1: a restart from step 0), which this segment logs
-        again, to the superseded file (appended), and a torn line with them; keep the rest in place."""
+        again, to the superseded file (appended), and a torn line with them; keep the rest in place. A write that
+        fails (a full disk) leaves both files as they were, so the next start moves the lines once."""
         if not self.path.is_file():
             return
         kept, moved = [], []
         for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True):
             row = _parsed(line)
             (kept if row is not None and row.get("step", 0) <= step else moved).append(line.rstrip("\n") + "\n")
-        if moved:
-            _write(self.superseded, moved, "a")
-        _write(self.path.with_suffix(".tmp"), kept, "w")
-        os.replace(self.path.with_suffix(".tmp"), self.path)
+        tmp, end = self.path.with_suffix(".tmp"), self.superseded.stat().st_size if self.superseded.is_file() else None
+        try:
+            if moved:
+                _write(self.superseded, moved, "a")
+            _write(tmp, kept, "w")
+            os.replace(tmp, self.path)
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # the rows appended so far go: the next start appends them again
+                if end is None:
+                    self.superseded.unlink(missing_ok=True)
+                else:
+                    os.truncate(self.superseded, end)
+            raise MetricsError(f"could not move the rows this run logs again from {self.path} to {self.superseded} "
+                               f"({err.strerror or err}); both files are as they were. Free space on train.out_dir, "
+                               "then rerun the same command") from err
 
 
 def _parsed(line: str) -> dict[str, Any] | None:

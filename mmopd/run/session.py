@@ -115,6 +115,7 @@ class Session:
                 check_cross_tokenizer_run(c, for_eval)
         self.space = self.adapter.token_space(self.student_processor, self.policy)  # checks the response length
         self.eval_privileged = 0  # eval records with a teacher-only prompt (counted with the prompts' check)
+        self._train_set: str | None = None  # the training records' digest (train_set), once asked
         for data in (self.train_data, self.eval_data):
             if data is not None:
                 self._drop_unusable_prompts(data)
@@ -231,6 +232,13 @@ class Session:
         return evaluate_policy(self.side(model, processor), records, self.config.rollout.max_new_tokens,
                                self.config.train.eval_batch_size, self.device,
                                desc=desc, progress=progress)
+
+    def train_set(self) -> str:
+        """Which records training reads, as a digest of the set's size and a spread sample of its rows (checkpoints
+        name it, so that a resume on a replaced data.train is caught); computed once."""
+        if self._train_set is None:
+            self._train_set = self.train_data.records.sample_fingerprint()
+        return self._train_set
 
     def eval_set(self) -> str:
         """Which records `evaluate` scores (data.eval's first data.eval_limit), as a digest of their rows."""

@@ -29,7 +29,7 @@ from mmopd.models.lora import load_lora_weights
 from mmopd.models.sharding import Parallel, decoder_layers, parallel, parameter_bytes, shard
 from mmopd.run.objectives import Models, Plan, Timer, check_engine, objective_step, teacher_sample_entropy
 from mmopd.run.report import MetricsLog, Progress, add_final_eval, eval_row, finish
-from mmopd.run.rundir import Run, apply_resume_changes, open_run, record_segment
+from mmopd.run.rundir import Run, RunDirError, apply_resume_changes, open_run, record_segment
 from mmopd.run.schedule import warmup_cosine
 from mmopd.run.session import Session
 from mmopd.step.health import HealthMonitor
@@ -118,7 +118,7 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any],
         check_global_batch(run.state.get("global_batch"), per_step, accelerator.num_processes, t.batch_size,
                            t.grad_accum, resume_from)
     live = t.progress and sys.stderr.isatty()  # off a terminal, plain log lines instead of a redrawn bar
-    session = _load_student(c, accelerator, resume_from)
+    session = _load_student(c, accelerator, run)
     params = [p for p in session.policy.parameters() if p.requires_grad]
     adamw = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)  # sharded params: sharded state
     # the scheduler stays unprepared: accelerate would step it once per process, but ours counts optimizer steps
@@ -157,7 +157,7 @@ def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any],
             state["step"] = done
             par.save(run.out, done, session.student_processor, trainer_state(
                 done, scheduler, state["baseline"], state["skipped_steps"], c.to_dict(), run.run_id, per_step,
-                health.state()), t.keep_last, run.run_id)
+                health.state(), session.train_set()), t.keep_last, run.run_id)
         if stopping:
             log.warning("%s: saved checkpoint step-%d and stopped; rerun the same command to resume", stop_name, done)
             break
@@ -212,13 +212,33 @@ def _health_monitor(c: Config, session: Session, models: Models, plan: Plan, par
     return health
 
 
-def _load_student(c: Config, accelerator: Accelerator, resume_from: Path | None) -> Session:
+def _check_train_set(session: Session, run: Run, c: Config) -> None:
+    """On resume, the training records' digest against the one the checkpoint names: a data.train replaced
+    at the same path (other rows, more or fewer) would go on with other records and another step order without a
+    word. Refused unless train.resume_changes lists data.train (then a warning); a checkpoint that names no set (an
+    earlier mmopd's) is not checked."""
+    digest = session.train_set()
+    saved = (run.state or {}).get("train_set")
+    if run.resume_from is None or not saved or saved == digest:
+        return
+    message = (f"data.train={c.data.train} holds other records than {run.resume_from.name} was trained on ({saved} "
+               f"-> {digest}): the file was replaced or edited since")
+    if "data.train" in c.train.resume_changes:
+        log.warning("%s; going on with these records, as train.resume_changes lists data.train", message)
+        return
+    raise RunDirError(f"{message}. Restore it, start a new run in another train.out_dir, or go on with these records "
+                      "with 'train.resume_changes=[data.train]'")
+
+
+def _load_student(c: Config, accelerator: Accelerator, run: Run) -> Session:
     """The session with the student ready to train: from the checkpoint it resumes (a LoRA student's adapters on
-    the original student), activation-checkpointed if asked, made trainable, and sharded with the teacher if
-    asked."""
+    the original student; its training records checked to be the checkpoint's), activation-checkpointed if asked,
+    made trainable, and sharded with the teacher if asked."""
+    resume_from = run.resume_from
     lora_resume = resume_from is not None and c.student.trainable == "lora"
     session = Session(c, student_override=resume_from / "model" if resume_from and not lora_resume else None,
                       accelerator=accelerator)
+    _check_train_set(session, run, c)
     if c.student.gradient_checkpointing:
         session.policy.gradient_checkpointing_enable()
         layers = decoder_layers(session.policy)

@@ -258,6 +258,12 @@ class VLMAdapter(ModalityAdapter):
         state = {"images": images, "engine_ids": engine_ids}
         return PromptBatch(enc["input_ids"], enc["attention_mask"], extras, state)  # [B, P], [B, P]
 
+    def measure_prompts(self, records: list[dict], processor: Any) -> list[int | str | None]:
+        """Each prompt's length as the student reads it, its pictures expanded to their image tokens: encoded as a
+        step encodes it (the processor alone knows a picture's token count), one record at a time, so a prompt
+        longer than the context is refused before step 1 rather than trained past it."""
+        return [int(self.encode_prompts([r], processor).attention_mask.sum()) for r in records]
+
     def encode_answers(self, records: list[dict], processor: Any) -> list[list[int]]:
         tok, end = tokenizer_of(processor), self.eos_token_ids(processor)[0]
         return [tok(r["answer"], add_special_tokens=False)["input_ids"] + [end] for r in records]

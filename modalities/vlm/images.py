@@ -12,6 +12,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mmopd.data.records import RecordError
@@ -133,7 +134,7 @@ def png_rows_missing(raw: bytes, chunk: int = 1 << 20) -> int:
 
 
 def load_rgb(picture: Picture) -> Image.Image:
-    """The picture as 3-channel RGB (grayscale, palette, RGBA and CMYK are converted)."""
+    """The picture as 3-channel RGB (grayscale, 16-bit grayscale, palette, RGBA and CMYK are converted)."""
     if isinstance(picture, Image.Image):
         return _rgb(picture)
     with _open(picture) as image:
@@ -141,6 +142,11 @@ def load_rgb(picture: Picture) -> Image.Image:
 
 
 def _rgb(image: Image.Image) -> Image.Image:
+    if image.mode.startswith("I"):  # 16-bit grayscale: I;16 (I;16B, ...), or I as older Pillow opens a 16-bit PNG
+        # Pillow's conversion clips every value above 255, so a 16-bit picture would read as nearly all white:
+        # scale 16 bits to 8 instead (I is read as 16-bit too, the range of the 16-bit files it comes from)
+        values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8  # [H, W]
+        return Image.fromarray(values.astype(np.uint8)).convert("RGB")
     if image.mode == "RGBA" or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -173,6 +173,40 @@ def _non_utf8(case: Case) -> str:
     return path
 
 
+def _parquet_without_rows(case: Case) -> str:
+    """A parquet file with a schema and no rows (`datasets` fails on it inside its builder)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    path = case.tmp / "empty.parquet"
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), path)
+    return str(path)
+
+
+def _unparseable_csv(case: Case) -> str:
+    path = case.tmp / "bad.csv"
+    path.write_text('prompt,answer\n"1+2=,3\n')  # a quote that never closes
+    return str(path)
+
+
+def _one_split_folder(case: Case) -> str:
+    """A save_to_disk folder of one Dataset (no splits)."""
+    import datasets
+    path = case.tmp / "one_split"
+    datasets.Dataset.from_list([json.loads(line) for line in case.tiny["train"].read_text().splitlines()
+                                if line.strip()]).save_to_disk(str(path))
+    return str(path)
+
+
+def _vlm_long_prompt(case: Case) -> str:
+    """The VLM shapes data with its second record's prompt repeated past the tiny models' context."""
+    rows = [json.loads(line) for line in case.vlm["train"].read_text().splitlines()]
+    rows = [{**r, "images": [str(case.vlm["train"].parent / p) for p in r["images"]]} for r in rows]
+    rows[1]["prompt"] = " ".join([rows[1]["prompt"]] * 400)
+    path = case.tmp / "vlm_long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return case.config(base=_vlm_base(case.vlm, path, case.run))
+
+
 def _written_with_the_stored_order(case: Case) -> None:
     """The finished run as earlier mmopd wrote it: checkpoints that name no step order (torch.randperm's)."""
     case.reuse()
@@ -218,6 +252,19 @@ CASES: dict[str, tuple[Callable[[Case], list[str]], int, str]] = {
                             r"data\.train: .* is a folder but not one written by datasets' save_to_disk"),
     "data_not_utf8": (lambda c: ["train", c.config({"data.train": str(_non_utf8(c))})], 2,
                       r"latin1\.jsonl:2: not valid UTF-8"),
+    "data_parquet_without_rows": (lambda c: ["train", c.config({"data.train": _parquet_without_rows(c)})], 2,
+                                  r"data\.train: .*empty\.parquet holds no usable records \(a parquet file with a "
+                                  r"schema and no rows\)"),
+    "data_csv_datasets_cannot_parse": (lambda c: ["train", c.config({"data.train": _unparseable_csv(c)})], 2,
+                                       r"data\.train: .*bad\.csv cannot be read as a csv file \(ParserError: .*EOF"),
+    "eval_split_of_a_jsonl_file": (lambda c: ["train", c.config({"data.eval": str(c.tiny["train"]),
+                                                                 "data.eval_split": "validation"})], 2,
+                                   r"data\.eval: .*train\.jsonl is one set with no splits, so it has no split "
+                                   r"'validation'.*data\.eval_split"),
+    "train_split_of_a_save_to_disk_dataset": (lambda c: ["train", c.config({"data.train": _one_split_folder(c),
+                                                                            "data.split": "test"})], 2,
+                                              r"data\.train: .*one_split is one set with no splits, so it has no "
+                                              r"split 'test'.*data\.split"),
     "judge_missing": (lambda c: ["train", c.image_config({"data.judge": str(c.tmp / "no-judge")})], 2,
                       r"data\.judge=.*no-judge holds no judge\.json"),
     "judge_is_a_model": (lambda c: ["train", c.image_config({"data.judge": str(c.image["student"])})], 2,
@@ -239,6 +286,9 @@ CASES: dict[str, tuple[Callable[[Case], list[str]], int, str]] = {
     "vlm_png_with_four_rows_of_data": (lambda c: ["train", c.vlm_config(_png_with_four_rows)], 2,
                                        r"vlm\.jsonl:1: bad record: image .*picture\.png is 9000x9000, but its data "
                                        r"stops [\d,]+ bytes short \(a truncated PNG"),
+    "vlm_prompt_longer_than_the_context": (lambda c: ["train", _vlm_long_prompt(c)], 2,
+                                           r"vlm_long\.jsonl:2: the prompt is \d+ tokens, and with "
+                                           r"rollout\.max_new_tokens=3 it exceeds the models' context of \d+ tokens"),
     "eval_record_without_an_answer": (lambda c: ["train", c.config({"data.eval": _eval_with_an_unanswered_record(c)})],
                                       2, r"unanswered\.jsonl:2: bad record: no 'answer' to score the response "
                                          r"against; every data\.eval record needs one"),
@@ -417,6 +467,66 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_says_so(tiny_text,
     assert not (case.run / ".lock").exists()
 
 
+
+def test_a_full_disk_during_the_weight_write_keeps_the_previous_checkpoint_and_every_metrics_line(
+        tiny_text, tmp_path, capsys, monkeypatch):
+    import transformers.modeling_utils as modeling_utils
+    case = Case(tmp_path, tiny_text, tmp_path)
+    real = modeling_utils.safe_save_file
+
+    def full_disk(tensors, filename, *args, **kwargs):
+        if "step-2" in str(filename):
+            Path(filename).write_bytes(b"\0" * 64)  # a part written, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_utils, "safe_save_file", full_disk)
+    assert main(["train", case.config()]) == 1
+    err = capsys.readouterr().err
+    message = [line for line in err.splitlines() if line.startswith("mmopd: stopped:")]
+    assert "Traceback" not in err and len(message) == 1 and "No space left on device" in message[0]
+    assert f"the previous checkpoint {case.run / 'checkpoints' / 'step-1'} is intact" in message[0]
+    assert [p.name for p in checkpoint.complete_checkpoints(case.run)] == ["step-1"]
+    assert sorted(p.name for p in (case.run / "checkpoints").iterdir()) == ["step-1"]
+    assert [r["step"] for r in _rows(case.run)] == [1, 2]  # step 2's row was logged before its checkpoint
+    assert not (case.run / ".lock").exists()
+
+
+@pytest.mark.parametrize("fault", ["half_a_line_written", "fsync"])
+def test_a_full_disk_during_a_metrics_append_tears_no_line_and_the_rerun_loses_none(fault, tiny_text, tmp_path,
+                                                                                   capsys, monkeypatch):
+    """The disk fills in the middle of step 2's row (half of it reaches the file), or at its fsync (the line is
+    written, but not safely): either way the file keeps whole lines only, and the rerun logs step 2 once."""
+    case = Case(tmp_path, tiny_text, tmp_path)
+    metrics = case.run / "metrics.jsonl"
+    real = {"write": os.write, "fsync": os.fsync}
+    name = "write" if fault == "half_a_line_written" else "fsync"
+
+    def step_2s_row(fd: int, data: tuple) -> bool:  # the data written, or for fsync the file as written so far
+        return os.path.realpath(f"/proc/self/fd/{fd}") == str(metrics.resolve()) and \
+            b'"step": 2,' in (bytes(data[0]) if data else metrics.read_bytes())
+
+    def full_disk(fd, *data):
+        if step_2s_row(fd, data):
+            if data:
+                real["write"](fd, bytes(data[0])[: len(data[0]) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real[name](fd, *data)
+
+    monkeypatch.setattr(os, name, full_disk)
+    assert main(["train", case.config()]) == 1
+    err = capsys.readouterr().err
+    message = [line for line in err.splitlines() if line.startswith("mmopd: stopped:")]
+    assert "Traceback" not in err and len(message) == 1, err
+    assert "metrics.jsonl" in message[0] and "No space left on device" in message[0]
+    assert f"the previous checkpoint {case.run / 'checkpoints' / 'step-1'} is intact" in message[0]
+    lines = metrics.read_text().splitlines()
+    assert all(json.loads(line) for line in lines) and [r["step"] for r in _rows(case.run)] == [1]
+    assert not (case.run / ".lock").exists()
+    monkeypatch.setattr(os, name, real[name])
+    assert main(["train", case.config()]) == 0  # the rerun resumes from step-1 and logs step 2
+    assert [r["step"] for r in _rows(case.run)] == [1, 2]
+
 def test_skip_bad_skips_a_non_utf8_line_with_its_place(tiny_text, tmp_path, caplog):
     case = Case(tmp_path, tiny_text, tmp_path)
     assert main(["train", case.config({"data.train": str(_non_utf8(case)), "data.skip_bad": True,
@@ -475,3 +585,54 @@ def test_a_torn_summary_is_written_again_whole_not_a_traceback(tiny_text, finish
     assert main(["train", case.config()]) == 0
     assert "Traceback" not in capsys.readouterr().err and "summary.json is unreadable" in caplog.text
     assert json.loads((case.run / "summary.json").read_text())["steps"] == 2
+
+
+def test_a_training_file_replaced_before_the_resume_is_refused_unless_listed(tiny_text, tmp_path, capsys, caplog):
+    """Same path, other rows: the resumed steps would read records the run never started on, and the step order
+    (a permutation of the set's size) would shift, without a word. The checkpoint names the set it trained on."""
+    case = Case(tmp_path, tiny_text, tmp_path)
+    data = tmp_path / "train.jsonl"
+    rows = tiny_text["train"].read_text().splitlines()
+    data.write_text("\n".join(rows) + "\n")
+    assert main(["train", case.config({"data.train": str(data), "train.steps": 1})]) == 0
+    data.write_text("\n".join(reversed(rows)) + "\n")  # replaced by other rows (here, the same ones reordered)
+    before = _snapshot(case.run)
+    assert main(["train", case.config({"data.train": str(data), "train.steps": 2})]) == 2
+    err = capsys.readouterr().err
+    message = [line for line in err.splitlines() if line.startswith("mmopd: error:")]
+    assert "Traceback" not in err and len(message) == 1, err
+    assert re.search(r"data\.train=.*train\.jsonl holds other records than step-1 was trained on \(sha256:\w+ -> "
+                     r"sha256:\w+\).*train\.resume_changes=\[data\.train\]", message[0]), message[0]
+    assert _snapshot(case.run) == before
+    assert main(["train", case.config({"data.train": str(data), "train.steps": 2,
+                                       "train.resume_changes": ["data.train"]})]) == 0
+    assert "holds other records than step-1 was trained on" in caplog.text
+    assert [r["step"] for r in _rows(case.run)] == [1, 2]
+
+
+def test_a_full_disk_while_a_rerun_moves_rows_aside_keeps_both_files_whole(tiny_text, finished_run, tmp_path,
+                                                                           capsys, monkeypatch):
+    """The rerun of a run whose step-2 checkpoint never finished moves step 2's rows to metrics.superseded.jsonl;
+    the disk fills at that append's fsync: neither file is changed, and the next rerun moves the rows once."""
+    case = Case(tmp_path, tiny_text, finished_run)
+    case.reuse()
+    (case.run / "checkpoints" / "step-2").rename(case.run / "checkpoints" / ".tmp-step-2-999")
+    earlier = (case.run / "metrics.jsonl").read_text()
+    superseded, real = case.run / "metrics.superseded.jsonl", os.fsync
+
+    def full_disk(fd):
+        if os.path.realpath(f"/proc/self/fd/{fd}") == str(superseded.resolve()):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    assert main(["train", case.config()]) == 1
+    err = capsys.readouterr().err
+    message = [line for line in err.splitlines() if line.startswith("mmopd: stopped:")]
+    assert "Traceback" not in err and len(message) == 1 and "No space left on device" in message[0], err
+    assert (case.run / "metrics.jsonl").read_text() == earlier and not superseded.exists()
+    assert not (case.run / "metrics.tmp").exists() and not (case.run / ".lock").exists()
+    monkeypatch.setattr(os, "fsync", real)
+    assert main(["train", case.config()]) == 0
+    assert [r["step"] for r in _rows(case.run)] == [1, 2]
+    assert [json.loads(line)["step"] for line in superseded.read_text().splitlines()] == [2]

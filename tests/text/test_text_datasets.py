@@ -198,3 +198,54 @@ def test_messages_without_an_assistant_turn_are_refused_where_an_answer_is_neede
     with pytest.raises(DataError, match=r"prompts row 0: objective sft needs an 'answer' in every record \(a "
                                         r"conversational record: a last assistant turn\)"):
         Session(text_config(**overrides, **{"objective.kind": "sft"}))
+
+
+@pytest.mark.parametrize("row", [
+    {"prompt": [{"role": "user", "content": "2+2="}, {"role": "assistant", "content": "4"}]},
+    {"prompt": [{"role": "user", "content": "2+2="}, {"role": "assistant", "content": "4"}],
+     "completion": [{"role": "assistant", "content": "4"}]},
+    {"messages": [{"role": "user", "content": "2+2="}, {"role": "assistant", "content": "4"},
+                  {"role": "assistant", "content": "4"}]},
+], ids=["prompt", "prompt_and_completion", "messages_with_two_last_assistant_turns"])
+def test_a_prompt_ending_with_the_assistants_turn_is_refused_naming_the_line(row, tmp_path):
+    """The answer would be in the prompt the student and teacher read (and on_policy would never see it as one)."""
+    good = {"prompt": [{"role": "user", "content": "1+2="}], "completion": [{"role": "assistant", "content": "3"}]}
+    (tmp_path / "answered.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=r"answered\.jsonl:2: bad record: 'prompt' ends with an assistant turn, so "
+                                        r"the answer would be in the prompt"):
+        load_records(tmp_path / "answered.jsonl", get_adapter("text").check_record, role="data.train")
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("bad.csv", b'prompt,answer\n"1+2=,3\n', r"bad\.csv cannot be read as a csv file \(ParserError: .*EOF"),
+    ("header.csv", b"prompt,answer\n", r"header\.csv holds no usable records"),
+    ("bad.json", b'{"prompt": "1+2=",\n', r"bad\.json cannot be read as a json file \(\w+: "),
+    ("empty.json", b"", r"empty\.json holds no usable records \(an empty file\)"),
+    ("schema.parquet", None, r"schema\.parquet holds no usable records \(a parquet file with a schema and no rows\)"),
+])
+def test_a_file_datasets_cannot_read_is_one_line_naming_it_and_the_cause(name, content, expected, tmp_path):
+    """`datasets` fails inside its builder (DatasetGenerationError, or a bare StopIteration for an empty JSON file);
+    the error names the file and the reader's own cause, never 'An error occurred while generating the dataset'."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    if content is None:
+        pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), tmp_path / name)
+    else:
+        (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=rf"data\.train: .*{expected}") as caught:
+        load_records(tmp_path / name, get_adapter("text").check_record, role="data.train")
+    assert "\n" not in str(caught.value) and "An error occurred" not in str(caught.value)
+
+
+@pytest.mark.parametrize("damage", ["truncated_arrow", "torn_state_json"])
+def test_a_torn_save_to_disk_folder_is_one_line_naming_it(damage, tmp_path):
+    folder = tmp_path / "set"
+    datasets.Dataset.from_list([{"prompt": "1+2=", "answer": "3"}] * 50).save_to_disk(str(folder))
+    if damage == "truncated_arrow":
+        arrow = next(folder.glob("*.arrow"))
+        arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
+    else:
+        (folder / "state.json").write_text("{")
+    with pytest.raises(DataError, match=r"data\.train: .*set is a save_to_disk folder that cannot be read \(\w+: .*\); "
+                                        r"write it again with save_to_disk"):
+        load_records(folder, get_adapter("text").check_record, role="data.train")

@@ -39,6 +39,19 @@ def test_grayscale_rgba_and_palette_images_load_as_rgb(tmp_path):
     assert paletted.getpixel((2, 2)) == (10, 200, 30)
 
 
+@pytest.mark.parametrize("mode", ["I;16", "I"])
+def test_a_16_bit_grayscale_png_keeps_its_values_scaled_to_8_bits(mode, tmp_path):
+    """Pillow's RGB conversion of a 16-bit picture clips every value above 255 to white; the values are scaled
+    instead (v >> 8: 16-bit 0, 4369, ..., 65535 become 0, 17, ..., 255). A PNG opens as I;16 (or I in older Pillow)."""
+    import numpy as np
+    values = (np.arange(16, dtype=np.uint16) * 4369).reshape(4, 4)  # 0 .. 65535
+    Image.fromarray(values).save(tmp_path / "gray16.png")
+    opened = Image.open(tmp_path / "gray16.png")
+    picture = opened if mode == "I;16" else opened.convert("I")
+    assert picture.mode == mode
+    got = np.asarray(load_rgb(picture if mode == "I" else tmp_path / "gray16.png"))
+    assert got.shape == (4, 4, 3) and (got == (values >> 8)[..., None]).all()
+
 @pytest.mark.parametrize("bad, expected", [("missing", "image not found"), ("corrupt", "cannot read image"),
                                            ("empty", "0 bytes")])
 def test_a_bad_image_is_an_error_naming_the_file_and_the_line(bad, expected, tmp_path):
