@@ -10,7 +10,7 @@ from pathlib import Path
 
 EXPERIMENTS = ("compute_matched", "compute_matched_vlm", "compute_matched_image", "estimator", "estimator_tail",
                "sampled_estimator", "self_distill", "published_regime", "mode_seeking", "forgetting", "cfg_distill",
-               "moe_routing", "sparse_teacher", "privileged_teacher")
+               "moe_routing", "sparse_teacher", "privileged_teacher", "task_rewards")
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -11,7 +11,7 @@ import yaml
 
 from experiments import (cfg_distill, compute_matched, estimator, estimator_tail, forgetting, mode_seeking,
                          moe_routing, privileged_teacher, published_regime, sampled_estimator, self_distill,
-                         sparse_teacher)
+                         sparse_teacher, task_rewards)
 from experiments.text_task import step_flops
 
 
@@ -129,6 +129,21 @@ def test_privileged_teacher_compares_opsd_with_plain_self_distillation_whose_gra
     assert result["methods"]["privileged"]["max_grad_norm"][0] > 0
     assert (out / "results_privileged_teacher.png").stat().st_size > 0
     assert (out / "privileged_teacher.md").read_text().count("\n| ") == 2
+
+
+def test_task_rewards_compares_opd_opd_with_the_reward_and_the_reward_alone_on_and_off_the_wrong_subset(out):
+    result = task_rewards.run(out, "tiny", None)
+    assert set(result["arms"]) == set(task_rewards.ARMS) and set(result["accuracy"]) == {"student", "right", "wrong"}
+    for arm, r in result["arms"].items():
+        assert all(0 <= x <= 1 for split in task_rewards.SPLITS for x in r[f"{split}_final"])
+        rewards = r["train_reward_last_quarter"]  # logged only where the reward is on
+        assert (rewards[0] is None) == (r["method"] == "opd") and r["train_seconds"][0] > 0
+        curve = result["curves"][arm][0]
+        assert curve["steps"] == [0, 1, 2] and len(curve["subset"]) == len(curve["rest"]) == 3
+    assert task_rewards.mislabel({"prompt": "10+17=", "answer": "07;02;#27"})["answer"] == "07;02;#28"
+    assert task_rewards.mislabel({"prompt": "10+18=", "answer": "08;02;#28"})["answer"] == "08;02;#28"
+    assert (out / "results_task_rewards.png").stat().st_size > 0
+    assert (out / "task_rewards.md").read_text().count("\n| ") == 3 + len(task_rewards.ARMS)  # start, teachers, arms
 
 
 def test_moe_routing_tracks_the_moe_students_routing_from_its_start(out):
