@@ -191,7 +191,8 @@ def report(out: Path, rows: list[dict], root: Path | None, prompt_tokens: float,
     for m in methods:
         cells = [_cell([r[key] for r in by_method[m]]) for _, key in COLUMNS]
         flops = [f for run in out.glob(f"{m}-s*") if (f := run_flops(run, prompt_tokens, batch)) is not None]
-        cells.append(f"{_cell([f / 1e15 for f in flops])} ({len(flops)} runs)" if flops else "–")
+        runs = f"{len(flops)} run{'s' if len(flops) > 1 else ''}"
+        cells.append(f"{_cell([f / 1e15 for f in flops])} ({runs})" if flops else "–")
         first = by_method[m][0]["samples"][0].replace("\n", "⏎").replace("|", "\\|")
         lines.append(f"| {m} | {len(by_method[m])} | " + " | ".join(cells)
                      + f" | {_warned(by_method[m])} | `{first[:60]}` |")

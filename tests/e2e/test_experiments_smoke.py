@@ -280,3 +280,30 @@ def test_difference_is_zero_between_a_model_and_itself_and_counts_only_response_
     assert same == {"reverse_kl": 0.0, "forward_kl": 0.0, "argmax_differs": 0.0}
     other = sparse_teacher.difference(a, b, Tokenizer(), prompts, responses)
     assert other["reverse_kl"] > 0 and other["forward_kl"] > 0
+
+
+def test_gemma_recovery_report_gives_each_method_its_seeds_flops_and_warnings(tmp_path):
+    """The real-model experiment's table (its runs take an hour, so only the report runs here): mean ± sd over a
+    method's seeds, the training FLOPs of the runs kept in --out (2·N a token forward, 4·N backward, the rollout on
+    on-policy steps), and how many runs that recorded their warnings warned ("–" for rows from before they were)."""
+    from experiments import gemma_recovery
+    from mmopd.config import load_config, save_config
+
+    stage = tmp_path / "opd-s1" / "stage0"
+    stage.mkdir(parents=True)
+    save_config(load_config(None, {"student.path": "s", "teacher.path": "t", "data.train": "d",
+                                   "rollout.max_new_tokens": 24}), stage / "config.yaml")
+    steps = [{"step": s, "loss": 1.0, "on_policy": 1.0, "response_tokens": 96.0, "health/token_entropy": 4.0 - s}
+             for s in (1, 2)]
+    (stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
+    measured = {"reverse_kl": 1.0, "forward_kl": 20.0, "health/token_entropy": 1.5, "health/repeat_share": 0.2,
+                "task_accuracy": 0.0, "samples": ["12|34\n5"]}
+    rows = [{"method": "opd", "seed": 0, **measured},
+            {"method": "opd", "seed": 1, **measured, "reverse_kl": 3.0, "health_warnings": [{"kind": "low_entropy"}]}]
+    gemma_recovery.report(tmp_path, rows, None, prompt_tokens=10.0, batch=4)
+    row = (tmp_path / "gemma_recovery.md").read_text().splitlines()[2]
+    tokens = 4 * 10 + 96  # prompts and responses of a step
+    per_step = (2 + 4 + 2) * gemma_recovery.PARAMS["student"] * tokens + 2 * gemma_recovery.PARAMS["teacher"] * tokens
+    assert row.startswith("| opd | 2 | 2.000 ± 1.414 | 20.000 ± 0.000 |")
+    assert f"| {2 * per_step / 1e15:.3f} (1 run) | 1 of 1 | `12\\|34⏎5` |" in row
+    assert (tmp_path / "results_gemma_recovery.png").stat().st_size > 0
