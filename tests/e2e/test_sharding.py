@@ -92,19 +92,21 @@ def test_two_process_fsdp_run_matches_one_unsharded_process_at_the_same_global_b
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def _node(rank: int, port: int, config: Path, log: Path) -> subprocess.Popen:
+def _node(rank: int, port: int, config: Path, log: Path, overrides: list[str]) -> subprocess.Popen:
     """One of two simulated machines: a torchrun launcher of one process, meeting the other at a c10d rendezvous on
     127.0.0.1 (`--node_rank` is only a hint there: ranks go by arrival). A session of its own, as a machine is."""
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     return subprocess.Popen([torchrun, "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
                              "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "-m", "mmopd.cli",
-                             "train", str(config)], cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            env=ENV, start_new_session=True)
+                             "train", str(config), *overrides], cwd=ROOT, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
 
 
-def _two_nodes(config: Path, logs: Path) -> list[subprocess.Popen]:
+def _two_nodes(config: Path, logs: Path, second: list[str] | None = None) -> list[subprocess.Popen]:
+    """Both machines of a run, the second with its own `second` overrides."""
     port = int(_port()[1])
-    return [_node(rank, port, config, logs / f"node{rank}.log") for rank in (0, 1)]
+    return [_node(rank, port, config, logs / f"node{rank}.log", overrides)
+            for rank, overrides in ((0, []), (1, second or []))]
 
 
 def _machine_dies(node: subprocess.Popen) -> None:
@@ -165,6 +167,26 @@ def test_two_nodes_train_sharded_survive_a_killed_node_and_resume_to_the_one_nod
     assert [(r["loss"], r["grad_norm"]) for r in got] == [(r["loss"], r["grad_norm"]) for r in want]
     want, got = (load_file(str(run / "checkpoints/step-6/model/model.safetensors")) for run in (tmp_path / "reference", out))
     assert want.keys() == got.keys() and all(torch.equal(got[name], want[name]) for name in want)
+
+
+@pytest.mark.slow
+def test_machines_launched_with_other_settings_are_refused_on_every_one_in_one_line(text_config, tmp_path):
+    path = _write(text_config(**SHARDED, **{"train.out_dir": str(tmp_path / "run")}), tmp_path / "c.yaml")
+    nodes = _two_nodes(path, tmp_path, second=["train.lr=0.001"])
+    try:
+        codes = [node.wait(timeout=300) for node in nodes]
+    finally:
+        for node in nodes:
+            _machine_dies(node)
+            node.wait()
+    for i, code in enumerate(codes):
+        log = (tmp_path / f"node{i}.log").read_text()
+        said = [line for line in log.splitlines() if line.startswith("mmopd: ")]
+        assert code != 0 and "[rank" not in log and len(said) == 1, log[-3000:]  # no worker's traceback
+        assert re.match(r"mmopd: error: rank 1 \(host .*\) was launched with other settings than rank 0 \(host .*\): "
+                        r"train.lr (0.0001 on rank 0, 0.001 here|0.001 on rank 0, 0.0001 here)\. Launch every node "
+                        "with the same config file, overrides and environment$", said[0]), said[0]
+    assert os.listdir(tmp_path / "run") == []  # rank 0 let go of the directory it locked
 
 
 @pytest.mark.slow
