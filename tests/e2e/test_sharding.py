@@ -165,7 +165,8 @@ def test_two_nodes_train_sharded_survive_a_killed_node_and_resume_to_the_one_nod
     want, got = _train_rows(tmp_path / "reference"), _train_rows(out)
     assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2, 3, 4, 5, 6]
     assert [(r["loss"], r["grad_norm"]) for r in got] == [(r["loss"], r["grad_norm"]) for r in want]
-    want, got = (load_file(str(run / "checkpoints/step-6/model/model.safetensors")) for run in (tmp_path / "reference", out))
+    want, got = (load_file(str(run / "checkpoints/step-6/model/model.safetensors"))
+                 for run in (tmp_path / "reference", out))
     assert want.keys() == got.keys() and all(torch.equal(got[name], want[name]) for name in want)
 
 

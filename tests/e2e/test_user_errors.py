@@ -321,7 +321,8 @@ CASES: dict[str, tuple[Callable[[Case], list[str]], int, str]] = {
     "resume_on_fewer_processes_at_the_same_batch_size": (  # a machine of two is gone: one process goes on
         lambda c: (_written_by_two_processes(c), ["train", c.config({"train.steps": 3})])[1], 2,
         r"global batch of 4 records a step, and this run's is 2 \(train\.batch_size 2 × train\.grad_accum 1 × 1 "
-        r"process\); a resumed run keeps the global batch: on 1 process, set train\.batch_size × train\.grad_accum to 4"),
+        r"process\); a resumed run keeps the global batch: on 1 process, set train\.batch_size × "
+        r"train\.grad_accum to 4"),
     "resume_a_checkpoint_of_the_stored_step_order": (
         lambda c: (_written_with_the_stored_order(c), ["train", c.config({"train.steps": 3})])[1], 2,
         r"step-2 was written with the stored torch\.randperm step order of earlier mmopd, .* cannot resume exactly"),
@@ -334,7 +335,8 @@ CASES: dict[str, tuple[Callable[[Case], list[str]], int, str]] = {
     "new_run_in_a_used_directory": (lambda c: (c.reuse(), ["train", c.config({"train.resume": "never"})])[1], 2,
                                     r"already holds a run.*train\.existing=move_aside"),
     "directory_in_use_on_another_machine": (  # its pid cannot be checked from here: never taken over
-        lambda c: (c.reuse(), (c.run / ".lock").write_text("4242 gpu-node-7\n"), ["train", c.config({"train.steps": 3})])[2],
+        lambda c: (c.reuse(), (c.run / ".lock").write_text("4242 gpu-node-7\n"),
+                   ["train", c.config({"train.steps": 3})])[2],
         2, r"in use by another run \(pid 4242 on gpu-node-7, .*\); .* if that run is gone \(its machine died\), "
            r"delete .*\.lock"),
     "directory_in_use": (lambda c: (c.reuse(), (c.run / ".lock").write_text(f"{os.getppid()}\n"),
