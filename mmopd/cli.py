@@ -24,6 +24,7 @@ from mmopd.models.checkpoint import CheckpointError
 from mmopd.models.compat import IncompatibleModelsError
 from mmopd.models.pretrained import EXPORT_DTYPES, PACKAGED, ExportError, export_gguf, packaged_gguf
 from mmopd.models.pruning import PruneError, parse_keep, prune_checkpoint
+from mmopd.run.ranks import PeerLost
 from mmopd.run.report import MetricsError
 from mmopd.run.rundir import RunDirError
 from mmopd.run.session import evaluate, resolve_dtype
@@ -34,11 +35,11 @@ from mmopd.step.rewards import RewardError
 TOY_MODALITIES = {"text": "text", "vlm": "vlm", "image": "image_tokens"}
 # exit codes: 2 a user error before training (config, data, models, run directory); 1 a deliberate stop
 # during training (non-finite losses, a checkpoint that could not be written, an inference engine that failed, a
-# reward function that failed);
+# reward function that failed, another process of the run that died or froze);
 # 130 a second Ctrl-C
 USER_ERRORS = (ConfigError, DataError, RecordError, ModelLoadError, IncompatibleModelsError, RunDirError, ExportError,
                PruneError)
-STOPS = (TrainingAborted, CheckpointError, MetricsError, EngineError, RewardError)
+STOPS = (TrainingAborted, CheckpointError, MetricsError, EngineError, RewardError, PeerLost)
 
 
 def _parser() -> argparse.ArgumentParser:

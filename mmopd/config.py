@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import socket
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection
@@ -307,6 +309,12 @@ class ObjectiveConfig:
                               "other")
 
 
+def _this_machine(host: str) -> bool:
+    """Whether a URL's host is this machine by its name: a loopback address, or the machine's own host name."""
+    name = socket.gethostname()
+    return host in ("localhost", "::1", "0.0.0.0", name, name.split(".")[0]) or host.startswith("127.")
+
+
 @dataclass
 class RolloutConfig(EngineSettings):
     max_new_tokens: int = run_key(64)
@@ -324,6 +332,11 @@ class RolloutConfig(EngineSettings):
     def validate(self) -> None:
         self.validate_engine("rollout.")
         self.validate_vllm()
+        host = urllib.parse.urlsplit(self.url).hostname or ""
+        if self.url and not self.sync_dir and not _this_machine(host):
+            raise ConfigError(f"rollout.url={self.url} names another machine, which loads the student's weights at "
+                              "every sync from rollout.sync_dir, by default this machine's /dev/shm: set "
+                              "rollout.sync_dir to a folder that machine reads at the same path (a shared filesystem)")
         _positive("rollout.tis_cap", self.tis_cap, allow_zero=True)
         _unit("rollout.top_p", self.top_p)
         if self.top_p == 0.0:
@@ -357,6 +370,10 @@ class TrainConfig:
     progress: bool = safe_key(True)
     sharding: str = layout_key("none")  # the student: none (data parallel, DDP) | fsdp (sharded over the processes)
     fsdp_cpu_offload: bool = layout_key(False)  # sharding: fsdp: the student's shards, grads and optimizer on the CPU
+    # several processes: how long one waits for the others at a collective (a gradient reduce, a barrier, a
+    # checkpoint's gather) before the run stops; above the longest work one rank does alone (rank 0's eval under DDP,
+    # a checkpoint write)
+    collective_timeout: float = safe_key(1800.0)
     # sample health (mmopd/step/health.py): warn once when the student's samples collapse
     health_min_entropy: float = run_key(0.5)  # nats of the batch's sampled tokens; below it: collapsing (0: off)
     health_max_repeat: float = run_key(0.5)  # share of tokens that repeat an earlier 3-gram of their response (1: off)
@@ -383,6 +400,7 @@ class TrainConfig:
         for name in ("warmup", "save_every", "keep_last", "eval_every", "seed"):
             _positive(f"train.{name}", getattr(self, name), allow_zero=True)
         _positive("train.lr", self.lr)
+        _positive("train.collective_timeout", self.collective_timeout)
         for name in ("weight_decay", "max_grad_norm", "health_min_entropy", "eval_kl_prompts"):
             _positive(f"train.{name}", getattr(self, name), allow_zero=True)
         for name in ("health_max_repeat", "health_max_length"):

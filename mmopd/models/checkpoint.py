@@ -64,11 +64,12 @@ def check_global_batch(saved: int | None, per_step: int, world: int, batch_size:
     it lays them out over processes and micro-batches."""
     if saved is None or saved == per_step:
         return
-    fit = (f"on {world} processes, set train.batch_size × train.grad_accum to {saved // world}" if saved % world == 0
-           else f"{saved} does not split over {world} processes; resume on a number of processes that divides it")
+    processes = f"{world} process{'es' if world > 1 else ''}"
+    fit = (f"on {processes}, set train.batch_size × train.grad_accum to {saved // world}" if saved % world == 0
+           else f"{saved} does not split over {processes}; resume on a number of processes that divides it")
     raise ConfigError(f"{checkpoint} was trained with a global batch of {saved} records a step, and this run's is "
-                      f"{per_step} (train.batch_size {batch_size} × train.grad_accum {grad_accum} × {world} "
-                      f"processes); a resumed run keeps the global batch: {fit}")
+                      f"{per_step} (train.batch_size {batch_size} × train.grad_accum {grad_accum} × {processes}); a "
+                      f"resumed run keeps the global batch: {fit}")
 
 
 class CheckpointError(RuntimeError):

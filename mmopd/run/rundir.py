@@ -1,7 +1,8 @@
 """An output directory a user can trust: one run at a time, no silent mixing of runs, no lost work.
 
 `open_run` is the trainer's first move, before any model loads. It locks `train.out_dir` (`.lock` holds
-the pid; a lock whose process is gone is taken over), cleans up `.tmp-*` checkpoint dirs a killed write
+the pid and the machine's name; a lock whose process is gone is taken over, one of another machine is refused, since
+its pid cannot be checked from here), cleans up `.tmp-*` checkpoint dirs a killed write
 left, and decides where the run starts:
 - `train.resume: auto` continues from the newest *valid* checkpoint (an unusable newer one is named in a
   warning and skipped). The resolved config must be the checkpoint's, except for `SAFE_TO_CHANGE` keys
@@ -19,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -66,21 +68,20 @@ class Run:
             self.locked = False
 
 
-def open_run(config: Config, main: bool = True) -> Run:
-    """Lock the directory (main process), clean temp dirs, and find where this run starts (see module doc)."""
+def open_run(config: Config) -> Run:
+    """Lock the directory, clean temp dirs, and find where this run starts (see module doc). Rank 0 of a run of
+    several processes calls it for all of them (`mmopd.run.ranks.open_shared_run`)."""
     t = config.train
     out = Path(t.out_dir)
     run = Run(out, uuid.uuid4().hex)
-    if main:
-        _lock(out)
-        run.locked = True
+    _lock(out)
+    run.locked = True
     try:
-        if main:
-            for tmp in checkpoint_dir(out).glob(".tmp-*"):
-                log.warning("removing %s, left by a checkpoint write that did not finish", tmp)
-                shutil.rmtree(tmp, ignore_errors=True)
+        for tmp in checkpoint_dir(out).glob(".tmp-*"):
+            log.warning("removing %s, left by a checkpoint write that did not finish", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
         if t.resume == "never":
-            if main and holds_a_run(out):
+            if holds_a_run(out):
                 _make_room(out, t.existing)
             return run
         found = _newest_valid(out)
@@ -225,12 +226,13 @@ def _saved_config(out: Path) -> dict[str, Any] | None:
     return yaml.safe_load(path.read_text())
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A config's dict by dotted key (`train.lr`)."""
     flat = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            flat.update(_flatten(value, name + "."))
+            flat.update(flatten(value, name + "."))
         else:
             flat[name] = value
     return flat
@@ -242,8 +244,8 @@ def _check_same_run(old: dict[str, Any] | None, config: Config,
     (`layout` keys are not run-defining: the trainer checks the global batch they make)."""
     if old is None:
         return {}
-    before = _flatten(config_from_dict(old).to_dict())  # defaults filled in, as the new config has them
-    after = _flatten(config.to_dict())
+    before = flatten(config_from_dict(old).to_dict())  # defaults filled in, as the new config has them
+    after = flatten(config.to_dict())
     changed = {k: (before.get(k), v) for k, v in after.items() if before.get(k) != v}
     accepted = set(config.train.resume_changes)
     fixed = [k for k in changed if k in FIXED]
@@ -270,11 +272,16 @@ def _lock(out: Path) -> None:
         with contextlib.suppress(OSError):
             probe.unlink(missing_ok=True)
     path = out / LOCK
+    here = socket.gethostname()
     for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            holder = _lock_holder(path)
+            holder, host = _lock_holder(path)
+            if holder is not None and host not in (None, here):  # another machine's pid: not ours to check
+                raise RunDirError(f"train.out_dir={out} is in use by another run (pid {holder} on {host}, {path}); "
+                                  f"wait for it to finish or choose another train.out_dir; if that run is gone (its "
+                                  f"machine died), delete {path}") from None
             if holder is not None and holder != os.getpid() and _alive(holder):
                 raise RunDirError(f"train.out_dir={out} is in use by another run (pid {holder}, {path}); wait for it "
                                   "to finish or choose another train.out_dir") from None
@@ -282,16 +289,19 @@ def _lock(out: Path) -> None:
             path.unlink(missing_ok=True)
             continue
         with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()}\n")
+            f.write(f"{os.getpid()} {here}\n")
         return
     raise RunDirError(f"could not lock {path}: another run keeps taking it; choose another train.out_dir")
 
 
-def _lock_holder(path: Path) -> int | None:
+def _lock_holder(path: Path) -> tuple[int | None, str | None]:
+    """The pid in a lock and the machine it runs on (None where the lock names none: an earlier mmopd's, this
+    machine's)."""
     try:
-        return int(path.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
+        pid, *host = path.read_text().split()
+        return int(pid), host[0] if host else None
+    except (OSError, ValueError):
+        return None, None
 
 
 def _alive(pid: int) -> bool:

@@ -15,11 +15,13 @@ import signal
 import sys
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator, DistributedType
+from accelerate.utils import InitProcessGroupKwargs
 
 from mmopd.config import Config, ConfigError, TrainConfig, save_config
 from mmopd.data.step_order import step_indices
@@ -29,7 +31,8 @@ from mmopd.models.lora import load_lora_weights
 from mmopd.models.sharding import Parallel, decoder_layers, parallel, parameter_bytes, shard
 from mmopd.run.objectives import Models, Plan, Timer, check_engine, objective_step, teacher_sample_entropy
 from mmopd.run.report import MetricsLog, Progress, add_final_eval, eval_row, finish
-from mmopd.run.rundir import Run, RunDirError, apply_resume_changes, open_run, record_segment
+from mmopd.run.ranks import check_same_records, open_shared_run, stop_on_lost_peer
+from mmopd.run.rundir import Run, RunDirError, apply_resume_changes, record_segment
 from mmopd.run.schedule import warmup_cosine
 from mmopd.run.session import Session
 from mmopd.step.health import HealthMonitor
@@ -89,25 +92,34 @@ def train(config: Config) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     mixed = "bf16" if cuda and torch.cuda.is_bf16_supported() and c.student.dtype == "auto" else "no"
     accelerator = Accelerator(cpu=not cuda, mixed_precision=mixed, log_with=t.report_to or None,
-                              project_dir=t.out_dir)
+                              project_dir=t.out_dir, kwargs_handlers=[_collective_timeout(t.collective_timeout)])
     check_distributed(accelerator, c)
-    run = open_run(c, accelerator.is_main_process)  # before any model loads: lock, clean up, where to start
-    # every rank listens (a scheduler's SIGTERM reaches them all); they agree on the stop step through the
-    # per-step metrics reduce, so all of them finish that step, wait for the checkpoint and exit together
-    stop: dict[str, Any] = {"signal": None}
-    restore_signals = _listen_for_stop(stop)
-    try:
-        if run.finished is not None:
-            log.warning("%s already did all %d steps; nothing to train (raise train.steps to continue)",
-                        run.out, t.steps)
-            return run.finished
-        with contextlib.ExitStack() as cleanup:  # the engines' weight copies go however the run ends
-            summary = _train(c, accelerator, run, stop, cleanup)
-        accelerator.end_training()  # after the final evaluation, which a sharded model runs on every rank
-        return summary
-    finally:
-        restore_signals()
-        run.close()
+    with stop_on_lost_peer(accelerator, c):  # a process that dies or freezes stops the others in one line
+        run = open_shared_run(c, accelerator)  # before any model loads: lock, clean up, where to start
+        # every rank listens (a scheduler's SIGTERM reaches them all); they agree on the stop step through the
+        # per-step metrics reduce, so all of them finish that step, wait for the checkpoint and exit together
+        stop: dict[str, Any] = {"signal": None}
+        restore_signals = _listen_for_stop(stop)
+        try:
+            if run.finished is not None:
+                log.warning("%s already did all %d steps; nothing to train (raise train.steps to continue)",
+                            run.out, t.steps)
+                return run.finished
+            with contextlib.ExitStack() as cleanup:  # the engines' weight copies go however the run ends
+                summary = _train(c, accelerator, run, stop, cleanup)
+            accelerator.end_training()  # after the final evaluation, which a sharded model runs on every rank
+            return summary
+        finally:
+            restore_signals()
+            run.close()
+
+
+def _collective_timeout(seconds: float) -> InitProcessGroupKwargs:
+    """The process group's bound on every collective wait (`train.collective_timeout`), passed on whatever its value:
+    accelerate's handler would drop one equal to its NCCL default (600 s), and gloo's own default is 1800 s."""
+    handler = InitProcessGroupKwargs(timeout=timedelta(seconds=seconds))
+    handler.to_kwargs = lambda: {"timeout": handler.timeout}
+    return handler
 
 
 def _train(c: Config, accelerator: Accelerator, run: Run, stop: dict[str, Any],
@@ -238,6 +250,7 @@ def _load_student(c: Config, accelerator: Accelerator, run: Run) -> Session:
     lora_resume = resume_from is not None and c.student.trainable == "lora"
     session = Session(c, student_override=resume_from / "model" if resume_from and not lora_resume else None,
                       accelerator=accelerator)
+    check_same_records(accelerator, {"data.train": session.train_set()})
     _check_train_set(session, run, c)
     if c.student.gradient_checkpointing:
         session.policy.gradient_checkpointing_enable()

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import socket
+from datetime import timedelta
+
 import pytest
 
 from mmopd.config import ConfigError, load_config
+from mmopd.run.trainer import _collective_timeout
 
 REQUIRED = {"student.path": "s", "teacher.path": "t", "data.train": "train.jsonl"}
 
@@ -65,3 +69,22 @@ def test_data_fields_is_a_mapping_of_strings_from_yaml_or_dotted_overrides(tmp_p
     assert config.data.fields == {"prompt": "question", "answer": "solution", "images": "image"}
     with pytest.raises(ConfigError, match="data.fields must be a mapping, got 'question'"):
         load_config(None, {"student.path": "s", "teacher.path": "t", "data.train": "t", "data.fields": "question"})
+
+
+def test_a_rollout_server_on_another_machine_needs_a_sync_dir_it_reads():
+    served = {**REQUIRED, "rollout.engine": "vllm"}
+    with pytest.raises(ConfigError, match=r"rollout.url=http://gpu-node:8000 names another machine, .* /dev/shm: set "
+                                          r"rollout.sync_dir to a folder that machine reads at the same path"):
+        load_config(None, {**served, "rollout.url": "http://gpu-node:8000"})
+    assert load_config(None, {**served, "rollout.url": "http://gpu-node:8000", "rollout.sync_dir": "/shared/sync"})
+    for here in ("http://127.0.0.1:8000", "http://localhost:8000", f"http://{socket.gethostname()}:8000"):
+        assert load_config(None, {**served, "rollout.url": here}).rollout.sync_dir == ""  # /dev/shm, read there too
+
+
+@pytest.mark.parametrize("seconds", [600, 5.0, 1800])
+def test_the_collective_timeout_reaches_the_process_group_whatever_its_value(seconds):
+    assert load_config(None, {**REQUIRED, "train.collective_timeout": seconds}).train.collective_timeout == seconds
+    # accelerate's handler passes on only what differs from its NCCL default, 600 s: gloo's own is 1800 s
+    assert _collective_timeout(seconds).to_kwargs() == {"timeout": timedelta(seconds=seconds)}
+    with pytest.raises(ConfigError, match="train.collective_timeout must be > 0"):
+        load_config(None, {**REQUIRED, "train.collective_timeout": 0})

@@ -22,10 +22,11 @@ ROOT = Path(__file__).resolve().parents[2]
 BASE = {"student.path": "s", "teacher.path": "t", "data.train": "d.jsonl"}
 
 # the key sets rundir.py listed as strings before they were derived from the fields, kept here once as literals
+# (and the safe keys added since: train.collective_timeout)
 OLD_SAFE_TO_CHANGE = frozenset({
     "train.steps", "train.save_every", "train.keep_last", "train.eval_every", "train.eval_batch_size",
     "train.log_every", "train.progress", "train.report_to", "train.out_dir", "train.resume", "train.existing",
-    "train.resume_changes", "data.eval", "data.eval_limit", "data.judge"})
+    "train.resume_changes", "data.eval", "data.eval_limit", "data.judge", "train.collective_timeout"})
 OLD_LAYOUT = frozenset({"train.batch_size", "train.grad_accum", "train.sharding", "teacher.sharding",
                         "train.fsdp_cpu_offload"})
 OLD_FIXED = frozenset({"modality", "student.path", "student.trainable", "student.lora_rank", "student.lora_alpha"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -91,32 +92,102 @@ def test_two_process_fsdp_run_matches_one_unsharded_process_at_the_same_global_b
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def _node(rank: int, port: int, config: Path, log: Path, overrides: list[str]) -> subprocess.Popen:
+    """One of two simulated machines: a torchrun launcher of one process, meeting the other at a c10d rendezvous on
+    127.0.0.1 (`--node_rank` is only a hint there: ranks go by arrival). A session of its own, as a machine is."""
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    return subprocess.Popen([torchrun, "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
+                             "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "-m", "mmopd.cli",
+                             "train", str(config), *overrides], cwd=ROOT, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
+
+
+def _two_nodes(config: Path, logs: Path, second: list[str] | None = None) -> list[subprocess.Popen]:
+    """Both machines of a run, the second with its own `second` overrides."""
+    port = int(_port()[1])
+    return [_node(rank, port, config, logs / f"node{rank}.log", overrides)
+            for rank, overrides in ((0, []), (1, second or []))]
+
+
+def _machine_dies(node: subprocess.Popen) -> None:
+    """SIGKILL a simulated machine: its launcher and the processes under it (torchrun starts each worker in a session
+    of its own, so the launcher's process group does not hold them)."""
+    pids = [node.pid]
+    for pid in pids:  # grows as it goes: children, then theirs
+        with contextlib.suppress(OSError):
+            pids += [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.slow
-def test_a_sigkilled_sharded_run_resumes_to_the_uninterrupted_curve(text_config, tmp_path):
+def test_two_nodes_train_sharded_survive_a_killed_node_and_resume_to_the_one_node_run(text_config, tmp_path):
+    """Two torchrun launchers on 127.0.0.1 stand for two machines. One machine dies (its launcher and its process,
+    SIGKILL) after step 3: the other's process stops in one line within seconds, naming the intact checkpoint;
+    both launched again, the run resumes from it and ends as the uninterrupted one-machine run of two processes, to
+    the bit (gloo's reductions over 2 ranks are the same wherever the ranks run)."""
     settings = {"train.steps": 6, "train.save_every": 2, "train.batch_size": 2, "objective.kind": "supervised_kd",
                 "train.lr": 1e-3, **SHARDED}
     reference = text_config(**settings, **{"train.out_dir": str(tmp_path / "reference")})
     assert subprocess.run(_launch("-m", "mmopd.cli", "train", str(_write(reference, tmp_path / "r.yaml"))),
                           cwd=ROOT, capture_output=True, env=ENV, timeout=600).returncode == 0
-    out = tmp_path / "killed"
-    path = _write(text_config(**settings, **{"train.out_dir": str(out)}), tmp_path / "k.yaml")
-    proc = subprocess.Popen(_launch("-m", "mmopd.cli", "train", str(path)), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
-    try:  # kill both ranks once step 3 is logged: step-2 is complete, steps 3+ are not all saved
+    out = tmp_path / "nodes"
+    path = _write(text_config(**settings, **{"train.out_dir": str(out)}), tmp_path / "n.yaml")
+    nodes = _two_nodes(path, tmp_path)
+    try:  # step-2 is complete once step 3 is logged; steps 3+ are not all saved
         while not (out / "metrics.jsonl").exists() or len(_train_rows(out)) < 3:
-            assert proc.poll() is None, "the run ended before it could be killed"
+            assert all(node.poll() is None for node in nodes), "the run ended before a node could be killed"
             time.sleep(0.05)
+        killed = next(i for i, node in enumerate(nodes) if "rank 1 holds" in (tmp_path / f"node{i}.log").read_text())
+        _machine_dies(nodes[killed])
+        died = time.monotonic()
+        survivor = nodes[1 - killed]
+        survivor.wait(timeout=120)
+        waited = time.monotonic() - died
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert [p.name for p in complete_checkpoints(out)][-1] in ("step-2", "step-4")
-    resumed = subprocess.run(_launch("-m", "mmopd.cli", "train", str(path)), cwd=ROOT, capture_output=True,
-                             text=True, env=ENV, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+        for node in nodes:
+            _machine_dies(node)
+            node.wait()
+    log = (tmp_path / f"node{1 - killed}.log").read_text()
+    assert survivor.returncode != 0 and waited < 60, log[-3000:]  # far below train.collective_timeout (1800 s)
+    stopped = [line for line in log.splitlines() if line.startswith("mmopd: ")]
+    saved = complete_checkpoints(out)[-1]
+    assert saved.name in ("step-2", "step-4")
+    assert len(stopped) == 1 and re.search(r"mmopd: stopped: rank 0 \(host .*\) of 2 lost the run's other processes "
+                                           rf"\(.*\): one died .* {saved}, is intact; relaunch every node",
+                                           stopped[0]), log[-3000:]
+    assert "[rank0]: Traceback" not in log  # the launcher's own traceback (it lost the rendezvous) is torchrun's
+    assert not (out / ".lock").exists()  # rank 0 survived and let go of the directory
+    nodes = _two_nodes(path, tmp_path)
+    for i, node in enumerate(nodes):
+        assert node.wait(timeout=600) == 0, (tmp_path / f"node{i}.log").read_text()[-3000:]
     want, got = _train_rows(tmp_path / "reference"), _train_rows(out)
-    assert [r["step"] for r in got] == [r["step"] for r in want]
-    for a, b in zip(want, got):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7), a["step"]
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2, 3, 4, 5, 6]
+    assert [(r["loss"], r["grad_norm"]) for r in got] == [(r["loss"], r["grad_norm"]) for r in want]
+    want, got = (load_file(str(run / "checkpoints/step-6/model/model.safetensors"))
+                 for run in (tmp_path / "reference", out))
+    assert want.keys() == got.keys() and all(torch.equal(got[name], want[name]) for name in want)
+
+
+@pytest.mark.slow
+def test_machines_launched_with_other_settings_are_refused_on_every_one_in_one_line(text_config, tmp_path):
+    path = _write(text_config(**SHARDED, **{"train.out_dir": str(tmp_path / "run")}), tmp_path / "c.yaml")
+    nodes = _two_nodes(path, tmp_path, second=["train.lr=0.001"])
+    try:
+        codes = [node.wait(timeout=300) for node in nodes]
+    finally:
+        for node in nodes:
+            _machine_dies(node)
+            node.wait()
+    for i, code in enumerate(codes):
+        log = (tmp_path / f"node{i}.log").read_text()
+        said = [line for line in log.splitlines() if line.startswith("mmopd: ")]
+        assert code != 0 and "[rank" not in log and len(said) == 1, log[-3000:]  # no worker's traceback
+        assert re.match(r"mmopd: error: rank 1 \(host .*\) was launched with other settings than rank 0 \(host .*\): "
+                        r"train.lr (0.0001 on rank 0, 0.001 here|0.001 on rank 0, 0.0001 here)\. Launch every node "
+                        "with the same config file, overrides and environment$", said[0]), said[0]
+    assert os.listdir(tmp_path / "run") == []  # rank 0 let go of the directory it locked
 
 
 @pytest.mark.slow
@@ -188,7 +259,7 @@ def test_a_resume_that_changes_the_global_batch_is_refused(text_config, tmp_path
     settings = {"train.save_every": 1, "train.out_dir": str(tmp_path / "run"), "rollout.max_new_tokens": 2}
     train(text_config(**settings, **{"train.steps": 1, "train.batch_size": 2}))
     with pytest.raises(ConfigError, match=r"global batch of 2 records a step, and this run's is 4 \(train.batch_size "
-                                          r"4 × train.grad_accum 1 × 1 processes\).*train.batch_size × "
+                                          r"4 × train.grad_accum 1 × 1 process\).*train.batch_size × "
                                           r"train.grad_accum to 2"):
         train(text_config(**settings, **{"train.steps": 2, "train.batch_size": 4}))
 

@@ -216,6 +216,15 @@ def _written_with_the_stored_order(case: Case) -> None:
         torch.save(state, state_file)
 
 
+def _written_by_two_processes(case: Case) -> None:
+    """The finished run as two processes of train.batch_size 2 would have written it: 4 records a step."""
+    case.reuse()
+    for state_file in (case.run / "checkpoints").glob("step-*/trainer_state.pt"):
+        state = torch.load(state_file, weights_only=False)
+        state["global_batch"] = 4
+        torch.save(state, state_file)
+
+
 # each case: (argv from a Case, exit code, a pattern the message must hold)
 CASES: dict[str, tuple[Callable[[Case], list[str]], int, str]] = {
     # a config value naming something that does not exist
@@ -309,6 +318,11 @@ CASES: dict[str, tuple[Callable[[Case], list[str]], int, str]] = {
     "resume_with_a_new_global_batch": (
         lambda c: (c.reuse(), ["train", c.config({"train.batch_size": 4, "train.steps": 3})])[1], 2,
         r"global batch of 2 records a step, and this run's is 4 .* a resumed run keeps the global batch"),
+    "resume_on_fewer_processes_at_the_same_batch_size": (  # a machine of two is gone: one process goes on
+        lambda c: (_written_by_two_processes(c), ["train", c.config({"train.steps": 3})])[1], 2,
+        r"global batch of 4 records a step, and this run's is 2 \(train\.batch_size 2 × train\.grad_accum 1 × 1 "
+        r"process\); a resumed run keeps the global batch: on 1 process, set train\.batch_size × "
+        r"train\.grad_accum to 4"),
     "resume_a_checkpoint_of_the_stored_step_order": (
         lambda c: (_written_with_the_stored_order(c), ["train", c.config({"train.steps": 3})])[1], 2,
         r"step-2 was written with the stored torch\.randperm step order of earlier mmopd, .* cannot resume exactly"),
@@ -320,6 +334,11 @@ CASES: dict[str, tuple[Callable[[Case], list[str]], int, str]] = {
                               r"train\.steps=1 is fewer than the 2 steps"),
     "new_run_in_a_used_directory": (lambda c: (c.reuse(), ["train", c.config({"train.resume": "never"})])[1], 2,
                                     r"already holds a run.*train\.existing=move_aside"),
+    "directory_in_use_on_another_machine": (  # its pid cannot be checked from here: never taken over
+        lambda c: (c.reuse(), (c.run / ".lock").write_text("4242 gpu-node-7\n"),
+                   ["train", c.config({"train.steps": 3})])[2],
+        2, r"in use by another run \(pid 4242 on gpu-node-7, .*\); .* if that run is gone \(its machine died\), "
+           r"delete .*\.lock"),
     "directory_in_use": (lambda c: (c.reuse(), (c.run / ".lock").write_text(f"{os.getppid()}\n"),
                                     ["train", c.config({"train.steps": 3})])[2], 2,
                          rf"in use by another run \(pid {os.getppid()}"),
