@@ -14,8 +14,10 @@ teacher's gain over S. What the RL teacher writes is checked too (`rl_record`): 
 sums and variety beside S's and the broad teacher's.
 
 At the full size, an arm and seed whose run is not in --out but is in the published results (docs/results/
-sparse_teacher.json, from the same student and OPD length) is taken from there and listed under `reused`, so that
-new arms can be added without rerunning the old ones; delete that file (or its arm) to rerun them.
+sparse_teacher.json) is taken from there, with its teacher's difference from its student, and listed under `reused`,
+so that new arms can be added without rerunning the old ones; delete that file (or its arm) to rerun them. The toy
+is rebuilt in --out, and a rebuild need not give the same S to the bit (another torch, another S): each arm's gain
+is measured from its own run's S, and the table sets this build's teachers' differences beside the reused ones.
 """
 
 from __future__ import annotations
@@ -135,12 +137,12 @@ def rl_record(run_dir: Path, paths: dict[str, str], tokenizer: Any, records: lis
                         for name, path in models.items()}}
 
 
-def published_curves(size: str) -> dict[str, list[dict[str, Any]]]:
-    """The curves per arm (one per seed) in the published results, at the full size: runs an arm can take from there
-    instead of training again."""
+def published_results(size: str) -> dict[str, Any]:
+    """The published results, at the full size (their curves per arm, one per seed, are runs an arm can take from
+    there instead of training again); empty at the tiny size or where there are none."""
     if size != "full" or not PUBLISHED.exists():
         return {}
-    return json.loads(PUBLISHED.read_text())["curves"]
+    return json.loads(PUBLISHED.read_text())
 
 
 def difference(teacher: Any, student: Any, tokenizer: Any, prompts: list[str],
@@ -212,18 +214,20 @@ def run(out: Path, size: str, root: Path | None) -> dict[str, Any]:
     arms = {name: (name, SIZES[size]["lr"]) for name in teachers}  # arm -> (teacher, OPD lr)
     arms.update({f"{name}_lr{LOW_LR[size]:g}": (name, LOW_LR[size]) for name in teachers})
     curves: dict[str, list[dict[str, Any]]] = {arm: [] for arm in arms}
-    published, reused = published_curves(size), {}
+    published, reused = published_results(size), {}
     for i, seed in enumerate(SIZES[size]["seeds"]):  # results are written after every seed: a cut-short run keeps them
         for arm, (name, lr) in arms.items():
             run_dir = out / NAME / "runs" / arm / f"seed{seed}"
-            if not (run_dir / "summary.json").exists() and len(published.get(arm, ())) > i:
-                curves[arm].append(published[arm][i])
+            if not (run_dir / "summary.json").exists() and len(published.get("curves", {}).get(arm, ())) > i:
+                curves[arm].append(published["curves"][arm][i])
                 reused.setdefault(arm, []).append(seed)
                 continue
             run_config(run_dir, {**base, "teacher.path": teachers[name], "train.lr": lr, "train.seed": seed})
             curves[arm].append({**curve(run_dir, {**task, "params": params[name]}), "batch_kl": batch_kl(run_dir)})
-        result = {**summarize(curves, arms, differences, WINDOW[size]), "rl_teacher": {**RL[size], **rl},
-                  "reused": reused}
+        by_arm = {arm: {k: published["arms"][arm][k] for k in differences[name]} if arm in reused
+                  else differences[name] for arm, (name, _) in arms.items()}  # each run's teacher against its S
+        result = {**summarize(curves, arms, by_arm, WINDOW[size]), "rl_teacher": {**RL[size], **rl},
+                  "reused": reused, "differences_here": differences}
         plot(result, out / f"results_{NAME}.png")
         save_results(out, NAME, result, table(result), root)
     return result
@@ -231,19 +235,16 @@ def run(out: Path, size: str, root: Path | None) -> dict[str, Any]:
 
 def summarize(curves: dict[str, list[dict[str, Any]]], arms: dict[str, tuple[str, float]],
               differences: dict[str, dict[str, float]], window: int) -> dict[str, Any]:
-    """Per arm (teacher and OPD lr): the teacher's accuracy and difference from the student, and per seed the
-    steps and FLOPs to each fraction of its gain and of the KL (None where not reached) and the final accuracy."""
-    starts = {cs[0]["student_before"] for cs in curves.values() if cs}
-    if len(starts) > 1:
-        raise ValueError(f"the arms start from students of different accuracy ({sorted(starts)}): the published "
-                         f"runs in {PUBLISHED} come from another toy; delete that file to rerun every arm here")
+    """Per arm (teacher and OPD lr): the student's and the teacher's accuracy, the teacher's difference from the
+    student (`differences` by arm), and per seed the steps and FLOPs to each fraction of its gain and of the KL (None
+    where not reached) and the final accuracy."""
     rows = {}
     for arm, cs in curves.items():
         name, lr = arms[arm]
         start, accuracy = cs[0]["student_before"], cs[0]["teacher"]
         gain = accuracy - start  # a teacher no better than the student (the tiny size's) has no gain to recover
-        row: dict[str, Any] = {"teacher": name, "lr": lr, "teacher_accuracy": accuracy, "gain": gain,
-                               **differences[name],
+        row: dict[str, Any] = {"teacher": name, "lr": lr, "student_accuracy": start, "teacher_accuracy": accuracy,
+                               "gain": gain, **differences[arm],
                                "final_accuracy": [c["accuracy"][-1] for c in cs],
                                "recovered_final": [(c["accuracy"][-1] - start) / gain if gain > 0 else None
                                                    for c in cs]}
@@ -254,7 +255,7 @@ def summarize(curves: dict[str, list[dict[str, Any]]], arms: dict[str, tuple[str
             row[f"kl_steps_{fraction}"] = [kl_closed(c["batch_kl"], fraction, window) for c in cs]
         rows[arm] = row
     first = next(iter(curves.values()))[0]
-    return {"student_accuracy": first["student_before"], "narrow_steps": {**NARROW["full"], **NARROW["tiny"]},
+    return {"narrow_steps": {**NARROW["full"], **NARROW["tiny"]},
             "opd_steps": first["steps"][-1], "window": window, "seeds": len(next(iter(curves.values()))),
             "arms": rows, "curves": curves}
 
@@ -292,14 +293,36 @@ def table(result: dict[str, Any]) -> str:
                      f"{gain_cell(r, 'steps_0.5', '.0f')} | {gain_cell(r, 'steps_0.9', '.0f')} | "
                      f"{gain_cell(r, 'tflops_0.9', '.3f')} | {reached(r['kl_steps_0.5'], '.0f')} | "
                      f"{reached(r['kl_steps_0.9'], '.0f')} | {gain_cell(r, 'recovered_final', '.2f')} |")
-    lines.append(f"\nStudent S (the text toy's student) accuracy {result['student_accuracy']:.3f} (greedy exact "
+    lines.append(f"\nStudent S (the text toy's student) accuracy {students(result)} (greedy exact "
                  f"match). KLs (nats) and argmax on {KL_PROMPTS['full']} held-out prompts, one S sample each. Gain "
                  f"steps: the first eval (every {EVERY['full']} steps) at or above S + fraction × (teacher − S). "
                  f"KL steps: the first step where the mean of the last {result['window']} training batches' KL(student "
                  f"‖ teacher) per sequence is at most (1 − fraction) × that of the first {result['window']}. Mean ± std over "
-                 f"{result['seeds']} seeds." + (" *: OPD runs taken from the published results (docs/results/"
-                                                "sparse_teacher.json), not rerun." if result["reused"] else ""))
+                 f"{result['seeds']} seeds." + rebuild_note(result))
     return "\n".join(lines) + "\n" + rl_table(result)
+
+
+def students(result: dict[str, Any]) -> str:
+    """S's accuracy; where runs were reused from another build of the toy, S's in this build and in theirs."""
+    here = {r["student_accuracy"] for arm, r in result["arms"].items() if arm not in result["reused"]}
+    there = {r["student_accuracy"] for arm, r in result["arms"].items() if arm in result["reused"]}
+    if not there or here == there:
+        return ", ".join(f"{x:.3f}" for x in sorted(here | there))
+    return (f"{', '.join(f'{x:.3f}' for x in sorted(here))} in this build of the toy, "
+            f"{', '.join(f'{x:.3f}' for x in sorted(there))} in the reused runs' build")
+
+
+def rebuild_note(result: dict[str, Any]) -> str:
+    """For reused runs (marked *): that they were not rerun, and this build's teachers' differences from its S beside
+    the ones the reused runs distilled."""
+    reused = {r["teacher"]: r for arm, r in result["arms"].items() if arm in result["reused"]}
+    if not reused:
+        return ""
+    keys = (("reverse_kl", "KL(S ‖ T)"), ("forward_kl", "KL(T ‖ S)"), ("argmax_differs", "argmax differs"))
+    pairs = "; ".join(name + ": " + ", ".join(f"{what} {result['differences_here'][name][key]:.3f} (reused {r[key]:.3f})"
+                                              for key, what in keys) for name, r in reused.items())
+    return (" *: OPD runs taken from the published results (docs/results/sparse_teacher.json), not rerun; their "
+            f"teachers' differences from S are theirs. This build's teachers: {pairs}.")
 
 
 def rl_table(result: dict[str, Any]) -> str:
@@ -329,7 +352,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     """Left: OPD steps to 50% of the gain and of the KL closed against the initial KL(S ‖ T), per lr; middle:
     the gain recovered against steps; right: the training batches' KL against steps (means over seeds)."""
     fig, axes = plt.subplots(1, 3, figsize=(17, 5))
-    start, arms = result["student_accuracy"], result["arms"]
+    arms = result["arms"]
     lrs = sorted({r["lr"] for r in arms.values()}, reverse=True)
     styles = dict(zip(lrs, ("-", "--")))
     colors = {name: f"C{i}" for i, name in enumerate(dict.fromkeys(r["teacher"] for r in arms.values()))}
@@ -348,7 +371,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         axes[2].plot(np.arange(result["window"], result["window"] + kl.shape[1]), kl.mean(0), color=color,
                      linestyle=style, label=tag)
         if r["gain"] > 0:
-            ys = np.array([(np.array(c["accuracy"]) - start) / r["gain"] for c in cs])
+            ys = np.array([(np.array(c["accuracy"]) - r["student_accuracy"]) / r["gain"] for c in cs])
             axes[1].plot(cs[0]["steps"], ys.mean(0), color=color, linestyle=style, label=tag)
     axes[0].set_xscale("log")
     axes[0].set_xlabel("initial KL(S ‖ T) per sequence on S's samples (nats)")
