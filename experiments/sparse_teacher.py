@@ -47,10 +47,9 @@ NARROW_LR, NARROW_WARMUP = {"full": 1e-3, "tiny": 1e-3}, {"full": 20, "tiny": 0}
 # the RL teacher: S trained by the exact-match reward alone (plain on-policy RL), `samples` per prompt at
 # `temperature` with the prompt's mean reward as baseline, lr after a warmup (a REINFORCE probe without one lowered
 # S's accuracy, as SFT without one does); `every`: its eval interval. Measured here (greedy accuracy on the 200 eval
-# prompts, S 0.31): at temperature 1 or 0.7 and lr 3e-5 to 1e-4 it fell (to 0.10-0.25), at 0.7 and 1e-5 it gained
+# prompts, S 0.31): at temperature 1 or 0.7 and lr 3e-5 to 1e-4 it fell (to 0.04-0.30), at 0.7 and 1e-5 it gained
 # 0.035 in 150 steps; at 0.3 (S's samples right 18% of the time, against 3% at 1) it gained 0.045 at 2e-5 and 0.05
-# at these settings, 0.035 with 64 prompts a step at 8e-5
-
+# at these settings, 0.035 with 64 prompts a step at 8e-5 (RESULTS.md section 10)
 RL = {"full": {"steps": 300, "batch_size": 16, "samples": 8, "temperature": 0.3, "lr": 6e-5, "warmup": 30, "every": 25},
       "tiny": {"steps": 2, "batch_size": 2, "samples": 2, "temperature": 1.0, "lr": 1e-3, "warmup": 0, "every": 1}}
 OPD_STEPS = {"full": 200, "tiny": 4}
