@@ -235,8 +235,9 @@ class ObjectiveConfig:
     # batch (all rows)
     baseline: str = run_key("none")
     advantage_clip: float = run_key(0.0)  # sampled, k1: clip the log-ratio to ±C (biased; 0: no clip)
-    # a task reward (mmopd/step/rewards.py): a built-in (exact_match) or module:function, fn(records, responses) ->
-    # list[float]; empty: none. Per token A_t = −kl_weight·k_t + reward_weight·(R − b) (mmopd/losses/sampled.py)
+    # a task reward (mmopd/step/rewards.py): a built-in (exact_match, judge) or module:function,
+    # fn(records, responses) -> list[float]; empty: none. Per token A_t = −kl_weight·k_t + reward_weight·(R − b)
+    # (mmopd/losses/sampled.py)
     reward: str = run_key("")
     reward_weight: float = run_key(0.0)  # 0: the reward is only logged (reward/mean, ...), the loss is pure OPD
     kl_weight: float = run_key(1.0)  # the KL term's weight; 0 (on_policy, with a reward): plain RL, no teacher
@@ -277,7 +278,8 @@ class ObjectiveConfig:
                                   f"on_policy (got {self.kind}); clear objective.reward for {self.kind}")
         elif self.reward_weight > 0:
             raise ConfigError(f"objective.reward_weight={self.reward_weight} weighs a task reward, but "
-                              "objective.reward is empty; name one (exact_match, or module:function) or set reward_weight=0")
+                              "objective.reward is empty; name one (exact_match, judge, or module:function) or set "
+                              "reward_weight=0")
         if self.reward_std and self.reward_baseline != "group":
             raise ConfigError("objective.reward_std divides R − b by the std of the prompt's rewards; it needs "
                               "objective.reward_baseline=group")

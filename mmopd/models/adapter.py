@@ -81,6 +81,7 @@ class ModalityAdapter:
     # (mmopd/step/cross_tokenizer.py; `check_pair` then checks the two tokenizers can be aligned)
     aligns_text: bool = False
     scores_answers: bool = False  # whether `score` compares each response with its record's 'answer'
+    judges: bool = False  # whether `score` grades each response with the modality's judge (a classifier)
     calls: ModelCalls = ModelCalls()  # loading and calling the models
     # student.trainable modes beyond full and lora: name -> the model prepared for training (see prepare_trainable)
     trainable_modes: dict[str, Callable[[nn.Module], nn.Module]] = {}

@@ -23,7 +23,7 @@ from mmopd.models.hf import context_length
 from mmopd.run.evaluation import evaluate_policy, kl_to_teacher
 from mmopd.run.objectives import Models
 from mmopd.step.objective_table import DISTRIBUTION, TEACHER, needs_answers, needs_teacher, row_of, scores_teacher
-from mmopd.step.rewards import reads_answers
+from mmopd.step.rewards import reads_answers, refusal
 
 log = logging.getLogger("mmopd")
 
@@ -55,6 +55,9 @@ class Session:
         self.config = config
         self.adapter = get_adapter(config.modality, settings_of(config))  # its import registers its options
         self.options = check_modality_options(config, training=not for_eval)
+        why = refusal(config.objective.reward, self.adapter) if config.objective.reward and not for_eval else None
+        if why:
+            raise ConfigError(why)
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.device = self.accelerator.device
         c = config

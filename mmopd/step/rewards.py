@@ -3,8 +3,11 @@ resolved once at start; each response's reward, checked; what a step logs about 
 
 A user's function reads `fn(records: list[dict], responses: list[str]) -> list[float]`: the micro-batch's records
 (a prompt's record once per sample, consecutive) and the responses decoded by the modality's adapter. A built-in
-also gets the adapter (`exact_match` scores each response with the adapter's own `score`, the rule evaluation
-uses). The rewards enter the per-token advantage in `mmopd/losses/sampled.py` (`reward_advantage`).
+also gets the adapter, which does the scoring, so the core names no modality: `exact_match` and `judge` both score
+each response alone with the adapter's own `score` (the rule evaluation uses), `exact_match` where that is accuracy
+against the record's answer (text, vlm), `judge` where it is a classifier's verdict (image_tokens: the judge at
+data.judge). A built-in that the run's adapter cannot give is refused at start (`refusal`). The rewards enter the
+per-token advantage in `mmopd/losses/sampled.py` (`reward_advantage`).
 """
 
 from __future__ import annotations
@@ -30,25 +33,41 @@ class RewardError(RuntimeError):
 
 @dataclass(frozen=True)
 class Builtin:
-    """A built-in reward: the function, and whether it reads every record's dataset answer."""
+    """A built-in reward: the function, whether it reads every record's dataset answer, and why an adapter cannot
+    give it (None where it can)."""
 
     reward: Reward
+    refusal: Callable[[Any], str | None]
     needs_answers: bool = False
 
 
 REWARDS: Registry[Builtin] = Registry("objective.reward")  # the built-ins, by the name a config gives
 
 
-def exact_match(adapter: Any, records: list[dict], responses: list[Any]) -> list[float]:
-    """1 for a response the modality's own rule scores correct against its record's answer, else 0: the adapter's
-    `score` on that one response (its `metric`, accuracy for text and vlm)."""
-    if adapter.metric != "accuracy":
-        raise RewardError(f"objective.reward=exact_match scores answers by the adapter's accuracy; the "
-                          f"{adapter.name} adapter scores {adapter.metric}. Give a module:function reward instead")
+def own_metric(adapter: Any, records: list[dict], responses: list[Any]) -> list[float]:
+    """The adapter's `metric` as its `score` gives it for each response alone: 1 for a response the modality's own
+    rule finds right, else 0 (text, vlm: the answer matches the record's; image_tokens: the judge sees the asked
+    class in the picture)."""
     return [adapter.score([record], [response])[adapter.metric] for record, response in zip(records, responses)]
 
 
-REWARDS.register("exact_match")(Builtin(exact_match, needs_answers=True))
+def _scores_accuracy(adapter: Any) -> str | None:
+    if adapter.metric == "accuracy":
+        return None
+    instead = "judge (the judge's verdict) or a module:function" if adapter.judges else "a module:function"
+    return (f"objective.reward=exact_match scores answers by the adapter's accuracy; the {adapter.name} adapter "
+            f"scores {adapter.metric}. Give {instead} reward instead")
+
+
+def _has_judge(adapter: Any) -> str | None:
+    if adapter.judges:
+        return None
+    return (f"objective.reward=judge grades each response with the modality's judge (a classifier); the "
+            f"{adapter.name} adapter has none (image_tokens has). Give exact_match or a module:function reward instead")
+
+
+REWARDS.register("exact_match")(Builtin(own_metric, _scores_accuracy, needs_answers=True))
+REWARDS.register("judge")(Builtin(own_metric, _has_judge))
 
 
 def is_import_path(name: str) -> bool:
@@ -84,6 +103,12 @@ def resolve_reward(name: str) -> tuple[Reward, bool]:
         return builtin.reward, builtin.needs_answers
     fn = import_reward(name)
     return (lambda adapter, records, responses: fn(records, responses)), False
+
+
+def refusal(name: str, adapter: Any) -> str | None:
+    """Why the run's adapter cannot give reward `name` (validated), in one line; None where it can (every import
+    path: a user's function reads decoded responses)."""
+    return None if is_import_path(name) else REWARDS[name].refusal(adapter)
 
 
 def reward_names() -> tuple[str, ...]:

@@ -151,6 +151,7 @@ class ImageCalls(ModelCalls):
 class ImageTokensAdapter(ModalityAdapter):
     metric = "classifier_accuracy"
     supports_cfg = True
+    judges = True  # `score` judges each picture with the classifier at data.judge: objective.reward=judge
     calls = ImageCalls()
     # a prompt here is the class or caption to draw, not context for an answer: a teacher conditioned on another
     # one scores the student's picture as a drawing of something else (what guides a teacher here is CFG)

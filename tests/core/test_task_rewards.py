@@ -187,6 +187,18 @@ def test_a_bad_reward_is_refused_when_the_config_loads(text_config, reward, says
     assert "\n" not in str(err.value)
 
 
+def test_the_judge_reward_for_text_is_refused_before_training_in_one_line(text_config, tmp_path, capsys):
+    config = text_config(**{"objective.reward": "judge", "objective.reward_weight": 1.0,
+                            "rollout.samples_per_prompt": GROUP, "train.steps": 1})
+    save_config(config, tmp_path / "config.yaml")
+    assert main(["train", str(tmp_path / "config.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [("mmopd: error: objective.reward=judge grades each response with the modality's judge (a "
+                    "classifier); the text adapter has none (image_tokens has). Give exact_match or a module:function "
+                    "reward instead")]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 @pytest.mark.parametrize("overrides,says", [
     ({"objective.reward_weight": 1.0}, "objective.reward is empty"),
     ({"objective.reward": "exact_match", "objective.reward_weight": 1.0}, "samples_per_prompt >= 2"),

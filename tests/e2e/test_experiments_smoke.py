@@ -243,15 +243,22 @@ def test_cfg_distill_reports_teacher_and_student_per_scale(out):
 def test_sparse_teacher_measures_each_teachers_difference_and_recovery(out):
     result = sparse_teacher.run(out, "tiny", None)
     arms = result["arms"]
-    assert {r["teacher"] for r in arms.values()} == {*sparse_teacher.NARROW["tiny"], "broad"}
-    assert len(arms) == len(sparse_teacher.NARROW["tiny"]) * 2 + 1  # the narrow teachers at two lrs
+    teachers = {*sparse_teacher.NARROW["tiny"], "rl", "broad"}
+    assert {r["teacher"] for r in arms.values()} == teachers
+    assert len(arms) == len(teachers) * 2 and result["reused"] == {}  # every teacher at two lrs, all run here
     for arm, r in arms.items():
-        assert r["reverse_kl"] > 0 and r["forward_kl"] > 0 and 0 <= r["argmax_differs"] <= 1, arm
+        # the random tiny student is never right, so the reward gives its RL no gradient: the RL teacher is S
+        moved = r["teacher"] != "rl"
+        assert (r["reverse_kl"] > 0) == (r["forward_kl"] > 0) == moved and 0 <= r["argmax_differs"] <= 1, arm
         assert len(r["kl_steps_0.9"]) == result["seeds"] and len(result["curves"][arm][0]["batch_kl"]) == 4
     narrow = [arms[name]["reverse_kl"] for name in sparse_teacher.NARROW["tiny"]]
     assert narrow == sorted(narrow)  # more SFT steps move the teacher further from the student
+    rl = result["rl_teacher"]  # trained by the reward alone: a reward every step, an eval at each
+    assert rl["eval_steps"] == [0, 1, 2] and rl["reward_steps"] == [1, 2] and all(0 <= x <= 1 for x in rl["reward_mean"])
+    assert set(rl["answers"]) == {"student", "rl", "broad"} and all(a["prompts"] > 0 for a in rl["answers"].values())
     assert (out / "results_sparse_teacher.png").stat().st_size > 0
-    assert (out / "sparse_teacher.md").read_text().count("\n| ") == len(arms)
+    rows = len(arms) + 1 + len(rl["answers"])  # the OPD table's rows; a header, what S and the two teachers write
+    assert (out / "sparse_teacher.md").read_text().count("\n| ") == rows
 
 
 def test_kl_closed_is_the_first_step_whose_trailing_mean_falls_far_enough():
