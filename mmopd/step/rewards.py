@@ -111,10 +111,6 @@ def refusal(name: str, adapter: Any) -> str | None:
     return None if is_import_path(name) else REWARDS[name].refusal(adapter)
 
 
-def reward_names() -> tuple[str, ...]:
-    return REWARDS.names()
-
-
 def _where(records: list[dict], i: int) -> str:
     return f"record {records[i].get('_where', f'row {i} of the micro-batch')}"
 
