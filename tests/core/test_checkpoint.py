@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from mmopd import evaluate as mmopd_evaluate
@@ -39,8 +40,13 @@ def test_half_written_checkpoints_are_never_chosen_and_keep_last_prunes(tmp_path
     assert latest_checkpoint(tmp_path).name == "step-3"
 
 
-def test_resume_repeats_the_uninterrupted_run_exactly(text_config, tmp_path):
-    settings = {"train.steps": 4, "train.save_every": 2, "train.eval_every": 0, "objective.sft_weight": 0.1}
+REWARDED_LORA = {"objective.reward": "exact_match", "objective.reward_weight": 1.0, "rollout.samples_per_prompt": 2,
+                 "student.trainable": "lora"}  # a task reward beside the teacher, on a LoRA student
+
+
+@pytest.mark.parametrize("extra", [{}, REWARDED_LORA], ids=["sft_weight", "reward_and_lora"])
+def test_resume_repeats_the_uninterrupted_run_exactly(text_config, tmp_path, extra):
+    settings = {"train.steps": 4, "train.save_every": 2, "train.eval_every": 0, "objective.sft_weight": 0.1, **extra}
     full = text_config(**settings, **{"train.out_dir": str(tmp_path / "a")})
     train(full)
     expected = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
@@ -57,6 +63,7 @@ def test_resume_repeats_the_uninterrupted_run_exactly(text_config, tmp_path):
     assert [r["step"] for r in train_rows(got)] == [1, 2, 3, 4]  # resumed rows replace, never duplicate
     for a, b in zip(train_rows(expected), train_rows(got)):
         assert a["loss"] == b["loss"] and a["divergence"] == b["divergence"], (a["step"], a, b)
+        assert a.get("reward/mean") == b.get("reward/mean") and ("reward/mean" in a) == bool(extra)
     assert summary["student_before"] == json.loads((tmp_path / "a" / "summary.json").read_text())["student_before"]
 
 
