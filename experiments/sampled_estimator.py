@@ -19,8 +19,8 @@ is shared), three parts:
    estimator's noise carried by the tokens the teacher rules out (k > EXCLUDED).
 3. Sequences per step: the full reverse KL and the sampled estimator at 64, 256 and 512 sequences a step
    (`train.batch_size`: one sample a prompt, one micro-batch, so the loss is the token mean over all of them), 200
-   steps each, every seed. Accuracy against sequences per step and against estimated FLOPs
-   (text_task.step_flops).
+   steps each at 64 on every seed, at 256 and 512 on SWEEP_SEEDS. Accuracy against sequences per step and against
+   estimated FLOPs (text_task.step_flops).
 
 Quality: eval accuracy, and its share of the full reverse KL's at the end.
 """
@@ -38,7 +38,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from experiments.compute_matched import method_runs  # noqa: E402
+from experiments.compute_matched import THRESHOLD, first_reach, method_runs  # noqa: E402
 from experiments.text_task import SIZES, band, base_overrides, mean_std, save_results  # noqa: E402
 from mmopd.config import load_config  # noqa: E402
 from mmopd.data.step_order import step_indices  # noqa: E402
@@ -63,6 +63,9 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
 EXTRA = {name: (overrides, 200) for name, (overrides, _) in VARIANTS.items()}
 ESTIMATORS = {"full": "full reverse KL", "sampled": "sampled-token estimator"}
 SWEEP = (4, 8)  # × the toy's sequences a step (64: 256 and 512), beside compute_matched's own runs at 1×
+# seeds of the sweep's 4× and 8× runs: the full KL's vary little there (seed 0: 0.98, 0.99), so two, to fit the
+# time a shared CPU gives (an 8× run takes about 10 minutes)
+SWEEP_SEEDS = {"sampled": 3, "full": 2}
 LABELS = {"on_policy_full": "full reverse KL (reference)", "on_policy_sampled": "sampled-token estimator",
           **{name: label for name, (_, label) in VARIANTS.items()}}
 SHARE = 0.9  # "learns": final accuracy at least this share of the full reverse KL's
@@ -83,8 +86,9 @@ def trainer_gradient(models: Models, plan: Plan, records: list[dict], seed: int
         return plan.loss(student, teacher, actions, responses)
 
     models.student.zero_grad(set_to_none=True)
-    metrics = objective_step(models, records, replace(plan, loss=loss), torch.Generator(models.device).manual_seed(seed),
-                             Timer(), lambda value: value.backward())
+    generator = torch.Generator(models.device).manual_seed(seed)
+    metrics = objective_step(models, records, replace(plan, loss=loss), generator, Timer(),
+                             lambda value: value.backward())
     params = [p for p in models.student.parameters() if p.requires_grad]
     grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])  # [P]
     return grad, metrics, seen["tokens"]
@@ -139,6 +143,21 @@ def noise_share(part: torch.Tensor, whole: torch.Tensor) -> float:
     return (same - other) / signal_noise(whole)["noise"]
 
 
+def same_draws(models: Models, plans: dict[str, Plan], records: list[dict], seed: int
+               ) -> dict[str, tuple[torch.Tensor, dict[str, float]]]:
+    """Each plan's gradient [P] and metrics on one micro-batch (trainer_gradient), every plan on the same responses:
+    the draws are seeded alike, and a plan that sampled others is refused."""
+    found, first = {}, None
+    for name, plan in plans.items():
+        grad, metrics, tokens = trainer_gradient(models, plan, records, seed)
+        if first is not None and not torch.equal(first, tokens):
+            raise RuntimeError(f"{name} sampled other responses than {next(iter(plans))} from the same seed {seed}: "
+                               "the comparison needs the same draws")
+        first = tokens
+        found[name] = (grad, metrics)
+    return found
+
+
 def gradient_study(task: dict[str, Any], size: str) -> dict[str, Any]:
     """At the student start, on GRADIENT_BATCHES batches (the records of seed 0's first steps, their draws seeded
     by the batch): every sampled variant's gradient against the full reverse KL's on the same sequences
@@ -147,51 +166,44 @@ def gradient_study(task: dict[str, Any], size: str) -> dict[str, Any]:
     base = base_overrides(task, size)
     full_kl = {"objective.kind": "on_policy", "objective.estimator": "full"}
     session = Session(load_config(None, {**base, **full_kl}))
-    models = session.models()
+    models, records = session.models(), session.train_data.records
     models.student.train()
-    records = session.train_data.records
-    variants = {"on_policy_sampled": SAMPLED, **{n: o for n, (o, _) in VARIANTS.items() if "student.trainable" not in o}}
+    variants = {"on_policy_sampled": SAMPLED,
+                **{n: o for n, (o, _) in VARIANTS.items() if "student.trainable" not in o}}
     configs = {name: load_config(None, {**base, **o}) for name, o in variants.items()}
-    plans = {name: Plan.of(c) for name, c in configs.items()}
-    layouts = {(c.train.batch_size, c.rollout.samples_per_prompt) for c in configs.values()}
-    references = {layout: Plan.of(load_config(None, {**base, **full_kl, "train.batch_size": layout[0],
-                                                       "rollout.samples_per_prompt": layout[1]})) for layout in layouts}
-    excluded = excluded_part(plans["on_policy_sampled"], configs["on_policy_sampled"].objective.temperature)
-    grads: dict[Any, list[torch.Tensor]] = {key: [] for key in [*variants, *layouts, "excluded"]}
-    kl = {"k": [], "exact": [], "excluded_share": []}
+    layout_of = {name: (c.train.batch_size, c.rollout.samples_per_prompt) for name, c in configs.items()}
+    layouts: dict[tuple[int, int], dict[str, Plan]] = {}  # (prompts, samples a prompt) -> the plans sampling so
+    for name, layout in layout_of.items():
+        layouts.setdefault(layout, {"full": Plan.of(load_config(None, {
+            **base, **full_kl, "train.batch_size": layout[0], "rollout.samples_per_prompt": layout[1]}))})
+        layouts[layout][name] = Plan.of(configs[name])
+    plain = layout_of["on_policy_sampled"]
+    layouts[plain]["excluded"] = excluded_part(layouts[plain]["on_policy_sampled"],
+                                               configs["on_policy_sampled"].objective.temperature)
+    grads = {layout: {name: [] for name in plans} for layout, plans in layouts.items()}
+    metrics = {layout: {name: [] for name in plans} for layout, plans in layouts.items()}
     for batch in range(GRADIENT_BATCHES[size]):
-        for layout, reference in references.items():
+        for layout, plans in layouts.items():
             chosen = [records[i] for i in step_indices(len(records), batch, layout[0], 0)]
-            grad, metrics, tokens = trainer_gradient(models, reference, chosen, batch)
-            grads[layout].append(grad)
-            if layout == (base["train.batch_size"], 1):
-                kl["exact"].append(metrics["divergence"])
-            runs = [(name, plans[name]) for name, c in configs.items()
-                    if (c.train.batch_size, c.rollout.samples_per_prompt) == layout]
-            if layout == (base["train.batch_size"], 1):
-                runs.append(("excluded", excluded))
-            for name, plan in runs:
-                grad, metrics, same_tokens = trainer_gradient(models, plan, chosen, batch)
-                if not torch.equal(tokens, same_tokens):
-                    raise RuntimeError(f"{name} sampled other responses than the full KL on batch {batch}: the "
-                                       "comparison needs the same draws")
-                grads[name].append(grad)
-                if name == "on_policy_sampled":
-                    kl["k"].append(metrics["divergence"])
-                elif name == "excluded":
-                    kl["excluded_share"].append(metrics["excluded_share"])
-    stacked = {key: torch.stack(values) for key, values in grads.items()}  # [N, P] each
-    estimators = {name: gradient_statistics(stacked[name], stacked[(c.train.batch_size, c.rollout.samples_per_prompt)])
-                  for name, c in configs.items()}
-    full = stacked[(base["train.batch_size"], 1)]
+            for name, (grad, values) in same_draws(models, plans, chosen, batch).items():
+                grads[layout][name].append(grad)
+                metrics[layout][name].append(values)
+    g = {layout: {name: torch.stack(values) for name, values in by_name.items()}  # [N, P] each
+         for layout, by_name in grads.items()}
+    full, sampled, excluded = g[plain]["full"], g[plain]["on_policy_sampled"], g[plain]["excluded"]
     between = torch.nn.functional.cosine_similarity(full[:, None].double(), full[None].double(), dim=2)  # [N, N]
     n = full.shape[0]
-    return {"batches": n, "sequences": base["train.batch_size"], "estimators": estimators,
+    def mean(name: str, key: str) -> float:
+        return float(np.mean([m[key] for m in metrics[plain][name]]))
+
+    return {"batches": n, "sequences": plain[0],
+            "estimators": {name: gradient_statistics(g[layout][name], g[layout]["full"])
+                           for name, layout in layout_of.items()},
             "full_between_batches": float((between.sum() - between.diagonal().sum()) / (n * (n - 1))),
-            "mean_k": float(np.mean(kl["k"])), "exact_kl": float(np.mean(kl["exact"])),
-            "excluded_threshold": EXCLUDED, "excluded_token_share": float(np.mean(kl["excluded_share"])),
-            "excluded_noise_share": noise_share(stacked["excluded"], stacked["on_policy_sampled"]),
-            "noise_without_excluded": signal_noise(stacked["on_policy_sampled"] - stacked["excluded"])["noise"]}
+            "mean_k": mean("on_policy_sampled", "divergence"), "exact_kl": mean("full", "divergence"),
+            "excluded_threshold": EXCLUDED, "excluded_token_share": mean("excluded", "excluded_share"),
+            "excluded_noise_share": noise_share(excluded, sampled),
+            "noise_without_excluded": signal_noise(sampled - excluded)["noise"]}
 
 
 def sweep_runs(size: str) -> dict[str, tuple[dict[str, Any], int]]:
@@ -205,8 +217,8 @@ def sweep_runs(size: str) -> dict[str, tuple[dict[str, Any], int]]:
 
 def run(out: Path, size: str, root: Path | None) -> dict[str, Any]:
     """Screen every remedy on the first seed, run the full KL, the plain estimator and the CONFIRM best remedy on
-    the other seeds, then the sequences-per-step sweep and the gradient study; write results_sampled_estimator.png,
-    .json and .md."""
+    the other seeds, then the sequences-per-step sweep (SWEEP_SEEDS) and the gradient study; write
+    results_sampled_estimator.png, .json and .md."""
     seeds = SIZES[size]["seeds"]
     references = ["on_policy_full", "on_policy_sampled"]
     task, curves = method_runs(out, size, [*references, *EXTRA], EXTRA, seeds[:1])
@@ -215,8 +227,10 @@ def run(out: Path, size: str, root: Path | None) -> dict[str, Any]:
         _, more = method_runs(out, size, [*references, *best], EXTRA, seeds[1:])
         for name, cs in more.items():
             curves[name].extend(cs)
-    extra = sweep_runs(size)
-    _, swept = method_runs(out, size, list(extra), extra)
+    extra, swept = sweep_runs(size), {}
+    for estimator, count in SWEEP_SEEDS.items():
+        names = [name for name in extra if name.startswith(f"on_policy_{estimator}_")]
+        swept.update(method_runs(out, size, names, extra, seeds[:count])[1])
     full = float(np.mean([c["accuracy"][-1] for c in curves["on_policy_full"]]))
     before = curves["on_policy_full"][0]["student_before"]
     rows = {name: summary_row(cs, full) for name, cs in curves.items()}
@@ -239,10 +253,14 @@ def run(out: Path, size: str, root: Path | None) -> dict[str, Any]:
 
 
 def summary_row(cs: list[dict[str, Any]], full: float) -> dict[str, list[float]]:
-    """Per seed: final and best accuracy, share of the full KL's final, TFLOPs, seconds per step and steps."""
+    """Per seed: final and best accuracy, share of the full KL's final, TFLOPs (in all, and at the first eval at
+    THRESHOLD or above: None where none is), seconds per step and steps."""
     return {"accuracy_final": [c["accuracy"][-1] for c in cs], "accuracy_best": [max(c["accuracy"]) for c in cs],
             "share_of_full": [c["accuracy"][-1] / max(full, 1e-9) for c in cs],
-            "tflops_total": [c["flops"][-1] / 1e12 for c in cs], "seconds_per_step": [c["seconds_per_step"] for c in cs],
+            "tflops_total": [c["flops"][-1] / 1e12 for c in cs],
+            "tflops_to_threshold": [None if (x := first_reach(c, "flops", THRESHOLD)) is None else x / 1e12
+                                    for c in cs],
+            "seconds_per_step": [c["seconds_per_step"] for c in cs],
             "steps": [c["steps"][-1] for c in cs]}
 
 
@@ -258,9 +276,10 @@ def table(result: dict[str, Any]) -> str:
                      f"{np.mean(r['seconds_per_step']):.3f} |")
     found = ", ".join(LABELS[n] for n in result["winners"]) or "none"
     lines.append(f"\nTeacher {result['teacher']:.3f}, student start {result['student_before']:.3f} (greedy exact "
-                 f"match); mean ± std over the seeds shown: every variant ran the first seed; the {len(result['confirmed'])} "
-                 f"best on it, the plain estimator and the full KL {result['seeds']}. Variants reaching "
-                 f"{result['share']:.0%} of the full reverse KL's final accuracy ({result['full_final']:.3f}): {found}.")
+                 f"match); mean ± std over the seeds shown: every variant ran the first seed; the "
+                 f"{len(result['confirmed'])} best on it, the plain estimator and the full KL {result['seeds']}. "
+                 f"Variants reaching {result['share']:.0%} of the full reverse KL's final accuracy "
+                 f"({result['full_final']:.3f}): {found}.")
     lines.append(gradient_table(result["gradients"]))
     lines.append(sweep_table(result["sweep"], result["teacher"]))
     return "\n".join(lines) + "\n"
@@ -294,16 +313,28 @@ def gradient_table(g: dict[str, Any]) -> str:
 def sweep_table(sweep: dict[str, Any], teacher: float) -> str:
     """Markdown: final and best accuracy per estimator and sequences per step, with compute and step time."""
     lines = ["\nSequences per step (one sample a prompt, the same lr and schedule):\n",
-             "| sequences per step | estimator | seeds | steps | final accuracy | best eval accuracy | TFLOPs | s/step |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| sequences per step | estimator | seeds | steps | final accuracy | best eval accuracy | TFLOPs | "
+             f"TFLOPs to {THRESHOLD:g} | s/step |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for sequences in next(iter(sweep.values())):
         for estimator, label in ESTIMATORS.items():
             r = sweep[estimator][sequences]
             lines.append(f"| {sequences} | {label} | {len(r['accuracy_final'])} | {r['steps'][0]} | "
                          f"{mean_std(r['accuracy_final'])} | {mean_std(r['accuracy_best'])} | "
-                         f"{np.mean(r['tflops_total']):.3g} | {np.mean(r['seconds_per_step']):.3f} |")
-    lines.append(f"\nTeacher {teacher:.3f}; mean ± std over the seeds shown; s/step measured on one shared CPU thread.")
+                         f"{np.mean(r['tflops_total']):.3g} | {reached(r['tflops_to_threshold'])} | "
+                         f"{np.mean(r['seconds_per_step']):.3f} |")
+    lines.append(f"\nTeacher {teacher:.3f}; mean ± std over the seeds shown; TFLOPs to {THRESHOLD:g}: at the first "
+                 "eval at or above it (every 25 steps), within a run whose lr schedule spans its 200 steps; s/step "
+                 "measured on one shared CPU thread.")
     return "\n".join(lines)
+
+
+def reached(values: list[float | None]) -> str:
+    """'0.42 ± 0.03' over the seeds that reached the threshold, with how many did where not all; 'not reached'."""
+    hits = [v for v in values if v is not None]
+    if not hits:
+        return "not reached"
+    return mean_std(hits, ".3g") + ("" if len(hits) == len(values) else f" ({len(hits)} of {len(values)} seeds)")
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
