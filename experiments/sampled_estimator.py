@@ -19,8 +19,8 @@ is shared), three parts:
    estimator's noise carried by the tokens the teacher rules out (k > EXCLUDED).
 3. Sequences per step: the full reverse KL and the sampled estimator at 64, 256 and 512 sequences a step
    (`train.batch_size`: one sample a prompt, one micro-batch, so the loss is the token mean over all of them), 200
-   steps each at 64 on every seed, at 256 and 512 on SWEEP_SEEDS. Accuracy against sequences per step and against
-   estimated FLOPs (text_task.step_flops).
+   steps each, every seed. Accuracy against sequences per step and against estimated FLOPs
+   (text_task.step_flops).
 
 Quality: eval accuracy, and its share of the full reverse KL's at the end.
 """
@@ -63,9 +63,6 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
 EXTRA = {name: (overrides, 200) for name, (overrides, _) in VARIANTS.items()}
 ESTIMATORS = {"full": "full reverse KL", "sampled": "sampled-token estimator"}
 SWEEP = (4, 8)  # × the toy's sequences a step (64: 256 and 512), beside compute_matched's own runs at 1×
-# seeds of the sweep's 4× and 8× runs: the full KL's vary little there (seed 0: 0.98, 0.99), so two, to fit the
-# time a shared CPU gives (an 8× run takes about 10 minutes)
-SWEEP_SEEDS = {"sampled": 3, "full": 2}
 LABELS = {"on_policy_full": "full reverse KL (reference)", "on_policy_sampled": "sampled-token estimator",
           **{name: label for name, (_, label) in VARIANTS.items()}}
 SHARE = 0.9  # "learns": final accuracy at least this share of the full reverse KL's
@@ -127,12 +124,15 @@ def signal_noise(grads: torch.Tensor) -> dict[str, float]:
 def gradient_statistics(estimate: torch.Tensor, full: torch.Tensor) -> dict[str, Any]:
     """An estimator's per-batch gradients [N, P] against the full reverse KL's on the same sequences [N, P]: the
     per-batch cosines, the cosine of the sums over the N batches, the regression coefficient
-    Σ⟨g_i, g_full,i⟩ / Σ|g_full,i|², and each one's signal and noise."""
+    Σ⟨g_i, g_full,i⟩ / Σ|g_full,i|² with its standard error over the batches (a ratio estimate's), and each one's
+    signal and noise."""
     cosine = torch.nn.functional.cosine_similarity
-    same, _ = inner_products(estimate, full)
+    dots, norms = (estimate.double() * full.double()).sum(1), full.double().square().sum(1)  # [N] each
+    regression = dots.sum() / norms.sum()
     return {"cosine": cosine(estimate.double(), full.double(), dim=1).tolist(),
             "cosine_summed": float(cosine(estimate.double().sum(0), full.double().sum(0), dim=0)),
-            "regression": same / inner_products(full, full)[0],
+            "regression": float(regression),
+            "regression_se": float((dots - regression * norms).std() / (len(norms) ** 0.5 * norms.mean())),
             "estimate": signal_noise(estimate), "full": signal_noise(full)}
 
 
@@ -162,7 +162,7 @@ def gradient_study(task: dict[str, Any], size: str) -> dict[str, Any]:
     """At the student start, on GRADIENT_BATCHES batches (the records of seed 0's first steps, their draws seeded
     by the batch): every sampled variant's gradient against the full reverse KL's on the same sequences
     (gradient_statistics), the mean k against the exact KL, and the teacher-excluded tokens' share of the plain
-    estimator's tokens and noise. LoRA's gradient lives in other parameters and is left out."""
+    estimator's tokens, noise and signal. LoRA's gradient lives in other parameters and is left out."""
     base = base_overrides(task, size)
     full_kl = {"objective.kind": "on_policy", "objective.estimator": "full"}
     session = Session(load_config(None, {**base, **full_kl}))
@@ -203,7 +203,7 @@ def gradient_study(task: dict[str, Any], size: str) -> dict[str, Any]:
             "mean_k": mean("on_policy_sampled", "divergence"), "exact_kl": mean("full", "divergence"),
             "excluded_threshold": EXCLUDED, "excluded_token_share": mean("excluded", "excluded_share"),
             "excluded_noise_share": noise_share(excluded, sampled),
-            "noise_without_excluded": signal_noise(sampled - excluded)["noise"]}
+            "excluded_signal_share": inner_products(excluded, sampled)[1] / signal_noise(sampled)["signal"]}
 
 
 def sweep_runs(size: str) -> dict[str, tuple[dict[str, Any], int]]:
@@ -217,7 +217,7 @@ def sweep_runs(size: str) -> dict[str, tuple[dict[str, Any], int]]:
 
 def run(out: Path, size: str, root: Path | None) -> dict[str, Any]:
     """Screen every remedy on the first seed, run the full KL, the plain estimator and the CONFIRM best remedy on
-    the other seeds, then the sequences-per-step sweep (SWEEP_SEEDS) and the gradient study; write
+    the other seeds, then the sequences-per-step sweep on every seed and the gradient study; write
     results_sampled_estimator.png, .json and .md."""
     seeds = SIZES[size]["seeds"]
     references = ["on_policy_full", "on_policy_sampled"]
@@ -227,10 +227,8 @@ def run(out: Path, size: str, root: Path | None) -> dict[str, Any]:
         _, more = method_runs(out, size, [*references, *best], EXTRA, seeds[1:])
         for name, cs in more.items():
             curves[name].extend(cs)
-    extra, swept = sweep_runs(size), {}
-    for estimator, count in SWEEP_SEEDS.items():
-        names = [name for name in extra if name.startswith(f"on_policy_{estimator}_")]
-        swept.update(method_runs(out, size, names, extra, seeds[:count])[1])
+    extra = sweep_runs(size)
+    _, swept = method_runs(out, size, list(extra), extra)
     full = float(np.mean([c["accuracy"][-1] for c in curves["on_policy_full"]]))
     before = curves["on_policy_full"][0]["student_before"]
     rows = {name: summary_row(cs, full) for name, cs in curves.items()}
@@ -292,21 +290,22 @@ def gradient_table(g: dict[str, Any]) -> str:
              "estimator against the full reverse KL's gradient on the same sequences (the full KL's own row: on the "
              f"batches of {sequences} prompts × 1 sample):\n",
              f"| estimator | per-batch cosine with the full KL's | cosine of the sums over {n} batches | "
-             "⟨g, g_full⟩ / \\|g_full\\|² | signal \\|E g\\|² | noise E\\|g − E g\\|² | signal / noise |",
+             "⟨g, g_full⟩ / \\|g_full\\|² ± s.e. | signal \\|E g\\|² | noise E\\|g − E g\\|² | signal / noise |",
              "|---|---|---|---|---|---|---|"]
     full = g["estimators"]["on_policy_sampled"]["full"]
     lines.append(f"| full reverse KL | 1 | 1 | 1 | {full['signal']:.3g} | {full['noise']:.3g} | {full['snr']:.3f} |")
     for name, e in g["estimators"].items():
-        lines.append(f"| {LABELS[name]} | {mean_std(e['cosine'])} | {e['cosine_summed']:.3f} | {e['regression']:.3f} | "
+        lines.append(f"| {LABELS[name]} | {mean_std(e['cosine'])} | {e['cosine_summed']:.3f} | "
+                     f"{e['regression']:.3f} ± {e['regression_se']:.3f} | "
                      f"{e['estimate']['signal']:.3g} | {e['estimate']['noise']:.3g} | {e['estimate']['snr']:.3f} |")
     plain = g["estimators"]["on_policy_sampled"]["estimate"]
     lines.append(f"\nMean k over the sampled tokens {g['mean_k']:.3f} nats, the exact per-token reverse KL on the same "
                  f"sequences {g['exact_kl']:.3f}. The plain estimator's noise is {plain['noise'] / full['noise']:.1f}× "
                  f"the full KL's. Tokens the teacher rules out (k > {g['excluded_threshold']:g}) are "
                  f"{g['excluded_token_share']:.1%} of the sampled tokens and carry {g['excluded_noise_share']:.0%} of "
-                 f"the plain estimator's noise (Cov(their part, g) / Var(g)); without their part the noise would be "
-                 f"{g['noise_without_excluded']:.3g}. The full KL's gradients on two different batches have a mean "
-                 f"cosine of {g['full_between_batches']:.3f}.")
+                 f"the plain estimator's noise (Cov(their part, g) / Var(g)) and {g['excluded_signal_share']:.0%} of "
+                 f"its signal (⟨E their part, E g⟩ / \\|E g\\|²). The full KL's gradients on two different batches "
+                 f"have a mean cosine of {g['full_between_batches']:.3f}.")
     return "\n".join(lines)
 
 
@@ -334,7 +333,7 @@ def reached(values: list[float | None]) -> str:
     hits = [v for v in values if v is not None]
     if not hits:
         return "not reached"
-    return mean_std(hits, ".3g") + ("" if len(hits) == len(values) else f" ({len(hits)} of {len(values)} seeds)")
+    return mean_std(hits, ".2f") + ("" if len(hits) == len(values) else f" ({len(hits)} of {len(values)} seeds)")
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

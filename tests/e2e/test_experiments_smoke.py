@@ -143,7 +143,8 @@ def test_gradient_signal_and_noise_are_the_unbiased_estimates_over_batches():
 def test_gradient_statistics_read_a_scaled_estimate_as_regression_coefficient_two():
     full = torch.tensor([[1.0, 2.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 3.0]])
     stats = sampled_estimator.gradient_statistics(2 * full, full)
-    assert stats["regression"] == pytest.approx(2.0) and stats["cosine_summed"] == pytest.approx(1.0)
+    assert stats["regression"] == pytest.approx(2.0) and stats["regression_se"] == pytest.approx(0.0, abs=1e-12)
+    assert stats["cosine_summed"] == pytest.approx(1.0)
     assert stats["cosine"] == pytest.approx([1.0] * 3)
     assert stats["estimate"]["noise"] == pytest.approx(4 * stats["full"]["noise"])
 
