@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -103,14 +104,49 @@ def test_estimator_tail_runs_top_k_with_a_tail_beside_the_exact_teacher_on_the_t
     assert (out / "estimator_tail.md").read_text().count("\n| ") == 2 * len(estimator_tail.TOYS)
 
 
-def test_sampled_estimator_runs_every_remedy_and_names_the_winners(out):
+def test_sampled_estimator_runs_every_remedy_the_sweep_and_the_gradient_study(out):
     result = sampled_estimator.run(out, "tiny", None)
     assert set(result["methods"]) == {"on_policy_full", "on_policy_sampled", *sampled_estimator.VARIANTS}
     assert set(result["winners"]) <= set(result["methods"]) - {"on_policy_full"}
     assert all(r["tflops_total"][0] > 0 for r in result["methods"].values())
-    rows = len(result["methods"]) + 1 + len(result["agreement"])  # one row each, then the cosines' table
-    assert (out / "sampled_estimator.md").read_text().count("\n| ") == rows
-    assert all(-1 <= c <= 1 for values in result["agreement"].values() for c in values)
+    batch = sampled_estimator.SIZES["tiny"]["batch_size"]
+    assert {estimator: list(rows) for estimator, rows in result["sweep"].items()} == \
+        {estimator: [str(times * batch) for times in (1, *sampled_estimator.SWEEP)]
+         for estimator in sampled_estimator.ESTIMATORS}
+    flops = [np.mean(r["tflops_total"]) for r in result["sweep"]["full"].values()]
+    assert flops == sorted(flops)  # more sequences a step, more compute for the same steps
+    g = result["gradients"]
+    estimators = g["estimators"]
+    assert set(estimators) == {"on_policy_sampled", *sampled_estimator.VARIANTS} - {"sampled_lora"}
+    assert all(len(e["cosine"]) == g["batches"] and all(-1 <= c <= 1 for c in e["cosine"])
+               for e in estimators.values())
+    assert all(e[side]["noise"] >= 0 for e in estimators.values() for side in ("estimate", "full"))
+    assert 0 <= g["excluded_token_share"] <= 1 and np.isfinite([g["mean_k"], g["exact_kl"]]).all()
+    table = (out / "sampled_estimator.md").read_text()
+    rows = len(result["methods"]) + 1 + (len(estimators) + 1) + 1 + 2 * len(result["sweep"]["full"])
+    assert table.count("\n| ") == rows  # each table: a header, then a row each
+
+
+def test_gradient_signal_and_noise_are_the_unbiased_estimates_over_batches():
+    mean = torch.tensor([1.0, 2.0, 0.0])
+    noise = torch.tensor([[1.0, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0]])  # [N, P], summing to 0
+    stats = sampled_estimator.signal_noise(mean + noise)
+    # mean |g_i|² = 5 + 1; mean over i ≠ j of ⟨g_i, g_j⟩ = 5 + (|Σ noise|² − Σ|noise_i|²) / (4·3) = 5 − 1/3
+    assert stats["signal"] == pytest.approx(14 / 3) and stats["noise"] == pytest.approx(4 / 3)
+    assert stats["snr"] == pytest.approx(3.5)
+    first, rest = (mean + noise) * torch.tensor([1.0, 0, 0]), (mean + noise) * torch.tensor([0, 1.0, 1.0])
+    assert sampled_estimator.noise_share(first, mean + noise) == pytest.approx(0.5)
+    assert sampled_estimator.noise_share(first, mean + noise) + \
+        sampled_estimator.noise_share(rest, mean + noise) == pytest.approx(1.0)
+
+
+def test_gradient_statistics_read_a_scaled_estimate_as_regression_coefficient_two():
+    full = torch.tensor([[1.0, 2.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 3.0]])
+    stats = sampled_estimator.gradient_statistics(2 * full, full)
+    assert stats["regression"] == pytest.approx(2.0) and stats["regression_se"] == pytest.approx(0.0, abs=1e-12)
+    assert stats["cosine_summed"] == pytest.approx(1.0)
+    assert stats["cosine"] == pytest.approx([1.0] * 3)
+    assert stats["estimate"]["noise"] == pytest.approx(4 * stats["full"]["noise"])
 
 
 def test_self_distill_tracks_kl_to_the_original_from_zero(out):
