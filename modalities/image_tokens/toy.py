@@ -128,12 +128,12 @@ def fit_generator(model: LlamaForCausalLM, tokenizer: LlamaGenTokenizer, codes: 
     return losses
 
 
-def build(out_dir: Path, family: str | None, progress: bool = True) -> Path:
+def build(out_dir: Path, family: str | None, progress: bool = True, seed: int = 0) -> Path:
     """The `mmopd toy image` entry point: the built-in llamagen generator is the only toy family."""
     if family not in (None, "llamagen"):
         raise ConfigError(f"image toy family {family!r} is not available; the image toy trains the built-in "
                           "llamagen generator (Janus is covered by configs/janus_pro_7b_to_1b.yaml)")
-    return build_toy(out_dir, progress=progress)
+    return build_toy(out_dir, progress=progress, seed=seed)
 
 
 def build_toy(out_dir: Path, progress: bool = True, seed: int = 0, size: Size = Size()) -> Path:

@@ -123,33 +123,35 @@ def accuracy(adapter: ModalityAdapter, model: nn.Module, processor: Any, records
     return result["metrics"]["accuracy"]
 
 
-def build(out_dir: Path, family: str | None, progress: bool = True) -> Path:
+def build(out_dir: Path, family: str | None, progress: bool = True, seed: int = 0) -> Path:
     """The `mmopd toy vlm` entry point: `build_toy` with the default family unless one is named."""
-    return build_toy(out_dir, family or DEFAULT_FAMILY, progress)
+    return build_toy(out_dir, family or DEFAULT_FAMILY, progress, seed=seed)
 
 
-def build_toy(out_dir: Path, family: str = DEFAULT_FAMILY, progress: bool = True, size: Size = Size()) -> Path:
-    """Data in out_dir/data, teacher and student in out_dir/{teacher,student}; returns out_dir/config.yaml."""
+def build_toy(out_dir: Path, family: str = DEFAULT_FAMILY, progress: bool = True, size: Size = Size(),
+              seed: int = 0) -> Path:
+    """Data in out_dir/data, teacher and student in out_dir/{teacher,student}, drawn from `seed`; returns
+    out_dir/config.yaml."""
     if family not in FAMILIES:
         raise ConfigError(f"unknown VLM toy family {family!r}; available: {', '.join(FAMILIES)}")
     out_dir = Path(out_dir).resolve()
     say = print if progress else (lambda *a, **k: None)
     adapter = VLMAdapter()
     data = out_dir / "data"
-    paths = {"train": shapes.write_split(data, "train", size.train_records, seed=1, held_out=False),
-             "eval": shapes.write_split(data, "eval", size.eval_records, seed=2, held_out=True)}
+    paths = {"train": shapes.write_split(data, "train", size.train_records, seed=seed + 1, held_out=False),
+             "eval": shapes.write_split(data, "eval", size.eval_records, seed=seed + 2, held_out=True)}
     train = load_jsonl(paths["train"], adapter.check_record).records
     evals = load_jsonl(paths["eval"], adapter.check_record).records
     scores, teacher = {}, None
-    for role, dims, steps, seed in (("teacher", TEACHER, size.teacher_steps, 0),
-                                    ("student", STUDENT, size.student_steps, 1)):
+    for role, dims, steps, model_seed in (("teacher", TEACHER, size.teacher_steps, seed),
+                                          ("student", STUDENT, size.student_steps, seed + 1)):
         say(f"training the {family} {role} ({steps} SFT steps)")
-        built = build_family_model(family, shapes.WORDS, dims, image_tokens=IMAGE_TOKENS, seed=seed)
+        built = build_family_model(family, shapes.WORDS, dims, image_tokens=IMAGE_TOKENS, seed=model_seed)
         if teacher is not None:
             share_vision(teacher, built.model)
         save_family_model(built, out_dir / role)
         processor = adapter.load_processor(str(out_dir / role), role)
-        fit(adapter, built.model, processor, train, steps, SFT_LR, BATCH_SIZE, seed, progress=progress)
+        fit(adapter, built.model, processor, train, steps, SFT_LR, BATCH_SIZE, model_seed, progress=progress)
         scores[role] = accuracy(adapter, built.model, processor, evals)
         save_family_model(built, out_dir / role)
         say(f"  {role} eval accuracy {scores[role]:.3f}")
