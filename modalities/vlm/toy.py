@@ -39,7 +39,9 @@ TEACHER = Dims(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, visio
                vision_heads=4)
 STUDENT = Dims(hidden=64, layers=1, heads=4, kv_heads=2, intermediate=128, vision_hidden=64, vision_layers=2,
                vision_heads=4)  # the teacher's vision side (shared), half its language-model layers
-TEACHER_STEPS, STUDENT_STEPS = 1200, 150
+# 2,000 teacher steps: at 1,200 the teacher of --seed 1 never learnt to read the picture (loss 0.3, accuracy 0.52);
+# at 2,000 it does (0.87), and seed 0's ends where it did
+TEACHER_STEPS, STUDENT_STEPS = 2000, 150
 SFT_LR = 2e-3
 VISION_LR_SCALE = 0.1
 BATCH_SIZE = 32
