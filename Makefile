@@ -35,8 +35,9 @@ real-model: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m tests.gemma_models
 
 # the three full demos, compared with README.md's tables (tests/demos_check.py: ±0.05 on each accuracy), two at a
-# time, each on one thread: ~7 minutes on 2 cores. `make test` runs them at a reduced size only.
-# Options pass through: make demos DEMOS_ARGS="--tolerance 0.1 --only vlm"
+# time, each on one thread: ~11 minutes on 2 cores. `make test` runs them at a reduced size only.
+# Options pass through: make demos DEMOS_ARGS="--tolerance 0.1 --only vlm"; DEMOS_ARGS=--spread reruns each demo
+# under the perturbations that stand in for another CPU and prints the README's spread table
 demos: install
 	$(BIN)/python -m tests.demos_check $(DEMOS_ARGS)
 

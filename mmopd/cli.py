@@ -100,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--out", help="output directory (default: runs/demo-MODALITY)")
         p.add_argument("--family", help="model family of the toy teacher and student")
         p.add_argument("--force", action="store_true", help="overwrite the toy files already in the directory")
+        p.add_argument("--seed", type=int, default=0, help="seed of the toy's data and models (another seed stands "
+                       "in for another CPU when you measure a demo's spread)")
         if name == "demo":
             p.add_argument("overrides", nargs="*", help="dotted overrides for the demo's training config")
     return parser
@@ -161,14 +163,14 @@ def _run(args: argparse.Namespace) -> int:
     modality = TOY_MODALITIES[args.modality]
     if args.command == "toy":
         _check_toy_dir(Path(args.out), args.force)
-        path = build_toy(modality, Path(args.out), args.family)
+        path = build_toy(modality, Path(args.out), args.family, seed=args.seed)
         print(f"toy {args.modality} task written to {args.out}; train with:\n  mmopd train {path}")
         return 0
     out = Path(args.out or f"runs/demo-{args.modality}")
     _check_toy_dir(out, args.force)
     started = time.perf_counter()
     print(f"[1/2] building the toy {args.modality} task, teacher and student in {out}")
-    path = build_toy(modality, out, args.family)
+    path = build_toy(modality, out, args.family, seed=args.seed)
     print(f"[2/2] on-policy distillation ({path})")
     with one_thread():  # as the build: the demo's numbers do not depend on the thread count
         summary = train(load_config(path, args.overrides))

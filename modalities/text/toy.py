@@ -274,14 +274,14 @@ def build_untrained(out_dir: str | Path, student: str = "student", family: str |
     return paths
 
 
-def build(out_dir: Path, family: str | None, progress: bool = True) -> Path:
+def build(out_dir: Path, family: str | None, progress: bool = True, seed: int = 0) -> Path:
     """The `mmopd toy text` entry point: the toy in out_dir and its on-policy config; returns the config's path."""
     if family is not None and family not in FAMILIES:
         raise ConfigError(f"text toy family {family!r} is not available; choose one of {', '.join(FAMILIES)} "
                           "(qwen3_hd32: a student vLLM's CPU attention can run; cross_tokenizer: a student that reads "
                           "pieces of digits, the teacher characters)")
     out_dir = Path(out_dir).resolve()
-    built = build_toy(out_dir, progress=progress, student=FAMILIES[family or "qwen3"], family=family)
+    built = build_toy(out_dir, seed, progress=progress, student=FAMILIES[family or "qwen3"], family=family)
     config = {
         "modality": "text",
         "student": {"path": built["paths"]["student"]},

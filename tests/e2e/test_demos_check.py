@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.demos_check import DEMOS, ROOT, misses, readme_table
+from tests.demos_check import DEMOS, ROOT, misses, readme_table, spread_rows
 
 
 def test_every_demo_has_a_readme_table_with_teacher_before_and_after():
@@ -33,3 +33,13 @@ def test_only_numbers_beyond_the_tolerance_are_misses():
     lines = misses("vlm", expected, run, tolerance=0.05)
     assert len(lines) == 1 and lines[0].startswith("demo vlm: student_after 0.800, README 0.890 (off by 0.090")
     assert misses("vlm", expected, run, tolerance=0.1) == []
+
+
+def test_the_spread_is_each_numbers_mean_and_its_largest_distance_from_it():
+    runs = {"as is": {"teacher": 0.9, "student_before": 0.4, "student_after": 0.88},
+            "toy seed 1": {"teacher": 0.9, "student_before": 0.3, "student_after": 0.80},
+            "2 threads": {"teacher": 0.9, "student_before": 0.5, "student_after": 0.84}}
+    rows = spread_rows("vlm", runs)
+    assert rows[:3] == ["| vlm | as is | 0.900 | 0.400 | 0.880 |", "| vlm | toy seed 1 | 0.900 | 0.300 | 0.800 |",
+                        "| vlm | 2 threads | 0.900 | 0.500 | 0.840 |"]
+    assert rows[3] == "| vlm | **mean ± largest distance** | 0.900 ± 0.000 | 0.400 ± 0.100 | 0.840 ± 0.040 |"

@@ -12,7 +12,7 @@ from modalities.image_tokens import toy
 def test_a_toy_build_gives_the_same_weights_with_one_thread_or_two(tmp_path, monkeypatch):
     # the image toy at its TINY size (2 steps each of VQ, judge, teacher, student): its VQ and judge differ
     # between 1 and 2 threads when built without the pin
-    monkeypatch.setattr(toy, "build", lambda out, family, progress: toy.build_toy(out, progress, size=toy.TINY))
+    monkeypatch.setattr(toy, "build", lambda out, family, progress, seed: toy.build_toy(out, progress, seed, toy.TINY))
     threads, weights = torch.get_num_threads(), {}
     try:
         for n in (1, 2):

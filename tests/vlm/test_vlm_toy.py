@@ -72,6 +72,17 @@ def test_toy_writes_data_models_and_a_config_with_absolute_paths(tmp_path):
     assert len(records) == 5 and all((Path(config.data.eval).parent / r["images"][0]).is_file() for r in records)
 
 
+def test_another_toy_seed_draws_other_data_and_other_models_and_the_same_seed_the_same(tmp_path):
+    size = toy.Size(train_records=20, eval_records=5, teacher_steps=2, student_steps=2)
+    built = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        out = tmp_path / name
+        toy.build_toy(out, progress=False, size=size, seed=seed)
+        built[name] = [(out / rel).read_bytes() for rel in ("data/eval.jsonl", "teacher/model.safetensors")]
+    assert built["a"] == built["b"]
+    assert all(x != y for x, y in zip(built["a"], built["c"]))
+
+
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "smolvlm", "gemma3"])
 def test_the_toy_student_shares_the_teachers_frozen_vision_side_and_has_its_own_language_model(family):
     teacher = build_family_model(family, shapes.WORDS, toy.TEACHER, image_tokens=toy.IMAGE_TOKENS, seed=0).model
