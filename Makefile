@@ -17,17 +17,18 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/mmopd demo text
 
-# tests/suites.py runs two suites side by side, each test process on one thread (small models run fastest so):
-# - the main suite on two workers, --dist loadfile with the work units of tests/conftest.py
-#   (pytest_xdist_make_scheduler): a module's tests run on one worker, which owns the module's shared vLLM servers
-#   (started once, tests/engines/conftest.py), and the modules that run the real model share one worker (they take
-#   turns on it); the real model and the heaviest modules go out first. The served-vLLM tests start `vllm serve`
-#   from .venv-vllm;
-# - the colocated vLLM suite, whose tests run a vllm.LLM in-process, so in that venv, one at a time (two engines at
-#   once found too little free memory); its output goes to .test-times/colocated.log, printed at the end.
+# two workers, one thread each (small models run fastest on one thread per process). --dist loadfile with the
+# work units of tests/conftest.py (pytest_xdist_make_scheduler): a module's tests run on one worker, which owns
+# the module's shared vLLM servers (started once, tests/engines/conftest.py), and the modules that run the real
+# model share one worker (they take turns on it); the real model and the heaviest modules go out first. The served-vLLM tests start `vllm serve`
+# from .venv-vllm; the colocated ones run a vllm.LLM in-process, so they run in that venv, one at a time (each
+# engine reserves 30% of RAM; two at a time failed in CI: the second engine found too little free memory).
 # Each run keeps its 30 slowest tests in .test-times/ (not committed): main.txt and colocated.txt.
 test: install vllm-env real-model
-	$(BIN)/python -m tests.suites --main-python $(BIN)/python --vllm-python $(VLLM_BIN)/python
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 \
+		--times-file .test-times/main.txt
+	OMP_NUM_THREADS=1 $(VLLM_BIN)/python -m pytest -q -p no:xdist --durations=10 tests/engines/colocated \
+		--times-file .test-times/colocated.txt
 
 # the real pair of the real-model tests (Gemma 3 270M from the `gemma` extra, exported to an HF folder, and its
 # depth-pruned student) in .cache/, once per clone (~1.5 min): an environment, like the venvs, that the suite reuses
