@@ -22,7 +22,9 @@ demo: install
 # the module's shared vLLM servers (started once, tests/engines/conftest.py), and the modules that run the real
 # model share one worker (they take turns on it); the real model and the heaviest modules go out first. The served-vLLM tests start `vllm serve`
 # from .venv-vllm; the colocated ones run a vllm.LLM in-process, so they run in that venv, one at a time (each
-# engine reserves 30% of RAM; two at a time failed in CI: the second engine found too little free memory).
+# engine reserves 30% of RAM; two at a time failed in CI: the second engine found too little free memory). Not
+# beside the main suite either: tried, its engines found 1.8-6 GiB free while the main suite ran (vLLM's CPU
+# backend refuses to start below its gpu_memory_utilization share of RAM), so 4 of 11 colocated tests failed.
 # Each run keeps its 30 slowest tests in .test-times/ (not committed): main.txt and colocated.txt.
 test: install vllm-env real-model
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 \
